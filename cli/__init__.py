@@ -1,0 +1,1 @@
+"""The `vmmesh` command line (installed as the ``vmmesh_cli`` package)."""

@@ -1,0 +1,1 @@
+"""Gossip: a pure Scuttlebutt core, a failure detector, a simulator and a trio driver."""

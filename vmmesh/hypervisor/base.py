@@ -1,0 +1,134 @@
+"""The hypervisor interface: what the node needs from QEMU (or another backend).
+
+Backends (QEMU here; VirtualBox or libvirt later) implement ``Hypervisor``.
+Disk operations take and return paths inside the node's data directory that
+the *caller* built from validated ids; a backend never builds a path from a
+peer's string.  A fake implementation exists only for unit tests of callers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    path: Path
+    virtual_size: int
+    actual_size: int
+    backing_file: Path | None
+    format: str = "qcow2"
+
+
+@dataclass(frozen=True)
+class BootSpec:
+    """Everything needed to start one guest.
+
+    ``kernel``/``initrd``/``cmdline`` are for direct kernel boot (the base
+    image manifest carries them).  ``run_dir`` holds the QMP and guest-agent
+    sockets, the pid file and the console log.  ``incoming`` resumes from a
+    saved-state file instead of booting.
+    """
+
+    name: str
+    disk: Path
+    kernel: Path
+    initrd: Path
+    run_dir: Path
+    cmdline: str = "root=/dev/vda rw console=ttyS0 quiet"
+    vcpus: int = 1
+    memory_mb: int = 512
+    network: str = "user"  # "user" or "bridge:<name>"
+    ssh_port: int | None = None  # host port forwarded to guest port 22 (user mode)
+    incoming: Path | None = None
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    truncated: bool = False
+
+
+class Guest(Protocol):
+    """A running guest: its monitor and its agent."""
+
+    name: str
+    pid: int
+    run_dir: Path
+
+    async def wait_agent(self, timeout: float) -> float:
+        """Wait until the guest agent answers guest-sync; returns seconds waited."""
+        ...
+
+    async def exec(
+        self,
+        argv: list[str],
+        *,
+        input_data: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float = 600.0,
+        output_limit: int = 1 << 20,
+    ) -> ExecResult: ...
+
+    async def write_file(self, guest_path: str, data: bytes) -> None: ...
+
+    async def read_file(self, guest_path: str, limit: int = 64 << 20) -> bytes: ...
+
+    async def shutdown(self, timeout: float = 60.0) -> None:
+        """Ask the guest to power off and wait for QEMU to exit (kill after timeout)."""
+        ...
+
+    async def kill(self) -> None: ...
+
+    async def save_state(self, dest: Path) -> None:
+        """Pause and write RAM + device state to ``dest`` (QMP migrate to exec:)."""
+        ...
+
+    async def wait_exit(self) -> int:
+        """Wait for the QEMU process to exit; returns its exit status."""
+        ...
+
+
+class Hypervisor(Protocol):
+    accel: str  # "kvm" or "tcg"
+
+    async def create_overlay(self, backing: Path, dest: Path) -> DiskInfo:
+        """A new qcow2 whose backing file is ``backing`` (a linked clone)."""
+        ...
+
+    async def disk_info(self, path: Path) -> DiskInfo: ...
+
+    async def check_disk(self, path: Path) -> None:
+        """Raise HypervisorError when ``qemu-img check`` finds the image broken."""
+        ...
+
+    async def rebase_unsafe(self, path: Path, new_backing: Path) -> None: ...
+
+    async def flatten(self, src: Path, dest: Path) -> DiskInfo:
+        """Write ``src`` with its whole backing chain as one standalone qcow2."""
+        ...
+
+    async def start(self, spec: BootSpec) -> Guest: ...
+
+    async def adopt(self, name: str, run_dir: Path) -> Guest | None:
+        """Re-attach to a guest still running from a previous node process."""
+        ...
+
+
+@dataclass(frozen=True)
+class ImageManifest:
+    """The base image's manifest: the disk is named by its sha256."""
+
+    image_id: str  # sha256 of disk file
+    disk: str  # file name within the image directory
+    kernel: str
+    initrd: str
+    cmdline: str
+    size: int
+    packages: tuple[str, ...] = field(default=())
+    created: float = 0.0
