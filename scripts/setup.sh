@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Set up a fresh Debian 12 machine for vmmesh: system packages, a virtualenv
+# with the package and its test tools, the `vmmesh` group.  Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "scripts/setup.sh: run as root (it installs packages and makes network namespaces)" >&2
+    exit 2
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+need=()
+for pkg in qemu-system-x86 qemu-utils debootstrap e2fsprogs iproute2 dpkg-dev zstd \
+           python3 python3-venv ca-certificates openssh-client; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
+done
+if [ "${#need[@]}" -gt 0 ]; then
+    echo "==> apt-get install ${need[*]}"
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+
+getent group vmmesh >/dev/null || groupadd --system vmmesh
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "==> virtualenv .venv"
+    "$PY" -m venv .venv
+fi
+echo "==> pip install -e .[dev]"
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q -e '.[dev]'
+echo "==> ready: $(.venv/bin/vmmesh --help >/dev/null && echo vmmesh installed)"

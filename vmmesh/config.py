@@ -1,0 +1,167 @@
+"""Node configuration, layered: defaults -> TOML file -> environment -> flags.
+
+The TOML file is ``--config PATH``, else ``$VMMESH_CONFIG``, else
+``<data_dir>/config.toml`` if it exists, else ``/etc/vmmesh/config.toml``.
+Environment variables are ``VMMESH_<FIELD>`` in upper case (lists are
+comma-separated).  Flags given on the command line win.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from vmmesh.errors import ConfigError
+
+DEFAULT_DATA_DIR = Path("/var/lib/vmmesh")
+DEFAULT_PORT = 7400
+SYSTEM_CONFIG = Path("/etc/vmmesh/config.toml")
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: Path = DEFAULT_DATA_DIR
+    name: str = ""  # human host name; default: the machine's hostname
+    listen: str = "0.0.0.0"  # address the peer listener binds
+    advertise: tuple[str, ...] = ()  # addresses to advertise; default: all non-loopback
+    port: int = DEFAULT_PORT  # peer port (mutual TLS); the join port is port + 1
+    peers: tuple[str, ...] = ()  # static seeds "ADDR:PORT" for networks without multicast
+    mdns: bool = True
+    gossip_interval: float = 0.5
+    gossip_fanout: int = 3
+    storage_quota_mb: int = 20_000
+    cpu_overcommit: float = 2.0
+    memory_reserve_mb: int = 512
+    vm_vcpus: int = 1
+    vm_memory_mb: int = 512
+    vm_disk_allowance_mb: int = 1024
+    accel: str = "auto"  # auto | kvm | tcg
+    apt_sources: tuple[str, ...] = ()  # guest apt lines; empty: the image's own
+    drain_on_stop: bool = False
+    log_level: str = "INFO"
+
+    @property
+    def socket_path(self) -> Path:
+        return self.data_dir / "node.sock"
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.data_dir / "pki"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "state.db"
+
+    @property
+    def join_port(self) -> int:
+        return self.port + 1
+
+
+_FIELDS = {f.name: f for f in fields(Config)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn a TOML/env/flag value into the field's type, or raise ConfigError."""
+    default = getattr(Config(), name)
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            if not isinstance(value, bool):
+                raise ValueError(value)
+            return value
+        if isinstance(default, Path):
+            return Path(value)
+        if isinstance(default, tuple):
+            if isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            if isinstance(value, list | tuple):
+                return tuple(str(v) for v in value)
+            raise ValueError(value)
+        if isinstance(default, int):
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config {name}: bad value {value!r}") from None
+
+
+def _from_mapping(source: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in _FIELDS:
+            raise ConfigError(f"{source}: unknown setting {key!r}")
+        out[name] = _coerce(name, value)
+    return out
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in _FIELDS:
+        raw = env.get(f"VMMESH_{name.upper()}")
+        if raw is not None:
+            out[name] = _coerce(name, raw)
+    return out
+
+
+def load_config(
+    flags: Mapping[str, Any] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> Config:
+    """Build the effective config.  ``flags`` holds only what the user gave."""
+    env = os.environ if env is None else env
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    env_values = _from_env(env)
+    flag_values = _from_mapping("flag", flags)
+    data_dir = Path(
+        flag_values.get("data_dir") or env_values.get("data_dir") or DEFAULT_DATA_DIR
+    )
+    path = config_file or (Path(env["VMMESH_CONFIG"]) if env.get("VMMESH_CONFIG") else None)
+    if path is None:
+        for candidate in (data_dir / "config.toml", SYSTEM_CONFIG):
+            if candidate.is_file():
+                path = candidate
+                break
+    file_values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                file_values = _from_mapping(str(path), tomllib.load(fh))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    merged = {**file_values, **env_values, **flag_values}
+    cfg = dataclasses.replace(Config(), **merged)
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    if not 1 <= cfg.port <= 65534:
+        raise ConfigError(f"port must be 1..65534, not {cfg.port}")
+    if cfg.accel not in ("auto", "kvm", "tcg"):
+        raise ConfigError(f"accel must be auto, kvm or tcg, not {cfg.accel!r}")
+    if cfg.gossip_interval <= 0 or cfg.gossip_fanout < 1:
+        raise ConfigError("gossip interval must be > 0 and fanout >= 1")
+    if cfg.storage_quota_mb < 0 or cfg.cpu_overcommit <= 0:
+        raise ConfigError("storage quota must be >= 0 and cpu overcommit > 0")
+
+
+__all__ = ["DEFAULT_PORT", "Config", "load_config"]
