@@ -1,0 +1,31 @@
+"""`vmmesh node`: the daemon in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import trio
+
+from vmmesh.config import Config, load_config
+from vmmesh.node import Node
+from vmmesh.vmservice import VmService
+
+
+def node(args: argparse.Namespace, cfg: Config) -> int:
+    level = logging.DEBUG if args.verbose > 1 else getattr(logging, cfg.log_level.upper(), 20)
+    logging.getLogger().setLevel(level)
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(level)
+    flags = dict(args.config_flags)
+
+    def reload() -> Config:
+        return load_config(flags, config_file=args.config)
+
+    n = Node(cfg, reload=reload)
+    n.extensions.append(VmService())
+    try:
+        trio.run(n.run)
+    except KeyboardInterrupt:
+        logging.getLogger("vmmesh.node").info("interrupted; stopped")
+    return 0

@@ -1,0 +1,168 @@
+"""`vmmesh` entry point: parse arguments, load config, dispatch, print errors as one line.
+
+The CLI is thin.  Commands that act on the running mesh talk to the local node
+over its Unix control socket (``cli/client.py``); only ``init``, ``join``,
+``node``, ``lab`` and ``image`` work on the data directory directly, because
+they run before a node exists or *are* the node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vmmesh.config import Config, load_config
+from vmmesh.errors import UsageError, VmmeshError
+
+from .output import error_line
+
+Command = Callable[[argparse.Namespace, Config], int]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of printing usage and exiting."""
+
+    def error(self, message: str) -> Any:
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    def common_options(suppress: bool) -> _Parser:
+        """Global options, accepted before or after the command.
+
+        On subcommands their defaults are suppressed, so that a value given
+        before the command is not reset by the subparser.
+        """
+        p = _Parser(add_help=False)
+        d: dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {}
+        p.add_argument("--json", action="store_true", help="machine-readable output", **d)
+        p.add_argument("--data-dir", type=Path, help="node data directory (/var/lib/vmmesh)", **d)
+        p.add_argument("--config", type=Path, help="TOML config file", **d)
+        p.add_argument("-v", "--verbose", action="count", **(d or {"default": 0}))
+        return p
+
+    common = common_options(suppress=True)
+    parser = _Parser(
+        prog="vmmesh",
+        description="A peer-to-peer mesh of hosts running on-demand VMs.",
+        parents=[common_options(suppress=False)],
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def add(name: str, target: str, help_: str) -> argparse.ArgumentParser:
+        """A command; ``target`` is "module:function", imported only when it runs."""
+        p = sub.add_parser(name, help=help_, description=help_, parents=[common])
+        p.set_defaults(target=target)
+        return p
+
+    p = add("init", "cmd_mesh:init", "create a new mesh: its CA and this host's certificate")
+    p.add_argument("--name", help="this host's name (default: hostname)")
+
+    p = add("invite", "cmd_mesh:invite", "print a single-use join token")
+    p.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires (3600)")
+
+    p = add("join", "cmd_mesh:join", "join a mesh with a token from `vmmesh invite`")
+    p.add_argument("token")
+    p.add_argument("--name", help="this host's name (default: hostname)")
+
+    p = add("remove", "cmd_mesh:remove", "revoke a host (by name or node id)")
+    p.add_argument("host")
+
+    p = add("node", "cmd_node:node", "run the node daemon in the foreground")
+    p.add_argument("--name")
+    p.add_argument("--listen", help="address to bind the peer port on (0.0.0.0)")
+    p.add_argument("--advertise", action="append", help="address to advertise (repeatable)")
+    p.add_argument("--port", type=int, help="peer port (7400); join port is port+1")
+    p.add_argument("--peer", action="append", dest="peers", metavar="ADDR:PORT",
+                   help="static seed peer (repeatable)")
+    p.add_argument("--no-mdns", dest="mdns", action="store_const", const=False)
+    p.add_argument("--storage-quota", dest="storage_quota_mb", type=int, metavar="MB")
+    p.add_argument("--accel", choices=["auto", "kvm", "tcg"])
+    p.add_argument("--apt-source", dest="apt_sources", action="append", metavar="LINE",
+                   help="apt source line for guests (repeatable)")
+    p.add_argument("--gossip-interval", type=float)
+    p.add_argument("--drain-on-stop", action="store_const", const=True)
+
+    add("peers", "cmd_peers:peers", "list the hosts of the mesh")
+    add("status", "cmd_peers:status", "show this node's state")
+
+    p = add("lab", "cmd_lab:lab", "a lab of hosts on this machine (network namespaces; root)")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("count", type=int, nargs="?", default=3)
+    p.add_argument("--dir", type=Path, default=Path("/tmp/vmmesh-lab"), help="lab directory")
+    p.add_argument("--tag", default="lab", help="short name used in namespace names")
+    p.add_argument("--node-arg", action="append", default=[], help="extra `vmmesh node` argument")
+
+    p = add("image", "cmd_image:image", "build, import, export or list base images")
+    p.add_argument("action", choices=["build", "import", "export", "list"])
+    p.add_argument("path", nargs="?", type=Path)
+    p.add_argument("--id", dest="image_id", help="image id (export)")
+
+    p = add("request", "cmd_vm:request", "create COUNT VMs named NAME with packages")
+    p.add_argument("name")
+    p.add_argument("count", type=int)
+    p.add_argument("packages", nargs="*")
+    p.add_argument("--custom", type=Path, metavar="FILE.zip", help="zip extracted to /opt")
+    p.add_argument("--dry-run", action="store_true", help="show the placement plan only")
+    p.add_argument("--vcpus", type=int)
+    p.add_argument("--memory", type=int, metavar="MB")
+
+    add("vms", "cmd_vm:vms", "list the VMs of the mesh")
+    add("templates", "cmd_vm:templates", "list the templates of the mesh")
+
+    p = add("shutdown", "cmd_vm:shutdown", "stop and delete every VM called NAME in the mesh")
+    p.add_argument("name")
+
+    p = add("exec", "cmd_vm:exec_", "run a command in a VM (vmmesh exec NAME -- CMD...)")
+    p.add_argument("name")
+    p.add_argument("argv", nargs=argparse.REMAINDER)
+
+    p = add("ssh", "cmd_vm:ssh", "open ssh to a VM (through the host that runs it)")
+    p.add_argument("name")
+    return parser
+
+
+def _config_flags(args: argparse.Namespace) -> dict[str, Any]:
+    keys = (
+        "data_dir", "name", "listen", "advertise", "port", "peers", "mdns",
+        "storage_quota_mb", "accel", "apt_sources", "gossip_interval", "drain_on_stop",
+    )
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "target", None):
+            parser.print_help()
+            return 2
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else
+            logging.WARNING,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        args.config_flags = _config_flags(args)
+        cfg = load_config(args.config_flags, config_file=args.config)
+        module, _, function = args.target.partition(":")
+        func: Command = getattr(importlib.import_module(f"{__package__}.{module}"), function)
+        return func(args, cfg)
+    except UsageError as exc:
+        error_line(str(exc))
+        return 2
+    except VmmeshError as exc:
+        error_line(str(exc))
+        return 1
+    except KeyboardInterrupt:
+        error_line("interrupted")
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The whole test suite: lint, types, then every test (unit, property, real
+# TLS between node processes, mDNS across network namespaces, QEMU guests).
+# Needs root (namespaces, debootstrap) and scripts/setup.sh done once.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+if [ ! -x "$PY" ]; then
+    echo "scripts/test.sh: no .venv — run scripts/setup.sh first" >&2
+    exit 2
+fi
+
+echo "==> ruff"
+.venv/bin/ruff check vmmesh cli tests benchmarks
+echo "==> mypy --strict"
+.venv/bin/mypy
+
+# The shared base image the QEMU tests boot (built once, then reused).
+IMAGE_LINK=${VMMESH_TEST_IMAGE:-/var/cache/vmmesh-dev/base}
+if [ ! -e "$IMAGE_LINK/manifest.json" ]; then
+    echo "==> building the base image for the QEMU tests (once; a few minutes)"
+    "$PY" -m vmmesh.hypervisor.imagebuild --publish "$IMAGE_LINK"
+fi
+export VMMESH_TEST_IMAGE="$IMAGE_LINK"
+
+echo "==> pytest"
+exec "$PY" -m pytest -q -p no:cacheprovider "$@"

@@ -1,0 +1,42 @@
+"""Helpers for tests that drive lab hosts through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from vmmesh.lab import Lab
+
+T = TypeVar("T")
+
+# How long a liveness wait may last before the test fails with the last state
+# seen.  Not a performance bound: the machines are shared and noisy.
+PATIENCE = 120.0
+
+
+def cli_json(lab: Lab, i: int, *args: str) -> Any:
+    out = lab.cli(i, *args, "--json").stdout
+    return json.loads(out)
+
+
+def peers(lab: Lab, i: int) -> dict[str, dict[str, Any]]:
+    """Host i's view: name -> row."""
+    return {h["name"]: h for h in cli_json(lab, i, "peers")["hosts"]}
+
+
+def eventually(check: Callable[[], T | None], what: str, patience: float = PATIENCE) -> T:
+    """Poll ``check`` until it returns something truthy; fail with ``what``."""
+    deadline = time.monotonic() + patience
+    last: object = None
+    while True:
+        try:
+            result = check()
+        except Exception as exc:  # a node restarting may refuse a call
+            result, last = None, exc
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what} (last: {last!r})")
+        time.sleep(0.25)
