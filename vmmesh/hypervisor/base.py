@@ -48,6 +48,13 @@ class BootSpec:
 
 @dataclass(frozen=True)
 class ExecResult:
+    """A finished guest command.
+
+    ``exit_code`` is 128 + N for a command killed by signal N (the shell's
+    convention) and -1 when the agent did not say.  ``truncated`` means
+    stdout or stderr was cut at the caller's ``output_limit``.
+    """
+
     exit_code: int
     stdout: bytes
     stderr: bytes
@@ -90,7 +97,11 @@ class Guest(Protocol):
         ...
 
     async def wait_exit(self) -> int:
-        """Wait for the QEMU process to exit; returns its exit status."""
+        """Wait for the QEMU process to exit; returns its exit status.
+
+        Negative N means killed by signal N; -1 also when the status is not
+        ours to know (a guest adopted from an earlier node process).
+        """
         ...
 
 
