@@ -1,0 +1,203 @@
+"""VMs across the mesh through real nodes: lab hosts (network namespaces,
+mDNS, mutual TLS between node processes) running real QEMU guests (TCG)
+that install packages from a local apt repository served on the lab bridge.
+
+Each host offers two VM slots (storage quota 2 GB, 1 GB per VM disk), so the
+placement across hosts is visible with a handful of small guests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.aptrepo import AptRepo
+from tests.labutil import lab_context
+from tests.meshutil import cli_json, eventually, peers
+from vmmesh.lab import Lab
+
+BASE_DIR = Path(os.environ.get("VMMESH_BASE_IMAGE_DIR", "/var/cache/vmmesh-dev/base"))
+
+pytestmark = [
+    pytest.mark.lab,
+    pytest.mark.qemu,
+    pytest.mark.skipif(
+        not (BASE_DIR / "manifest.json").is_file(),
+        reason=f"needs a base image in {BASE_DIR}",
+    ),
+]
+
+PATIENCE = 900.0  # a template build under TCG on a loaded 2-core machine
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    base = tmp_path_factory.mktemp("vmlab")
+    port = _free_port()
+    holder: dict[str, Any] = {}
+    node_args = [
+        "--storage-quota=2048",
+        "--accel=tcg",
+        # The bridge address is known only once the lab exists; the repo is
+        # started right after, before any request is made.
+        "--apt-source=deb [trusted=yes] http://BRIDGE:%d/ ./" % port,
+    ]
+    with lab_context(base, 3, start_nodes=False, node_args=node_args, image=BASE_DIR) as lab:
+        fixed = [a.replace("BRIDGE", lab.bridge_address) for a in node_args]
+        lab = lab.with_node_args(fixed).start_all()
+        repo = AptRepo(base / "aptrepo", host=lab.bridge_address, port=port)
+        repo.start()
+        holder["repo"] = repo
+        try:
+            for i in (1, 2, 3):
+                eventually(lambda i=i: _all_up(lab, i), f"h{i} sees three hosts up")
+            yield lab
+        finally:
+            repo.stop()
+
+
+def _all_up(lab: Lab, i: int) -> bool:
+    view = peers(lab, i)
+    return len(view) == 3 and all(h["status"] == "up" for h in view.values())
+
+
+def _request(lab: Lab, i: int, *args: str) -> dict[str, Any]:
+    r = lab.cli(i, "request", *args, "--json", check=False)
+    assert r.stdout, r.stderr
+    reply: dict[str, Any] = json.loads(r.stdout)
+    return reply
+
+
+def _vms(lab: Lab, i: int, name: str) -> list[dict[str, Any]]:
+    return [v for v in cli_json(lab, i, "vms")["vms"] if v["request"] == name]
+
+
+def _overlays(lab: Lab) -> list[Path]:
+    return [p for i in (1, 2, 3) for p in (lab.host_data_dir(i) / "vms").glob("*.qcow2")]
+
+
+def _set_quota(lab: Lab, i: int, mb: int | None) -> None:
+    cfg = lab.host_data_dir(i) / "config.toml"
+    if mb is None:
+        cfg.unlink(missing_ok=True)
+    else:
+        cfg.write_text(f"storage_quota_mb = {mb}\n")
+    lab.kill_host(i, signal.SIGHUP)
+
+
+def _slots(lab: Lab, viewer: int, host: str) -> int:
+    return int(peers(lab, viewer)[host]["capacity"]["free_slots"])
+
+
+def test_request_prefers_the_host_with_the_template(mesh: Lab) -> None:
+    lab = mesh
+    # Make the template {vmm-test-a} exist on h2 only: h1 and h3 take no VMs.
+    for i in (1, 3):
+        _set_quota(lab, i, 0)
+    for i in (1, 3):
+        eventually(lambda i=i: _slots(lab, 2, f"h{i}") == 0, f"h2 sees h{i} full")
+    seed = _request(lab, 2, "seed", "1", "vmm-test-a")
+    assert [v["host"] for v in seed["vms"]] == ["h2"], seed
+    assert lab.cli(2, "shutdown", "seed").returncode == 0
+    for i in (1, 3):
+        _set_quota(lab, i, None)
+    for host in ("h1", "h3"):
+        eventually(lambda host=host: _slots(lab, 1, host) == 2, f"h1 sees {host} free again")
+    eventually(lambda: any(t["packages"] == ["vmm-test-a"] for t in
+                           peers(lab, 1)["h2"]["templates"]), "h1 learns h2's template")
+
+    # From h1: 3 VMs with vmm-test-a. h2 (exact match) first, up to its two
+    # slots, the third spills to the next host by affinity.
+    reply = _request(lab, 1, "web", "3", "vmm-test-a")
+    hosts = sorted(v["host"] for v in reply["vms"])
+    assert len(hosts) == 3 and hosts.count("h2") == 2, reply
+    assert reply["plan"]["shares"][0]["host"] == "h2"
+    on_h2 = [v for v in reply["vms"] if v["host"] == "h2"]
+    assert not any(v["built"] for v in on_h2), "h2 reused its template"
+    listed = _vms(lab, 3, "web")
+    assert sorted(v["host"] for v in listed) == hosts
+    assert all(v["packages"] == ["vmm-test-a"] for v in listed)
+    # exec reaches a VM wherever it runs.
+    out = lab.cli(3, "exec", on_h2[0]["name"], "--", "cat", "/usr/share/vmm-test-a/marker")
+    assert "vmm-test-a" in out.stdout
+
+
+def test_shutdown_by_name_from_a_third_host(mesh: Lab) -> None:
+    lab = mesh
+    before = _overlays(lab)
+    assert len(before) >= 3
+    r = cli_json(lab, 3, "shutdown", "web")
+    assert r["stopped"] == 3, r
+    assert _vms(lab, 1, "web") == []
+    assert _overlays(lab) == [], "overlays deleted"
+    # The templates stay.
+    assert any(t["packages"] == ["vmm-test-a"] for t in cli_json(lab, 1, "templates")["templates"])
+
+
+def test_concurrent_requests_never_overcommit(mesh: Lab) -> None:
+    lab = mesh
+    results: dict[int, dict[str, Any]] = {}
+
+    def go(i: int) -> None:
+        results[i] = _request(lab, i, f"c{i}", "4", "vmm-test-a")
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    per_host: dict[str, int] = {}
+    for v in cli_json(lab, 3, "vms")["vms"]:
+        per_host[v["host"]] = per_host.get(v["host"], 0) + 1
+    assert all(n <= 2 for n in per_host.values()), per_host
+    placed = sum(len(r["vms"]) for r in results.values())
+    assert placed == sum(per_host.values()) == 6, (results, per_host)
+    unplaced = sum(u["count"] for r in results.values() for u in r["unplaced"])
+    assert unplaced == 2
+    for i in (1, 2):
+        lab.cli(3, "shutdown", f"c{i}")
+    assert _overlays(lab) == []
+
+
+def test_host_killed_during_a_request_has_its_share_replaced(mesh: Lab) -> None:
+    lab = mesh
+    # Make h3 the first choice, then kill its node while it works on its share.
+    done: dict[str, Any] = {}
+
+    def go() -> None:
+        done["reply"] = _request(lab, 1, "kill", "3", "vmm-test-b")
+
+    t = threading.Thread(target=go)
+    t.start()
+    eventually(lambda: (lab.host_data_dir(3) / "templates").exists() and any(
+        p.name.startswith(".building") for p in (lab.host_data_dir(3) / "templates").iterdir()
+    ) or any((lab.host_data_dir(3) / "vms").glob("*.qcow2")), "h3 starts working on its share",
+        patience=PATIENCE)
+    lab.kill_host(3, signal.SIGKILL)
+    t.join()
+    reply = done["reply"]
+    assert all(v["host"] != "h3" for v in reply["vms"]), reply
+    assert any("h3" in n and "re-placed" in n for n in reply["notes"]), reply
+    assert len(reply["vms"]) + sum(u["count"] for u in reply["unplaced"]) == 3
+    assert len(reply["vms"]) == 3, "h1 and h2 have four slots between them"
+    # h3 restarts, reconciles: no half template, no orphan disk.
+    lab = lab.start_host(3)
+    eventually(lambda: _all_up(lab, 1), "h3 back up")
+    building = [p for p in (lab.host_data_dir(3) / "templates").iterdir()
+                if p.name.startswith(".building")]
+    assert building == []
+    lab.cli(1, "shutdown", "kill")
