@@ -53,6 +53,7 @@ from vmmesh.errors import (
     VmmeshError,
 )
 from vmmesh.gossip.core import EventKind, GossipConfig, GossipCore
+from vmmesh.gossip.detector import DetectorConfig
 from vmmesh.gossip.driver import make_handlers, run_gossip
 from vmmesh.invites import InviteBook
 from vmmesh.join import join_handler, join_server_context
@@ -122,7 +123,11 @@ class Node:
         self.node_id = self.identity.node_id
         self.started = time.time()
         self.generation = int(self.started * 1000)
-        self.core = GossipCore(self.node_id, self.generation, config=GossipConfig())
+        self.core = GossipCore(
+            self.node_id,
+            self.generation,
+            config=GossipConfig(detector=DetectorConfig(first_interval=cfg.gossip_interval)),
+        )
         self.rng = random.Random()
         self.addresses = list(cfg.advertise) or local_addresses() or ["127.0.0.1"]
         if cfg.listen not in ("0.0.0.0", "::", ""):

@@ -377,6 +377,7 @@ class QemuHypervisor:
         machine: str = "q35",
         cache: str = "unsafe",
         start_timeout: float = 60.0,
+        niceness: int = 10,
     ) -> None:
         if accel not in {"kvm", "tcg"}:
             raise HypervisorError(f"unknown accelerator {accel!r}")
@@ -386,6 +387,9 @@ class QemuHypervisor:
         self.machine = machine
         self.cache = cache
         self.start_timeout = start_timeout
+        # Guests run below the node's priority: a busy VM (TCG above all)
+        # must not starve the node's heartbeats and be taken for a dead host.
+        self.niceness = niceness
 
     async def _img(self, *args: str) -> bytes:
         argv = [self.qemu_img, *args]
@@ -458,7 +462,7 @@ class QemuHypervisor:
         with open(run_dir / QEMU_LOG, "wb") as stderr:  # noqa: ASYNC230 - local, tiny
             try:
                 process = await trio.lowlevel.open_process(
-                    argv,
+                    ["nice", "-n", str(self.niceness), *argv] if self.niceness else argv,
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=stderr,
