@@ -30,6 +30,7 @@ from vmmesh import placement
 from vmmesh.capacity import CapacityPolicy, probe_host
 from vmmesh.errors import (
     ImageError,
+    IntegrityError,
     NotFound,
     PeerUnavailable,
     RemoteError,
@@ -96,7 +97,7 @@ class VmService(NodeExtension):
         try:
             rec = images.default_image()
             rec = images.verify(rec.image_id)
-        except (NotFound, ImageError) as exc:
+        except (NotFound, ImageError, IntegrityError) as exc:
             self.no_vms_reason = f"{exc}"
             log.warning("this host runs no VMs: %s", exc)
             node.capacity = self._no_capacity
