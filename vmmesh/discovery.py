@@ -1,0 +1,382 @@
+"""Zero-configuration peer discovery over mDNS/DNS-SD, and static seeds.
+
+Theory of operation
+-------------------
+Every node advertises one DNS-SD service instance of type ``_vmmesh._tcp.local.``
+whose instance label is its node id and whose TXT record carries ``v`` (record
+version), ``id`` (node id), ``mesh`` (mesh id), ``port`` and ``name`` (host
+name).  It also browses the same type.  What a browse returns is untrusted LAN
+input: anybody can multicast anything, so a record only becomes a `PeerSeen`
+after `parse_txt` has checked every field, and only if it belongs to our mesh
+and is not our own.  Discovery only says "there may be a peer at this address";
+the mutual-TLS handshake decides whether it really is one.
+
+The decision part is `DiscoveryCore`: plain methods, no sockets, no threads
+(``service_added(...) -> PeerEvent | None``), tested synchronously.  It
+remembers which instance names it reported, so that a removal of a record we
+ignored (another mesh, garbage) produces no `PeerGone`, and it logs a bad
+record once at WARNING and then at DEBUG, so that a chatty broken device on
+the LAN cannot flood the log.
+
+python-zeroconf is asyncio inside; its synchronous API runs that loop in a
+thread of its own and calls browser handlers on yet another thread.  This is
+the only module that imports it.  `run_discovery` is the thin trio glue: it
+does the blocking zeroconf calls in ``trio.to_thread``, and the browser thread
+hands events to trio with ``trio.from_thread.run_sync`` and ``send_nowait`` —
+the zeroconf thread is never blocked on a full channel; if the consumer lags
+behind a large buffer, an event is dropped (and logged), which is harmless
+because mDNS re-announces and gossip repairs the view anyway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from vmmesh.errors import ConfigError, MalformedMessage, UsageError
+from vmmesh.model import check_hex_id
+
+log = logging.getLogger(__name__)
+
+SERVICE_TYPE = "_vmmesh._tcp.local."
+TXT_VERSION = 1
+MAX_NAME = 63  # one DNS label; also what we accept as a host name from TXT
+_CLOSE_TIMEOUT = 5.0
+_INFO_TIMEOUT_MS = 3000
+
+
+@dataclass(frozen=True)
+class PeerSeen:
+    """A node of our mesh advertises itself at ``addresses``:``port``."""
+
+    node_id: str
+    mesh_id: str
+    name: str
+    addresses: tuple[str, ...]
+    port: int
+
+
+@dataclass(frozen=True)
+class PeerGone:
+    """A node of our mesh withdrew its record (goodbye packet or TTL expiry)."""
+
+    node_id: str
+
+
+PeerEvent = PeerSeen | PeerGone
+
+
+@dataclass(frozen=True)
+class Advert:
+    """The validated content of one TXT record."""
+
+    version: int
+    node_id: str
+    mesh_id: str
+    name: str
+    port: int
+
+
+def instance_label(node_id: str) -> str:
+    """The DNS-SD instance label for ``node_id``.
+
+    A DNS label holds at most 63 bytes while node ids may be up to 64 hex
+    digits; the TXT ``id`` is authoritative, the label only has to be unique.
+    """
+    return node_id[:MAX_NAME]
+
+
+def txt_properties(*, node_id: str, mesh_id: str, name: str, port: int) -> dict[str, str]:
+    """The TXT record we advertise (checked, so we never send what we would reject)."""
+    check_hex_id(node_id, "node id")
+    check_hex_id(mesh_id, "mesh id")
+    _check_port(port)
+    return {
+        "v": str(TXT_VERSION),
+        "id": node_id,
+        "mesh": mesh_id,
+        "port": str(port),
+        "name": _clean_name(name),
+    }
+
+
+def parse_txt(props: Mapping[Any, Any]) -> Advert:
+    """Validate a TXT record as zeroconf hands it over (bytes keys and values).
+
+    Raises MalformedMessage for anything we did not write ourselves: missing or
+    extra-long fields, a non-hex id, a port out of range, a newer record
+    version we cannot read.
+    """
+    fields: dict[str, str] = {}
+    for key, value in props.items():
+        k = _text(key, "TXT key")
+        if value is None:
+            continue
+        fields[k] = _text(value, f"TXT value {k!r:.20}")
+    try:
+        version = int(fields["v"])
+    except (KeyError, ValueError):
+        raise MalformedMessage(f"bad TXT version: {fields.get('v')!r:.20}") from None
+    if version != TXT_VERSION:
+        raise MalformedMessage(f"unsupported TXT version {version}")
+    port_text = fields.get("port", "")
+    if not port_text.isdigit():
+        raise MalformedMessage(f"bad port: {port_text!r:.20}")
+    port = int(port_text)
+    _check_port(port, MalformedMessage)
+    name = fields.get("name", "")
+    if not name or len(name) > MAX_NAME or not name.isprintable():
+        raise MalformedMessage(f"bad host name: {name!r:.80}")
+    return Advert(
+        version=version,
+        node_id=check_hex_id(fields.get("id"), "node id"),
+        mesh_id=check_hex_id(fields.get("mesh"), "mesh id"),
+        name=name,
+        port=port,
+    )
+
+
+def parse_seed(seed: str) -> tuple[str, int]:
+    """Split a static seed ``ADDR:PORT`` (or ``[V6ADDR]:PORT``) into (host, port).
+
+    Seeds serve networks without multicast; the message says what is expected
+    because a user typed it.
+    """
+    text = seed.strip()
+    expected = "expected ADDR:PORT, e.g. 192.168.1.20:7400 or [fe80::1%eth0]:7400"
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise UsageError(f"bad peer {seed!r}: {expected}")
+        port_text = rest[1:]
+        try:
+            ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            raise UsageError(f"bad peer {seed!r}: {host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise UsageError(f"bad peer {seed!r}: {expected}")
+        if ":" in host:
+            raise UsageError(f"bad peer {seed!r}: write an IPv6 address as [ADDR]:PORT")
+    if not port_text.isdigit():
+        raise UsageError(f"bad peer {seed!r}: port {port_text!r} is not a number")
+    port = int(port_text)
+    _check_port(port, UsageError)
+    return host, port
+
+
+class DiscoveryCore:
+    """Turns raw browse results into PeerSeen/PeerGone for one node (no I/O)."""
+
+    def __init__(self, *, node_id: str, mesh_id: str) -> None:
+        self.node_id = node_id
+        self.mesh_id = mesh_id
+        self._known: dict[str, str] = {}  # instance name -> node id we reported
+        self._bad: set[str] = set()  # instance names whose garbage we logged
+
+    def service_added(
+        self, instance: str, props: Mapping[Any, Any] | None, addresses: list[str], port: int
+    ) -> PeerEvent | None:
+        """A record appeared or changed.  Returns the event to forward, if any."""
+        try:
+            if props is None:
+                raise MalformedMessage("no TXT record")
+            advert = parse_txt(props)
+            if instance.split(".", 1)[0] != instance_label(advert.node_id):
+                raise MalformedMessage(f"instance name does not match id {advert.node_id}")
+            if advert.port != port:
+                raise MalformedMessage(f"SRV port {port} differs from TXT port {advert.port}")
+            addrs = tuple(_valid_addresses(addresses))
+            if not addrs:
+                raise MalformedMessage("no usable address")
+        except MalformedMessage as exc:
+            level = logging.DEBUG if instance in self._bad else logging.WARNING
+            self._bad.add(instance)
+            log.log(level, "ignoring mDNS record %r: %s", instance[:120], exc)
+            return self.service_removed(instance)
+        if advert.node_id == self.node_id or advert.mesh_id != self.mesh_id:
+            return self.service_removed(instance)
+        self._known[instance] = advert.node_id
+        return PeerSeen(
+            node_id=advert.node_id,
+            mesh_id=advert.mesh_id,
+            name=advert.name,
+            addresses=addrs,
+            port=advert.port,
+        )
+
+    def service_removed(self, instance: str) -> PeerEvent | None:
+        """A record went away; only peers we reported get a PeerGone."""
+        node_id = self._known.pop(instance, None)
+        return None if node_id is None else PeerGone(node_id)
+
+
+async def run_discovery(
+    *,
+    node_id: str,
+    mesh_id: str,
+    name: str,
+    port: int,
+    addresses: list[str],
+    events: trio.MemorySendChannel[PeerEvent],
+    interfaces: list[str] | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Advertise this node and report peers of ``mesh_id`` until cancelled.
+
+    ``addresses`` are what peers should dial (empty: every address of this
+    machine); ``interfaces`` restricts the interfaces zeroconf binds (None:
+    all).  Started (``task_status.started()``) once the record is registered
+    and the browser runs.  On cancellation the record is withdrawn with a
+    goodbye packet, so peers see PeerGone at once instead of at TTL expiry.
+
+    Raises UsageError when another host already advertises ``node_id`` (a
+    copied data directory) and ConfigError when zeroconf cannot bind on the
+    interfaces: the node may then go on with static seeds only.
+    """
+    from zeroconf import (
+        InterfaceChoice,
+        NonUniqueNameException,
+        ServiceBrowser,
+        ServiceInfo,
+        ServiceListener,
+        Zeroconf,
+    )
+
+    props = txt_properties(node_id=node_id, mesh_id=mesh_id, name=name, port=port)
+    try:
+        packed = [ipaddress.ip_address(a).packed for a in addresses]
+    except ValueError as exc:
+        raise UsageError(f"bad advertised address: {exc}") from None
+    core = DiscoveryCore(node_id=node_id, mesh_id=mesh_id)
+    token = trio.lowlevel.current_trio_token()
+
+    def deliver(event: PeerEvent) -> None:
+        # Runs in trio, called from the browser thread; must never block.
+        try:
+            events.send_nowait(event)
+        except trio.WouldBlock:
+            log.warning("discovery event dropped, consumer is behind: %s", event)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    def forward(event: PeerEvent | None) -> None:
+        if event is None:
+            return
+        with contextlib.suppress(trio.RunFinishedError):
+            trio.from_thread.run_sync(deliver, event, trio_token=token)
+
+    class Listener(ServiceListener):
+        def add_service(self, zc: Zeroconf, type_: str, instance: str) -> None:
+            info = zc.get_service_info(type_, instance, timeout=_INFO_TIMEOUT_MS)
+            if info is None:
+                return
+            forward(
+                core.service_added(
+                    instance, info.properties, info.parsed_scoped_addresses(), info.port or 0
+                )
+            )
+
+        def update_service(self, zc: Zeroconf, type_: str, name: str) -> None:
+            self.add_service(zc, type_, name)
+
+        def remove_service(self, zc: Zeroconf, type_: str, instance: str) -> None:
+            forward(core.service_removed(instance))
+
+    info = ServiceInfo(
+        SERVICE_TYPE,
+        f"{instance_label(node_id)}.{SERVICE_TYPE}",
+        port=port,
+        properties=props,
+        server=f"{instance_label(node_id)}.local.",
+        addresses=packed or None,
+    )
+    try:
+        zc = await trio.to_thread.run_sync(
+            lambda: Zeroconf(interfaces=InterfaceChoice.All if interfaces is None else interfaces)
+        )
+    except OSError as exc:
+        raise ConfigError(f"mDNS cannot start ({exc}); use --no-mdns and --peer") from exc
+    browser: Any = None
+    registered = False
+
+    def start() -> None:
+        nonlocal browser, registered
+        if not packed:
+            info.addresses = [ipaddress.ip_address(a).packed for a in _local_addresses()]
+        try:
+            zc.register_service(info)
+        except NonUniqueNameException:
+            raise UsageError(
+                f"another host on the LAN advertises node id {node_id}: copied data directory?"
+            ) from None
+        registered = True
+        browser = ServiceBrowser(zc, SERVICE_TYPE, Listener())
+
+    def stop() -> None:
+        # Best effort: a failing goodbye must not keep zeroconf's thread alive.
+        try:
+            if browser is not None:
+                browser.cancel()
+            if registered:
+                zc.unregister_service(info)
+        except Exception:
+            log.exception("mDNS: withdrawing our record failed")
+        finally:
+            zc.close()
+
+    try:
+        await trio.to_thread.run_sync(start)
+        log.info("mDNS: advertising %s on port %d, browsing %s", node_id, port, SERVICE_TYPE)
+        task_status.started()
+        await trio.sleep_forever()
+    finally:
+        with trio.move_on_after(_CLOSE_TIMEOUT, shield=True):
+            await trio.to_thread.run_sync(stop, abandon_on_cancel=True)
+
+
+def _local_addresses() -> list[str]:
+    # Exported by zeroconf at run time, though not listed in its __all__.
+    from zeroconf import get_all_addresses  # type: ignore[attr-defined]
+
+    return [a for a in get_all_addresses() if not ipaddress.ip_address(a).is_loopback]
+
+
+def _valid_addresses(addresses: list[str]) -> list[str]:
+    out = []
+    for a in addresses:
+        try:
+            ipaddress.ip_address(a.split("%", 1)[0])
+        except ValueError:
+            continue
+        out.append(a)
+    return out
+
+
+def _text(value: object, what: str) -> str:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise MalformedMessage(f"{what} is not UTF-8") from None
+    if isinstance(value, str):
+        return value
+    raise MalformedMessage(f"{what} has type {type(value).__name__}")
+
+
+def _clean_name(name: str) -> str:
+    if not name or len(name) > MAX_NAME or not name.isprintable():
+        raise UsageError(f"host name must be 1-{MAX_NAME} printable characters: {name!r:.80}")
+    return name
+
+
+def _check_port(port: int, exc: type[Exception] = UsageError) -> None:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise exc(f"port {port} is out of range 1-65535")
