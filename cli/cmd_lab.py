@@ -13,7 +13,8 @@ from .output import console, print_json, table
 def lab(args: argparse.Namespace, cfg: Config) -> int:
     if args.action == "up":
         with console.status(f"bringing up {args.count} lab hosts in {args.dir} ..."):
-            made = labmod.lab_up(args.count, args.dir, tag=args.tag, node_args=args.node_arg)
+            made = labmod.lab_up(args.count, args.dir, tag=args.tag, node_args=args.node_arg,
+                                 image=args.image)
         hosts = [
             {"host": h.index, "netns": h.netns, "address": h.address, "data_dir": h.data_dir}
             for h in made.hosts

@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", type=Path, default=Path("/tmp/vmmesh-lab"), help="lab directory")
     p.add_argument("--tag", default="lab", help="short name used in namespace names")
     p.add_argument("--node-arg", action="append", default=[], help="extra `vmmesh node` argument")
+    p.add_argument("--image", type=Path, help="base image directory to give every host")
 
     p = add("image", "cmd_image:image", "build, import, export or list base images")
     p.add_argument("action", choices=["build", "import", "export", "list"])

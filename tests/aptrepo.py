@@ -217,3 +217,26 @@ def apt_repo(tmp_path: Path) -> Iterator[AptRepo]:
     """A started repository on 127.0.0.1 (guests: ``repo.source_line()``); stopped after."""
     with AptRepo(tmp_path / "aptrepo") as repo:
         yield repo
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve the test repository until interrupted (the demo's lab uses it)."""
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser(description="serve vmmesh's small test apt repository")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--dir", type=Path, required=True)
+    args = parser.parse_args(argv)
+    with AptRepo(args.dir, host=args.host, port=args.port) as repo:
+        print(f"serving {repo.url}", flush=True)
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    return 0
+
+
+if __name__ == "__main__":
+    import signal as _signal
+
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGINT, _signal.SIGTERM})
+    raise SystemExit(main())

@@ -61,6 +61,7 @@ def lab_context(
     env: Mapping[str, str] | None = None,
     tag: str | None = None,
     cli_argv: Sequence[str] = (),
+    image: Path | None = None,
 ) -> Iterator[Lab]:
     """A lab of ``n`` hosts under ``base_dir``; removed on exit even if the test fails."""
     skip_unless_lab()
@@ -79,6 +80,7 @@ def lab_context(
                     node_args=node_args,
                     env=env,
                     cli_argv=cli_argv,
+                    image=image,
                 )
                 break
             except UsageError as exc:

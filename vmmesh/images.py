@@ -407,7 +407,7 @@ class ImageStore:
             (tmp / MANIFEST).write_bytes(encode_manifest(record))
             return self._commit(tmp)
 
-    def import_image(self, src: Path) -> ImageRecord:
+    def import_image(self, src: Path, *, link: bool = False) -> ImageRecord:
         """Add an image from a directory or a tar (plain, gzip or zstd) made by ``export_image``.
 
         Only the four image files are taken, as regular files; anything else
@@ -418,7 +418,7 @@ class ImageStore:
                 for name in IMAGE_FILES:
                     if (src / name).is_symlink() or not (src / name).is_file():
                         raise ImageError(f"{src} lacks a regular file {name}")
-                    shutil.copyfile(src / name, tmp / name)
+                    _link_or_copy(src / name, tmp / name, link)
             else:
                 with src.open("rb") as raw:
                     _extract(raw, tmp)
@@ -449,6 +449,18 @@ class ImageStore:
             tmp.unlink(missing_ok=True)
             raise
         return dest
+
+
+def _link_or_copy(src: Path, dest: Path, link: bool) -> None:
+    """Hard-link ``src`` (image files are never written in place), else copy it."""
+    if link:
+        try:
+            os.link(src, dest)
+        except OSError:
+            pass
+        else:
+            return
+    shutil.copyfile(src, dest)
 
 
 def _write_tar(image_dir: Path, out: IO[bytes]) -> None:

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from vmmesh.errors import StateError, UsageError
+from vmmesh.images import ImageStore
 
 LAB_FILE = "lab.json"
 LAB_VERSION = 1
@@ -129,6 +130,16 @@ class Lab:
         _wait_ready(lab, i)
         return lab
 
+    def with_node_args(self, node_args: Sequence[str]) -> Lab:
+        """The same lab with other ``vmmesh node`` arguments for nodes started from now on."""
+        lab = replace(self, node_args=tuple(node_args))
+        _save(lab)
+        return lab
+
+    def start_all(self) -> Lab:
+        """Init, join and start every host's node (a lab made with start_nodes=False)."""
+        return _join_and_start(self)
+
     def restart_host(self, i: int) -> Lab:
         """Stop host ``i``'s node (TERM, then KILL) and start it again."""
         _stop_host(self.host(i))
@@ -165,8 +176,13 @@ def lab_up(
     env: Mapping[str, str] | None = None,
     start_nodes: bool = True,
     cli_argv: Sequence[str] = (),
+    image: Path | None = None,
 ) -> Lab:
     """Make a lab of ``n`` hosts; on any failure, remove what was made and raise.
+
+    ``image`` (a base image directory) is put into every host's image store
+    before its node starts, hard-linked where the file system allows: base
+    images are never written to, and every host must hold the same one.
 
     ``node_args`` are appended to every ``vmmesh node`` command line, ``env``
     to the environment of every command; ``cli_argv`` replaces how ``vmmesh``
@@ -218,6 +234,10 @@ def lab_up(
             lab = replace(lab, hosts=(*lab.hosts, h))
             _save(lab)
             _make_host(lab, h)
+        if image is not None:
+            for h in lab.hosts:
+                store = ImageStore(Path(h.data_dir))
+                store.set_default(store.import_image(Path(image), link=True).image_id)
         if start_nodes:
             lab = _join_and_start(lab)
     except BaseException:
