@@ -21,18 +21,37 @@ def cli_json(lab: Lab, i: int, *args: str) -> Any:
     return json.loads(out)
 
 
+def host_field(lab: Lab, viewer: int, host: str, *path: str) -> Any:
+    """What host ``viewer`` believes about ``host``: a field of its peers row."""
+    value: Any = peers(lab, viewer)[host]
+    for key in path:
+        value = value[key]
+    return value
+
+
+def field_is(lab: Lab, viewer: int, host: str, path: tuple[str, ...], want: object) -> bool:
+    return bool(host_field(lab, viewer, host, *path) == want)
+
+
+def all_up(lab: Lab, viewer: int, count: int = 3) -> bool:
+    view = peers(lab, viewer)
+    return len(view) == count and all(h["status"] == "up" for h in view.values())
+
+
 def peers(lab: Lab, i: int) -> dict[str, dict[str, Any]]:
     """Host i's view: name -> row."""
     return {h["name"]: h for h in cli_json(lab, i, "peers")["hosts"]}
 
 
-def eventually(check: Callable[[], T | None], what: str, patience: float = PATIENCE) -> T:
-    """Poll ``check`` until it returns something truthy; fail with ``what``."""
+def eventually(
+    check: Callable[..., T | None], what: str, *args: Any, patience: float = PATIENCE
+) -> T:
+    """Poll ``check(*args)`` until it returns something truthy; fail with ``what``."""
     deadline = time.monotonic() + patience
     last: object = None
     while True:
         try:
-            result = check()
+            result = check(*args)
         except Exception as exc:  # a node restarting may refuse a call
             result, last = None, exc
         if result:

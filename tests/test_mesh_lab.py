@@ -16,13 +16,10 @@ from pathlib import Path
 import pytest
 
 from tests.labutil import lab_context
-from tests.meshutil import cli_json, eventually, peers
+from tests.meshutil import all_up, cli_json, eventually, field_is, peers
 from vmmesh.lab import Lab
 
 pytestmark = pytest.mark.lab
-
-NAMES = {"h1", "h2", "h3"}
-
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
@@ -30,14 +27,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         yield made
 
 
-def _all_up(lab: Lab, i: int) -> bool:
-    view = peers(lab, i)
-    return set(view) == NAMES and all(h["status"] == "up" for h in view.values())
-
-
 def test_hosts_find_each_other_by_mdns(lab: Lab) -> None:
     for i in (1, 2, 3):
-        eventually(lambda i=i: _all_up(lab, i), f"h{i} sees all three hosts up")
+        eventually(all_up, f"h{i} sees all three hosts up", lab, i)
     view = peers(lab, 1)
     assert view["h2"]["address"].startswith(lab.host_address(2))
     # Discovery was by mDNS: no --peer seeds were given to any node.
@@ -53,8 +45,8 @@ def test_capacity_change_spreads_by_gossip(lab: Lab) -> None:
         lab.kill_host(2, signal.SIGHUP)
         for i in (1, 3):
             eventually(
-                lambda i=i: peers(lab, i)["h2"]["capacity"]["storage_quota_mb"] == 1234,
-                f"h{i} learns h2's new storage quota",
+                field_is, f"h{i} learns h2's new storage quota",
+                lab, i, "h2", ("capacity", "storage_quota_mb"), 1234,
             )
     finally:
         cfg.unlink()
@@ -89,7 +81,7 @@ def test_garbage_from_a_peer_is_refused_and_logged_once(lab: Lab) -> None:
     out = lab.lab_exec(2, [sys.executable, "-c", script]).stdout
     assert out.count("closed") == 3
     # h1 keeps serving: its CLI answers and it still sees everyone up.
-    eventually(lambda: _all_up(lab, 1), "h1 still sees all hosts up after garbage")
+    eventually(all_up, "h1 still sees all hosts up after garbage", lab, 1)
     # Logged once at WARNING for that peer, not once per bad message.
     log = (lab.host_data_dir(1) / "node.log").read_text().splitlines()
     warned = [line for line in log if "WARNING" in line and "closing connection to" in line]
@@ -101,12 +93,12 @@ def test_killed_host_is_marked_down_then_comes_back(lab: Lab) -> None:
     lab.kill_host(3, signal.SIGKILL)
     killed = time.monotonic()
     for i in (1, 2):
-        eventually(lambda i=i: peers(lab, i)["h3"]["status"] == "down", f"h{i} marks h3 down")
+        eventually(field_is, f"h{i} marks h3 down", lab, i, "h3", ("status",), "down")
     print(f"h3 marked down by all peers after {time.monotonic() - killed:.1f} s")
     lab2 = lab.start_host(3)
     assert cli_json(lab2, 3, "status")["node_id"] == node_id
     for i in (1, 2):
-        eventually(lambda i=i: peers(lab2, i)["h3"]["status"] == "up", f"h{i} sees h3 back up")
+        eventually(field_is, f"h{i} sees h3 back up", lab2, i, "h3", ("status",), "up")
 
 
 def test_join_token_works_once_and_expires(lab: Lab, tmp_path: Path) -> None:

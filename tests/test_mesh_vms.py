@@ -21,7 +21,7 @@ import pytest
 
 from tests.aptrepo import AptRepo
 from tests.labutil import lab_context
-from tests.meshutil import cli_json, eventually, peers
+from tests.meshutil import all_up, cli_json, eventually, field_is, peers
 from vmmesh.lab import Lab
 
 BASE_DIR = Path(os.environ.get("VMMESH_BASE_IMAGE_DIR", "/var/cache/vmmesh-dev/base"))
@@ -54,25 +54,20 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         "--accel=tcg",
         # The bridge address is known only once the lab exists; the repo is
         # started right after, before any request is made.
-        "--apt-source=deb [trusted=yes] http://BRIDGE:%d/ ./" % port,
+        f"--apt-source=deb [trusted=yes] http://BRIDGE:{port}/ ./",
     ]
     with lab_context(base, 3, start_nodes=False, node_args=node_args, image=BASE_DIR) as lab:
         fixed = [a.replace("BRIDGE", lab.bridge_address) for a in node_args]
-        lab = lab.with_node_args(fixed).start_all()
-        repo = AptRepo(base / "aptrepo", host=lab.bridge_address, port=port)
+        running = lab.with_node_args(fixed).start_all()
+        repo = AptRepo(base / "aptrepo", host=running.bridge_address, port=port)
         repo.start()
         holder["repo"] = repo
         try:
             for i in (1, 2, 3):
-                eventually(lambda i=i: _all_up(lab, i), f"h{i} sees three hosts up")
-            yield lab
+                eventually(all_up, f"h{i} sees three hosts up", running, i)
+            yield running
         finally:
             repo.stop()
-
-
-def _all_up(lab: Lab, i: int) -> bool:
-    view = peers(lab, i)
-    return len(view) == 3 and all(h["status"] == "up" for h in view.values())
 
 
 def _request(lab: Lab, i: int, *args: str) -> dict[str, Any]:
@@ -99,8 +94,17 @@ def _set_quota(lab: Lab, i: int, mb: int | None) -> None:
     lab.kill_host(i, signal.SIGHUP)
 
 
-def _slots(lab: Lab, viewer: int, host: str) -> int:
-    return int(peers(lab, viewer)[host]["capacity"]["free_slots"])
+SLOTS = ("capacity", "free_slots")
+
+
+def _has_template(lab: Lab, viewer: int, host: str, packages: list[str]) -> bool:
+    return any(t["packages"] == packages for t in peers(lab, viewer)[host]["templates"])
+
+
+def _working(data_dir: Path) -> bool:
+    """The host has begun a template build or a VM disk."""
+    building = any(p.name.startswith(".building") for p in (data_dir / "templates").glob("*"))
+    return building or any((data_dir / "vms").glob("*.qcow2"))
 
 
 def test_request_prefers_the_host_with_the_template(mesh: Lab) -> None:
@@ -109,16 +113,15 @@ def test_request_prefers_the_host_with_the_template(mesh: Lab) -> None:
     for i in (1, 3):
         _set_quota(lab, i, 0)
     for i in (1, 3):
-        eventually(lambda i=i: _slots(lab, 2, f"h{i}") == 0, f"h2 sees h{i} full")
+        eventually(field_is, f"h2 sees h{i} full", lab, 2, f"h{i}", SLOTS, 0)
     seed = _request(lab, 2, "seed", "1", "vmm-test-a")
     assert [v["host"] for v in seed["vms"]] == ["h2"], seed
     assert lab.cli(2, "shutdown", "seed").returncode == 0
     for i in (1, 3):
         _set_quota(lab, i, None)
     for host in ("h1", "h3"):
-        eventually(lambda host=host: _slots(lab, 1, host) == 2, f"h1 sees {host} free again")
-    eventually(lambda: any(t["packages"] == ["vmm-test-a"] for t in
-                           peers(lab, 1)["h2"]["templates"]), "h1 learns h2's template")
+        eventually(field_is, f"h1 sees {host} free again", lab, 1, host, SLOTS, 2)
+    eventually(_has_template, "h1 learns h2's template", lab, 1, "h2", ["vmm-test-a"])
 
     # From h1: 3 VMs with vmm-test-a. h2 (exact match) first, up to its two
     # slots, the third spills to the next host by affinity.
@@ -183,10 +186,8 @@ def test_host_killed_during_a_request_has_its_share_replaced(mesh: Lab) -> None:
 
     t = threading.Thread(target=go)
     t.start()
-    eventually(lambda: (lab.host_data_dir(3) / "templates").exists() and any(
-        p.name.startswith(".building") for p in (lab.host_data_dir(3) / "templates").iterdir()
-    ) or any((lab.host_data_dir(3) / "vms").glob("*.qcow2")), "h3 starts working on its share",
-        patience=PATIENCE)
+    eventually(_working, "h3 starts working on its share", lab.host_data_dir(3),
+               patience=PATIENCE)
     lab.kill_host(3, signal.SIGKILL)
     t.join()
     reply = done["reply"]
@@ -196,7 +197,7 @@ def test_host_killed_during_a_request_has_its_share_replaced(mesh: Lab) -> None:
     assert len(reply["vms"]) == 3, "h1 and h2 have four slots between them"
     # h3 restarts, reconciles: no half template, no orphan disk.
     lab = lab.start_host(3)
-    eventually(lambda: _all_up(lab, 1), "h3 back up")
+    eventually(all_up, "h3 back up", lab, 1)
     building = [p for p in (lab.host_data_dir(3) / "templates").iterdir()
                 if p.name.startswith(".building")]
     assert building == []
