@@ -248,10 +248,11 @@ class Node:
         assert self.pool is not None
         await run_gossip(
             self.core,
-            _PoolTransport(self.pool, timeout=max(2.0, self.cfg.gossip_interval * 4)),
+            _PoolTransport(self.pool, timeout=max(5.0, self.cfg.gossip_interval)),
             interval=self.cfg.gossip_interval,
             fanout=self.cfg.gossip_fanout,
             rng=self.rng,
+            exchange_timeout=max(5.0, self.cfg.gossip_interval),
         )
 
     def _publish_identity(self) -> None:

@@ -100,27 +100,40 @@ async def run_gossip(
     interval: float,
     fanout: int,
     rng: Random,
+    exchange_timeout: float | None = None,
     clock: Callable[[], float] = trio.current_time,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Gossip forever: every ``interval`` tick the core and exchange with
-    ``fanout`` targets concurrently, each exchange bounded by the interval so
-    a hung peer never delays the next round."""
+    """Gossip forever: every ``interval`` tick the core and start exchanges
+    with ``fanout`` targets.
+
+    The rounds keep time whatever the peers do: exchanges run in the
+    background, each bounded by ``exchange_timeout`` (default: one
+    interval), and a target whose previous exchange is still under way is
+    not asked again.  A first exchange may include a TLS handshake, which
+    on a loaded host takes longer than one interval.
+    """
     report = _LogOnce()
+    limit = interval if exchange_timeout is None else exchange_timeout
+    busy: set[str] = set()
 
     async def one(target: str) -> None:
-        with trio.move_on_after(interval):
-            try:
+        try:
+            with trio.move_on_after(limit):
                 await exchange_with(core, transport, target, clock)
-            except (PeerUnavailable, ProtocolError, RemoteError, Revoked) as exc:
-                report(target, exc)
+        except (PeerUnavailable, ProtocolError, RemoteError, Revoked) as exc:
+            report(target, exc)
+        finally:
+            busy.discard(target)
 
-    task_status.started()
-    deadline = trio.current_time()
-    while True:
-        core.tick(clock())
-        async with trio.open_nursery() as nursery:
+    async with trio.open_nursery() as nursery:
+        task_status.started()
+        deadline = trio.current_time()
+        while True:
+            core.tick(clock())
             for target in core.pick_targets(rng, fanout):
-                nursery.start_soon(one, target)
-        deadline += interval
-        await trio.sleep_until(max(deadline, trio.current_time()))
+                if target not in busy:
+                    busy.add(target)
+                    nursery.start_soon(one, target)
+            deadline += interval
+            await trio.sleep_until(max(deadline, trio.current_time()))
