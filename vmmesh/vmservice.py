@@ -32,7 +32,7 @@ from vmmesh.errors import (
     ImageError,
     IntegrityError,
     NotFound,
-    PeerUnavailable,
+    PackageInstallError,
     RemoteError,
     UsageError,
     VmmeshError,
@@ -42,6 +42,7 @@ from vmmesh.hypervisor.qemu import QemuHypervisor
 from vmmesh.images import ImageStore
 from vmmesh.model import Capacity, check_package, check_vm_name
 from vmmesh.rpc import CallContext, Handler
+from vmmesh.tasks import open_nursery
 from vmmesh.templates import BaseImage, TemplateManager
 from vmmesh.vms import RequestReport, VmManager, VmStopped, request_name_of
 
@@ -191,7 +192,7 @@ class VmService(NodeExtension):
 
         done = trio.Event()
         report: RequestReport | None = None
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             nursery.start_soon(pump, done)
             try:
                 report = await mgr.request_local(
@@ -310,11 +311,11 @@ class VmService(NodeExtension):
                     "plan": plan.to_wire(), "unplaced": _unplaced(plan)}
         next_index = _next_index(req["name"], node)
         asked: dict[str, int] = {}
-        granted: dict[str, int] = {}
         failed: set[str] = set()
         vms: list[Body] = []
         errors: list[str] = []
         notes: list[str] = []
+        fatal: list[PackageInstallError] = []  # the same install fails on every host
         started = time.monotonic()
         first_plan = plan.to_wire()
 
@@ -341,14 +342,23 @@ class VmService(NodeExtension):
                         share.node_id, "vm.share", share_body,
                         nursery_forward,
                     )
-            except (PeerUnavailable, RemoteError, VmmeshError) as exc:
+            except PackageInstallError as exc:
+                fatal.append(exc)
+                return
+            except RemoteError as exc:
+                if exc.code == "PackageInstallError":
+                    fatal.append(PackageInstallError(str(exc)))
+                    return
                 failed.add(share.node_id)
-                granted[share.node_id] = granted.get(share.node_id, 0)
+                notes.append(f"host {share.host} failed ({exc}); its share was re-placed")
+                await forward({"task": share.host, "phase": "failed", "fraction": 1.0})
+                return
+            except VmmeshError as exc:
+                failed.add(share.node_id)
                 notes.append(f"host {share.host} failed ({exc}); its share was re-placed")
                 await forward({"task": share.host, "phase": "failed", "fraction": 1.0})
                 return
             got = int(answer.get("granted", 0))
-            granted[share.node_id] = granted.get(share.node_id, 0) + got
             if got < count:
                 notes.append(f"host {share.host} admitted {got} of {count}; "
                              "the rest was re-placed")
@@ -356,10 +366,6 @@ class VmService(NodeExtension):
                 v["seconds_end_to_end"] = round(time.monotonic() - started, 2)
                 vms.append(v)
             errors.extend(f"{share.host}: {e}" for e in answer.get("errors", []))
-            # VMs granted but not made (boot failed) count as failed for re-planning.
-            made = len(answer.get("vms", []))
-            if made < got:
-                failed.add(share.node_id)
 
         pending_items: list[Body] = []
 
@@ -374,7 +380,7 @@ class VmService(NodeExtension):
                     await stop.wait()
 
         stop = trio.Event()
-        async with trio.open_nursery() as outer:
+        async with open_nursery() as outer:
             outer.start_soon(pump, stop)
             try:
                 for _round in range(MAX_REPLANS):
@@ -387,22 +393,22 @@ class VmService(NodeExtension):
                             asked[share.node_id] = asked.get(share.node_id, 0) + extra
                     if not wave:
                         break
-                    async with trio.open_nursery() as nursery:
+                    async with open_nursery() as nursery:
                         for share, count, first in wave:
                             nursery.start_soon(ask, share, count, first)
-                    refused = {
-                        nid: granted.get(nid, 0) for nid in asked
-                        if granted.get(nid, 0) < asked[nid] and nid not in failed
-                    }
-                    # What a host granted but could not make is re-placed too.
+                    if fatal:
+                        raise fatal[0]
+                    # A host that made fewer VMs than asked (it admitted fewer,
+                    # or a boot failed) keeps what it made and gets no more;
+                    # a host that failed loses its share.  The rest is re-placed.
                     made_by = {nid: sum(1 for v in vms if v.get("node_id") == nid)
                                for nid in asked}
-                    for nid in list(failed):
-                        asked[nid] = made_by.get(nid, 0)
-                    index = self._hosts_index()
-                    plan = placement.replan(plan, failed, refused, index)
-                    for nid, g in refused.items():
-                        asked[nid] = g
+                    refused = {
+                        nid: made_by[nid] for nid in asked
+                        if made_by[nid] < asked[nid] and nid not in failed
+                    }
+                    plan = placement.replan(plan, failed, refused, self._hosts_index())
+                    asked.update(refused)
             finally:
                 stop.set()
         placed = len(vms)
