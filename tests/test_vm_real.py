@@ -1,0 +1,232 @@
+"""The manager layer on real QEMU (TCG), the real base image and the test apt repo.
+
+Minutes per test under TCG.  Skipped when the base image or QEMU is missing.
+Every QEMU started is killed at teardown, pass or fail; all files live under
+pytest's tmp_path; traffic stays on loopback (the guest reaches the apt repo
+at 10.0.2.2, QEMU's user-mode alias of the host's 127.0.0.1).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import zipfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.aptrepo import AptRepo, apt_repo
+from vmmesh.capacity import CapacityPolicy, probe_host
+from vmmesh.errors import PackageInstallError
+from vmmesh.hypervisor.base import BootSpec
+from vmmesh.hypervisor.qemu import QemuGuest, QemuHypervisor
+from vmmesh.images import read_manifest
+from vmmesh.store import Store
+from vmmesh.templates import BUILDING_PREFIX, BaseImage, TemplateManager
+from vmmesh.vms import VmManager, VmStopped
+
+__all__ = ["apt_repo"]  # fixture used by name
+
+BASE_DIR = Path(os.environ.get("VMMESH_BASE_IMAGE_DIR", "/var/cache/vmmesh-dev/base"))
+
+pytestmark = [
+    pytest.mark.qemu,
+    pytest.mark.skipif(
+        not (BASE_DIR / "manifest.json").is_file() or shutil.which("qemu-system-x86_64") is None,
+        reason=f"needs qemu-system-x86_64 and a base image in {BASE_DIR}",
+    ),
+]
+
+
+class RecordingQemu(QemuHypervisor):
+    """QemuHypervisor that remembers every guest, so teardown can kill them all."""
+
+    def __init__(self) -> None:
+        super().__init__(accel="tcg")
+        self.guests: list[QemuGuest] = []
+
+    async def start(self, spec: BootSpec) -> QemuGuest:
+        guest = await super().start(spec)
+        self.guests.append(guest)
+        return guest
+
+    async def adopt(self, name: str, run_dir: Path) -> QemuGuest | None:
+        guest = await super().adopt(name, run_dir)
+        if guest is not None:
+            self.guests.append(guest)
+        return guest
+
+
+class Host:
+    """Managers for one data dir, as the node would wire them."""
+
+    def __init__(self, data: Path, hv: RecordingQemu, store: Store, sources: list[str]) -> None:
+        record = read_manifest(BASE_DIR)
+        self.stopped: list[VmStopped] = []
+        self.lost = trio.Event()
+        self.templates = TemplateManager(
+            store=store,
+            hypervisor=hv,
+            data_dir=data,
+            base=BaseImage(BASE_DIR.resolve(), record.manifest),
+            apt_sources=sources,
+            build_vcpus=2,
+            build_memory_mb=1024,
+            agent_timeout=240.0,
+        )
+        self.vms = VmManager(
+            store=store,
+            hypervisor=hv,
+            templates=self.templates,
+            data_dir=data,
+            policy=CapacityPolicy(cpu_overcommit=4.0, vm_vcpus=2, vm_memory_mb=1024),
+            probe=lambda: probe_host(data),
+            on_unexpected_stop=self._stopped,
+            agent_timeout=240.0,
+        )
+
+    def _stopped(self, event: VmStopped) -> None:
+        self.stopped.append(event)
+        self.lost.set()
+
+
+@pytest.fixture
+def hv() -> RecordingQemu:
+    return RecordingQemu()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store.open(tmp_path / "data" / "state.db")
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+async def killer(hv: RecordingQemu) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        with trio.CancelScope(shield=True):
+            for guest in hv.guests:
+                await guest.kill()
+
+
+@pytest.fixture
+async def host(
+    tmp_path: Path, hv: RecordingQemu, store: Store, apt_repo: AptRepo, killer: None
+) -> AsyncIterator[Host]:
+    h = Host(tmp_path / "data", hv, store, [apt_repo.source_line()])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.vms.run)
+        yield h
+        nursery.cancel_scope.cancel()
+
+
+def _zip() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        info = zipfile.ZipInfo("tool/hello.sh")
+        info.external_attr = 0o100755 << 16
+        zf.writestr(info, "#!/bin/sh\necho hello from opt\n")
+    return buf.getvalue()
+
+
+async def test_build_reuse_zip_kill_and_shutdown(host: Host) -> None:
+    first = await host.vms.request_local(
+        "web", 1, ["vmm-test-a", "vmm-test-c"], vcpus=2, memory_mb=1024
+    )
+    assert first.built and first.vms and not first.errors, first
+    vm1 = first.vms[0]
+    print("from scratch:", {k: round(v, 1) for k, v in vm1.seconds.items()})
+    for pkg in ("vmm-test-a", "vmm-test-c"):
+        res = await host.vms.exec("web-1", ["cat", f"/usr/share/{pkg}/marker"])
+        assert res.exit_code == 0 and res.stdout.strip() == pkg.encode()
+    template = host.templates.get(vm1.template_id or "")
+    template_disk = host.templates.disk_path(template)
+    assert template_disk.is_file()
+    assert not [p for p in host.templates.dir.iterdir() if p.name.startswith(BUILDING_PREFIX)]
+
+    second = await host.vms.request_local(
+        "web", 1, ["vmm-test-c", "vmm-test-a"], _zip(), vcpus=2, memory_mb=1024
+    )
+    assert not second.built and second.vms[0].seconds["install"] == 0.0, second
+    assert second.vms[0].template_id == template.template_id
+    print("from template:", {k: round(v, 1) for k, v in second.vms[0].seconds.items()})
+    res = await host.vms.exec("web-2", ["sh", "/opt/tool/hello.sh"])
+    assert res.stdout == b"hello from opt\n"
+    res = await host.vms.exec("web-2", ["stat", "-c", "%a", "/opt/tool/hello.sh"])
+    assert res.stdout.strip() == b"755"
+
+    # QEMU killed without an order: recorded as an unexpected stop
+    lost = host.vms.get("web-2")
+    os.kill(lost.pid, signal.SIGKILL)
+    await host.lost.wait()
+    assert host.vms.get(lost.vm_id).state == "lost"
+    assert host.vms.get(lost.vm_id).stop_reason == "unexpected"
+    assert host.stopped[0].vm_id == lost.vm_id
+
+    # shutdown by name: the running VM goes with its overlay, the template stays
+    overlay = host.vms.vm_dir / host.vms.get("web-1").disk
+    assert overlay.is_file()
+    stopped = await host.vms.shutdown("web")
+    assert stopped == [vm1.vm_id]
+    assert not overlay.exists()
+    assert template_disk.is_file()
+    assert [t.template_id for t in host.vms.list_templates()] == [template.template_id]
+    assert len(host.stopped) == 1  # the ordered stop is not "unexpected"
+
+
+async def test_unknown_package_is_named_and_leaves_nothing(host: Host) -> None:
+    with pytest.raises(PackageInstallError, match="vmm-test-nope"):
+        await host.vms.request_local("bad", 1, ["vmm-test-a", "vmm-test-nope"])
+    assert host.templates.records(include_building=True) == []
+    assert list(host.templates.dir.iterdir()) == []
+    assert host.vms.list_vms() == []
+    assert list(host.vms.vm_dir.iterdir()) == []
+
+
+async def test_killed_mid_build_then_reconcile(
+    tmp_path: Path, hv: RecordingQemu, store: Store, apt_repo: AptRepo, killer: None
+) -> None:
+    data = tmp_path / "data"
+    old = Host(data, hv, store, [apt_repo.source_line()])
+    installing = trio.Event()
+
+    def progress(phase: str, fraction: float | None) -> None:
+        if phase == "install":
+            installing.set()
+
+    async with trio.open_nursery() as nursery:
+
+        async def build() -> None:
+            await old.templates.ensure_template(["vmm-test-b"], progress)
+
+        nursery.start_soon(build)
+        await installing.wait()
+        await trio.sleep(1.0)
+        nursery.cancel_scope.cancel()
+
+    new = Host(data, hv, store, [apt_repo.source_line()])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(new.vms.run)
+        await new.vms.reconcile()
+        nursery.cancel_scope.cancel()
+    assert new.templates.records(include_building=True) == []
+    assert list(new.templates.dir.iterdir()) == []
+    assert list(new.vms.vm_dir.iterdir()) == []
+    assert all(g.pid and _gone(g.pid) for g in hv.guests)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False

@@ -1,0 +1,296 @@
+"""VmManager against the fake hypervisor: create, reuse, zip, stop, lose, reconcile."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from vmmesh.capacity import CapacityPolicy, HostProbe
+from vmmesh.errors import CapacityError, NotFound, PackageInstallError, UsageError
+from vmmesh.hypervisor.base import BootSpec
+from vmmesh.hypervisor.fake import FakeHypervisor, chain_of, files_on, make_base_image
+from vmmesh.store import Store
+from vmmesh.templates import BaseImage, TemplateManager
+from vmmesh.vms import VmManager, VmStopped, check_zip, request_name_of
+
+POLICY = CapacityPolicy(
+    storage_quota_mb=10_000,
+    cpu_overcommit=2.0,
+    memory_reserve_mb=0,
+    vm_vcpus=1,
+    vm_memory_mb=512,
+    vm_disk_allowance_mb=1000,
+)
+
+
+def make_zip(members: dict[str, bytes], mode: int = 0o644) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in members.items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (0o100000 | mode) << 16
+            zf.writestr(info, data)
+    return buf.getvalue()
+
+
+class Node:
+    """One host's managers over a shared data dir and a fake machine."""
+
+    def __init__(self, data: Path, hv: FakeHypervisor, store: Store, cores: int = 2) -> None:
+        image_dir = data / "images" / "base"
+        image_dir.mkdir(parents=True, exist_ok=True)
+        self.hv = hv
+        self.stopped: list[VmStopped] = []
+        self.templates = TemplateManager(
+            store=store,
+            hypervisor=hv,
+            data_dir=data,
+            base=BaseImage(image_dir, make_base_image(image_dir)),
+        )
+        self.vms = VmManager(
+            store=store,
+            hypervisor=hv,
+            templates=self.templates,
+            data_dir=data,
+            policy=POLICY,
+            probe=lambda: HostProbe(cores=cores, memory_mb=8192, fs_free_mb=50_000),
+            on_unexpected_stop=self.stopped.append,
+        )
+
+
+@pytest.fixture
+def hv() -> FakeHypervisor:
+    return FakeHypervisor(repo_packages=frozenset({"a", "b", "c"}))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store.open(tmp_path / "data" / "state.db")
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+async def node(tmp_path: Path, hv: FakeHypervisor, store: Store) -> AsyncIterator[Node]:
+    n = Node(tmp_path / "data", hv, store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(n.vms.run)
+        yield n
+        nursery.cancel_scope.cancel()
+
+
+async def test_request_builds_then_reuses(
+    node: Node, autojump_clock: trio.testing.MockClock
+) -> None:
+    report = await node.vms.request_local("web", 2, ["a", "b"])
+    assert report.built and report.unplaced == 0 and not report.errors
+    assert [v.name for v in report.vms] == ["web-1", "web-2"]
+    first, second = report.vms
+    assert first.built and not second.built
+    assert first.seconds["install"] >= 0 and "vm_boot" in first.seconds
+    assert second.seconds["install"] == 0.0
+    vms = node.vms.list_vms()
+    assert {v.state for v in vms} == {"running"}
+    for v in vms:
+        disk = node.vms.vm_dir / v.disk
+        assert chain_of(disk)[1] == node.templates.disk_path(
+            node.templates.get(v.template_id or "")
+        )
+    again = await node.vms.request_local("web", 1, ["b", "a"])
+    assert not again.built and again.vms[0].name == "web-3"
+    assert again.vms[0].seconds["install"] == 0.0
+    assert len(node.vms.list_templates()) == 1
+    wire = again.to_wire()
+    assert wire["vms"][0]["name"] == "web-3" and wire["vms"][0]["built"] is False
+    assert wire["vms"][0]["seconds"] == again.vms[0].total_seconds
+    res = await node.vms.exec("web-3", ["cat", "/usr/share/vmm-test/a"])
+    assert res.exit_code == 0 and res.stdout == b"a"
+
+
+async def test_shutdown_by_name_deletes_overlay_keeps_template(
+    node: Node, autojump_clock: trio.testing.MockClock
+) -> None:
+    await node.vms.request_local("job", 2, ["a"])
+    await node.vms.request_local("other", 1, ["a"])
+    stopped = await node.vms.shutdown("job")
+    assert len(stopped) == 2
+    assert [v.name for v in node.vms.list_vms()] == ["other-1"]
+    assert sorted(p.name for p in node.vms.vm_dir.iterdir()) == [
+        f"{node.vms.list_vms()[0].vm_id}.qcow2"
+    ]
+    assert len(node.vms.list_templates()) == 1
+    await trio.testing.wait_all_tasks_blocked()
+    assert node.stopped == []
+    with pytest.raises(NotFound):
+        await node.vms.exec("job-1", ["true"])
+
+
+async def test_unexpected_exit_is_recorded_and_reported(
+    node: Node, autojump_clock: trio.testing.MockClock
+) -> None:
+    report = await node.vms.request_local("svc", 1)
+    vm_id = report.vms[0].vm_id
+    assert report.template_id is None  # no packages: the base image serves
+    node.hv.running[vm_id].exit(1)
+    await trio.testing.wait_all_tasks_blocked()
+    rec = node.vms.get(vm_id)
+    assert (rec.state, rec.stop_reason) == ("lost", "unexpected")
+    assert [(e.vm_id, e.name, e.exit_status) for e in node.stopped] == [(vm_id, "svc-1", 1)]
+    assert (node.vms.vm_dir / rec.disk).is_file()  # kept for a restart elsewhere
+
+
+async def test_failed_template_leaves_no_vm(
+    node: Node, autojump_clock: trio.testing.MockClock
+) -> None:
+    with pytest.raises(PackageInstallError, match="zzz"):
+        await node.vms.request_local("x", 2, ["a", "zzz"])
+    assert node.vms.list_vms() == []
+    assert list(node.vms.vm_dir.iterdir()) == []
+    assert node.vms.capacity().free_slots == 4
+
+
+async def test_custom_zip_with_python(node: Node, autojump_clock: trio.testing.MockClock) -> None:
+    z = make_zip({"app/run.sh": b"#!/bin/sh\necho hi\n", "data.txt": b"x"}, 0o755)
+    report = await node.vms.request_local("c", 1, custom_zip=z)
+    disk = node.vms.vm_dir / f"{report.vms[0].vm_id}.qcow2"
+    files = files_on(disk)
+    assert files["/opt/app/run.sh"].startswith(b"#!/bin/sh")
+    assert files["/opt/data.txt"] == b"x"
+    assert "custom" in report.vms[0].seconds
+
+
+async def test_custom_zip_without_python_goes_file_by_file(
+    node: Node, autojump_clock: trio.testing.MockClock
+) -> None:
+    node.hv.guest_has_python = False
+    z = make_zip({"app/bin/tool": b"T"}, 0o755)
+    report = await node.vms.request_local("c", 1, custom_zip=z)
+    vm_id = report.vms[0].vm_id
+    assert files_on(node.vms.vm_dir / f"{vm_id}.qcow2")["/opt/app/bin/tool"] == b"T"
+    log = node.hv.running[vm_id].exec_log
+    assert ["mkdir", "-p", "/opt/app/bin"] in log
+    assert ["chmod", "755", "/opt/app/bin/tool"] in log
+
+
+@pytest.mark.parametrize("name", ["../evil", "/etc/passwd", "a/../../b", "a\\b", "C:/x"])
+def test_zip_with_unsafe_names_is_refused(name: str) -> None:
+    with pytest.raises(UsageError):
+        check_zip(make_zip({name: b"x"}))
+
+
+def test_zip_symlinks_and_garbage_are_refused() -> None:
+    with pytest.raises(UsageError, match="symbolic link"):
+        check_zip(make_zip({"link": b"/etc/passwd"}, 0o777 | 0o020000))
+    with pytest.raises(UsageError, match="not a zip"):
+        check_zip(b"PK nonsense")
+
+
+def test_request_name_of() -> None:
+    assert request_name_of("web-3") == "web"
+    assert request_name_of("web-1-12") == "web-1"
+    assert request_name_of("web") == "web"
+    assert request_name_of("web-x") == "web-x"
+
+
+async def test_reserve_is_atomic_and_request_spills(
+    node: Node, autojump_clock: trio.testing.MockClock
+) -> None:
+    assert node.vms.capacity().free_slots == 4  # 2 cores x 2.0
+    assert node.vms.reserve(3) == 3
+    assert node.vms.reserve(3) == 1
+    assert node.vms.reserve(1) == 0
+    node.vms.release(4)
+    held = node.vms.reserve(2)
+    report = await node.vms.request_local("big", 6, reserved=held)
+    assert len(report.vms) == 4 and report.unplaced == 2
+    assert node.vms.capacity().free_slots == 0
+    with pytest.raises(CapacityError):
+        await node.vms.request_local("more", 1)
+    await node.vms.shutdown("big")
+    assert node.vms.capacity().free_slots == 4
+
+
+async def test_two_concurrent_requests_never_overbook(
+    node: Node, autojump_clock: trio.testing.MockClock
+) -> None:
+    reports = []
+
+    async def ask(name: str) -> None:
+        reports.append(await node.vms.request_local(name, 3, ["a"]))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask, "p")
+        nursery.start_soon(ask, "q")
+    assert sum(len(r.vms) for r in reports) == 4
+    assert sum(r.unplaced for r in reports) == 2
+    assert len(node.vms.list_vms()) == 4
+
+
+async def test_reconcile_after_restart(
+    tmp_path: Path, hv: FakeHypervisor, store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    data = tmp_path / "data"
+    async with trio.open_nursery() as nursery:
+        old = Node(data, hv, store)
+        await nursery.start(old.vms.run)
+        survivor = (await old.vms.request_local("keep", 1, ["a"])).vms[0].vm_id
+        dying = (await old.vms.request_local("die", 1, ["a"])).vms[0].vm_id
+        # the node is "killed" while building a template
+        with trio.move_on_after(hv.agent_seconds + hv.install_seconds / 2):
+            await old.vms.request_local("half", 1, ["b"])
+        nursery.cancel_scope.cancel()
+    # simulate a kill -9 mid-build: the row and the temp file stay behind
+    tm = old.templates
+    with store.transaction() as conn:
+        conn.execute(
+            "INSERT INTO templates (template_id, base_image_id, packages, disk, state, created)"
+            " VALUES ('abcdef0123456789', ?, '[\"b\"]', '.building-abcdef0123456789.qcow2',"
+            " 'building', 0)",
+            (tm.base.image_id,),
+        )
+        conn.execute(
+            "INSERT INTO vms (vm_id, name, state, disk, created)"
+            " VALUES ('0123456789abcdef', 'half-1', 'creating', '0123456789abcdef.qcow2', 0)"
+        )
+    (tm.dir / ".building-abcdef0123456789.qcow2").write_text("{}")
+    (old.vms.vm_dir / "0123456789abcdef.qcow2").write_text("{}")
+    (old.vms.vm_dir / "feedfeedfeedfeed.qcow2").write_text("{}")  # no row
+    hv.running[dying].exit(137)  # QEMU died while no node watched it
+    stray_dir = data / "run" / "abababababababab"  # a QEMU whose row never got written
+    stray = await hv.start(
+        BootSpec(
+            name=stray_dir.name,
+            disk=tm.base.disk,
+            kernel=tm.base.kernel,
+            initrd=tm.base.initrd,
+            run_dir=stray_dir,
+        )
+    )
+
+    async with trio.open_nursery() as nursery:
+        new = Node(data, hv, store)
+        await nursery.start(new.vms.run)
+        changes = await new.vms.reconcile()
+        assert changes
+        states = {v.vm_id: v.state for v in new.vms.list_vms()}
+        assert states == {survivor: "running", dying: "lost"}
+        assert [e.vm_id for e in new.stopped] == [dying]
+        assert stray.exited.is_set() and not stray_dir.exists()
+        assert sorted(p.name for p in (data / "run").iterdir()) == [survivor]
+        assert sorted(p.name for p in new.vms.vm_dir.iterdir()) == sorted(
+            [f"{survivor}.qcow2", f"{dying}.qcow2"]
+        )
+        assert [t.packages for t in new.templates.records(include_building=True)] == [{"a"}]
+        assert len(list(new.templates.dir.iterdir())) == 1
+        # the re-adopted VM is watched again
+        hv.running[survivor].exit(1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert new.vms.get(survivor).state == "lost"
+        nursery.cancel_scope.cancel()

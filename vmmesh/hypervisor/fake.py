@@ -1,0 +1,289 @@
+"""A fake ``Hypervisor`` for unit tests of its callers (templates, VMs).
+
+Why: the manager layer's logic (parent choice, atomic building, cleanup,
+reconcile, unexpected stops) must be testable in milliseconds with trio's
+autojump clock, without QEMU.
+
+A "disk" is a small JSON file: ``{"backing": path | null, "packages": [...],
+"files": {guest_path: base64}}``.  What a guest sees is the union along the
+backing chain, so a template really inherits its parent's packages and a
+linked clone really sees its template's.  Guests understand just the commands
+the managers send: ``apt-get update|install|clean``, ``sh -c`` (accepted and
+logged), ``python3 -c SCRIPT ZIP`` (extracts the zip to /opt when the fake
+image "has" python3), ``mkdir``/``chmod`` (accepted), ``cat PATH``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from vmmesh.errors import GuestAgentError, HypervisorError
+from vmmesh.hypervisor.base import BootSpec, DiskInfo, ExecResult, ImageManifest
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise HypervisorError(f"fake disk {path} unreadable: {exc}") from exc
+    if not isinstance(data, dict):
+        raise HypervisorError(f"fake disk {path} is not a map")
+    return data
+
+
+def _save(path: Path, data: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(data, sort_keys=True))
+
+
+def make_base_disk(path: Path, packages: tuple[str, ...] = ()) -> None:
+    """Write a fake base image disk."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(path, {"backing": None, "packages": sorted(packages), "files": {}})
+
+
+def make_base_image(directory: Path, packages: tuple[str, ...] = ()) -> ImageManifest:
+    """A fake base image directory (disk, kernel, initrd) and its manifest."""
+    make_base_disk(directory / "disk.qcow2", packages)
+    (directory / "vmlinuz").write_bytes(b"fake kernel")
+    (directory / "initrd.img").write_bytes(b"fake initrd")
+    return ImageManifest(
+        image_id="ba5e" * 16,
+        disk="disk.qcow2",
+        kernel="vmlinuz",
+        initrd="initrd.img",
+        cmdline="root=/dev/vda rw console=ttyS0 quiet",
+        size=(directory / "disk.qcow2").stat().st_size,
+        packages=packages,
+    )
+
+
+def chain_of(path: Path) -> list[Path]:
+    """The disk and its backing files, outermost first."""
+    out = [path]
+    while True:
+        backing = _load(out[-1]).get("backing")
+        if backing is None:
+            return out
+        out.append(Path(backing))
+
+
+def packages_on(path: Path) -> frozenset[str]:
+    """Every package a guest booted from ``path`` would have."""
+    pkgs: set[str] = set()
+    for disk in chain_of(path):
+        pkgs.update(_load(disk).get("packages", []))
+    return frozenset(pkgs)
+
+
+def files_on(path: Path) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    for disk in reversed(chain_of(path)):
+        for name, b64 in _load(disk).get("files", {}).items():
+            out[name] = base64.b64decode(b64)
+    return out
+
+
+@dataclass
+class FakeGuest:
+    hv: FakeHypervisor
+    name: str
+    pid: int
+    run_dir: Path
+    disk: Path
+    spec: BootSpec
+    exec_log: list[list[str]] = field(default_factory=list)
+    exited: trio.Event = field(default_factory=trio.Event)
+    exit_status: int = 0
+
+    def _check_alive(self) -> None:
+        if self.exited.is_set():
+            raise GuestAgentError(f"guest {self.name} is not running")
+
+    async def wait_agent(self, timeout: float) -> float:
+        self._check_alive()
+        if self.hv.agent_seconds > timeout:
+            await trio.sleep(timeout)
+            raise GuestAgentError(f"guest {self.name}: agent did not answer in {timeout} s")
+        await trio.sleep(self.hv.agent_seconds)
+        return self.hv.agent_seconds
+
+    async def exec(
+        self,
+        argv: list[str],
+        *,
+        input_data: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float = 600.0,
+        output_limit: int = 1 << 20,
+    ) -> ExecResult:
+        self._check_alive()
+        self.exec_log.append(list(argv))
+        prog = argv[0] if argv else ""
+        if prog == "apt-get":
+            return await self._apt(argv[1:])
+        if prog == "python3":
+            if not self.hv.guest_has_python:
+                raise GuestAgentError("guest-exec: python3: No such file or directory")
+            if len(argv) >= 4:
+                self._extract(argv[3], "/opt")
+            return ExecResult(0, b"", b"")
+        if prog == "cat" and len(argv) == 2:
+            files = files_on(self.disk)
+            if argv[1] in files:
+                return ExecResult(0, files[argv[1]], b"")
+            return ExecResult(1, b"", f"cat: {argv[1]}: No such file or directory\n".encode())
+        if argv[:2] == ["systemctl", "poweroff"]:
+            if self.hv.clean_poweroff:
+                self.exit(0)
+            return ExecResult(0, b"", b"")
+        if prog in ("sh", "mkdir", "chmod", "sync", "fstrim", "rm", "true"):
+            return ExecResult(0, b"", b"")
+        return ExecResult(127, b"", f"{prog}: command not found\n".encode())
+
+    async def _apt(self, args: list[str]) -> ExecResult:
+        if args[:1] == ["update"]:
+            return ExecResult(0, b"Reading package lists...\n", b"")
+        if args[:1] == ["clean"]:
+            return ExecResult(0, b"", b"")
+        if "install" not in args:
+            return ExecResult(100, b"", b"E: Invalid operation\n")
+        wanted = [a for a in args[args.index("install") + 1 :] if not a.startswith("-")]
+        await trio.sleep(self.hv.install_seconds)
+        missing = [p for p in wanted if p not in self.hv.repo_packages]
+        if missing:
+            err = "".join(f"E: Unable to locate package {p}\n" for p in missing)
+            return ExecResult(100, b"Reading package lists...\n", err.encode())
+        data = _load(self.disk)
+        data["packages"] = sorted(set(data.get("packages", [])) | set(wanted))
+        files = data.setdefault("files", {})
+        for p in wanted:
+            files[f"/usr/share/vmm-test/{p}"] = base64.b64encode(p.encode()).decode()
+        _save(self.disk, data)
+        return ExecResult(0, b"Setting up...\n", b"")
+
+    def _extract(self, zip_path: str, dest: str) -> None:
+        raw = files_on(self.disk).get(zip_path)
+        if raw is None:
+            raise GuestAgentError(f"no such file in guest: {zip_path}")
+        with zipfile.ZipFile(io.BytesIO(raw)) as zf:
+            for info in zf.infolist():
+                if not info.is_dir():
+                    self._store(f"{dest}/{info.filename}", zf.read(info))
+
+    def _store(self, guest_path: str, data: bytes) -> None:
+        disk = _load(self.disk)
+        disk.setdefault("files", {})[guest_path] = base64.b64encode(data).decode()
+        _save(self.disk, disk)
+
+    async def write_file(self, guest_path: str, data: bytes) -> None:
+        self._check_alive()
+        self._store(guest_path, data)
+
+    async def read_file(self, guest_path: str, limit: int = 64 << 20) -> bytes:
+        self._check_alive()
+        files = files_on(self.disk)
+        if guest_path not in files:
+            raise GuestAgentError(f"no such file in guest: {guest_path}")
+        return files[guest_path][:limit]
+
+    async def shutdown(self, timeout: float = 60.0) -> None:
+        if not self.exited.is_set():
+            await trio.sleep(self.hv.shutdown_seconds)
+            self.exit(0 if self.hv.clean_poweroff else -9)
+
+    async def kill(self) -> None:
+        self.exit(-9)
+
+    async def save_state(self, dest: Path) -> None:
+        self._check_alive()
+        dest.write_text(json.dumps({"disk": str(self.disk)}))
+        self.exit(0)
+
+    async def wait_exit(self) -> int:
+        await self.exited.wait()
+        return self.exit_status
+
+    def exit(self, status: int) -> None:
+        """QEMU ends (also used by tests to simulate a crash)."""
+        if not self.exited.is_set():
+            self.exit_status = status
+            self.exited.set()
+            self.hv.running.pop(self.name, None)
+
+
+class FakeHypervisor:
+    """In-memory QEMU stand-in; one instance plays the machine across manager restarts."""
+
+    def __init__(
+        self,
+        *,
+        repo_packages: frozenset[str] = frozenset(),
+        guest_has_python: bool = True,
+        agent_seconds: float = 12.0,
+        install_seconds: float = 30.0,
+        shutdown_seconds: float = 2.0,
+        clean_poweroff: bool = True,
+    ) -> None:
+        self.accel = "fake"
+        self.repo_packages = repo_packages
+        self.guest_has_python = guest_has_python
+        self.agent_seconds = agent_seconds
+        self.install_seconds = install_seconds
+        self.shutdown_seconds = shutdown_seconds
+        self.clean_poweroff = clean_poweroff  # False: guests ignore power-off and get killed
+        self.running: dict[str, FakeGuest] = {}
+        self.started: list[FakeGuest] = []
+        self._next_pid = 1000
+
+    async def create_overlay(self, backing: Path, dest: Path) -> DiskInfo:
+        if not backing.is_file():
+            raise HypervisorError(f"backing file missing: {backing}")
+        _save(dest, {"backing": str(backing), "packages": [], "files": {}})
+        return await self.disk_info(dest)
+
+    async def disk_info(self, path: Path) -> DiskInfo:
+        data = _load(path)
+        backing = data.get("backing")
+        size = path.stat().st_size
+        return DiskInfo(
+            path=path,
+            virtual_size=1 << 30,
+            actual_size=size,
+            backing_file=None if backing is None else Path(backing),
+        )
+
+    async def check_disk(self, path: Path) -> None:
+        _load(path)
+
+    async def rebase_unsafe(self, path: Path, new_backing: Path) -> None:
+        data = _load(path)
+        data["backing"] = str(new_backing)
+        _save(path, data)
+
+    async def flatten(self, src: Path, dest: Path) -> DiskInfo:
+        files = {k: base64.b64encode(v).decode() for k, v in files_on(src).items()}
+        _save(dest, {"backing": None, "packages": sorted(packages_on(src)), "files": files})
+        return await self.disk_info(dest)
+
+    async def start(self, spec: BootSpec) -> FakeGuest:
+        if spec.name in self.running:
+            raise HypervisorError(f"a guest named {spec.name} already runs")
+        _load(spec.disk)
+        spec.run_dir.mkdir(parents=True, exist_ok=True)
+        self._next_pid += 1
+        guest = FakeGuest(self, spec.name, self._next_pid, spec.run_dir, spec.disk, spec)
+        self.running[spec.name] = guest
+        self.started.append(guest)
+        return guest
+
+    async def adopt(self, name: str, run_dir: Path) -> FakeGuest | None:
+        return self.running.get(name)
