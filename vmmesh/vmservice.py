@@ -38,6 +38,7 @@ from vmmesh.errors import (
     VmmeshError,
 )
 from vmmesh.hypervisor.accel import probe_accel
+from vmmesh.hypervisor.base import Hypervisor
 from vmmesh.hypervisor.qemu import QemuHypervisor
 from vmmesh.images import ImageStore
 from vmmesh.model import Capacity, check_package, check_vm_name
@@ -59,7 +60,13 @@ MAX_CUSTOM_ZIP = 3 << 20  # one peer frame carries it (frames are 4 MiB)
 
 
 class VmService(NodeExtension):
-    def __init__(self) -> None:
+    """``hypervisor`` and ``base`` are for tests of the code above the hypervisor
+    (a fake); a node leaves them None: QEMU with the probed accelerator and
+    the default base image of its data directory."""
+
+    def __init__(self, hypervisor: Hypervisor | None = None, base: BaseImage | None = None) -> None:
+        self._hv = hypervisor
+        self._base = base
         self.mgr: VmManager | None = None
         self.accel = ""
         self.image_id = ""
@@ -94,24 +101,29 @@ class VmService(NodeExtension):
             "vm.ssh": self._ctl_ssh,
         })
         cfg = node.cfg
-        images = ImageStore(cfg.data_dir)
-        try:
-            rec = images.default_image()
-            rec = images.verify(rec.image_id)
-        except (NotFound, ImageError, IntegrityError) as exc:
-            self.no_vms_reason = f"{exc}"
-            log.warning("this host runs no VMs: %s", exc)
-            node.capacity = self._no_capacity
-            return
-        self.image_id = rec.image_id
-        self.accel = cfg.accel if cfg.accel != "auto" else await probe_accel()
-        log.info("base image %s, accelerator %s", rec.image_id[:16], self.accel)
-        hv = QemuHypervisor(self.accel)
+        base = self._base
+        if base is None:
+            images = ImageStore(cfg.data_dir)
+            try:
+                rec = images.verify(images.default_image().image_id)
+            except (NotFound, ImageError, IntegrityError) as exc:
+                self.no_vms_reason = f"{exc}"
+                log.warning("this host runs no VMs: %s", exc)
+                node.capacity = self._no_capacity
+                return
+            base = BaseImage(rec.path, rec.manifest)
+        self.image_id = base.image_id
+        hv = self._hv
+        if hv is None:
+            self.accel = cfg.accel if cfg.accel != "auto" else await probe_accel()
+            hv = QemuHypervisor(self.accel)
+        self.accel = hv.accel
+        log.info("base image %s, accelerator %s", base.image_id[:16], self.accel)
         templates = TemplateManager(
             store=_store(node),
             hypervisor=hv,
             data_dir=cfg.data_dir,
-            base=BaseImage(rec.path, rec.manifest),
+            base=base,
             apt_sources=cfg.apt_sources,
         )
         data_dir = cfg.data_dir
