@@ -50,13 +50,14 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     port = _free_port()
     holder: dict[str, Any] = {}
     node_args = [
-        "--storage-quota=2048",
         "--accel=tcg",
         # The bridge address is known only once the lab exists; the repo is
         # started right after, before any request is made.
         f"--apt-source=deb [trusted=yes] http://BRIDGE:{port}/ ./",
     ]
     with lab_context(base, 3, start_nodes=False, node_args=node_args, image=BASE_DIR) as lab:
+        for i in (1, 2, 3):
+            _write_quota(lab, i, SLOT_QUOTA)
         fixed = [a.replace("BRIDGE", lab.bridge_address) for a in node_args]
         running = lab.with_node_args(fixed).start_all()
         repo = AptRepo(base / "aptrepo", host=running.bridge_address, port=port)
@@ -85,12 +86,16 @@ def _overlays(lab: Lab) -> list[Path]:
     return [p for i in (1, 2, 3) for p in (lab.host_data_dir(i) / "vms").glob("*.qcow2")]
 
 
+SLOT_QUOTA = 2048  # two VM disks of 1 GB each
+
+
+def _write_quota(lab: Lab, i: int, mb: int) -> None:
+    """The storage quota in the host's config file (a flag would win over it)."""
+    (lab.host_data_dir(i) / "config.toml").write_text(f"storage_quota_mb = {mb}\n")
+
+
 def _set_quota(lab: Lab, i: int, mb: int | None) -> None:
-    cfg = lab.host_data_dir(i) / "config.toml"
-    if mb is None:
-        cfg.unlink(missing_ok=True)
-    else:
-        cfg.write_text(f"storage_quota_mb = {mb}\n")
+    _write_quota(lab, i, SLOT_QUOTA if mb is None else mb)
     lab.kill_host(i, signal.SIGHUP)
 
 
@@ -98,7 +103,7 @@ SLOTS = ("capacity", "free_slots")
 
 
 def _has_template(lab: Lab, viewer: int, host: str, packages: list[str]) -> bool:
-    return any(t["packages"] == packages for t in peers(lab, viewer)[host]["templates"])
+    return any(t["pkgs"] == packages for t in peers(lab, viewer)[host]["templates"])
 
 
 def _working(data_dir: Path) -> bool:
