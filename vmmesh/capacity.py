@@ -147,14 +147,24 @@ def probe_host(data_dir: Path, meminfo: Path = Path("/proc/meminfo")) -> HostPro
     )
 
 
-def disk_used_mb(data_dir: Path) -> int:
-    """Bytes really allocated by VM overlays and templates (sparse files count as used)."""
+def disk_used_mb(data_dir: Path, vm_allowance_mb: int = 0) -> int:
+    """MB taken from the storage quota by templates and VM overlays.
+
+    Files count by the blocks really allocated (sparse files count as used);
+    a VM overlay counts at least ``vm_allowance_mb``, because a VM's disk may
+    grow to its allowance: a new overlay is a few MB, and counting only that
+    would let a host admit more VMs than its quota holds.
+    """
     total = 0
+    floor = vm_allowance_mb << 20
     for sub in QUOTA_DIRS:
         folder = data_dir / sub
         if not folder.is_dir():
             continue
         for entry in os.scandir(folder):
             if entry.is_file(follow_symlinks=False):
-                total += entry.stat(follow_symlinks=False).st_blocks * 512
+                used = entry.stat(follow_symlinks=False).st_blocks * 512
+                if sub == "vms" and entry.name.endswith(".qcow2"):
+                    used = max(used, floor)
+                total += used
     return -(-total // (1 << 20))

@@ -306,7 +306,9 @@ class RpcConnection:
         finally:
             self._pending.pop(call_id, None)
             if not call.answered and not self._closed and self._nursery is not None:
-                self._nursery.start_soon(self._send_cancel, call_id)
+                # The connection may be closing under us (node shutdown).
+                with contextlib.suppress(RuntimeError):
+                    self._nursery.start_soon(self._send_cancel, call_id)
 
     async def _send_cancel(self, call_id: int) -> None:
         with contextlib.suppress(PeerUnavailable):

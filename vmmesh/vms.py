@@ -329,11 +329,16 @@ class VmManager:
             f" FROM vms WHERE state IN ({','.join('?' * len(ACTIVE))})",
             ACTIVE,
         ).fetchone()
+        allowance = self.policy.vm_disk_allowance_mb
+        # A VM whose row exists but whose overlay is not written yet still
+        # holds a disk allowance (the reservation was handed over to the row).
+        overlays = sum(1 for _ in self.vm_dir.glob("*.qcow2"))
         usage = Usage(
             running_vms=int(running),
             vcpus=int(vcpus),
             memory_mb=int(memory),
-            disk_used_mb=disk_used_mb(self.data_dir),
+            disk_used_mb=disk_used_mb(self.data_dir, allowance)
+            + max(0, int(running) - overlays) * allowance,
             reserved_vms=self._reserved,
         )
         return compute_capacity(self.probe(), usage, self.policy)

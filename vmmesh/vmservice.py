@@ -45,7 +45,7 @@ from vmmesh.model import Capacity, check_package, check_vm_name
 from vmmesh.rpc import CallContext, Handler
 from vmmesh.tasks import open_nursery
 from vmmesh.templates import BaseImage, TemplateManager
-from vmmesh.vms import RequestReport, VmManager, VmStopped, request_name_of
+from vmmesh.vms import RequestReport, VmManager, VmStopped, check_zip, request_name_of
 
 if TYPE_CHECKING:
     from vmmesh.node import Node
@@ -185,6 +185,8 @@ class VmService(NodeExtension):
         mgr = self._manager()
         req = _parse_request(body, remote=True)
         assert self._node is not None
+        if req["custom_zip"] is not None:
+            check_zip(req["custom_zip"])  # before reserving: request_local releases what it holds
         granted = mgr.reserve(req["count"])
         host = self._node.identity.name
         if granted == 0:
@@ -213,9 +215,6 @@ class VmService(NodeExtension):
                     vcpus=req["vcpus"], memory_mb=req["memory_mb"],
                     request_id=req["request_id"],
                 )
-            except BaseException:
-                mgr.release(granted)
-                raise
             finally:
                 done.set()
         assert report is not None
@@ -327,7 +326,9 @@ class VmService(NodeExtension):
         vms: list[Body] = []
         errors: list[str] = []
         notes: list[str] = []
-        fatal: list[PackageInstallError] = []  # the same install fails on every host
+        # A package no host can install ends the request; one that some host's
+        # package source lacks only moves that host's share elsewhere.
+        fatal: list[tuple[placement.Share, PackageInstallError]] = []
         started = time.monotonic()
         first_plan = plan.to_wire()
 
@@ -355,11 +356,11 @@ class VmService(NodeExtension):
                         nursery_forward,
                     )
             except PackageInstallError as exc:
-                fatal.append(exc)
+                fatal.append((share, exc))
                 return
             except RemoteError as exc:
                 if exc.code == "PackageInstallError":
-                    fatal.append(PackageInstallError(str(exc)))
+                    fatal.append((share, PackageInstallError(str(exc))))
                     return
                 failed.add(share.node_id)
                 notes.append(f"host {share.host} failed ({exc}); its share was re-placed")
@@ -408,8 +409,13 @@ class VmService(NodeExtension):
                     async with open_nursery() as nursery:
                         for share, count, first in wave:
                             nursery.start_soon(ask, share, count, first)
-                    if fatal:
-                        raise fatal[0]
+                    if fatal and not vms:
+                        raise fatal[0][1]
+                    for share, exc in fatal:
+                        failed.add(share.node_id)
+                        notes.append(f"host {share.host} cannot install: {exc}; "
+                                     "its share was re-placed")
+                    fatal.clear()
                     # A host that made fewer VMs than asked (it admitted fewer,
                     # or a boot failed) keeps what it made and gets no more;
                     # a host that failed loses its share.  The rest is re-placed.
