@@ -50,8 +50,9 @@ def _free_port() -> int:
 
 def _request(lab: Lab, count: int) -> tuple[float, dict[str, Any]]:
     start = time.monotonic()
-    r = lab.cli(1, "request", "bench", str(count), "vmm-test-a", "vmm-test-b", "--json",
-                check=False)
+    argv = [*lab.vmmesh_argv(), "request", "--data-dir", str(lab.host_data_dir(1)),
+            "bench", str(count), "vmm-test-a", "vmm-test-b", "--json"]
+    r = lab.lab_exec(1, argv, check=False, timeout=3600)
     seconds = time.monotonic() - start
     reply: dict[str, Any] = json.loads(r.stdout) if r.stdout else {"error": r.stderr}
     return seconds, reply
@@ -63,8 +64,8 @@ def run(hosts: int, vms: int, accel: str) -> dict[str, Any]:
             f"--apt-source=deb [trusted=yes] http://BRIDGE:{port}/ ./"]
     with tempfile.TemporaryDirectory(dir="/tmp", prefix="vmb-") as tmp, \
             lab_context(Path(tmp), hosts, image=BASE_DIR) as lab:
-        for i in range(1, hosts + 1):  # two VM slots per host (1 GB disk each)
-            (lab.host_data_dir(i) / "config.toml").write_text("storage_quota_mb = 2048\n")
+        for i in range(1, hosts + 1):  # two VM slots per host (1 GB disk each) + templates
+            (lab.host_data_dir(i) / "config.toml").write_text("storage_quota_mb = 2600\n")
         running = lab.with_node_args([a.replace("BRIDGE", lab.bridge_address) for a in args])
         running = running.start_all()
         with AptRepo(Path(tmp) / "repo", host=running.bridge_address, port=port):

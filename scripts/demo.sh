@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The main job: set up this machine, then a mesh of three lab hosts on it,
+# a request placed across them, the VMs shown, shut down, the lab removed.
+#
+#   sudo bash scripts/demo.sh [--keep]     (--keep leaves the lab up)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+KEEP=${1:-}
+bash scripts/setup.sh
+PY=.venv/bin/python
+VMMESH=.venv/bin/vmmesh
+IMAGE=${VMMESH_BASE_IMAGE_DIR:-/var/cache/vmmesh-dev/base}
+LAB=${VMMESH_LAB_DIR:-/tmp/vmmesh-demo}
+TAG=demo
+
+if [ ! -e "$IMAGE/manifest.json" ]; then
+    echo "==> building the base image (once; a few minutes)"
+    "$PY" -m vmmesh.hypervisor.imagebuild --publish "$IMAGE"
+fi
+
+# Guests install packages from a small local apt repository served on the
+# lab bridge (the lab hosts reach it; nothing outside this machine is used).
+BRIDGE_IP=$("$PY" -c "from vmmesh.lab import default_subnet; print(f'10.213.{default_subnet(\"$TAG\")}.254')")
+REPO_PORT=8791
+cleanup() {
+    [ -n "${REPO_PID:-}" ] && kill "$REPO_PID" 2>/dev/null || true
+    if [ "$KEEP" != "--keep" ]; then
+        "$VMMESH" lab down --dir "$LAB" --tag "$TAG" >/dev/null 2>&1 || true
+    fi
+}
+trap cleanup EXIT
+"$VMMESH" lab down --dir "$LAB" --tag "$TAG" >/dev/null 2>&1 || true
+
+echo "==> lab up: 3 hosts (network namespaces on a bridge), joined by init/invite/join"
+"$VMMESH" lab up 3 --dir "$LAB" --tag "$TAG" --image "$IMAGE" \
+    --node-arg=--storage-quota=2600 \
+    --node-arg="--apt-source=deb [trusted=yes] http://$BRIDGE_IP:$REPO_PORT/ ./"
+"$PY" -m tests.aptrepo --host "$BRIDGE_IP" --port "$REPO_PORT" --dir "$LAB/aptrepo" &
+REPO_PID=$!
+
+H1="--data-dir $LAB/hosts/h1"
+echo "==> waiting until every host sees the other two (mDNS + gossip)"
+for _ in $(seq 1 120); do
+    up=$("$VMMESH" $H1 peers --json | "$PY" -c "import json,sys; print(sum(h['status']=='up' for h in json.load(sys.stdin)['hosts']))")
+    [ "$up" = 3 ] && break
+    sleep 0.5
+done
+"$VMMESH" $H1 peers
+
+echo "==> vmmesh request demo 3 vmm-test-a vmm-test-b   (on h1; each host takes 2 at most)"
+"$VMMESH" $H1 request demo 3 vmm-test-a vmm-test-b --dry-run
+"$VMMESH" $H1 request demo 3 vmm-test-a vmm-test-b
+echo "==> where the VMs run"
+"$VMMESH" $H1 vms
+"$VMMESH" $H1 templates
+echo "==> a command in one of them"
+"$VMMESH" --data-dir "$LAB/hosts/h2" exec demo-1 -- cat /usr/share/vmm-test-a/marker
+echo "==> vmmesh shutdown demo (from h3)"
+"$VMMESH" --data-dir "$LAB/hosts/h3" shutdown demo
+"$VMMESH" $H1 vms
