@@ -125,8 +125,8 @@ def test_request_prefers_the_host_with_the_template(mesh: Lab) -> None:
     assert lab.cli(2, "shutdown", "seed").returncode == 0
     for i in (1, 3):
         _set_quota(lab, i, None)
-    for host in ("h1", "h3"):
-        eventually(field_is, f"h1 sees {host} free again", lab, 1, host, SLOTS, 2)
+    for host in ("h1", "h2", "h3"):
+        eventually(field_is, f"h1 sees {host} with two free slots", lab, 1, host, SLOTS, 2)
     eventually(_has_template, "h1 learns h2's template", lab, 1, "h2", ["vmm-test-a"])
 
     # From h1: 3 VMs with vmm-test-a. h2 (exact match) first, up to its two
