@@ -16,12 +16,12 @@ echo "==> mypy --strict"
 .venv/bin/mypy
 
 # The shared base image the QEMU tests boot (built once, then reused).
-IMAGE_LINK=${VMMESH_TEST_IMAGE:-/var/cache/vmmesh-dev/base}
+IMAGE_LINK=${VMMESH_BASE_IMAGE_DIR:-/var/cache/vmmesh-dev/base}
 if [ ! -e "$IMAGE_LINK/manifest.json" ]; then
     echo "==> building the base image for the QEMU tests (once; a few minutes)"
     "$PY" -m vmmesh.hypervisor.imagebuild --publish "$IMAGE_LINK"
 fi
-export VMMESH_TEST_IMAGE="$IMAGE_LINK"
+export VMMESH_BASE_IMAGE_DIR="$IMAGE_LINK"
 
 echo "==> pytest"
 exec "$PY" -m pytest -q -p no:cacheprovider "$@"

@@ -129,9 +129,7 @@ def load_config(
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     env_values = _from_env(env)
     flag_values = _from_mapping("flag", flags)
-    data_dir = Path(
-        flag_values.get("data_dir") or env_values.get("data_dir") or DEFAULT_DATA_DIR
-    )
+    data_dir = Path(flag_values.get("data_dir") or env_values.get("data_dir") or DEFAULT_DATA_DIR)
     path = config_file or (Path(env["VMMESH_CONFIG"]) if env.get("VMMESH_CONFIG") else None)
     if path is None:
         for candidate in (data_dir / "config.toml", SYSTEM_CONFIG):
