@@ -184,7 +184,12 @@ def test_concurrent_requests_never_overcommit(mesh: Lab) -> None:
 
 def test_host_killed_during_a_request_has_its_share_replaced(mesh: Lab) -> None:
     lab = mesh
-    # Make h3 the first choice, then kill its node while it works on its share.
+    # Make h3 the first choice (most free slots: it takes all three), then
+    # kill its node while it works on its share.
+    _set_quota(lab, 3, SLOT_QUOTA + 2048)
+    eventually(field_is, "h1 sees h3 with four free slots", lab, 1, "h3", SLOTS, 4)
+    for host in ("h1", "h2"):
+        eventually(field_is, f"h1 sees {host} with two free slots", lab, 1, host, SLOTS, 2)
     done: dict[str, Any] = {}
 
     def go() -> None:
@@ -202,6 +207,7 @@ def test_host_killed_during_a_request_has_its_share_replaced(mesh: Lab) -> None:
     assert len(reply["vms"]) + sum(u["count"] for u in reply["unplaced"]) == 3
     assert len(reply["vms"]) == 3, "h1 and h2 have four slots between them"
     # h3 restarts, reconciles: no half template, no orphan disk.
+    _write_quota(lab, 3, SLOT_QUOTA)
     lab = lab.start_host(3)
     eventually(all_up, "h3 back up", lab, 1)
     building = [p for p in (lab.host_data_dir(3) / "templates").iterdir()
