@@ -17,6 +17,7 @@ The coordinator itself is just another host: its own share is a direct call.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import time
@@ -43,6 +44,7 @@ from vmmesh.hypervisor.qemu import QemuHypervisor
 from vmmesh.images import ImageStore
 from vmmesh.model import Capacity, check_package, check_vm_name
 from vmmesh.rpc import CallContext, Handler
+from vmmesh.store import Store
 from vmmesh.tasks import open_nursery
 from vmmesh.templates import BaseImage, TemplateManager
 from vmmesh.vms import RequestReport, VmManager, VmStopped, check_zip, request_name_of
@@ -277,8 +279,6 @@ class VmService(NodeExtension):
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
             raise UsageError("exec needs a command")
         result = await self._manager().exec(name, argv)
-        import base64
-
         return {
             "exit_code": result.exit_code,
             "stdout": base64.b64encode(result.stdout).decode(),
@@ -528,7 +528,7 @@ class VmService(NodeExtension):
         )
 
 
-def _store(node: Node) -> Any:
+def _store(node: Node) -> Store:
     assert node.store is not None
     return node.store
 
