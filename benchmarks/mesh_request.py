@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.aptrepo import AptRepo  # noqa: E402
 from tests.labutil import lab_context  # noqa: E402
-from tests.meshutil import all_up, eventually  # noqa: E402
+from tests.meshutil import all_up, eventually, field_is  # noqa: E402
 from vmmesh.lab import Lab  # noqa: E402
 
 BASE_DIR = Path(os.environ.get("VMMESH_BASE_IMAGE_DIR", "/var/cache/vmmesh-dev/base"))
@@ -73,6 +73,9 @@ def run(hosts: int, vms: int, accel: str) -> dict[str, Any]:
                 eventually(all_up, f"h{i} sees all hosts", running, i, hosts)
             cold, cold_reply = _request(running, vms)
             running.cli(1, "shutdown", "bench")
+            for i in range(1, hosts + 1):  # the planner's view shows the slots free again
+                eventually(field_is, f"h1 sees h{i} free", running, 1, f"h{i}",
+                           ("capacity", "free_slots"), 2)
             warm, warm_reply = _request(running, vms)
             running.cli(1, "shutdown", "bench")
     return {

@@ -162,6 +162,13 @@ class VmService(NodeExtension):
         return {"accel": self.accel or "none", "base_image": self.image_id,
                 "vms_disabled": self.no_vms_reason}
 
+    def _publish_now(self) -> None:
+        """Gossip this host's capacity, templates and VMs at once after a change,
+        instead of at the next publish tick, so planners elsewhere see it sooner."""
+        assert self._node is not None
+        self._node.publish("capacity", self._node.capacity().to_wire())
+        self.publish(self._node)
+
     def reconfigure(self, node: Node) -> None:
         if self.mgr is not None:
             self.mgr.policy = CapacityPolicy.from_config(node.cfg)
@@ -220,6 +227,7 @@ class VmService(NodeExtension):
             finally:
                 done.set()
         assert report is not None
+        self._publish_now()
         vms = [
             {"name": v.name, "vm_id": v.vm_id, "host": host, "node_id": self._node.node_id,
              "template": v.template_id or "", "built": v.built,
@@ -235,6 +243,7 @@ class VmService(NodeExtension):
         if self.mgr is None:
             return {"stopped": 0}
         stopped = await self.mgr.shutdown(name)
+        self._publish_now()
         return {"stopped": len(stopped)}
 
     def _vm_rows(self) -> list[Body]:
