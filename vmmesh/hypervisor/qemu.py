@@ -276,8 +276,10 @@ class QemuGuest:
                 with trio.move_on_after(min(15.0, timeout)):
                     await self.exec(["systemctl", "poweroff", "--no-block"], timeout=10.0)
             except HypervisorError as exc:
-                log.info("%s: power-off through the agent failed (%s), quitting QEMU",
-                         self.name, exc)
+                # A broken channel is often the guest already going down.
+                log.info("%s: power-off through the agent failed (%s)", self.name, exc)
+                if await self._exited_within(5.0):
+                    return
             else:
                 await self.wait_exit()
                 return
@@ -285,11 +287,18 @@ class QemuGuest:
             try:
                 await self.qmp("quit")
             except QMPError as exc:
-                log.info("%s: QMP quit failed (%s), killing QEMU", self.name, exc)
-            else:
-                await self.wait_exit()
-                return
+                # QEMU closes the monitor as it exits on its own, too.
+                log.info("%s: QMP quit failed (%s)", self.name, exc)
+        if await self._exited_within(5.0):
+            return
+        log.info("%s: QEMU still running, killing it", self.name)
         await self.kill()
+
+    async def _exited_within(self, seconds: float) -> bool:
+        with trio.move_on_after(seconds):
+            await self.wait_exit()
+            return True
+        return False
 
     async def kill(self) -> None:
         """SIGKILL QEMU and wait until it is gone."""
