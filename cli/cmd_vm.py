@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import base64
-import os
+import shutil
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from vmmesh.config import Config
 from vmmesh.errors import UsageError
 from vmmesh.model import check_package, check_vm_name
+from vmmesh.sshkeys import check_public_key, known_hosts_line
 
 from . import client
 from .output import console, print_json, progress_view, table
@@ -154,11 +158,55 @@ def exec_(args: argparse.Namespace, cfg: Config) -> int:
     return int(reply.get("exit_code", 1))
 
 
+SSH_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")
+
+
+def _ssh_identity(path: Path | None) -> tuple[Path, str]:
+    """The private key ssh will use and its public half (``KEY.pub``)."""
+    candidates = [path] if path is not None else [Path.home() / ".ssh" / n for n in SSH_KEYS]
+    for key in candidates:
+        pub = key.with_name(key.name + ".pub")
+        if key.is_file() and pub.is_file():
+            return key, check_public_key(pub.read_text(errors="replace"))
+    if path is not None:
+        raise UsageError(f"no ssh key pair at {path} (needs {path} and {path}.pub)")
+    raise UsageError(
+        "no ssh key in ~/.ssh (id_ed25519, id_ecdsa or id_rsa): make one with "
+        "`ssh-keygen -t ed25519`, or pass -i KEY"
+    )
+
+
 def ssh(args: argparse.Namespace, cfg: Config) -> int:
+    """Authorise the user's key in the VM, then run ssh with the VM's host key pinned."""
     name = _check_name(args.name)
-    reply = client.call(cfg, "vm.ssh", {"name": name})
-    host, port = reply["address"], int(reply["port"])
+    key, public = _ssh_identity(args.identity)
+    command = list(args.argv)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not args.json and shutil.which("ssh") is None:
+        raise UsageError("no ssh client here: install openssh-client")
+    reply = client.call(cfg, "vm.ssh", {"name": name, "keys": [public]})
+    address, port = str(reply["address"]), int(reply["port"])
+    known_line = known_hosts_line(address, port, str(reply["host_key"]))
     if args.json:
-        print_json(reply)
+        print_json({**reply, "identity": str(key), "known_hosts": known_line.strip()})
         return 0
-    os.execvp("ssh", ["ssh", "-p", str(port), f"root@{host}"])
+    with tempfile.TemporaryDirectory(prefix="vmmesh-ssh-") as tmp:
+        known = Path(tmp) / "known_hosts"
+        known.write_text(known_line)
+        argv = [
+            "ssh", "-i", str(key), "-p", str(port),
+            "-o", "IdentitiesOnly=yes",
+            "-o", f"UserKnownHostsFile={known}",
+            "-o", "StrictHostKeyChecking=yes",
+            "-o", "ConnectTimeout=60",
+            "-o", "LogLevel=ERROR",
+            f"{reply.get('user', 'root')}@{address}",
+            *command,
+        ]
+        proc = subprocess.Popen(argv)
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:
+                continue  # ^C belongs to the ssh session

@@ -123,8 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("argv", nargs=argparse.REMAINDER)
 
-    p = add("ssh", "cmd_vm:ssh", "open ssh to a VM (through the host that runs it)")
+    p = add("ssh", "cmd_vm:ssh",
+            "ssh into a VM as root (vmmesh ssh NAME [-i KEY] [-- COMMAND...]); "
+            "--json prints the address, port and host key instead")
     p.add_argument("name")
+    p.add_argument("-i", dest="identity", type=Path, metavar="KEY",
+                   help="private key with KEY.pub beside it (default: ~/.ssh/id_ed25519, "
+                        "id_ecdsa or id_rsa)")
+    p.add_argument("argv", nargs=argparse.REMAINDER)
     return parser
 
 

@@ -13,10 +13,8 @@ IMAGE=${VMMESH_BASE_IMAGE_DIR:-/var/cache/vmmesh-dev/base}
 LAB=${VMMESH_LAB_DIR:-/tmp/vmmesh-demo}
 TAG=demo
 
-if [ ! -e "$IMAGE/manifest.json" ]; then
-    echo "==> building the base image (once; a few minutes)"
-    "$PY" -m vmmesh.hypervisor.imagebuild --publish "$IMAGE"
-fi
+echo "==> base image (built once per recipe; a few minutes)"
+"$PY" -m vmmesh.hypervisor.imagebuild --publish "$IMAGE" --if-stale
 
 # Guests install packages from a small local apt repository served on the
 # lab bridge (the lab hosts reach it; nothing outside this machine is used).

@@ -17,10 +17,9 @@ echo "==> mypy --strict"
 
 # The shared base image the QEMU tests boot (built once, then reused).
 IMAGE_LINK=${VMMESH_BASE_IMAGE_DIR:-/var/cache/vmmesh-dev/base}
-if [ ! -e "$IMAGE_LINK/manifest.json" ]; then
-    echo "==> building the base image for the QEMU tests (once; a few minutes)"
-    "$PY" -m vmmesh.hypervisor.imagebuild --publish "$IMAGE_LINK"
-fi
+# Rebuilt when the recipe in vmmesh/hypervisor/imagebuild.py changed since.
+echo "==> base image for the QEMU tests (built once per recipe; a few minutes)"
+"$PY" -m vmmesh.hypervisor.imagebuild --publish "$IMAGE_LINK" --if-stale
 export VMMESH_BASE_IMAGE_DIR="$IMAGE_LINK"
 
 echo "==> pytest"

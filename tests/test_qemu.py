@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -35,6 +36,7 @@ from vmmesh.hypervisor.qemu import (
     spec_from_json,
     spec_to_json,
 )
+from vmmesh.sshkeys import PREPARE_SCRIPT, check_public_key, known_hosts_line, pick_port
 
 DEV_CACHE = Path("/var/cache/vmmesh-dev")
 
@@ -79,6 +81,10 @@ def test_argv_tcg_user_net_with_ssh_forward(tmp_path: Path) -> None:
     assert argv[argv.index("-machine") + 1] == "q35,accel=tcg"
     assert argv[argv.index("-smp") + 1] == "2"
     assert "hostfwd=tcp:127.0.0.1:2222-:22" in joined
+    wide = qemu_argv(dataclasses.replace(spec, ssh_bind="0.0.0.0"), accel="tcg")
+    assert "hostfwd=tcp:0.0.0.0:2222-:22" in " ".join(wide)
+    with pytest.raises(HypervisorError, match="IPv4"):
+        qemu_argv(dataclasses.replace(spec, ssh_bind="x,hostfwd=tcp::1-:1"), accel="tcg")
     assert f"unix:{tmp_path}/run/qmp.sock,server=on,wait=off" in argv
     assert "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0" in argv
     assert "-daemonize" not in argv
@@ -105,7 +111,7 @@ def test_argv_rejects_unknown_network_and_overlong_socket_paths(tmp_path: Path) 
 
 
 def test_spec_json_round_trip(tmp_path: Path) -> None:
-    spec = _spec(tmp_path, ssh_port=2200, incoming=tmp_path / "state")
+    spec = _spec(tmp_path, ssh_port=2200, ssh_bind="0.0.0.0", incoming=tmp_path / "state")
     assert spec_from_json(spec_to_json(spec)) == spec
     with pytest.raises(HypervisorError):
         spec_from_json("{}")
@@ -403,3 +409,71 @@ async def test_guest_outlives_the_node_process_that_started_it(
     guests.append(adopted)
     assert adopted.pid == int(node.stdout)
     assert await adopted.query_status() == "running"
+
+
+def _free_local_port() -> int:
+    def can_bind(port: int) -> bool:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+        return True
+
+    return pick_port(range(22000, 23000), [], can_bind)
+
+
+@pytest.mark.qemu
+async def test_ssh_into_a_guest_with_its_host_key_pinned(
+    base_spec: tuple[Path, dict[str, str], BootSpec], guests: list[QemuGuest], tmp_path: Path
+) -> None:
+    """The base image's sshd (socket-activated), the prepare script and a pinned host key."""
+    if shutil.which("ssh") is None or shutil.which("ssh-keygen") is None:
+        pytest.skip("no ssh client (openssh-client) here")
+    base_dir, manifest, spec = base_spec
+    spec = dataclasses.replace(spec, ssh_port=_free_local_port())
+    hv = QemuHypervisor(accel="tcg")
+    await hv.create_overlay(base_dir / manifest["disk"], spec.disk)
+    guest = await hv.start(spec)
+    guests.append(guest)
+    await guest.wait_agent(300.0)
+    assert spec.ssh_port is not None
+
+    identity = tmp_path / "id_ed25519"
+    await trio.run_process(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(identity)])
+    public = check_public_key((tmp_path / "id_ed25519.pub").read_text())
+    prepared = [
+        await guest.exec(["sh", "-c", PREPARE_SCRIPT], input_data=f"{public}\n".encode())
+        for _ in range(2)
+    ]
+    assert [p.exit_code for p in prepared] == [0, 0], prepared[0].stderr
+    assert prepared[0].stdout == prepared[1].stdout, "the host key is made once"
+    host_key = check_public_key(prepared[0].stdout.decode())
+    authorized = (await guest.read_file("/root/.ssh/authorized_keys")).decode()
+    assert authorized == f"{public}\n", "each key is added once"
+
+    def ssh_argv(known: Path) -> list[str]:
+        return [
+            "ssh", "-i", str(identity), "-p", str(spec.ssh_port),
+            "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+            "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
+            "-o", "ConnectTimeout=120", "root@127.0.0.1", "id -u; cat /etc/hostname",
+        ]
+
+    known = tmp_path / "known_hosts"
+    known.write_text(known_hosts_line("127.0.0.1", spec.ssh_port, host_key))
+    done = await trio.run_process(ssh_argv(known), capture_stdout=True, capture_stderr=True,
+                                  check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [b"0", b"vmmesh-guest"]
+
+    # another host key for that address: ssh refuses (no silent trust on first use)
+    other = tmp_path / "other"
+    await trio.run_process(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)])
+    wrong = tmp_path / "wrong_known_hosts"
+    wrong.write_text(known_hosts_line("127.0.0.1", spec.ssh_port,
+                                      (tmp_path / "other.pub").read_text()))
+    refused = await trio.run_process(ssh_argv(wrong), capture_stdout=True, capture_stderr=True,
+                                     check=False)
+    assert refused.returncode != 0
+    assert b"host key" in refused.stderr.lower()

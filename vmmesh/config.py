@@ -42,6 +42,12 @@ class Config:
     vm_disk_allowance_mb: int = 1024
     accel: str = "auto"  # auto | kvm | tcg
     apt_sources: tuple[str, ...] = ()  # guest apt lines; empty: the image's own
+    # `vmmesh ssh`: each VM's port 22 is forwarded from a host port of this range,
+    # listening on ssh_bind (0.0.0.0: reachable from the mesh's other hosts;
+    # 127.0.0.1: only from this host).  ssh_port_count = 0 turns forwards off.
+    ssh_bind: str = "0.0.0.0"
+    ssh_port_first: int = 22000
+    ssh_port_count: int = 1000
     drain_on_stop: bool = False
     log_level: str = "INFO"
 

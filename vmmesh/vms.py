@@ -35,11 +35,12 @@ import contextlib
 import io
 import secrets
 import shutil
+import socket
 import sqlite3
 import stat
 import time
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -63,6 +64,13 @@ from vmmesh.errors import (
 )
 from vmmesh.hypervisor.base import BootSpec, ExecResult, Guest, Hypervisor
 from vmmesh.model import Capacity, check_vm_name
+from vmmesh.sshkeys import (
+    NO_SSHD_EXIT,
+    PREPARE_SCRIPT,
+    check_public_key,
+    check_public_keys,
+    pick_port,
+)
 from vmmesh.store import Store
 from vmmesh.templates import Progress, TemplateManager, TemplateRecord, power_off
 
@@ -82,6 +90,26 @@ _PY_UNZIP = (
     "        os.chmod(p, m)\n"
     "os.unlink(sys.argv[1])\n"
 )
+
+
+def _can_bind(address: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((address or "0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class SshAccess:
+    """What ``vmmesh ssh`` needs from the VM's host."""
+
+    vm: str
+    port: int
+    bind: str
+    host_key: str
 
 
 def _no_progress(phase: str, fraction: float | None) -> None:
@@ -105,6 +133,7 @@ class VmRecord:
     stopped: float
     stop_reason: str
     request_id: str
+    ssh_port: int = 0  # host port forwarded to the guest's port 22; 0: none
 
     @property
     def request_name(self) -> str:
@@ -126,6 +155,7 @@ class VmRecord:
             stopped=float(row["stopped"]),
             stop_reason=row["stop_reason"],
             request_id=row["request_id"],
+            ssh_port=int(row["ssh_port"]),
         )
 
 
@@ -277,6 +307,8 @@ class VmManager:
         agent_timeout: float = 300.0,
         shutdown_timeout: float = 60.0,
         now: Callable[[], float] = time.time,
+        ssh_ports: range = range(0),
+        ssh_bind: str = "127.0.0.1",
     ) -> None:
         self.store = store
         self.hv = hypervisor
@@ -290,6 +322,8 @@ class VmManager:
         self.agent_timeout = agent_timeout
         self.shutdown_timeout = shutdown_timeout
         self.now = now
+        self.ssh_ports = ssh_ports
+        self.ssh_bind = ssh_bind
         self.guests: dict[str, Guest] = {}
         self._reserved = 0
         self._nursery: trio.Nursery | None = None
@@ -459,9 +493,11 @@ class VmManager:
         disk = self.vm_dir / f"{vm_id}.qcow2"
         seconds: dict[str, float] = {}
         with self.store.transaction() as conn:
+            # chosen and recorded with no await between: two VMs never share a port
+            ssh_port = self._free_ssh_port(conn)
             conn.execute(
                 "INSERT INTO vms (vm_id, name, template_id, state, disk, vcpus, memory_mb,"
-                " created, request_id) VALUES (?, ?, ?, 'creating', ?, ?, ?, ?, ?)",
+                " created, request_id, ssh_port) VALUES (?, ?, ?, 'creating', ?, ?, ?, ?, ?, ?)",
                 (
                     vm_id,
                     plan.display,
@@ -471,6 +507,7 @@ class VmManager:
                     plan.memory_mb,
                     self.now(),
                     plan.request_id,
+                    ssh_port,
                 ),
             )
         guest: Guest | None = None
@@ -491,6 +528,8 @@ class VmManager:
                     cmdline=base.manifest.cmdline,
                     vcpus=plan.vcpus,
                     memory_mb=plan.memory_mb,
+                    ssh_port=ssh_port or None,
+                    ssh_bind=self.ssh_bind,
                 )
             )
             await guest.wait_agent(self.agent_timeout)
@@ -588,6 +627,43 @@ class VmManager:
         if guest is None or rec.state != "running":
             raise NotFound(f"VM {rec.name} is not running here")
         return await guest.exec(argv, input_data=input_data)
+
+    def _free_ssh_port(self, conn: sqlite3.Connection) -> int:
+        """A forward port no VM of this host holds and nothing else listens on; 0: none."""
+        if not self.ssh_ports:
+            return 0
+        used = [int(r[0]) for r in conn.execute("SELECT ssh_port FROM vms WHERE ssh_port != 0")]
+        return pick_port(self.ssh_ports, used, lambda port: _can_bind(self.ssh_bind, port))
+
+    async def ssh_access(self, name_or_id: str, public_keys: Sequence[str]) -> SshAccess:
+        """Let ``public_keys`` log in as root; returns the forward and the guest's host key.
+
+        Through the agent: make the guest's own host key if it has none
+        (clones of one image must not share one), add the keys to
+        ``/root/.ssh/authorized_keys`` once each, read the host key back.
+        """
+        keys = check_public_keys(list(public_keys))
+        rec = self.get(name_or_id)
+        guest = self.guests.get(rec.vm_id)
+        if guest is None or rec.state != "running":
+            raise NotFound(f"VM {rec.name} is not running here")
+        if not rec.ssh_port:
+            raise UsageError(
+                f"{rec.name} has no ssh port (ssh forwarding is off on its host, or every "
+                f"port was taken); use `vmmesh exec {rec.request_name} -- COMMAND`"
+            )
+        res = await guest.exec(
+            ["sh", "-c", PREPARE_SCRIPT], input_data="".join(f"{k}\n" for k in keys).encode()
+        )
+        if res.exit_code == NO_SSHD_EXIT:
+            raise UsageError(
+                f"{rec.name} has no ssh server (its base image predates it); "
+                f"use `vmmesh exec {rec.request_name} -- COMMAND`"
+            )
+        if res.exit_code != 0:
+            raise HypervisorError(f"preparing ssh in {rec.name} failed: {res.stderr[-300:]!r}")
+        host_key = check_public_key(res.stdout.decode("utf-8", "replace"))
+        return SshAccess(vm=rec.name, port=rec.ssh_port, bind=self.ssh_bind, host_key=host_key)
 
     async def shutdown(self, name: str) -> list[str]:
         """Stop by order every VM of request ``name`` here; returns their vm ids.

@@ -42,8 +42,9 @@ from vmmesh.hypervisor.accel import probe_accel
 from vmmesh.hypervisor.base import Hypervisor
 from vmmesh.hypervisor.qemu import QemuHypervisor
 from vmmesh.images import ImageStore
-from vmmesh.model import Capacity, check_package, check_vm_name
+from vmmesh.model import Capacity, HostView, check_package, check_vm_name
 from vmmesh.rpc import CallContext, Handler
+from vmmesh.sshkeys import check_public_key, check_public_keys, connect_address
 from vmmesh.store import Store
 from vmmesh.tasks import open_nursery
 from vmmesh.templates import BaseImage, TemplateManager
@@ -93,6 +94,7 @@ class VmService(NodeExtension):
             "vm.list_local": self._list_local,
             "template.list_local": self._templates_local,
             "vm.exec_local": self._exec_local,
+            "vm.ssh_local": self._ssh_local,
         })
         control_handlers.update({
             "vm.request": self._ctl_request,
@@ -137,6 +139,8 @@ class VmService(NodeExtension):
             policy=CapacityPolicy.from_config(cfg),
             probe=lambda: probe_host(data_dir),
             on_unexpected_stop=self._on_unexpected_stop,
+            ssh_ports=range(cfg.ssh_port_first, cfg.ssh_port_first + max(cfg.ssh_port_count, 0)),
+            ssh_bind=cfg.ssh_bind,
         )
         await nursery.start(self.mgr.run)
         for what in await templates.reconcile():
@@ -260,7 +264,7 @@ class VmService(NodeExtension):
                 "state": v.state, "template": v.template_id or "",
                 "packages": sorted(t.packages) if t else [],
                 "vcpus": v.vcpus, "memory_mb": v.memory_mb, "created": v.created,
-                "stop_reason": v.stop_reason,
+                "stop_reason": v.stop_reason, "ssh_port": v.ssh_port,
             })
         return rows
 
@@ -294,6 +298,13 @@ class VmService(NodeExtension):
             "stderr": base64.b64encode(result.stderr).decode(),
             "truncated": result.truncated,
         }
+
+    async def _ssh_local(self, ctx: CallContext, body: Body) -> Body:
+        name = check_vm_name(body.get("name"))
+        keys = check_public_keys(body.get("keys"))
+        access = await self._manager().ssh_access(name, keys)
+        return {"vm": access.vm, "port": access.port, "bind": access.bind,
+                "host_key": access.host_key}
 
     # --- mesh operations (from this host's CLI) ---------------------------------
 
@@ -515,26 +526,46 @@ class VmService(NodeExtension):
             raise NotFound(f"no running VM called {name!r} in the mesh")
         return by_request[0][1]
 
-    async def _ctl_exec(self, ctx: CallContext, body: Body) -> Body:
-        name = check_vm_name(body.get("name"))
+    def _locate(self, name: str) -> tuple[HostView, str]:
+        """The host running VM ``name`` and the VM's own name there.
+
+        ``name`` is a VM (``NAME-2``) or a request; a request means its
+        first VM, by name.
+        """
         node_id = self._where(name)
-        target = name
         assert self._node is not None
         host = next(h for h in self._node.hosts() if h.node_id == node_id)
-        if name not in host.vms:
-            target = sorted(v for v in host.vms if request_name_of(v) == name)[0]
+        if name in host.vms:
+            return host, name
+        return host, sorted(v for v in host.vms if request_name_of(v) == name)[0]
+
+    async def _ctl_exec(self, ctx: CallContext, body: Body) -> Body:
+        name = check_vm_name(body.get("name"))
+        host, target = self._locate(name)
         return await self._call_host(
-            node_id, "vm.exec_local", {"name": target, "argv": body.get("argv")},
+            host.node_id, "vm.exec_local", {"name": target, "argv": body.get("argv")},
             self._exec_local,  # type: ignore[arg-type]
         )
 
     async def _ctl_ssh(self, ctx: CallContext, body: Body) -> Body:
+        """Authorise the caller's keys in the VM; answer where to dial and which host key."""
         name = check_vm_name(body.get("name"))
-        self._where(name)
-        raise UsageError(
-            f"the base image has no ssh server; use `vmmesh exec {name} -- COMMAND` "
-            "(request the VM with the openssh-server package for ssh)"
+        keys = check_public_keys(body.get("keys"))
+        host, target = self._locate(name)
+        reply = await self._call_host(
+            host.node_id, "vm.ssh_local", {"name": target, "keys": list(keys)},
+            self._ssh_local,  # type: ignore[arg-type]
         )
+        assert self._node is not None
+        port = reply.get("port")
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise RemoteError("ProtocolError", f"{host.name} answered ssh access without a port")
+        host_key = check_public_key(reply.get("host_key"))
+        address = connect_address(
+            host.node_id == self._node.node_id, str(reply.get("bind", "")), host.address
+        )
+        return {"vm": str(reply.get("vm", target)), "host": host.name, "address": address,
+                "port": port, "host_key": host_key, "user": "root"}
 
 
 def _store(node: Node) -> Store:

@@ -43,6 +43,7 @@ class BootSpec:
     memory_mb: int = 512
     network: str = "user"  # "user" or "bridge:<name>"
     ssh_port: int | None = None  # host port forwarded to guest port 22 (user mode)
+    ssh_bind: str = "127.0.0.1"  # host address that forward listens on
     incoming: Path | None = None
 
 

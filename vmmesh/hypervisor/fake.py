@@ -28,6 +28,10 @@ import trio
 
 from vmmesh.errors import GuestAgentError, HypervisorError
 from vmmesh.hypervisor.base import BootSpec, DiskInfo, ExecResult, ImageManifest
+from vmmesh.sshkeys import PREPARE_SCRIPT
+
+# A well-formed ed25519 public key (not anyone's): the fake guests' ssh host key.
+FAKE_HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhscHR4f"
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -101,6 +105,7 @@ class FakeGuest:
     disk: Path
     spec: BootSpec
     exec_log: list[list[str]] = field(default_factory=list)
+    authorized_keys: list[str] = field(default_factory=list)
     exited: trio.Event = field(default_factory=trio.Event)
     exit_status: int = 0
 
@@ -145,6 +150,11 @@ class FakeGuest:
             if self.hv.clean_poweroff:
                 self.exit(0)
             return ExecResult(0, b"", b"")
+        if argv == ["sh", "-c", PREPARE_SCRIPT]:
+            for key in (input_data or b"").decode().splitlines():
+                if key and key not in self.authorized_keys:
+                    self.authorized_keys.append(key)
+            return ExecResult(0, f"{FAKE_HOST_KEY} root@{self.name}\n".encode(), b"")
         if prog in ("sh", "mkdir", "chmod", "sync", "fstrim", "rm", "true"):
             return ExecResult(0, b"", b"")
         return ExecResult(127, b"", f"{prog}: command not found\n".encode())

@@ -63,6 +63,7 @@ DEFAULT_PACKAGES = (
     "dbus",  # systemd-resolved needs a system bus; debootstrap cannot pick it alone
     "udev",
     "iproute2",
+    "openssh-server",  # `vmmesh ssh`; socket-activated, host key made on first use
 )
 # mitigations=off: page-table isolation makes every guest syscall flush QEMU's
 # software TLB under TCG; a single-tenant job VM gains nothing from it.
@@ -142,7 +143,12 @@ MASKED_UNITS = (
     "modprobe@drm.service",
     "modprobe@efi_pstore.service",
 )
-ENABLED_UNITS = ("systemd-networkd.service", "systemd-resolved.service")
+ENABLED_UNITS = ("systemd-networkd.service", "systemd-resolved.service", "ssh.socket")
+# sshd starts per connection (ssh.socket) instead of at boot: boots stay as fast.
+DISABLED_UNITS = ("ssh.service",)
+# Host keys made by the package's postinst would be shared by every clone; the
+# node makes the guest's own key through the agent before the first `vmmesh ssh`.
+SSH_HOST_KEY_GLOB = "ssh_host_*"
 
 
 @dataclass(frozen=True)
@@ -256,9 +262,35 @@ def config_files(mirror: str, suite: str, initrd_modules: Sequence[str]) -> dict
             "After=local-fs.target systemd-tmpfiles-setup.service\n"
             "Conflicts=shutdown.target\nBefore=shutdown.target\n"
         ),
+        # Keys only, one host key (made per clone on first use, see SSH_HOST_KEY_GLOB).
+        "etc/ssh/sshd_config.d/90vmmesh.conf": (
+            "HostKey /etc/ssh/ssh_host_ed25519_key\n"
+            "PasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\n"
+            "PermitRootLogin prohibit-password\n"
+            "UseDNS no\n"
+        ),
         "etc/initramfs-tools/conf.d/90vmmesh.conf": "MODULES=list\n",
         "etc/initramfs-tools/modules": "".join(f"{m}\n" for m in initrd_modules),
     }
+
+
+def recipe_key(options: BuildOptions) -> str:
+    """Changes whenever a build with ``options`` would make a different image.
+
+    ``--if-stale`` compares it with the one recorded beside a published link,
+    so a test machine rebuilds its cached image when this file changes it.
+    """
+    parts = [
+        cache_key(options),
+        options.cmdline,
+        str(options.compress),
+        *sorted(config_files(options.mirror, options.suite, INITRD_MODULES).items()),
+        *KEEP_MODULES, *DROP_MODULES, *INITRD_MODULES,
+        *MASKED_UNITS, *ENABLED_UNITS, *DISABLED_UNITS, SSH_HOST_KEY_GLOB,
+    ]
+    text = "\n".join(str(p) for p in parts)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def cache_key(options: BuildOptions) -> str:
@@ -426,6 +458,9 @@ def _configure(tree: Path, options: BuildOptions) -> None:
             link.unlink()
         link.symlink_to("/dev/null")
     _run(["chroot", str(tree), "systemctl", "enable", *ENABLED_UNITS])
+    _run(["chroot", str(tree), "systemctl", "disable", *DISABLED_UNITS])
+    for key in (tree / "etc/ssh").glob(SSH_HOST_KEY_GLOB):
+        key.unlink()
     names = (pkg.partition("=")[0] for pkg in parse_dpkg_query(_dpkg_query(tree)))
     held = "".join(f"{name} hold\n" for name in names if name.startswith("linux-image"))
     _run(["chroot", str(tree), "dpkg", "--set-selections"], input=held)
@@ -547,6 +582,18 @@ def publish(record: ImageRecord, link: Path) -> None:
     tmp.replace(link)
 
 
+def _recipe_file(link: Path) -> Path:
+    return link.with_name(f"{link.name}.recipe")
+
+
+def is_stale(link: Path, options: BuildOptions) -> bool:
+    """True if ``link`` has no image or one built from another recipe."""
+    recorded = _recipe_file(link)
+    if not (link / "manifest.json").exists() or not recorded.exists():
+        return True
+    return recorded.read_text().strip() != recipe_key(options)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Development entry point: ``python -m vmmesh.hypervisor.imagebuild``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -554,18 +601,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     parser.add_argument("--publish", type=Path, help="symlink to point at the new image")
     parser.add_argument("--compress", action="store_true")
+    parser.add_argument("--if-stale", action="store_true",
+                        help="with --publish: build only if the published image is from "
+                             "another recipe (or missing)")
     args = parser.parse_args(argv)
+    options = BuildOptions(cache_dir=args.cache_dir, compress=args.compress)
+    if args.if_stale and args.publish and not is_stale(args.publish, options):
+        print(f"{args.publish}: up to date (recipe {recipe_key(options)})")
+        return 0
 
     def show(phase: str, seconds: float | None) -> None:
         print(f"{phase}: {'...' if seconds is None else f'{seconds:.1f} s'}", flush=True)
 
     store = ImageStore(args.data_dir)
-    options = BuildOptions(cache_dir=args.cache_dir, compress=args.compress)
     start = time.monotonic()
     record = build_base_image(store, options, show)
     print(f"image {record.image_id} in {time.monotonic() - start:.1f} s at {record.path}")
     if args.publish:
         publish(record, args.publish)
+        _recipe_file(args.publish).write_text(recipe_key(options) + "\n")
         print(f"published at {args.publish}")
     return 0
 

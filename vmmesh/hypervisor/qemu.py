@@ -30,6 +30,7 @@ each socket, because QEMU serves one client per socket at a time.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -115,13 +116,21 @@ def _net_argv(spec: BootSpec) -> list[str]:
     if spec.network == "user":
         netdev = "user,id=n0"
         if spec.ssh_port is not None:
-            netdev += f",hostfwd=tcp:127.0.0.1:{int(spec.ssh_port)}-:22"
+            netdev += f",hostfwd=tcp:{_ipv4(spec.ssh_bind)}:{int(spec.ssh_port)}-:22"
     elif spec.network.startswith("bridge:") and spec.network[7:]:
         netdev = f"bridge,id=n0,br={_opt(spec.network[7:])}"
     else:
         raise HypervisorError(f"unknown network mode {spec.network!r}")
     # romfile= : no PXE option ROM, we boot the kernel directly
     return ["-netdev", netdev, "-device", "virtio-net-pci,netdev=n0,romfile="]
+
+
+def _ipv4(text: str) -> str:
+    """user-mode hostfwd takes an IPv4 address (empty: all addresses)."""
+    try:
+        return str(ipaddress.IPv4Address(text or "0.0.0.0"))
+    except ValueError as exc:
+        raise HypervisorError(f"ssh forward address must be IPv4, got {text!r}") from exc
 
 
 def parse_disk_info(path: Path, info: Any) -> DiskInfo:
@@ -162,6 +171,7 @@ def spec_from_json(text: str) -> BootSpec:
             memory_mb=int(raw["memory_mb"]),
             network=str(raw["network"]),
             ssh_port=None if raw["ssh_port"] is None else int(raw["ssh_port"]),
+            ssh_bind=str(raw.get("ssh_bind", "127.0.0.1")),
             incoming=None if raw["incoming"] is None else Path(raw["incoming"]),
         )
     except (ValueError, TypeError, KeyError) as exc:
