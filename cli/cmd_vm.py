@@ -138,11 +138,31 @@ def shutdown(args: argparse.Namespace, cfg: Config) -> int:
     return 0 if not reply.get("errors") else 1
 
 
+def _options_then_command(args: argparse.Namespace, *, identity: bool = False) -> list[str]:
+    """Split what follows NAME: our options (``--json``, ``-i KEY``) up to ``--``, then the command.
+
+    argparse hands everything after NAME to the REMAINDER argument, options too.
+    """
+    rest = list(args.argv)
+    while rest and rest[0] != "--":
+        opt = rest.pop(0)
+        if opt == "--json":
+            args.json = True
+        elif identity and opt == "-i" and rest:
+            args.identity = Path(rest.pop(0))
+        elif opt.startswith("-"):
+            raise UsageError(f"unknown option {opt!r} (put the command after --)")
+        else:
+            rest.insert(0, opt)
+            break
+    if rest and rest[0] == "--":
+        rest.pop(0)
+    return rest
+
+
 def exec_(args: argparse.Namespace, cfg: Config) -> int:
     name = _check_name(args.name)
-    argv = list(args.argv)
-    if argv and argv[0] == "--":
-        argv = argv[1:]
+    argv = _options_then_command(args)
     if not argv:
         raise UsageError("usage: vmmesh exec NAME -- COMMAND [ARGS...]")
     reply = client.call(cfg, "vm.exec", {"name": name, "argv": argv})
@@ -179,10 +199,8 @@ def _ssh_identity(path: Path | None) -> tuple[Path, str]:
 def ssh(args: argparse.Namespace, cfg: Config) -> int:
     """Authorise the user's key in the VM, then run ssh with the VM's host key pinned."""
     name = _check_name(args.name)
+    command = _options_then_command(args, identity=True)
     key, public = _ssh_identity(args.identity)
-    command = list(args.argv)
-    if command and command[0] == "--":
-        command = command[1:]
     if not args.json and shutil.which("ssh") is None:
         raise UsageError("no ssh client here: install openssh-client")
     reply = client.call(cfg, "vm.ssh", {"name": name, "keys": [public]})

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,7 +114,7 @@ def _working(data_dir: Path) -> bool:
     return building or any((data_dir / "vms").glob("*.qcow2"))
 
 
-def test_request_prefers_the_host_with_the_template(mesh: Lab) -> None:
+def test_request_prefers_the_host_with_the_template(mesh: Lab, tmp_path: Path) -> None:
     lab = mesh
     # Make the template {vmm-test-a} exist on h2 only: h1 and h3 take no VMs.
     for i in (1, 3):
@@ -143,6 +144,22 @@ def test_request_prefers_the_host_with_the_template(mesh: Lab) -> None:
     # exec reaches a VM wherever it runs.
     out = lab.cli(3, "exec", on_h2[0]["name"], "--", "cat", "/usr/share/vmm-test-a/marker")
     assert "vmm-test-a" in out.stdout
+
+    # So does ssh, from h3 across the lab bridge, the guest's own host key pinned.
+    key = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    target = on_h2[0]["name"]
+    access = cli_json(lab, 3, "ssh", target, "-i", str(key))
+    assert (access["host"], access["vm"], access["user"]) == ("h2", target, "root"), access
+    assert access["address"] == lab.host(2).address and access["port"] > 0
+    out = lab.lab_exec(
+        3,
+        [*lab.vmmesh_argv(), "ssh", "--data-dir", lab.host(3).data_dir, target, "-i", str(key),
+         "--", "cat /usr/share/vmm-test-a/marker; id -un"],
+        check=False, timeout=PATIENCE,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["vmm-test-a", "root"], out.stdout
 
 
 def test_shutdown_by_name_from_a_third_host(mesh: Lab) -> None:

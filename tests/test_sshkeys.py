@@ -88,6 +88,8 @@ def test_connect_address() -> None:
     assert connect_address(True, "0.0.0.0", "10.0.0.2") == "127.0.0.1"
     assert connect_address(True, "127.0.0.1", "10.0.0.2") == "127.0.0.1"
     assert connect_address(False, "0.0.0.0", "10.0.0.2") == "10.0.0.2"
+    assert connect_address(False, "0.0.0.0", "10.0.0.2:7400") == "10.0.0.2"
+    assert connect_address(False, "0.0.0.0", "[fd00::2]:7400") == "fd00::2"
     assert connect_address(False, "192.168.1.5", "10.0.0.2") == "192.168.1.5"
     with pytest.raises(UsageError, match="loopback only"):
         connect_address(False, "127.0.0.1", "10.0.0.2")

@@ -34,7 +34,7 @@ from vmmesh.config import Config
 from vmmesh.control import connect_control
 from vmmesh.errors import HypervisorError, PackageInstallError, RemoteError
 from vmmesh.hypervisor.base import BootSpec
-from vmmesh.hypervisor.fake import FakeGuest, FakeHypervisor, make_base_image
+from vmmesh.hypervisor.fake import FAKE_HOST_KEY, FakeGuest, FakeHypervisor, make_base_image
 from vmmesh.model import HostView
 from vmmesh.node import Node
 from vmmesh.templates import BaseImage
@@ -424,6 +424,24 @@ async def test_list_exec_and_shutdown_across_the_mesh(root: Path, port: int) -> 
         with pytest.raises(RemoteError) as err:
             await call(h3, "vm.exec", {"name": "ghost", "argv": ["true"]})
         assert err.value.code == "NotFound"
+
+        # ssh: the caller's key lands in the VM on its own host; the answer says
+        # where to dial (the owner's gossiped address) and pins the guest's host key.
+        user_key = FAKE_HOST_KEY + " alice@laptop"
+        access = await call(h3, "vm.ssh", {"name": remote, "keys": [user_key]})
+        owner = next(h for h in hosts if h.name == made[remote])
+        assert access["address"] == owner.cfg.listen and access["host"] == owner.name
+        assert access["vm"] == remote and access["host_key"] == f"{FAKE_HOST_KEY} root@" + (
+            owner.mgr.get(remote).vm_id)
+        assert access["port"] == owner.mgr.get(remote).ssh_port > 0
+        guest = owner.hv.running[owner.mgr.get(remote).vm_id]
+        assert guest.authorized_keys == [user_key]
+        with pytest.raises(RemoteError) as err:
+            await call(h3, "vm.ssh", {"name": remote, "keys": ["ssh-ed25519 garbage"]})
+        assert err.value.code == "UsageError"
+        ports = [v["ssh_port"] for v in (await call(h1, "vm.list", {}))["vms"]
+                 if v["host"] == owner.name]
+        assert len(set(ports)) == len(ports), "VMs of one host never share a forward port"
 
         # shutdown by name from a third host stops all three, wherever they run.
         stopped = await call(h3, "vm.shutdown", {"name": "web"})

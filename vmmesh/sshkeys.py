@@ -120,9 +120,12 @@ def connect_address(owner_is_local: bool, bind: str, gossiped: str) -> str:
     """The address a CLI on the coordinating host dials for a forward bound on ``bind``.
 
     A wildcard bind is reached on loopback from the owning host itself and on
-    the owner's gossiped address from others; loopback-only forwards can only
-    be used from the owning host; a specific address is used as it is.
+    the owner's gossiped peer address (``HOST:PORT``) from others;
+    loopback-only forwards can only be used from the owning host; a specific
+    address is used as it is.
     """
+    if gossiped.count(":") == 1 or gossiped.startswith("["):
+        gossiped = gossiped.rpartition(":")[0].strip("[]")
     wildcard = bind in ("", "0.0.0.0", "::")
     loopback = bind.startswith("127.") or bind == "::1"
     if owner_is_local:
