@@ -53,6 +53,12 @@ echo "==> where the VMs run"
 "$VMMESH" $H1 templates
 echo "==> a command in one of them"
 "$VMMESH" --data-dir "$LAB/hosts/h2" exec demo-1 -- cat /usr/share/vmm-test-a/marker
+echo "==> vmmesh ssh demo-2 (from h3's namespace; the guest's own host key is pinned)"
+KEY="$LAB/id_ed25519"
+[ -e "$KEY" ] || ssh-keygen -q -t ed25519 -N "" -f "$KEY"
+NS3=$("$VMMESH" lab status --dir "$LAB" --json | "$PY" -c "import json,sys; d=json.load(sys.stdin); print(next(h['netns'] for h in d['hosts'] if h['host']==3))")
+ip netns exec "$NS3" "$VMMESH" --data-dir "$LAB/hosts/h3" ssh demo-2 -i "$KEY" -- \
+    'echo "logged in to $(hostname) as $(id -un)"; cat /usr/share/vmm-test-b/marker'
 echo "==> vmmesh shutdown demo (from h3)"
 "$VMMESH" --data-dir "$LAB/hosts/h3" shutdown demo
 "$VMMESH" $H1 vms

@@ -186,6 +186,7 @@ def test_concurrent_requests_never_overcommit(mesh: Lab) -> None:
         t.start()
     for t in threads:
         t.join()
+    print(json.dumps(results, indent=1))  # in full if an assertion below fails
     per_host: dict[str, int] = {}
     for v in cli_json(lab, 3, "vms")["vms"]:
         per_host[v["host"]] = per_host.get(v["host"], 0) + 1

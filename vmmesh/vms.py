@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import secrets
 import shutil
 import socket
@@ -73,6 +74,8 @@ from vmmesh.sshkeys import (
 )
 from vmmesh.store import Store
 from vmmesh.templates import Progress, TemplateManager, TemplateRecord, power_off
+
+log = logging.getLogger("vmmesh.vms")
 
 # States whose VMs hold cores and memory.
 ACTIVE = ("creating", "running", "stopping")
@@ -450,6 +453,7 @@ class VmManager:
                     vm_id, seconds = await self._create_one(plan)
                 except VmmeshError as exc:
                     errors.append(f"{display}: {exc}")
+                    log.warning("%s: not made: %s", display, exc)
                     unplaced += 1
                 else:
                     made.append(

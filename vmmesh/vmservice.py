@@ -202,6 +202,8 @@ class VmService(NodeExtension):
             check_zip(req["custom_zip"])  # before reserving: request_local releases what it holds
         granted = mgr.reserve(req["count"])
         host = self._node.identity.name
+        log.info("share of request %s: %d VM(s) asked, %d admitted", req["name"], req["count"],
+                 granted)
         if granted == 0:
             return {"final": True, "granted": 0, "vms": [], "errors": [], "host": host}
         progress_items: list[Body] = []
@@ -384,14 +386,20 @@ class VmService(NodeExtension):
                     return
                 failed.add(share.node_id)
                 notes.append(f"host {share.host} failed ({exc}); its share was re-placed")
+                log.warning("request %s: host %s failed its share of %d (%s: %s); re-placing",
+                            req["name"], share.host, count, exc.code, exc)
                 await forward({"task": share.host, "phase": "failed", "fraction": 1.0})
                 return
             except VmmeshError as exc:
                 failed.add(share.node_id)
                 notes.append(f"host {share.host} failed ({exc}); its share was re-placed")
+                log.warning("request %s: host %s failed its share of %d (%s: %s); re-placing",
+                            req["name"], share.host, count, type(exc).__name__, exc)
                 await forward({"task": share.host, "phase": "failed", "fraction": 1.0})
                 return
             got = int(answer.get("granted", 0))
+            log.info("request %s: host %s made %d of %d VM(s)", req["name"], share.host,
+                     len(answer.get("vms", [])), count)
             if got < count:
                 notes.append(f"host {share.host} admitted {got} of {count}; "
                              "the rest was re-placed")
