@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import pytest
+
 from vmmesh.lab import Lab
 
 T = TypeVar("T")
@@ -59,3 +61,9 @@ def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"never happened: {what} (last: {last!r})")
         time.sleep(0.25)
+
+
+def failed(request: pytest.FixtureRequest) -> bool:
+    """Whether the test of ``request`` failed (conftest keeps each phase's report)."""
+    report = getattr(request.node, "report_call", None)
+    return report is not None and bool(report.failed)

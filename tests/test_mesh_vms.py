@@ -22,7 +22,7 @@ import pytest
 
 from tests.aptrepo import AptRepo
 from tests.labutil import lab_context
-from tests.meshutil import all_up, cli_json, eventually, field_is, peers
+from tests.meshutil import all_up, cli_json, eventually, failed, field_is, peers
 from vmmesh.lab import Lab
 
 BASE_DIR = Path(os.environ.get("VMMESH_BASE_IMAGE_DIR", "/var/cache/vmmesh-dev/base"))
@@ -70,6 +70,17 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             yield running
         finally:
             repo.stop()
+
+
+@pytest.fixture(autouse=True)
+def node_logs_if_failed(request: pytest.FixtureRequest, mesh: Lab) -> Iterator[None]:
+    """A failed test shows what the nodes logged (the lab is gone after the module)."""
+    yield
+    if failed(request):
+        for i in (1, 2, 3):
+            log = Path(mesh.host(i).data_dir) / "node.log"
+            lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+            print(f"--- h{i} node.log (last 40 lines)", *lines[-40:], sep="\n")
 
 
 def _request(lab: Lab, i: int, *args: str) -> dict[str, Any]:
