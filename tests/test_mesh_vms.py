@@ -231,6 +231,7 @@ def test_host_killed_during_a_request_has_its_share_replaced(mesh: Lab) -> None:
     lab.kill_host(3, signal.SIGKILL)
     t.join()
     reply = done["reply"]
+    print(json.dumps(reply, indent=1))  # in full if an assertion below fails
     assert all(v["host"] != "h3" for v in reply["vms"]), reply
     assert any("h3" in n and "re-placed" in n for n in reply["notes"]), reply
     assert len(reply["vms"]) + sum(u["count"] for u in reply["unplaced"]) == 3
