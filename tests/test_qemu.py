@@ -442,10 +442,12 @@ async def test_ssh_into_a_guest_with_its_host_key_pinned(
     identity = tmp_path / "id_ed25519"
     await trio.run_process(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(identity)])
     public = check_public_key((tmp_path / "id_ed25519.pub").read_text())
+    t0 = trio.current_time()
     prepared = [
         await guest.exec(["sh", "-c", PREPARE_SCRIPT], input_data=f"{public}\n".encode())
         for _ in range(2)
     ]
+    t1 = trio.current_time()
     assert [p.exit_code for p in prepared] == [0, 0], prepared[0].stderr
     assert prepared[0].stdout == prepared[1].stdout, "the host key is made once"
     host_key = check_public_key(prepared[0].stdout.decode())
@@ -464,8 +466,11 @@ async def test_ssh_into_a_guest_with_its_host_key_pinned(
     known.write_text(known_hosts_line("127.0.0.1", spec.ssh_port, host_key))
     done = await trio.run_process(ssh_argv(known), capture_stdout=True, capture_stderr=True,
                                   check=False)
+    t2 = trio.current_time()
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [b"0", b"vmmesh-guest"]
+    print(f"ssh: prepare (host key made, key added) then again {t1 - t0:.1f} s; "
+          f"first command over ssh {t2 - t1:.1f} s (TCG)")
 
     # another host key for that address: ssh refuses (no silent trust on first use)
     other = tmp_path / "other"
