@@ -41,7 +41,10 @@ def make_zip(members: dict[str, bytes], mode: int = 0o644) -> bytes:
 class Node:
     """One host's managers over a shared data dir and a fake machine."""
 
-    def __init__(self, data: Path, hv: FakeHypervisor, store: Store, cores: int = 2) -> None:
+    def __init__(
+        self, data: Path, hv: FakeHypervisor, store: Store, cores: int = 2,
+        ssh_ports: range = range(0),
+    ) -> None:
         image_dir = data / "images" / "base"
         image_dir.mkdir(parents=True, exist_ok=True)
         self.hv = hv
@@ -60,6 +63,7 @@ class Node:
             policy=POLICY,
             probe=lambda: HostProbe(cores=cores, memory_mb=8192, fs_free_mb=50_000),
             on_unexpected_stop=self.stopped.append,
+            ssh_ports=ssh_ports,
         )
 
 
@@ -112,6 +116,26 @@ async def test_request_builds_then_reuses(
     assert wire["vms"][0]["seconds"] == again.vms[0].total_seconds
     res = await node.vms.exec("web-3", ["cat", "/usr/share/vmm-test/a"])
     assert res.exit_code == 0 and res.stdout == b"a"
+
+
+async def test_vms_of_one_request_boot_side_by_side_up_to_the_cores(
+    tmp_path: Path, store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    hv = FakeHypervisor(repo_packages=frozenset({"a"}), agent_seconds=10.0)
+    n = Node(tmp_path / "data", hv, store, cores=2, ssh_ports=range(42000, 42100))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(n.vms.run)
+        await n.vms.request_local("warm", 1, ["a"])  # the template exists from here
+        t0 = trio.current_time()
+        report = await n.vms.request_local("web", 3, ["a"])
+        elapsed = trio.current_time() - t0
+        nursery.cancel_scope.cancel()
+    assert [v.name for v in report.vms] == ["web-1", "web-2", "web-3"]
+    assert not report.built and all(v.seconds["install"] == 0.0 for v in report.vms)
+    # three boots of 10 s, two at a time (two cores): 20 s, not 30 s
+    assert 20.0 <= elapsed < 30.0, elapsed
+    ports = [v.ssh_port for v in n.vms.list_vms()]
+    assert len(set(ports)) == len(ports) and 0 not in ports, "each VM its own forward"
 
 
 async def test_shutdown_by_name_deletes_overlay_keeps_template(

@@ -4,7 +4,8 @@ Theory of operation (SPEC items 4-8 and 11, thesis §3.1.1-3.1.2):
 
 * ``request_local`` admits up to COUNT VMs against real free capacity
   (``reserve``), makes sure a template holds the packages
-  (``TemplateManager.ensure_template``), then for each VM: commits a
+  (``TemplateManager.ensure_template``), then for each VM (side by side, at
+  most one boot per host core, as boots are CPU-bound): commits a
   ``creating`` row, writes ``vms/<vm_id>.qcow2`` as an overlay of the template
   (a linked clone: no copy), boots it, waits for the guest agent, unpacks the
   optional custom zip into ``/opt``, and marks the row ``running``.  A VM
@@ -73,6 +74,7 @@ from vmmesh.sshkeys import (
     pick_port,
 )
 from vmmesh.store import Store
+from vmmesh.tasks import open_nursery
 from vmmesh.templates import Progress, TemplateManager, TemplateRecord, power_off
 
 log = logging.getLogger("vmmesh.vms")
@@ -432,15 +434,20 @@ class VmManager:
         try:
             rec, built, tpl_seconds = await self.templates.ensure_template(packages, progress)
             start = self._next_index(name) if first_index is None else first_index
-            for i in range(held):
+            total = held
+            # Boots run side by side, at most one per host core (they are CPU-bound).
+            limiter = trio.CapacityLimiter(max(1, min(total, self.probe().cores)))
+            results: dict[int, VmReport] = {}
+
+            async def one(i: int) -> None:
+                nonlocal held, unplaced
                 display = f"{name}-{start + i}"
-                progress(f"vm {display}", i / held)
-                # The row written first thing in _create_one (before any
-                # checkpoint) takes over the slot from the reservation.
-                self.release(1)
-                held -= 1
-                try:
-                    first = not made and not errors
+                async with limiter:
+                    progress(f"vm {display}", len(results) / total)
+                    # The row written first thing in _create_one (before any
+                    # checkpoint) takes over the slot from the reservation.
+                    self.release(1)
+                    held -= 1
                     plan = _VmPlan(
                         display=display,
                         template=rec,
@@ -450,21 +457,27 @@ class VmManager:
                         memory_mb=memory_mb or self.policy.vm_memory_mb,
                         request_id=request_id,
                     )
-                    vm_id, seconds = await self._create_one(plan)
-                except VmmeshError as exc:
-                    errors.append(f"{display}: {exc}")
-                    log.warning("%s: not made: %s", display, exc)
-                    unplaced += 1
-                else:
-                    made.append(
-                        VmReport(
-                            name=display,
-                            vm_id=vm_id,
-                            template_id=rec.template_id if rec else None,
-                            built=built and first,
-                            seconds={**(tpl_seconds if first else {"install": 0.0}), **seconds},
-                        )
-                    )
+                    try:
+                        vm_id, seconds = await self._create_one(plan)
+                    except VmmeshError as exc:
+                        errors.append(f"{display}: {exc}")
+                        log.warning("%s: not made: %s", display, exc)
+                        unplaced += 1
+                        return
+                # The first VM carries the template's phases; the others reused it.
+                first = i == 0
+                results[i] = VmReport(
+                    name=display,
+                    vm_id=vm_id,
+                    template_id=rec.template_id if rec else None,
+                    built=built and first,
+                    seconds={**(tpl_seconds if first else {"install": 0.0}), **seconds},
+                )
+
+            async with open_nursery() as nursery:
+                for i in range(total):
+                    nursery.start_soon(one, i)
+            made = [results[i] for i in sorted(results)]
         finally:
             self.release(held)
         progress("done", 1.0)
