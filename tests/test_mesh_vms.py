@@ -166,11 +166,11 @@ def test_request_prefers_the_host_with_the_template(mesh: Lab, tmp_path: Path) -
     out = lab.lab_exec(
         3,
         [*lab.vmmesh_argv(), "ssh", "--data-dir", lab.host(3).data_dir, target, "-i", str(key),
-         "--", "cat /usr/share/vmm-test-a/marker; id -un"],
+         "--", "cat /usr/share/vmm-test-a/marker; id -un; hostname"],
         check=False, timeout=PATIENCE,
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["vmm-test-a", "root"], out.stdout
+    assert out.stdout.split() == ["vmm-test-a", "root", target], out.stdout
 
 
 def test_shutdown_by_name_from_a_third_host(mesh: Lab) -> None:

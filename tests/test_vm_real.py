@@ -148,6 +148,8 @@ async def test_build_reuse_zip_kill_and_shutdown(host: Host) -> None:
     for pkg in ("vmm-test-a", "vmm-test-c"):
         res = await host.vms.exec("web-1", ["cat", f"/usr/share/{pkg}/marker"])
         assert res.exit_code == 0 and res.stdout.strip() == pkg.encode()
+    res = await host.vms.exec("web-1", ["sh", "-c", "hostname; cat /etc/hostname; hostname -f"])
+    assert res.stdout.split() == [b"web-1"] * 3, res
     template = host.templates.get(vm1.template_id or "")
     template_disk = host.templates.disk_path(template)
     assert template_disk.is_file()

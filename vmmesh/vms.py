@@ -97,6 +97,18 @@ _PY_UNZIP = (
 )
 
 
+_SET_HOSTNAME = (
+    'printf "%s\\n" "$1" > /etc/hostname && hostname "$1" && '
+    'sed -i "s/^127\\.0\\.1\\.1[[:space:]].*/127.0.1.1\\t$1/" /etc/hosts'
+)
+
+
+def guest_hostname(display: str) -> str:
+    """A valid host name (RFC 1123 label) from a VM name: lower case, ``_``/``.`` -> ``-``."""
+    label = "".join(c if c.isalnum() else "-" for c in display.lower()).strip("-")[:63]
+    return label.strip("-") or "vm"
+
+
 def _can_bind(address: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -551,6 +563,7 @@ class VmManager:
             )
             await guest.wait_agent(self.agent_timeout)
             seconds["vm_boot"] = time.monotonic() - t
+            await self._set_hostname(guest, plan.display)
             if plan.custom_zip is not None and plan.entries is not None:
                 t = time.monotonic()
                 await self._unpack(guest, plan.custom_zip, plan.entries)
@@ -575,6 +588,17 @@ class VmManager:
         if template is not None:
             self.templates.touch(template.template_id)
         return vm_id, seconds
+
+    async def _set_hostname(self, guest: Guest, display: str) -> None:
+        """The guest calls itself by its VM name (as in ``vmmesh vms`` and ssh prompts)."""
+        hostname = guest_hostname(display)
+        try:
+            res = await guest.exec(["sh", "-c", _SET_HOSTNAME, "sh", hostname])
+        except HypervisorError as exc:
+            log.warning("%s: hostname not set: %s", display, exc)
+            return
+        if res.exit_code != 0:
+            log.warning("%s: hostname not set: %r", display, res.stderr[-200:])
 
     async def _unpack(self, guest: Guest, data: bytes, entries: list[ZipEntry]) -> None:
         """Extract to /opt: with the guest's python3 if it has one, else file by file."""
