@@ -211,6 +211,20 @@ async def test_unknown_package_names_it_and_leaves_nothing(
     assert not hv.running
 
 
+async def test_a_flaky_package_source_costs_a_retry_not_the_template(
+    store: Store, hv: FakeHypervisor, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    tm = manager(store, hv, tmp_path)
+    hv.update_failures = 2
+    rec, built, _ = await tm.ensure_template(["a"])
+    assert built and rec is not None and rec.packages == frozenset({"a"})
+    hv.update_failures = 3
+    with pytest.raises(PackageInstallError, match="3 attempts"):
+        await tm.ensure_template(["b"])
+    assert [r.packages for r in tm.records(include_building=True)] == [frozenset({"a"})]
+    assert not hv.running
+
+
 async def test_bad_package_name_is_usage_error(
     store: Store, hv: FakeHypervisor, tmp_path: Path
 ) -> None:

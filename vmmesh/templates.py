@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -62,7 +63,11 @@ _APT_MISSING = (
 )
 
 
+log = logging.getLogger("vmmesh.templates")
+
 _WAIT_ONLINE = "/usr/lib/systemd/systemd-networkd-wait-online"
+_APT_RETRIES_FILE = "/etc/apt/apt.conf.d/80vmmesh-retries"
+UPDATE_ATTEMPTS = 3
 
 
 def _no_progress(phase: str, fraction: float | None) -> None:
@@ -436,11 +441,22 @@ class TemplateManager:
                 ]
             )
         progress("update", None)
-        # the agent may answer before DHCP is done; apt needs the network
-        await guest.exec(["sh", "-c", f"{_WAIT_ONLINE} --timeout=60 || true"], timeout=90.0)
-        res = await guest.exec(["apt-get", "update"], timeout=self.install_timeout)
-        if res.exit_code != 0:
-            raise PackageInstallError(f"apt-get update failed in the guest: {_tail(res.stderr)}")
+        # A package source that drops a connection now and then (a busy mirror,
+        # a loaded host) should cost a retry, not the template.
+        await guest.write_file(_APT_RETRIES_FILE, b'Acquire::Retries "3";\n')
+        for attempt in range(1, UPDATE_ATTEMPTS + 1):
+            # the agent may answer before DHCP is done; apt needs the network
+            await guest.exec(["sh", "-c", f"{_WAIT_ONLINE} --timeout=60 || true"], timeout=90.0)
+            res = await guest.exec(["apt-get", "update"], timeout=self.install_timeout)
+            if res.exit_code == 0:
+                break
+            if attempt == UPDATE_ATTEMPTS:
+                raise PackageInstallError(
+                    f"apt-get update failed in the guest ({attempt} attempts): {_tail(res.stderr)}"
+                )
+            log.info("apt-get update failed in the build guest (attempt %d): %s", attempt,
+                     _tail(res.stderr))
+            await trio.sleep(5.0)
         progress("install", 0.0)
         res = await guest.exec(
             ["apt-get", "install", "-y", "--no-install-recommends", *missing],

@@ -161,6 +161,9 @@ class FakeGuest:
 
     async def _apt(self, args: list[str]) -> ExecResult:
         if args[:1] == ["update"]:
+            if self.hv.update_failures > 0:
+                self.hv.update_failures -= 1
+                return ExecResult(100, b"", b"E: Failed to fetch http://repo/ ./InRelease\n")
             return ExecResult(0, b"Reading package lists...\n", b"")
         if args[:1] == ["clean"]:
             return ExecResult(0, b"", b"")
@@ -250,6 +253,7 @@ class FakeHypervisor:
         self.install_seconds = install_seconds
         self.shutdown_seconds = shutdown_seconds
         self.clean_poweroff = clean_poweroff  # False: guests ignore power-off and get killed
+        self.update_failures = 0  # so many `apt-get update` runs fail first (a flaky source)
         self.running: dict[str, FakeGuest] = {}
         self.started: list[FakeGuest] = []
         self._next_pid = 1000
