@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -99,15 +98,6 @@ def test_missing_packages_parses_apt() -> None:
 
 
 # --- building with the fake hypervisor -----------------------------------
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store.open(tmp_path / "data" / "state.db")
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import os
 import shutil
 import signal
 import zipfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -97,15 +97,6 @@ class Host:
 @pytest.fixture
 def hv() -> RecordingQemu:
     return RecordingQemu()
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store.open(tmp_path / "data" / "state.db")
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import zipfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -70,15 +70,6 @@ class Node:
 @pytest.fixture
 def hv() -> FakeHypervisor:
     return FakeHypervisor(repo_packages=frozenset({"a", "b", "c"}))
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store.open(tmp_path / "data" / "state.db")
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture

@@ -41,7 +41,7 @@ NO_SSHD_EXIT = 3
 # Run by the guest's sh through the agent; public keys (already checked) on stdin.
 PREPARE_SCRIPT = (
     "set -e\n"
-    "[ -x /usr/sbin/sshd ] || exit 3\n"
+    f"[ -x /usr/sbin/sshd ] || exit {NO_SSHD_EXIT}\n"
     "k=/etc/ssh/ssh_host_ed25519_key\n"
     "if ! [ -s $k ] || ! [ -s $k.pub ]; then\n"
     "  rm -f $k $k.pub; ssh-keygen -q -t ed25519 -N '' -f $k </dev/null >/dev/null\n"

@@ -663,11 +663,16 @@ class VmManager:
         self, name_or_id: str, argv: list[str], *, input_data: bytes | None = None
     ) -> ExecResult:
         """Run ``argv`` in a running VM through its guest agent (wrap in fail_after)."""
+        _rec, guest = self._running(name_or_id)
+        return await guest.exec(argv, input_data=input_data)
+
+    def _running(self, name_or_id: str) -> tuple[VmRecord, Guest]:
+        """A VM running here and its guest; NotFound otherwise."""
         rec = self.get(name_or_id)
         guest = self.guests.get(rec.vm_id)
         if guest is None or rec.state != "running":
             raise NotFound(f"VM {rec.name} is not running here")
-        return await guest.exec(argv, input_data=input_data)
+        return rec, guest
 
     def _free_ssh_port(self, conn: sqlite3.Connection) -> int:
         """A forward port no VM of this host holds and nothing else listens on; 0: none."""
@@ -684,10 +689,7 @@ class VmManager:
         ``/root/.ssh/authorized_keys`` once each, read the host key back.
         """
         keys = check_public_keys(list(public_keys))
-        rec = self.get(name_or_id)
-        guest = self.guests.get(rec.vm_id)
-        if guest is None or rec.state != "running":
-            raise NotFound(f"VM {rec.name} is not running here")
+        rec, guest = self._running(name_or_id)
         if not rec.ssh_port:
             raise UsageError(
                 f"{rec.name} has no ssh port (ssh forwarding is off on its host, or every "
