@@ -44,9 +44,9 @@ import pytest  # noqa: E402  (lab_context skips through pytest when no lab can b
 import trio  # noqa: E402
 
 from tests.labutil import lab_context, lab_unavailable  # noqa: E402
-from vmmesh.control import connect_control  # noqa: E402
 from vmmesh.errors import VmmeshError  # noqa: E402
 from vmmesh.lab import Lab  # noqa: E402
+from vmmesh.net.control import connect_control  # noqa: E402
 
 POLL = 0.05  # seconds between two reads of one host's view
 CALL_TIMEOUT = 2.0  # a node that does not answer one call within this is re-dialled

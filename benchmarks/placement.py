@@ -21,8 +21,8 @@ import sys
 import time
 from dataclasses import replace
 
-from vmmesh.model import Capacity, HostView, TemplateInfo
-from vmmesh.placement import HostIndex, PlacementRequest, plan
+from vmmesh.api.host import Capacity, HostView, TemplateInfo
+from vmmesh.placement.planner import HostIndex, PlacementRequest, plan
 
 TARGET_MS = 5.0
 

@@ -29,13 +29,13 @@ from pathlib import Path
 import trio
 
 from tests.aptrepo import AptRepo
-from vmmesh.capacity import CapacityPolicy, probe_host
+from vmmesh.host.capacity import CapacityPolicy, probe_host
+from vmmesh.host.images import read_manifest
+from vmmesh.host.store import Store
+from vmmesh.host.templates import BaseImage, TemplateManager
+from vmmesh.host.vms import RequestReport, VmManager
 from vmmesh.hypervisor.accel import probe_accel
 from vmmesh.hypervisor.qemu import QemuHypervisor
-from vmmesh.images import read_manifest
-from vmmesh.store import Store
-from vmmesh.templates import BaseImage, TemplateManager
-from vmmesh.vms import RequestReport, VmManager
 
 BASE_DIR = Path("/var/cache/vmmesh-dev/base")
 SCRATCH_PHASES = ("clone", "boot", "install", "shutdown", "record", "vm_clone", "vm_boot")

@@ -8,7 +8,7 @@ from typing import Any
 import trio
 
 from vmmesh.config import Config
-from vmmesh.control import connect_control
+from vmmesh.net.control import connect_control
 
 
 def call(cfg: Config, method: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import time
 
 from vmmesh.config import Config
 from vmmesh.errors import UsageError
-from vmmesh.images import ImageRecord, ImageStore
+from vmmesh.host.images import ImageRecord, ImageStore
 
 from .output import console, err_console, print_json, table
 
@@ -29,7 +29,7 @@ def _row(rec: ImageRecord, default: str | None) -> dict[str, object]:
 def image(args: argparse.Namespace, cfg: Config) -> int:
     store = ImageStore(cfg.data_dir)
     if args.action == "build":
-        from vmmesh.hypervisor.imagebuild import BuildOptions, build_base_image
+        from vmmesh.host.imagebuild import BuildOptions, build_base_image
 
         start = time.monotonic()
 

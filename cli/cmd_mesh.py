@@ -7,10 +7,10 @@ import socket
 
 import trio
 
-from vmmesh import join as join_protocol
-from vmmesh import pki
 from vmmesh.config import Config
 from vmmesh.errors import UsageError
+from vmmesh.mesh import join as join_protocol
+from vmmesh.mesh import pki
 
 from . import client
 from .output import console, print_json

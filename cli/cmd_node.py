@@ -9,7 +9,7 @@ import trio
 
 from vmmesh.config import Config, load_config
 from vmmesh.node import Node
-from vmmesh.vmservice import VmService
+from vmmesh.vmservice.service import VmService
 
 
 def node(args: argparse.Namespace, cfg: Config) -> int:

@@ -11,10 +11,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from vmmesh.api.host import check_package, check_vm_name
 from vmmesh.config import Config
 from vmmesh.errors import UsageError
-from vmmesh.model import check_package, check_vm_name
-from vmmesh.sshkeys import check_public_key, known_hosts_line
+from vmmesh.host.sshkeys import check_public_key, known_hosts_line
 
 from . import client
 from .output import console, print_json, progress_view, table

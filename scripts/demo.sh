@@ -14,7 +14,7 @@ LAB=${VMMESH_LAB_DIR:-/tmp/vmmesh-demo}
 TAG=demo
 
 echo "==> base image (built once per recipe; a few minutes)"
-"$PY" -m vmmesh.hypervisor.imagebuild --publish "$IMAGE" --if-stale
+"$PY" -m vmmesh.host.imagebuild --publish "$IMAGE" --if-stale
 
 # Guests install packages from a small local apt repository served on the
 # lab bridge (the lab hosts reach it; nothing outside this machine is used).

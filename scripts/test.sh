@@ -17,9 +17,9 @@ echo "==> mypy --strict"
 
 # The shared base image the QEMU tests boot (built once, then reused).
 IMAGE_LINK=${VMMESH_BASE_IMAGE_DIR:-/var/cache/vmmesh-dev/base}
-# Rebuilt when the recipe in vmmesh/hypervisor/imagebuild.py changed since.
+# Rebuilt when the recipe in vmmesh/host/imagebuild.py changed since.
 echo "==> base image for the QEMU tests (built once per recipe; a few minutes)"
-"$PY" -m vmmesh.hypervisor.imagebuild --publish "$IMAGE_LINK" --if-stale
+"$PY" -m vmmesh.host.imagebuild --publish "$IMAGE_LINK" --if-stale
 export VMMESH_BASE_IMAGE_DIR="$IMAGE_LINK"
 
 echo "==> pytest"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-from vmmesh.store import Store
+from vmmesh.host.store import Store
 
 settings.register_profile("vmmesh", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("vmmesh")

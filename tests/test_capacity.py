@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from vmmesh.capacity import (
+from vmmesh.config import Config
+from vmmesh.errors import StateError
+from vmmesh.host.capacity import (
     CapacityPolicy,
     HostProbe,
     Usage,
@@ -16,8 +18,6 @@ from vmmesh.capacity import (
     parse_meminfo,
     probe_host,
 )
-from vmmesh.config import Config
-from vmmesh.errors import StateError
 
 POLICY = CapacityPolicy(
     storage_quota_mb=10_000,

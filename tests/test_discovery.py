@@ -18,7 +18,9 @@ import pytest
 import trio
 
 from tests.labutil import lab_context
-from vmmesh.discovery import (
+from vmmesh.errors import MalformedMessage, UsageError
+from vmmesh.lab import Lab
+from vmmesh.mesh.discovery import (
     TXT_VERSION,
     DiscoveryCore,
     PeerGone,
@@ -28,8 +30,6 @@ from vmmesh.discovery import (
     parse_txt,
     txt_properties,
 )
-from vmmesh.errors import MalformedMessage, UsageError
-from vmmesh.lab import Lab
 
 ME = "aa" * 8
 PEER = "bb" * 8
@@ -197,7 +197,7 @@ def test_core_ignores_garbage(
 
 def test_core_logs_a_bad_record_once(caplog: pytest.LogCaptureFixture) -> None:
     core = DiscoveryCore(node_id=ME, mesh_id=MESH)
-    with caplog.at_level(logging.DEBUG, logger="vmmesh.discovery"):
+    with caplog.at_level(logging.DEBUG, logger="vmmesh.mesh.discovery"):
         for _ in range(5):
             core.service_added(inst(PEER), txt(v=b"9"), ["10.0.0.2"], 7400)
     levels = [r.levelno for r in caplog.records]
@@ -211,7 +211,7 @@ def test_core_logs_a_bad_record_once(caplog: pytest.LogCaptureFixture) -> None:
 AGENT = textwrap.dedent(
     """
     import dataclasses, json, sys, time, trio
-    from vmmesh.discovery import run_discovery
+    from vmmesh.mesh.discovery import run_discovery
 
     async def main(node_id, mesh_id, name, address):
         send, recv = trio.open_memory_channel(1000)

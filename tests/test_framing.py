@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vmmesh.errors import FrameTooLarge, MalformedMessage, UnknownMessage
-from vmmesh.framing import FrameDecoder, encode_frame
-from vmmesh.messages import Call, Cancel, End, Fail, Item, Reply, decode, encode
+from vmmesh.wire.envelope import Call, Cancel, End, Fail, Item, Reply, decode, encode
+from vmmesh.wire.framing import FrameDecoder, encode_frame
 
 
 def drain(decoder: FrameDecoder) -> list[object]:

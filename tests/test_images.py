@@ -24,8 +24,8 @@ import pytest
 import zstandard
 
 from vmmesh.errors import ImageError, IntegrityError, NotFound, UsageError
-from vmmesh.hypervisor import imagebuild
-from vmmesh.images import (
+from vmmesh.host import imagebuild
+from vmmesh.host.images import (
     DISK,
     IMAGE_FILES,
     INITRD,

@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 
 from vmmesh.errors import TokenError
-from vmmesh.invites import InviteBook
-from vmmesh.store import Store
+from vmmesh.host.store import Store
+from vmmesh.mesh.invites import InviteBook
 
 
 def _book(tmp_path: Path) -> InviteBook:

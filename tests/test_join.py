@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from vmmesh import pki
 from vmmesh.errors import AuthError, PeerUnavailable, TokenError
-from vmmesh.join import MemoryInviteBook, join_handler, join_mesh, join_server_context
-from vmmesh.messages import Body
-from vmmesh.rpc import CallContext, RpcConnection, connect_rpc
-from vmmesh.tls import serve_peers, server_context
+from vmmesh.mesh import pki
+from vmmesh.mesh.join import MemoryInviteBook, join_handler, join_mesh, join_server_context
+from vmmesh.net.rpc import CallContext, RpcConnection, connect_rpc
+from vmmesh.net.tls import serve_peers, server_context
+from vmmesh.wire.envelope import Body
 
 
 class Clock:

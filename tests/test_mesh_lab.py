@@ -59,8 +59,8 @@ def test_garbage_from_a_peer_is_refused_and_logged_once(lab: Lab) -> None:
         f"""
         import trio
         from pathlib import Path
-        from vmmesh.pki import load_identity
-        from vmmesh.tls import open_peer
+        from vmmesh.mesh.pki import load_identity
+        from vmmesh.net.tls import open_peer
 
         async def main():
             ident = load_identity(Path({str(lab.host_data_dir(2) / 'pki')!r}))
@@ -133,8 +133,8 @@ def test_removed_host_is_refused_by_every_peer(lab: Lab) -> None:
         import trio, sys
         from pathlib import Path
         from vmmesh.errors import AuthError, PeerUnavailable
-        from vmmesh.pki import load_identity
-        from vmmesh.tls import open_peer
+        from vmmesh.mesh.pki import load_identity
+        from vmmesh.net.tls import open_peer
 
         async def main():
             ident = load_identity(Path({str(lab.host_data_dir(3) / 'pki')!r}))

@@ -11,8 +11,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from vmmesh import pki
 from vmmesh.errors import AuthError, NotInitialized, TokenError, UsageError
+from vmmesh.mesh import pki
 
 
 @pytest.fixture

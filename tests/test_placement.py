@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vmmesh.api.host import Capacity, HostView, TemplateInfo
 from vmmesh.errors import MalformedMessage, UnknownMessage, UsageError
-from vmmesh.model import Capacity, HostView, TemplateInfo
-from vmmesh.placement import (
+from vmmesh.placement.planner import (
     HostIndex,
     MatchClass,
     PlacementRequest,

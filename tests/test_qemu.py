@@ -23,6 +23,7 @@ import pytest
 import trio
 
 from vmmesh.errors import GuestAgentError, HypervisorError, QMPError
+from vmmesh.host.sshkeys import PREPARE_SCRIPT, check_public_key, known_hosts_line, pick_port
 from vmmesh.hypervisor.accel import probe_payload
 from vmmesh.hypervisor.base import BootSpec, Guest, Hypervisor
 from vmmesh.hypervisor.qemu import (
@@ -36,7 +37,6 @@ from vmmesh.hypervisor.qemu import (
     spec_from_json,
     spec_to_json,
 )
-from vmmesh.sshkeys import PREPARE_SCRIPT, check_public_key, known_hosts_line, pick_port
 
 DEV_CACHE = Path("/var/cache/vmmesh-dev")
 

@@ -10,8 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vmmesh.errors import UsageError
-from vmmesh.hypervisor.fake import FAKE_HOST_KEY
-from vmmesh.sshkeys import (
+from vmmesh.host.sshkeys import (
     MAX_KEYS,
     check_public_key,
     check_public_keys,
@@ -19,6 +18,7 @@ from vmmesh.sshkeys import (
     known_hosts_line,
     pick_port,
 )
+from vmmesh.hypervisor.fake import FAKE_HOST_KEY
 
 
 def _key(kind: str = "ssh-ed25519", body: bytes = bytes(32), comment: str = "") -> str:

@@ -5,7 +5,7 @@ import pytest
 
 from vmmesh.config import load_config
 from vmmesh.errors import ConfigError
-from vmmesh.store import Store, latest_version
+from vmmesh.host.store import Store, latest_version
 
 
 def test_store_created_atomically_and_versioned(tmp_path: Path) -> None:

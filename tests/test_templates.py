@@ -9,10 +9,8 @@ import pytest
 import trio
 
 from vmmesh.errors import HypervisorError, NotFound, PackageInstallError, UsageError
-from vmmesh.hypervisor.base import BootSpec
-from vmmesh.hypervisor.fake import FakeHypervisor, chain_of, make_base_image, packages_on
-from vmmesh.store import Store
-from vmmesh.templates import (
+from vmmesh.host.store import Store
+from vmmesh.host.templates import (
     BUILDING_PREFIX,
     BaseImage,
     TemplateManager,
@@ -21,6 +19,8 @@ from vmmesh.templates import (
     missing_packages,
     template_id,
 )
+from vmmesh.hypervisor.base import BootSpec
+from vmmesh.hypervisor.fake import FakeHypervisor, chain_of, make_base_image, packages_on
 
 REPO = frozenset({"vmm-test-a", "vmm-test-b", "vmm-test-c", "vmm-test-d", "a", "b", "c", "d"})
 

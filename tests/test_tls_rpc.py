@@ -15,12 +15,12 @@ import pytest
 import trio
 import trio.testing
 
-from vmmesh import pki
 from vmmesh.errors import AuthError, NotFound, PeerUnavailable, RemoteError
-from vmmesh.framing import FrameDecoder, encode_frame
-from vmmesh.messages import Body, Call, Fail, decode, encode
-from vmmesh.rpc import CallContext, Handler, RpcConnection, connect_rpc, open_rpc
-from vmmesh.tls import client_context, open_peer, serve_peers, server_context
+from vmmesh.mesh import pki
+from vmmesh.net.rpc import CallContext, Handler, RpcConnection, connect_rpc, open_rpc
+from vmmesh.net.tls import client_context, open_peer, serve_peers, server_context
+from vmmesh.wire.envelope import Body, Call, Fail, decode, encode
+from vmmesh.wire.framing import FrameDecoder, encode_frame
 
 # --- handlers used by both halves ----------------------------------------------------
 
@@ -324,7 +324,7 @@ async def refused_client(
     server: Server, identity: pki.Identity, caplog: pytest.LogCaptureFixture, attempts: int = 1
 ) -> None:
     """Connect as ``identity``; the server must refuse it in the handshake."""
-    before = len(records(caplog, "vmmesh.tls", "refused TLS connection"))
+    before = len(records(caplog, "vmmesh.net.tls", "refused TLS connection"))
     for _ in range(attempts):
         # TLS 1.3: the client's handshake completes before the server checks it,
         # so the refusal shows on the first read
@@ -333,7 +333,8 @@ async def refused_client(
             async with open_rpc(stream, "server") as conn:
                 await conn.call("t.echo")
     await wait_for(
-        lambda: len(records(caplog, "vmmesh.tls", "refused TLS connection")) == before + attempts
+        lambda: len(records(caplog, "vmmesh.net.tls", "refused TLS connection"))
+        == before + attempts
     )
     assert server.peers == []  # the handler never saw this client
 
@@ -342,7 +343,7 @@ async def test_client_of_other_ca_refused(mesh: Mesh, caplog: pytest.LogCaptureF
     caplog.set_level(logging.DEBUG, logger="vmmesh")
     async with tls_server(mesh.alpha) as server:
         await refused_client(server, mesh.mallory, caplog, attempts=3)
-    refused = records(caplog, "vmmesh.tls", "refused TLS connection")
+    refused = records(caplog, "vmmesh.net.tls", "refused TLS connection")
     assert [r.levelno for r in refused] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
 
 
@@ -393,14 +394,14 @@ async def test_bad_peer_over_tls_does_not_hurt_others(
                 got = await send_violation(server.port, mesh.beta, VIOLATIONS[kind])
                 for msg in map(decode, got):  # a Fail if it arrived before the close
                     assert isinstance(msg, Fail) and (msg.id, msg.code) == (0, "ProtocolError")
-                await wait_for(partial(logged, caplog, "vmmesh.rpc", text, n))
+                await wait_for(partial(logged, caplog, "vmmesh.net.rpc", text, n))
                 assert (await good.call("t.echo", {"after": kind}))["echo"] == {"after": kind}
         # unknown method: an error answer, and the connection stays open
         async with connect_rpc("127.0.0.1", server.port, mesh.beta) as conn:
             with pytest.raises(RemoteError, match="unknown method"):
                 await conn.call("t.what")
             assert (await conn.call("t.echo"))["peer"] == mesh.beta.node_id
-    levels = [r.levelno for r in records(caplog, "vmmesh.rpc", text)]
+    levels = [r.levelno for r in records(caplog, "vmmesh.net.rpc", text)]
     assert levels == [logging.WARNING] + [logging.DEBUG] * (len(VIOLATIONS) - 1)
 
 

@@ -20,14 +20,14 @@ import pytest
 import trio
 
 from tests.aptrepo import AptRepo, apt_repo
-from vmmesh.capacity import CapacityPolicy, probe_host
 from vmmesh.errors import PackageInstallError
+from vmmesh.host.capacity import CapacityPolicy, probe_host
+from vmmesh.host.images import read_manifest
+from vmmesh.host.store import Store
+from vmmesh.host.templates import BUILDING_PREFIX, BaseImage, TemplateManager
+from vmmesh.host.vms import VmManager, VmStopped
 from vmmesh.hypervisor.base import BootSpec
 from vmmesh.hypervisor.qemu import QemuGuest, QemuHypervisor
-from vmmesh.images import read_manifest
-from vmmesh.store import Store
-from vmmesh.templates import BUILDING_PREFIX, BaseImage, TemplateManager
-from vmmesh.vms import VmManager, VmStopped
 
 __all__ = ["apt_repo"]  # fixture used by name
 

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import trio
 
-from vmmesh.capacity import CapacityPolicy, HostProbe
 from vmmesh.errors import CapacityError, NotFound, PackageInstallError, UsageError
+from vmmesh.host.capacity import CapacityPolicy, HostProbe
+from vmmesh.host.store import Store
+from vmmesh.host.templates import BaseImage, TemplateManager
+from vmmesh.host.vms import VmManager, VmStopped, check_zip, request_name_of
 from vmmesh.hypervisor.base import BootSpec
 from vmmesh.hypervisor.fake import FakeHypervisor, chain_of, files_on, make_base_image
-from vmmesh.store import Store
-from vmmesh.templates import BaseImage, TemplateManager
-from vmmesh.vms import VmManager, VmStopped, check_zip, request_name_of
 
 POLICY = CapacityPolicy(
     storage_quota_mb=10_000,

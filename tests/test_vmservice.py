@@ -1,4 +1,4 @@
-"""The mesh coordination of VMs (``vmmesh.vmservice``) through three real nodes
+"""The mesh coordination of VMs (``vmmesh.vmservice.service``) through three real nodes
 in one trio run: loopback addresses 127.0.0.1-3, static seeds, real mutual
 TLS and gossip, the control socket - and a fake hypervisor, so that each test
 takes seconds.  The same scenarios as tests/test_mesh_vms.py (real processes,
@@ -28,18 +28,18 @@ import pytest
 import trio
 
 import vmmesh.node
-from vmmesh import pki
-from vmmesh.capacity import count_cores
+from vmmesh.api.host import HostView
 from vmmesh.config import Config
-from vmmesh.control import connect_control
 from vmmesh.errors import HypervisorError, PackageInstallError, RemoteError
+from vmmesh.host.capacity import count_cores
+from vmmesh.host.templates import BaseImage
+from vmmesh.host.vms import VmManager
 from vmmesh.hypervisor.base import BootSpec
 from vmmesh.hypervisor.fake import FAKE_HOST_KEY, FakeGuest, FakeHypervisor, make_base_image
-from vmmesh.model import HostView
+from vmmesh.mesh import pki
+from vmmesh.net.control import connect_control
 from vmmesh.node import Node
-from vmmesh.templates import BaseImage
-from vmmesh.vms import VmManager
-from vmmesh.vmservice import VmService
+from vmmesh.vmservice.service import VmService
 
 Body = dict[str, Any]
 

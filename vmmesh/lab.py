@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from vmmesh.errors import StateError, UsageError
-from vmmesh.images import ImageStore
+from vmmesh.host.images import ImageStore
 
 LAB_FILE = "lab.json"
 LAB_VERSION = 1

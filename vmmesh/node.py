@@ -40,10 +40,8 @@ from typing import Any
 
 import trio
 
-from vmmesh import control, pki
-from vmmesh.capacity import CapacityPolicy, Usage, compute_capacity, probe_host
+from vmmesh.api.host import HEX_ID, Capacity, HostView, TemplateInfo
 from vmmesh.config import Config
-from vmmesh.discovery import PeerEvent, PeerGone, PeerSeen, parse_seed, run_discovery
 from vmmesh.errors import (
     AuthError,
     NotFound,
@@ -55,13 +53,16 @@ from vmmesh.errors import (
 from vmmesh.gossip.core import EventKind, GossipConfig, GossipCore
 from vmmesh.gossip.detector import DetectorConfig
 from vmmesh.gossip.driver import make_handlers, run_gossip
-from vmmesh.invites import InviteBook
-from vmmesh.join import join_handler, join_server_context
-from vmmesh.model import HEX_ID, Capacity, HostView, TemplateInfo
-from vmmesh.peers import PeerPool
-from vmmesh.rpc import CallContext, Handler, RpcConnection
-from vmmesh.store import Store
-from vmmesh.tls import serve_peers, server_context
+from vmmesh.host.capacity import CapacityPolicy, Usage, compute_capacity, probe_host
+from vmmesh.host.store import Store
+from vmmesh.mesh import pki
+from vmmesh.mesh.discovery import PeerEvent, PeerGone, PeerSeen, parse_seed, run_discovery
+from vmmesh.mesh.invites import InviteBook
+from vmmesh.mesh.join import join_handler, join_server_context
+from vmmesh.net import control
+from vmmesh.net.peers import PeerPool
+from vmmesh.net.rpc import CallContext, Handler, RpcConnection
+from vmmesh.net.tls import serve_peers, server_context
 
 log = logging.getLogger("vmmesh.node")
 

@@ -65,9 +65,9 @@ from operator import itemgetter
 from random import Random
 from typing import Any, NamedTuple
 
+from vmmesh.api.host import check_hex_id
 from vmmesh.errors import MalformedMessage, NotFound, Revoked, UsageError
 from vmmesh.gossip.detector import DOWN, SUSPECT, UP, DetectorConfig, PhiAccrual, Status
-from vmmesh.model import check_hex_id
 
 WIRE_VERSION = 1
 HB = "hb"

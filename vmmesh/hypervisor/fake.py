@@ -27,8 +27,8 @@ from typing import Any
 import trio
 
 from vmmesh.errors import GuestAgentError, HypervisorError
+from vmmesh.host.sshkeys import PREPARE_SCRIPT
 from vmmesh.hypervisor.base import BootSpec, DiskInfo, ExecResult, ImageManifest
-from vmmesh.sshkeys import PREPARE_SCRIPT
 
 # A well-formed ed25519 public key (not anyone's): the fake guests' ssh host key.
 FAKE_HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhscHR4f"

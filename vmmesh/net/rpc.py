@@ -35,8 +35,9 @@ from dataclasses import dataclass, field
 import trio
 
 from vmmesh.errors import PeerUnavailable, ProtocolError, RemoteError, VmmeshError
-from vmmesh.framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
-from vmmesh.messages import (
+from vmmesh.mesh.pki import Identity
+from vmmesh.net.tls import WarnOnce, describe_error, open_peer, peer_node_id
+from vmmesh.wire.envelope import (
     Body,
     Call,
     Cancel,
@@ -49,8 +50,7 @@ from vmmesh.messages import (
     decode,
     encode,
 )
-from vmmesh.pki import Identity
-from vmmesh.tls import WarnOnce, describe_error, open_peer, peer_node_id
+from vmmesh.wire.framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
 
 log = logging.getLogger(__name__)
 _warn_once = WarnOnce(log)

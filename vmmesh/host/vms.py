@@ -49,13 +49,7 @@ from typing import Any
 
 import trio
 
-from vmmesh.capacity import (
-    CapacityPolicy,
-    HostProbe,
-    Usage,
-    compute_capacity,
-    disk_used_mb,
-)
+from vmmesh.api.host import Capacity, check_vm_name
 from vmmesh.errors import (
     CapacityError,
     HypervisorError,
@@ -64,20 +58,26 @@ from vmmesh.errors import (
     UsageError,
     VmmeshError,
 )
-from vmmesh.hypervisor.base import BootSpec, ExecResult, Guest, Hypervisor
-from vmmesh.model import Capacity, check_vm_name
-from vmmesh.sshkeys import (
+from vmmesh.host.capacity import (
+    CapacityPolicy,
+    HostProbe,
+    Usage,
+    compute_capacity,
+    disk_used_mb,
+)
+from vmmesh.host.sshkeys import (
     NO_SSHD_EXIT,
     PREPARE_SCRIPT,
     check_public_key,
     check_public_keys,
     pick_port,
 )
-from vmmesh.store import Store
-from vmmesh.tasks import open_nursery
-from vmmesh.templates import Progress, TemplateManager, TemplateRecord, power_off
+from vmmesh.host.store import Store
+from vmmesh.host.templates import Progress, TemplateManager, TemplateRecord, power_off
+from vmmesh.hypervisor.base import BootSpec, ExecResult, Guest, Hypervisor
+from vmmesh.nurseries import open_nursery
 
-log = logging.getLogger("vmmesh.vms")
+log = logging.getLogger("vmmesh.host.vms")
 
 # States whose VMs hold cores and memory.
 ACTIVE = ("creating", "running", "stopping")

@@ -55,8 +55,8 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from typing import Any
 
+from vmmesh.api.host import HostView, TemplateInfo, check_hex_id, check_package, check_vm_name
 from vmmesh.errors import MalformedMessage, UnknownMessage, UsageError
-from vmmesh.model import HostView, TemplateInfo, check_hex_id, check_package, check_vm_name
 
 WIRE_VERSION = 1
 """Version of the ``to_wire`` form of requests and plans."""

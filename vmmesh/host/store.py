@@ -26,7 +26,7 @@ _SCHEMA_FILE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 
 def _schema_scripts() -> dict[int, str]:
     scripts: dict[int, str] = {}
-    for entry in resources.files("vmmesh.schema").iterdir():
+    for entry in resources.files("vmmesh.host.schema").iterdir():
         m = _SCHEMA_FILE.match(entry.name)
         if m:
             scripts[int(m.group(1))] = entry.read_text()

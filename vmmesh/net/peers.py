@@ -22,11 +22,11 @@ from typing import Any
 import trio
 
 from vmmesh.errors import PeerUnavailable
-from vmmesh.pki import Identity
-from vmmesh.rpc import Handler, RpcConnection
-from vmmesh.tls import open_peer, peer_node_id
+from vmmesh.mesh.pki import Identity
+from vmmesh.net.rpc import Handler, RpcConnection
+from vmmesh.net.tls import open_peer, peer_node_id
 
-log = logging.getLogger("vmmesh.peers")
+log = logging.getLogger("vmmesh.net.peers")
 
 _TRUST = {"mdns": 3, "seed": 3, "inbound": 2, "gossip": 1}
 

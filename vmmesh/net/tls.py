@@ -30,7 +30,7 @@ import trio
 from cryptography import x509
 
 from vmmesh.errors import AuthError, PeerUnavailable
-from vmmesh.pki import Identity, cert_node_id
+from vmmesh.mesh.pki import Identity, cert_node_id
 
 log = logging.getLogger(__name__)
 

@@ -46,10 +46,10 @@ from pathlib import Path
 
 import trio
 
+from vmmesh.api.host import TemplateInfo, check_package
 from vmmesh.errors import HypervisorError, NotFound, PackageInstallError, UsageError
+from vmmesh.host.store import Store
 from vmmesh.hypervisor.base import BootSpec, Guest, Hypervisor, ImageManifest
-from vmmesh.model import TemplateInfo, check_package
-from vmmesh.store import Store
 
 Progress = Callable[[str, float | None], None]
 
@@ -63,7 +63,7 @@ _APT_MISSING = (
 )
 
 
-log = logging.getLogger("vmmesh.templates")
+log = logging.getLogger("vmmesh.host.templates")
 
 _WAIT_ONLINE = "/usr/lib/systemd/systemd-networkd-wait-online"
 _APT_RETRIES_FILE = "/etc/apt/apt.conf.d/80vmmesh-retries"

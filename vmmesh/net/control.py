@@ -21,7 +21,7 @@ from pathlib import Path
 import trio
 
 from vmmesh.errors import NodeNotRunning, StateError
-from vmmesh.rpc import Handler, RpcConnection, open_rpc
+from vmmesh.net.rpc import Handler, RpcConnection, open_rpc
 
 CONTROL_MAX_FRAME = 64 << 20
 LOCAL_PEER = "local"

@@ -8,7 +8,7 @@ restart does not make a used token usable again.
 from __future__ import annotations
 
 from vmmesh.errors import TokenError
-from vmmesh.store import Store
+from vmmesh.host.store import Store
 
 
 class InviteBook:

@@ -27,8 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from vmmesh import placement
-from vmmesh.capacity import CapacityPolicy, probe_host
+from vmmesh.api.host import Capacity, HostView, check_package, check_vm_name
 from vmmesh.errors import (
     ImageError,
     IntegrityError,
@@ -38,24 +37,25 @@ from vmmesh.errors import (
     UsageError,
     VmmeshError,
 )
+from vmmesh.host.capacity import CapacityPolicy, probe_host
+from vmmesh.host.images import ImageStore
+from vmmesh.host.sshkeys import check_public_key, check_public_keys, connect_address
+from vmmesh.host.store import Store
+from vmmesh.host.templates import BaseImage, TemplateManager
+from vmmesh.host.vms import RequestReport, VmManager, VmStopped, check_zip, request_name_of
 from vmmesh.hypervisor.accel import probe_accel
 from vmmesh.hypervisor.base import Hypervisor
 from vmmesh.hypervisor.qemu import QemuHypervisor
-from vmmesh.images import ImageStore
-from vmmesh.model import Capacity, HostView, check_package, check_vm_name
-from vmmesh.rpc import CallContext, Handler
-from vmmesh.sshkeys import check_public_key, check_public_keys, connect_address
-from vmmesh.store import Store
-from vmmesh.tasks import open_nursery
-from vmmesh.templates import BaseImage, TemplateManager
-from vmmesh.vms import RequestReport, VmManager, VmStopped, check_zip, request_name_of
+from vmmesh.net.rpc import CallContext, Handler
+from vmmesh.nurseries import open_nursery
+from vmmesh.placement import planner as placement
 
 if TYPE_CHECKING:
     from vmmesh.node import Node
 
 from vmmesh.node import NodeExtension
 
-log = logging.getLogger("vmmesh.vms")
+log = logging.getLogger("vmmesh.host.vms")
 
 Body = dict[str, Any]
 MAX_REPLANS = 8

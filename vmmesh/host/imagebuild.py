@@ -47,7 +47,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 from vmmesh.errors import HypervisorError, ImageError, UsageError
-from vmmesh.images import ImageRecord, ImageStore
+from vmmesh.host.images import ImageRecord, ImageStore
 
 Progress = Callable[[str, float | None], None]
 """``progress(phase, None)`` when a phase starts, ``progress(phase, seconds)`` when it ends."""
@@ -595,7 +595,7 @@ def is_stale(link: Path, options: BuildOptions) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Development entry point: ``python -m vmmesh.hypervisor.imagebuild``."""
+    """Development entry point: ``python -m vmmesh.host.imagebuild``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_CACHE_DIR / "store")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)

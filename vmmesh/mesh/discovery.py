@@ -39,8 +39,8 @@ from typing import Any
 
 import trio
 
+from vmmesh.api.host import check_hex_id
 from vmmesh.errors import ConfigError, MalformedMessage, UsageError
-from vmmesh.model import check_hex_id
 
 log = logging.getLogger(__name__)
 

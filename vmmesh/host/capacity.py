@@ -3,7 +3,7 @@
 Theory of operation: the probe (``probe_host``) reads the machine once —
 cores, total memory, free bytes of the data directory's file system — and
 ``compute_capacity`` turns that, plus what is already used, into a
-``vmmesh.model.Capacity``.  The computation is pure so that tests (and the
+``vmmesh.api.host.Capacity``.  The computation is pure so that tests (and the
 node, for "what if I admitted N more") need no machine.
 
 Rules, with their settings (all in ``vmmesh.config.Config``):
@@ -31,9 +31,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmmesh.api.host import Capacity
 from vmmesh.config import Config
 from vmmesh.errors import StateError
-from vmmesh.model import Capacity
 
 # Sub-directories of the data dir whose files count against the quota.
 QUOTA_DIRS = ("vms", "templates")

@@ -36,8 +36,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from vmmesh.errors import AuthError, PeerUnavailable, RemoteError, TokenError, UsageError
-from vmmesh.messages import Body
-from vmmesh.pki import (
+from vmmesh.mesh.pki import (
     Identity,
     check_host_name,
     current_crl,
@@ -49,8 +48,9 @@ from vmmesh.pki import (
     sign_csr,
     split_address,
 )
-from vmmesh.rpc import CallContext, Handler, RpcConnection, open_rpc
-from vmmesh.tls import PeerHandler, open_peer
+from vmmesh.net.rpc import CallContext, Handler, RpcConnection, open_rpc
+from vmmesh.net.tls import PeerHandler, open_peer
+from vmmesh.wire.envelope import Body
 
 JOIN_MAX_FRAME = 64 << 10
 JOIN_DEADLINE = 60.0
