@@ -135,8 +135,14 @@ class Watcher:
                         for probe in list(self.probes):
                             probe.offer(i, t, hosts)
                         await trio.sleep(POLL)
-            except (VmmeshError, OSError, trio.BrokenResourceError, trio.ClosedResourceError,
-                    trio.TooSlowError, ExceptionGroup):
+            except (
+                VmmeshError,
+                OSError,
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+                trio.TooSlowError,
+                ExceptionGroup,
+            ):
                 self.reconnects[i] += 1
                 await trio.sleep(POLL)
 
@@ -152,9 +158,15 @@ class Watcher:
 
 
 def _set_quota(cfg: Path, original: str | None, value: int) -> None:
-    keep = [] if original is None else [
-        line for line in original.splitlines() if not line.strip().startswith("storage_quota_mb")
-    ]
+    keep = (
+        []
+        if original is None
+        else [
+            line
+            for line in original.splitlines()
+            if not line.strip().startswith("storage_quota_mb")
+        ]
+    )
     cfg.write_text("\n".join([*keep, f"storage_quota_mb = {value}"]) + "\n")
 
 
@@ -307,12 +319,19 @@ class Metric:
 def metrics(interval: float) -> list[Metric]:
     return [
         Metric("change.origin_s", "change: host itself applies it (s)", "report"),
-        Metric("change.spread_s", "change: reached every other host (s)",
-               f"report; gossip interval {interval:g} s"),
+        Metric(
+            "change.spread_s",
+            "change: reached every other host (s)",
+            f"report; gossip interval {interval:g} s",
+        ),
         Metric("change.rounds", "change: same, in gossip intervals", GOSSIP_ANCHOR),
         Metric("kill.suspect_all_s", "SIGKILL: all peers suspect it (s)", "report"),
-        Metric("kill.down_all_s", "SIGKILL: all peers mark it down (s)",
-               f"<= {DOWN_TARGET:g} s", DOWN_TARGET),
+        Metric(
+            "kill.down_all_s",
+            "SIGKILL: all peers mark it down (s)",
+            f"<= {DOWN_TARGET:g} s",
+            DOWN_TARGET,
+        ),
         Metric("kill.restart_ready_s", "restart: its node answers (s)", "report"),
         Metric("kill.restart_up_all_s", "restart: up again at all peers (s)", "report"),
         Metric("kill.restart_sees_all_s", "restart: it sees all peers up (s)", "report"),
@@ -339,16 +358,18 @@ def summarise(runs: list[dict[str, Any]], interval: float) -> list[Row]:
         met: bool | None = None
         if m.limit is not None:
             met = worst is not None and worst <= m.limit and not missing
-        rows.append({
-            "metric": m.key,
-            "label": m.label,
-            "n": len(got),
-            "missing": missing,
-            "p50": round(statistics.median(got), 3) if got else None,
-            "max": round(worst, 3) if worst is not None else None,
-            "target": m.target,
-            "met": met,
-        })
+        rows.append(
+            {
+                "metric": m.key,
+                "label": m.label,
+                "n": len(got),
+                "missing": missing,
+                "p50": round(statistics.median(got), 3) if got else None,
+                "max": round(worst, 3) if worst is not None else None,
+                "target": m.target,
+                "met": met,
+            }
+        )
     return rows
 
 
@@ -357,25 +378,37 @@ def _fmt(v: float | None) -> str:
 
 
 def print_table(rows: list[Row], hosts: int, repeat: int, interval: float) -> None:
-    print(f"lab mesh: {hosts} hosts, {repeat} repeats, gossip interval {interval:g} s, "
-          f"poll {POLL * 1000:.0f} ms")
+    print(
+        f"lab mesh: {hosts} hosts, {repeat} repeats, gossip interval {interval:g} s, "
+        f"poll {POLL * 1000:.0f} ms"
+    )
     print(f"{'metric':<40} {'p50':>6} {'max':>6} {'n':>3}  target")
     for r in rows:
         verdict = "" if r["met"] is None else ("  MET" if r["met"] else "  NOT MET")
         miss = f" ({r['missing']} never)" if r["missing"] else ""
-        print(f"{r['label']:<40} {_fmt(r['p50']):>6} {_fmt(r['max']):>6} {r['n']:>3}  "
-              f"{r['target']}{verdict}{miss}")
+        print(
+            f"{r['label']:<40} {_fmt(r['p50']):>6} {_fmt(r['max']):>6} {r['n']:>3}  "
+            f"{r['target']}{verdict}{miss}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--hosts", type=int, default=3, help="lab hosts (3)")
     p.add_argument("--repeat", type=int, default=3, help="runs of change + kill + restart (3)")
-    p.add_argument("--gossip-interval", type=float, default=0.5,
-                   help="passed to every node (0.5, the default of `vmmesh node`)")
-    p.add_argument("--patience", type=float, default=50.0,
-                   help="give up waiting for one state after this many seconds (50; a host "
-                        "down for 60 s is forgotten)")
+    p.add_argument(
+        "--gossip-interval",
+        type=float,
+        default=0.5,
+        help="passed to every node (0.5, the default of `vmmesh node`)",
+    )
+    p.add_argument(
+        "--patience",
+        type=float,
+        default=50.0,
+        help="give up waiting for one state after this many seconds (50; a host "
+        "down for 60 s is forgotten)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
     if args.hosts < 2 or args.repeat < 1:
@@ -392,8 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="vmmesh-labbench-") as tmp:
             log(f"bringing up a lab of {args.hosts} hosts")
-            with lab_context(Path(tmp), args.hosts, start_nodes=True,
-                             node_args=node_args) as lab:
+            with lab_context(Path(tmp), args.hosts, start_nodes=True, node_args=node_args) as lab:
                 log(f"lab {lab.tag} up in {time.monotonic() - started:.1f} s")
                 result = trio.run(bench, lab, args.repeat, args.patience, log)
     except pytest.skip.Exception as exc:
@@ -401,15 +433,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = summarise(result["runs"], args.gossip_interval)
     if args.json:
-        json.dump({
-            "hosts": args.hosts,
-            "repeat": args.repeat,
-            "gossip_interval_s": args.gossip_interval,
-            "poll_s": POLL,
-            "results": rows,
-            **result,
-            "wall_s": round(time.monotonic() - started, 1),
-        }, sys.stdout, indent=2)
+        json.dump(
+            {
+                "hosts": args.hosts,
+                "repeat": args.repeat,
+                "gossip_interval_s": args.gossip_interval,
+                "poll_s": POLL,
+                "results": rows,
+                **result,
+                "wall_s": round(time.monotonic() - started, 1),
+            },
+            sys.stdout,
+            indent=2,
+        )
         print()
     else:
         print_table(rows, args.hosts, args.repeat, args.gossip_interval)

@@ -50,8 +50,17 @@ def _free_port() -> int:
 
 def _request(lab: Lab, count: int) -> tuple[float, dict[str, Any]]:
     start = time.monotonic()
-    argv = [*lab.vmmesh_argv(), "request", "--data-dir", str(lab.host_data_dir(1)),
-            "bench", str(count), "vmm-test-a", "vmm-test-b", "--json"]
+    argv = [
+        *lab.vmmesh_argv(),
+        "request",
+        "--data-dir",
+        str(lab.host_data_dir(1)),
+        "bench",
+        str(count),
+        "vmm-test-a",
+        "vmm-test-b",
+        "--json",
+    ]
     r = lab.lab_exec(1, argv, check=False, timeout=3600)
     seconds = time.monotonic() - start
     reply: dict[str, Any] = json.loads(r.stdout) if r.stdout else {"error": r.stderr}
@@ -60,10 +69,11 @@ def _request(lab: Lab, count: int) -> tuple[float, dict[str, Any]]:
 
 def run(hosts: int, vms: int, accel: str) -> dict[str, Any]:
     port = _free_port()
-    args = [f"--accel={accel}",
-            f"--apt-source=deb [trusted=yes] http://BRIDGE:{port}/ ./"]
-    with tempfile.TemporaryDirectory(dir="/tmp", prefix="vmb-") as tmp, \
-            lab_context(Path(tmp), hosts, image=BASE_DIR) as lab:
+    args = [f"--accel={accel}", f"--apt-source=deb [trusted=yes] http://BRIDGE:{port}/ ./"]
+    with (
+        tempfile.TemporaryDirectory(dir="/tmp", prefix="vmb-") as tmp,
+        lab_context(Path(tmp), hosts, image=BASE_DIR) as lab,
+    ):
         for i in range(1, hosts + 1):  # two VM slots per host (1 GB disk each) + templates
             (lab.host_data_dir(i) / "config.toml").write_text("storage_quota_mb = 2600\n")
         running = lab.with_node_args([a.replace("BRIDGE", lab.bridge_address) for a in args])
@@ -74,16 +84,31 @@ def run(hosts: int, vms: int, accel: str) -> dict[str, Any]:
             cold, cold_reply = _request(running, vms)
             running.cli(1, "shutdown", "bench")
             for i in range(1, hosts + 1):  # the planner's view shows the slots free again
-                eventually(field_is, f"h1 sees h{i} free", running, 1, f"h{i}",
-                           ("capacity", "free_slots"), 2)
+                eventually(
+                    field_is,
+                    f"h1 sees h{i} free",
+                    running,
+                    1,
+                    f"h{i}",
+                    ("capacity", "free_slots"),
+                    2,
+                )
             warm, warm_reply = _request(running, vms)
             running.cli(1, "shutdown", "bench")
     return {
-        "hosts": hosts, "vms": vms, "accel": accel,
-        "without_templates": {"seconds": round(cold, 1), "placed": len(cold_reply.get("vms", [])),
-                              "per_host": _per_host(cold_reply)},
-        "with_templates": {"seconds": round(warm, 1), "placed": len(warm_reply.get("vms", [])),
-                           "per_host": _per_host(warm_reply)},
+        "hosts": hosts,
+        "vms": vms,
+        "accel": accel,
+        "without_templates": {
+            "seconds": round(cold, 1),
+            "placed": len(cold_reply.get("vms", [])),
+            "per_host": _per_host(cold_reply),
+        },
+        "with_templates": {
+            "seconds": round(warm, 1),
+            "placed": len(warm_reply.get("vms", [])),
+            "per_host": _per_host(warm_reply),
+        },
         "thesis_one_vm": THESIS,
     }
 
@@ -108,11 +133,15 @@ def main() -> int:
         return 0
     print(f"request of {args.vms} VMs across {args.hosts} lab hosts ({args.accel.upper()})")
     print(f"{'case':<22}{'ours (s)':>10}{'placed':>8}  per host        thesis, ONE VM (s)")
-    for key, label, thesis in (("without_templates", "templates missing", THESIS["scratch"]),
-                               ("with_templates", "templates present", THESIS["template"])):
+    for key, label, thesis in (
+        ("without_templates", "templates missing", THESIS["scratch"]),
+        ("with_templates", "templates present", THESIS["template"]),
+    ):
         r = result[key]
-        print(f"{label:<22}{r['seconds']:>10.1f}{r['placed']:>8}  "
-              f"{json.dumps(r['per_host']):<16}{thesis:>6.0f}")
+        print(
+            f"{label:<22}{r['seconds']:>10.1f}{r['placed']:>8}  "
+            f"{json.dumps(r['per_host']):<16}{thesis:>6.0f}"
+        )
     return 0
 
 

@@ -79,10 +79,20 @@ def image(args: argparse.Namespace, cfg: Config) -> int:
     if args.json:
         print_json({"images": rows})
     else:
-        table("base images", ["id", "default", "disk", "kernel", "packages"],
-              [(str(r["image_id"])[:16], "*" if r["default"] else "",
-                f"{int(str(r['size'])) / 1e6:.0f} MB", r["kernel"], r["packages"])
-               for r in rows])
+        table(
+            "base images",
+            ["id", "default", "disk", "kernel", "packages"],
+            [
+                (
+                    str(r["image_id"])[:16],
+                    "*" if r["default"] else "",
+                    f"{int(str(r['size'])) / 1e6:.0f} MB",
+                    r["kernel"],
+                    r["packages"],
+                )
+                for r in rows
+            ],
+        )
     return 0
 
 

@@ -25,13 +25,20 @@ def init(args: argparse.Namespace, cfg: Config) -> int:
         raise UsageError(f"{cfg.data_dir} already belongs to a mesh (remove {cfg.pki_dir} first)")
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     ident = pki.init_mesh(cfg.pki_dir, _host_name(args, cfg))
-    info = {"node_id": ident.node_id, "mesh_id": ident.mesh_id, "name": ident.name,
-            "admin": ident.is_admin, "data_dir": str(cfg.data_dir)}
+    info = {
+        "node_id": ident.node_id,
+        "mesh_id": ident.mesh_id,
+        "name": ident.name,
+        "admin": ident.is_admin,
+        "data_dir": str(cfg.data_dir),
+    }
     if args.json:
         print_json(info)
     else:
-        console.print(f"created mesh [bold]{ident.mesh_id}[/] with host "
-                      f"[bold]{ident.name}[/] ({ident.node_id}) in {cfg.data_dir}")
+        console.print(
+            f"created mesh [bold]{ident.mesh_id}[/] with host "
+            f"[bold]{ident.name}[/] ({ident.node_id}) in {cfg.data_dir}"
+        )
     return 0
 
 
@@ -56,8 +63,10 @@ def join(args: argparse.Namespace, cfg: Config) -> int:
     if args.json:
         print_json(info)
     else:
-        console.print(f"joined mesh [bold]{ident.mesh_id}[/] as [bold]{ident.name}[/] "
-                      f"({ident.node_id}); start it with `vmmesh node`")
+        console.print(
+            f"joined mesh [bold]{ident.mesh_id}[/] as [bold]{ident.name}[/] "
+            f"({ident.node_id}); start it with `vmmesh node`"
+        )
     return 0
 
 
@@ -66,6 +75,7 @@ def remove(args: argparse.Namespace, cfg: Config) -> int:
     if args.json:
         print_json(reply)
     else:
-        console.print(f"revoked {reply['name']} ({reply['node_id']}); "
-                      "the revocation spreads by gossip")
+        console.print(
+            f"revoked {reply['name']} ({reply['node_id']}); the revocation spreads by gossip"
+        )
     return 0

@@ -82,12 +82,20 @@ def _print_report(reply: dict[str, Any]) -> None:
     vms = reply.get("vms", [])
     if vms:
         rows = [
-            (v.get("name"), v.get("host"), v.get("template", "")[:12],
-             "built" if v.get("built") else "reused", f"{v.get('seconds', 0):.1f}s")
+            (
+                v.get("name"),
+                v.get("host"),
+                v.get("template", "")[:12],
+                "built" if v.get("built") else "reused",
+                f"{v.get('seconds', 0):.1f}s",
+            )
             for v in vms
         ]
-        table(f"request {reply.get('name', '')}: {len(vms)} VM(s)",
-              ["VM", "host", "template", "template was", "took"], rows)
+        table(
+            f"request {reply.get('name', '')}: {len(vms)} VM(s)",
+            ["VM", "host", "template", "template was", "took"],
+            rows,
+        )
     for miss in reply.get("unplaced", []):
         console.print(f"[red]not placed[/]: {miss.get('count')} VM(s): {miss.get('reason')}")
     for note in reply.get("notes", []):
@@ -100,8 +108,15 @@ def vms(args: argparse.Namespace, cfg: Config) -> int:
         print_json(reply)
         return 0
     rows = [
-        (v.get("name"), v.get("host"), v.get("state"), " ".join(v.get("packages", [])),
-         v.get("vcpus"), v.get("memory_mb"), v.get("vm_id", "")[:12])
+        (
+            v.get("name"),
+            v.get("host"),
+            v.get("state"),
+            " ".join(v.get("packages", [])),
+            v.get("vcpus"),
+            v.get("memory_mb"),
+            v.get("vm_id", "")[:12],
+        )
         for v in reply.get("vms", [])
     ]
     table("VMs", ["name", "host", "state", "packages", "vCPUs", "MB", "id"], rows)
@@ -116,8 +131,13 @@ def templates(args: argparse.Namespace, cfg: Config) -> int:
         print_json(reply)
         return 0
     rows = [
-        (t.get("host"), t.get("template_id", "")[:12], " ".join(t.get("packages", [])),
-         f"{t.get('size', 0) / 1e6:.1f} MB", t.get("depth", ""))
+        (
+            t.get("host"),
+            t.get("template_id", "")[:12],
+            " ".join(t.get("packages", [])),
+            f"{t.get('size', 0) / 1e6:.1f} MB",
+            t.get("depth", ""),
+        )
         for t in reply.get("templates", [])
     ]
     table("templates", ["host", "id", "packages", "delta", "depth"], rows)
@@ -169,8 +189,13 @@ def exec_(args: argparse.Namespace, cfg: Config) -> int:
     out = base64.b64decode(reply.get("stdout", ""))
     err = base64.b64decode(reply.get("stderr", ""))
     if args.json:
-        print_json({**reply, "stdout": out.decode(errors="replace"),
-                    "stderr": err.decode(errors="replace")})
+        print_json(
+            {
+                **reply,
+                "stdout": out.decode(errors="replace"),
+                "stderr": err.decode(errors="replace"),
+            }
+        )
     else:
         sys.stdout.buffer.write(out)
         sys.stderr.buffer.write(err)
@@ -213,12 +238,21 @@ def ssh(args: argparse.Namespace, cfg: Config) -> int:
         known = Path(tmp) / "known_hosts"
         known.write_text(known_line)
         argv = [
-            "ssh", "-i", str(key), "-p", str(port),
-            "-o", "IdentitiesOnly=yes",
-            "-o", f"UserKnownHostsFile={known}",
-            "-o", "StrictHostKeyChecking=yes",
-            "-o", "ConnectTimeout=60",
-            "-o", "LogLevel=ERROR",
+            "ssh",
+            "-i",
+            str(key),
+            "-p",
+            str(port),
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            f"UserKnownHostsFile={known}",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "ConnectTimeout=60",
+            "-o",
+            "LogLevel=ERROR",
             f"{reply.get('user', 'root')}@{address}",
             *command,
         ]

@@ -78,13 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", help="address to bind the peer port on (0.0.0.0)")
     p.add_argument("--advertise", action="append", help="address to advertise (repeatable)")
     p.add_argument("--port", type=int, help="peer port (7400); join port is port+1")
-    p.add_argument("--peer", action="append", dest="peers", metavar="ADDR:PORT",
-                   help="static seed peer (repeatable)")
+    p.add_argument(
+        "--peer",
+        action="append",
+        dest="peers",
+        metavar="ADDR:PORT",
+        help="static seed peer (repeatable)",
+    )
     p.add_argument("--no-mdns", dest="mdns", action="store_const", const=False)
     p.add_argument("--storage-quota", dest="storage_quota_mb", type=int, metavar="MB")
     p.add_argument("--accel", choices=["auto", "kvm", "tcg"])
-    p.add_argument("--apt-source", dest="apt_sources", action="append", metavar="LINE",
-                   help="apt source line for guests (repeatable)")
+    p.add_argument(
+        "--apt-source",
+        dest="apt_sources",
+        action="append",
+        metavar="LINE",
+        help="apt source line for guests (repeatable)",
+    )
     p.add_argument("--gossip-interval", type=float)
     p.add_argument("--drain-on-stop", action="store_const", const=True)
 
@@ -123,21 +133,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("argv", nargs=argparse.REMAINDER)
 
-    p = add("ssh", "cmd_vm:ssh",
-            "ssh into a VM as root (vmmesh ssh NAME [-i KEY] [-- COMMAND...]); "
-            "--json prints the address, port and host key instead")
+    p = add(
+        "ssh",
+        "cmd_vm:ssh",
+        "ssh into a VM as root (vmmesh ssh NAME [-i KEY] [-- COMMAND...]); "
+        "--json prints the address, port and host key instead",
+    )
     p.add_argument("name")
-    p.add_argument("-i", dest="identity", type=Path, metavar="KEY",
-                   help="private key with KEY.pub beside it (default: ~/.ssh/id_ed25519, "
-                        "id_ecdsa or id_rsa)")
+    p.add_argument(
+        "-i",
+        dest="identity",
+        type=Path,
+        metavar="KEY",
+        help="private key with KEY.pub beside it (default: ~/.ssh/id_ed25519, id_ecdsa or id_rsa)",
+    )
     p.add_argument("argv", nargs=argparse.REMAINDER)
     return parser
 
 
 def _config_flags(args: argparse.Namespace) -> dict[str, Any]:
     keys = (
-        "data_dir", "name", "listen", "advertise", "port", "peers", "mdns",
-        "storage_quota_mb", "accel", "apt_sources", "gossip_interval", "drain_on_stop",
+        "data_dir",
+        "name",
+        "listen",
+        "advertise",
+        "port",
+        "peers",
+        "mdns",
+        "storage_quota_mb",
+        "accel",
+        "apt_sources",
+        "gossip_interval",
+        "drain_on_stop",
     )
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
@@ -151,8 +178,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 2
         logging.basicConfig(
-            level=logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else
-            logging.WARNING,
+            level=logging.DEBUG
+            if args.verbose > 1
+            else logging.INFO
+            if args.verbose
+            else logging.WARNING,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
         args.config_flags = _config_flags(args)

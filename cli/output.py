@@ -30,8 +30,7 @@ def error_line(message: str) -> None:
 
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """A table; with all column names empty it is a key/value list without a header."""
-    t = Table(title=title, title_justify="left", header_style="bold",
-              show_header=any(columns))
+    t = Table(title=title, title_justify="left", header_style="bold", show_header=any(columns))
     for col in columns:
         t.add_column(col)
     for row in rows:

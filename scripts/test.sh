@@ -12,6 +12,7 @@ fi
 
 echo "==> ruff"
 .venv/bin/ruff check vmmesh cli tests benchmarks
+.venv/bin/ruff format --check vmmesh cli tests benchmarks
 echo "==> mypy --strict"
 .venv/bin/mypy
 

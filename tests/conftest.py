@@ -26,7 +26,6 @@ def pytest_runtest_makereport(
     return report
 
 
-
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
     """A fresh state database under ``tmp_path/data`` (the managers' data dir)."""

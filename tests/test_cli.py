@@ -20,12 +20,21 @@ def _split(*argv: str) -> tuple[list[str], bool, Path | None]:
 def test_options_after_name_are_ours_until_the_double_dash() -> None:
     assert _split("ssh", "web", "-i", "k", "--json") == ([], True, Path("k"))
     assert _split("ssh", "-i", "k", "web", "--", "ls", "-l", "--json") == (
-        ["ls", "-l", "--json"], False, Path("k"))
+        ["ls", "-l", "--json"],
+        False,
+        Path("k"),
+    )
     assert _split("ssh", "web") == ([], False, None)
     assert _split("exec", "web", "--json", "--", "cat", "/etc/hostname") == (
-        ["cat", "/etc/hostname"], True, None)
+        ["cat", "/etc/hostname"],
+        True,
+        None,
+    )
     assert _split("exec", "web", "--", "sh", "-c", "echo -i") == (
-        ["sh", "-c", "echo -i"], False, None)
+        ["sh", "-c", "echo -i"],
+        False,
+        None,
+    )
     assert _split("exec", "web", "uname", "-a") == (["uname", "-a"], False, None)
 
 

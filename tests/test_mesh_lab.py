@@ -21,6 +21,7 @@ from vmmesh.lab import Lab
 
 pytestmark = pytest.mark.lab
 
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     with lab_context(tmp_path_factory.mktemp("mesh"), 3, start_nodes=True) as made:
@@ -45,8 +46,13 @@ def test_capacity_change_spreads_by_gossip(lab: Lab) -> None:
         lab.kill_host(2, signal.SIGHUP)
         for i in (1, 3):
             eventually(
-                field_is, f"h{i} learns h2's new storage quota",
-                lab, i, "h2", ("capacity", "storage_quota_mb"), 1234,
+                field_is,
+                f"h{i} learns h2's new storage quota",
+                lab,
+                i,
+                "h2",
+                ("capacity", "storage_quota_mb"),
+                1234,
             )
     finally:
         cfg.unlink()
@@ -63,7 +69,7 @@ def test_garbage_from_a_peer_is_refused_and_logged_once(lab: Lab) -> None:
         from vmmesh.net.tls import open_peer
 
         async def main():
-            ident = load_identity(Path({str(lab.host_data_dir(2) / 'pki')!r}))
+            ident = load_identity(Path({str(lab.host_data_dir(2) / "pki")!r}))
             for payload in (b"\\xff" * 64, b"\\x7f\\xff\\xff\\xff", b"\\x00\\x00\\x00\\x01\\xc1"):
                 stream = await open_peer({lab.host_address(1)!r}, {lab.port}, ident)
                 await stream.send_all(payload)
@@ -105,15 +111,17 @@ def test_join_token_works_once_and_expires(lab: Lab, tmp_path: Path) -> None:
     token = cli_json(lab, 1, "invite")["token"]
     first = lab.cli(2, "join", token, "--data-dir", str(tmp_path / "a"), "--name", "extra1")
     assert first.returncode == 0
-    again = lab.cli(2, "join", token, "--data-dir", str(tmp_path / "b"), "--name", "extra2",
-                    check=False)
+    again = lab.cli(
+        2, "join", token, "--data-dir", str(tmp_path / "b"), "--name", "extra2", check=False
+    )
     assert again.returncode == 1
     assert again.stderr.strip() == "vmmesh: error: join token already used"
     assert not (tmp_path / "b" / "pki").exists()
     short = cli_json(lab, 1, "invite", "--ttl", "1")["token"]
     time.sleep(1.5)
-    late = lab.cli(2, "join", short, "--data-dir", str(tmp_path / "c"), "--name", "extra3",
-                   check=False)
+    late = lab.cli(
+        2, "join", short, "--data-dir", str(tmp_path / "c"), "--name", "extra3", check=False
+    )
     assert late.returncode == 1 and "join token expired" in late.stderr
     bad = lab.cli(2, "join", "vmm1-garbage", "--data-dir", str(tmp_path / "d"), check=False)
     assert bad.returncode == 1 and bad.stderr.startswith("vmmesh: error:")
@@ -137,7 +145,7 @@ def test_removed_host_is_refused_by_every_peer(lab: Lab) -> None:
         from vmmesh.net.tls import open_peer
 
         async def main():
-            ident = load_identity(Path({str(lab.host_data_dir(3) / 'pki')!r}))
+            ident = load_identity(Path({str(lab.host_data_dir(3) / "pki")!r}))
             try:
                 s = await open_peer({lab.host_address(2)!r}, {lab.port}, ident)
                 await s.send_all(b"\\x00\\x00\\x00\\x01\\x90")
@@ -165,7 +173,10 @@ def test_bad_input_gets_one_line_errors(lab: Lab) -> None:
     ):
         r = subprocess.run(
             [sys.executable, "-m", "vmmesh_cli", "--data-dir", str(lab.host_data_dir(1)), *args],
-            capture_output=True, text=True, env=env, check=False,
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
         )
         assert r.returncode == code, (args, r.stderr)
         assert r.stderr.startswith("vmmesh: error:"), r.stderr

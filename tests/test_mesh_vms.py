@@ -165,9 +165,19 @@ def test_request_prefers_the_host_with_the_template(mesh: Lab, tmp_path: Path) -
     assert access["address"] == lab.host(2).address and access["port"] > 0
     out = lab.lab_exec(
         3,
-        [*lab.vmmesh_argv(), "ssh", "--data-dir", lab.host(3).data_dir, target, "-i", str(key),
-         "--", "cat /usr/share/vmm-test-a/marker; id -un; hostname"],
-        check=False, timeout=PATIENCE,
+        [
+            *lab.vmmesh_argv(),
+            "ssh",
+            "--data-dir",
+            lab.host(3).data_dir,
+            target,
+            "-i",
+            str(key),
+            "--",
+            "cat /usr/share/vmm-test-a/marker; id -un; hostname",
+        ],
+        check=False,
+        timeout=PATIENCE,
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["vmm-test-a", "root", target], out.stdout
@@ -226,8 +236,7 @@ def test_host_killed_during_a_request_has_its_share_replaced(mesh: Lab) -> None:
 
     t = threading.Thread(target=go)
     t.start()
-    eventually(_working, "h3 starts working on its share", lab.host_data_dir(3),
-               patience=PATIENCE)
+    eventually(_working, "h3 starts working on its share", lab.host_data_dir(3), patience=PATIENCE)
     lab.kill_host(3, signal.SIGKILL)
     t.join()
     reply = done["reply"]
@@ -240,7 +249,8 @@ def test_host_killed_during_a_request_has_its_share_replaced(mesh: Lab) -> None:
     _write_quota(lab, 3, SLOT_QUOTA)
     lab = lab.start_host(3)
     eventually(all_up, "h3 back up", lab, 1)
-    building = [p for p in (lab.host_data_dir(3) / "templates").iterdir()
-                if p.name.startswith(".building")]
+    building = [
+        p for p in (lab.host_data_dir(3) / "templates").iterdir() if p.name.startswith(".building")
+    ]
     assert building == []
     lab.cli(1, "shutdown", "kill")

@@ -456,29 +456,47 @@ async def test_ssh_into_a_guest_with_its_host_key_pinned(
 
     def ssh_argv(known: Path) -> list[str]:
         return [
-            "ssh", "-i", str(identity), "-p", str(spec.ssh_port),
-            "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
-            "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
-            "-o", "ConnectTimeout=120", "root@127.0.0.1", "id -u; cat /etc/hostname",
+            "ssh",
+            "-i",
+            str(identity),
+            "-p",
+            str(spec.ssh_port),
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            f"UserKnownHostsFile={known}",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "ConnectTimeout=120",
+            "root@127.0.0.1",
+            "id -u; cat /etc/hostname",
         ]
 
     known = tmp_path / "known_hosts"
     known.write_text(known_hosts_line("127.0.0.1", spec.ssh_port, host_key))
-    done = await trio.run_process(ssh_argv(known), capture_stdout=True, capture_stderr=True,
-                                  check=False)
+    done = await trio.run_process(
+        ssh_argv(known), capture_stdout=True, capture_stderr=True, check=False
+    )
     t2 = trio.current_time()
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [b"0", b"vmmesh-guest"]
-    print(f"ssh: prepare (host key made, key added) then again {t1 - t0:.1f} s; "
-          f"first command over ssh {t2 - t1:.1f} s (TCG)")
+    print(
+        f"ssh: prepare (host key made, key added) then again {t1 - t0:.1f} s; "
+        f"first command over ssh {t2 - t1:.1f} s (TCG)"
+    )
 
     # another host key for that address: ssh refuses (no silent trust on first use)
     other = tmp_path / "other"
     await trio.run_process(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)])
     wrong = tmp_path / "wrong_known_hosts"
-    wrong.write_text(known_hosts_line("127.0.0.1", spec.ssh_port,
-                                      (tmp_path / "other.pub").read_text()))
-    refused = await trio.run_process(ssh_argv(wrong), capture_stdout=True, capture_stderr=True,
-                                     check=False)
+    wrong.write_text(
+        known_hosts_line("127.0.0.1", spec.ssh_port, (tmp_path / "other.pub").read_text())
+    )
+    refused = await trio.run_process(
+        ssh_argv(wrong), capture_stdout=True, capture_stderr=True, check=False
+    )
     assert refused.returncode != 0
     assert b"host key" in refused.stderr.lower()

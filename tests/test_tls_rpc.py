@@ -333,8 +333,9 @@ async def refused_client(
             async with open_rpc(stream, "server") as conn:
                 await conn.call("t.echo")
     await wait_for(
-        lambda: len(records(caplog, "vmmesh.net.tls", "refused TLS connection"))
-        == before + attempts
+        lambda: (
+            len(records(caplog, "vmmesh.net.tls", "refused TLS connection")) == before + attempts
+        )
     )
     assert server.peers == []  # the handler never saw this client
 

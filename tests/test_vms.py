@@ -42,7 +42,11 @@ class Node:
     """One host's managers over a shared data dir and a fake machine."""
 
     def __init__(
-        self, data: Path, hv: FakeHypervisor, store: Store, cores: int = 2,
+        self,
+        data: Path,
+        hv: FakeHypervisor,
+        store: Store,
+        cores: int = 2,
         ssh_ports: range = range(0),
     ) -> None:
         image_dir = data / "images" / "base"

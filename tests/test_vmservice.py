@@ -121,9 +121,7 @@ def port() -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             p = int(s.getsockname()[1])
-        if p < 65000 and all(
-            _port_free(f"127.0.0.{i}", q) for i in (1, 2, 3) for q in (p, p + 1)
-        ):
+        if p < 65000 and all(_port_free(f"127.0.0.{i}", q) for i in (1, 2, 3) for q in (p, p + 1)):
             return p
     raise AssertionError("no free port on 127.0.0.1-3")
 
@@ -180,8 +178,11 @@ def _all_see(hosts: Sequence[Host], free: dict[str, int]) -> bool:
         if len(view) != len(free) or any(v.status != "up" for v in view.values()):
             return False
         assert h.node.pool is not None
-        if any(h.node.pool.endpoint(v.node_id) is None
-               for v in view.values() if v.node_id != h.node.node_id):
+        if any(
+            h.node.pool.endpoint(v.node_id) is None
+            for v in view.values()
+            if v.node_id != h.node.node_id
+        ):
             return False
         for n, f in free.items():
             v = view.get(n)
@@ -322,8 +323,10 @@ async def test_fill_then_spill_then_unplaced(root: Path, port: int) -> None:
         more = [n for n in names if n.startswith("more-")]
         assert len(more) == len(set(more)) == 3, names
         # A dry run plans without making anything.
-        await eventually(lambda: all(v.capacity.free_slots == 0 for v in h1.view().values()),
-                         "h1 sees the mesh full")
+        await eventually(
+            lambda: all(v.capacity.free_slots == 0 for v in h1.view().values()),
+            "h1 sees the mesh full",
+        )
         dry = await _dry(h1, "dry", 2)
         assert dry["dry_run"] and dry["unplaced"][0]["count"] == 2
 
@@ -339,8 +342,13 @@ async def _dry(host: Host, name: str, count: int) -> Body:
 
 async def test_failed_share_is_replaced(root: Path, port: int) -> None:
     """h3 (most room, so first choice) cannot build: its share moves to h2."""
-    hvs = [fake(), fake(), BuildFailsHypervisor(
-        repo_packages=REPO, agent_seconds=0.01, install_seconds=0.01, shutdown_seconds=0.01)]
+    hvs = [
+        fake(),
+        fake(),
+        BuildFailsHypervisor(
+            repo_packages=REPO, agent_seconds=0.01, install_seconds=0.01, shutdown_seconds=0.01
+        ),
+    ]
     async with mesh(root, port, (0, 3, 4), hypervisors=hvs) as hosts:
         h1, _h2, h3 = hosts
         reply = await request(h1, "fail", 3, "perl")
@@ -432,15 +440,17 @@ async def test_list_exec_and_shutdown_across_the_mesh(root: Path, port: int) -> 
         owner = next(h for h in hosts if h.name == made[remote])
         assert access["address"] == owner.cfg.listen and access["host"] == owner.name
         assert access["vm"] == remote and access["host_key"] == f"{FAKE_HOST_KEY} root@" + (
-            owner.mgr.get(remote).vm_id)
+            owner.mgr.get(remote).vm_id
+        )
         assert access["port"] == owner.mgr.get(remote).ssh_port > 0
         guest = owner.hv.running[owner.mgr.get(remote).vm_id]
         assert guest.authorized_keys == [user_key]
         with pytest.raises(RemoteError) as err:
             await call(h3, "vm.ssh", {"name": remote, "keys": ["ssh-ed25519 garbage"]})
         assert err.value.code == "UsageError"
-        ports = [v["ssh_port"] for v in (await call(h1, "vm.list", {}))["vms"]
-                 if v["host"] == owner.name]
+        ports = [
+            v["ssh_port"] for v in (await call(h1, "vm.list", {}))["vms"] if v["host"] == owner.name
+        ]
         assert len(set(ports)) == len(ports), "VMs of one host never share a forward port"
 
         # shutdown by name from a third host stops all three, wherever they run.
@@ -453,9 +463,7 @@ async def test_list_exec_and_shutdown_across_the_mesh(root: Path, port: int) -> 
         assert len(again["templates"]) == len(builders), "the templates stay"
 
 
-async def test_unknown_package_fails_the_request_and_leaves_nothing(
-    root: Path, port: int
-) -> None:
+async def test_unknown_package_fails_the_request_and_leaves_nothing(root: Path, port: int) -> None:
     async with mesh(root, port) as hosts:
         h1 = hosts[0]
         with pytest.raises(RemoteError) as err:
@@ -467,7 +475,6 @@ async def test_unknown_package_fails_the_request_and_leaves_nothing(
             assert h.mgr.capacity().free_slots == 2, f"{h.name} released its reservation"
         assert building(hosts) == [] and overlays(hosts) == []
         assert all(not h.hv.running for h in hosts)
-
 
 
 async def test_disk_quota_counts_running_vms(root: Path, port: int) -> None:

@@ -68,8 +68,15 @@ log = logging.getLogger("vmmesh.node")
 
 PUBLISH_EVERY = 2.0
 RELOADABLE = (
-    "storage_quota_mb", "cpu_overcommit", "memory_reserve_mb", "vm_vcpus", "vm_memory_mb",
-    "vm_disk_allowance_mb", "apt_sources", "drain_on_stop", "log_level",
+    "storage_quota_mb",
+    "cpu_overcommit",
+    "memory_reserve_mb",
+    "vm_vcpus",
+    "vm_memory_mb",
+    "vm_disk_allowance_mb",
+    "apt_sources",
+    "drain_on_stop",
+    "log_level",
 )
 SEED_RETRY = 3.0
 

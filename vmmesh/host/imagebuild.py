@@ -286,8 +286,13 @@ def recipe_key(options: BuildOptions) -> str:
         options.cmdline,
         str(options.compress),
         *sorted(config_files(options.mirror, options.suite, INITRD_MODULES).items()),
-        *KEEP_MODULES, *DROP_MODULES, *INITRD_MODULES,
-        *MASKED_UNITS, *ENABLED_UNITS, *DISABLED_UNITS, SSH_HOST_KEY_GLOB,
+        *KEEP_MODULES,
+        *DROP_MODULES,
+        *INITRD_MODULES,
+        *MASKED_UNITS,
+        *ENABLED_UNITS,
+        *DISABLED_UNITS,
+        SSH_HOST_KEY_GLOB,
     ]
     text = "\n".join(str(p) for p in parts)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -601,9 +606,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     parser.add_argument("--publish", type=Path, help="symlink to point at the new image")
     parser.add_argument("--compress", action="store_true")
-    parser.add_argument("--if-stale", action="store_true",
-                        help="with --publish: build only if the published image is from "
-                             "another recipe (or missing)")
+    parser.add_argument(
+        "--if-stale",
+        action="store_true",
+        help="with --publish: build only if the published image is from "
+        "another recipe (or missing)",
+    )
     args = parser.parse_args(argv)
     options = BuildOptions(cache_dir=args.cache_dir, compress=args.compress)
     if args.if_stale and args.publish and not is_stale(args.publish, options):

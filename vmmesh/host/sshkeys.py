@@ -25,15 +25,17 @@ from collections.abc import Callable, Iterable
 
 from vmmesh.errors import UsageError
 
-KEY_TYPES = frozenset({
-    "ssh-ed25519",
-    "ssh-rsa",
-    "ecdsa-sha2-nistp256",
-    "ecdsa-sha2-nistp384",
-    "ecdsa-sha2-nistp521",
-    "sk-ssh-ed25519@openssh.com",
-    "sk-ecdsa-sha2-nistp256@openssh.com",
-})
+KEY_TYPES = frozenset(
+    {
+        "ssh-ed25519",
+        "ssh-rsa",
+        "ecdsa-sha2-nistp256",
+        "ecdsa-sha2-nistp384",
+        "ecdsa-sha2-nistp521",
+        "sk-ssh-ed25519@openssh.com",
+        "sk-ecdsa-sha2-nistp256@openssh.com",
+    }
+)
 MAX_KEY_CHARS = 16_384
 MAX_KEYS = 16
 
@@ -51,7 +53,7 @@ PREPARE_SCRIPT = (
     "f=/root/.ssh/authorized_keys\n"
     "touch $f\n"
     "while IFS= read -r key; do\n"
-    "  if [ -n \"$key\" ] && ! grep -qxF \"$key\" $f; then printf '%s\\n' \"$key\" >> $f; fi\n"
+    '  if [ -n "$key" ] && ! grep -qxF "$key" $f; then printf \'%s\\n\' "$key" >> $f; fi\n'
     "done\n"
     "cat $k.pub\n"
 )

@@ -454,8 +454,11 @@ class TemplateManager:
                 raise PackageInstallError(
                     f"apt-get update failed in the guest ({attempt} attempts): {_tail(res.stderr)}"
                 )
-            log.info("apt-get update failed in the build guest (attempt %d): %s", attempt,
-                     _tail(res.stderr))
+            log.info(
+                "apt-get update failed in the build guest (attempt %d): %s",
+                attempt,
+                _tail(res.stderr),
+            )
             await trio.sleep(5.0)
         progress("install", 0.0)
         res = await guest.exec(

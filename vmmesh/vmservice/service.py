@@ -88,22 +88,26 @@ class VmService(NodeExtension):
         control_handlers: dict[str, Handler],
     ) -> None:
         self._node = node
-        peer_handlers.update({
-            "vm.share": self._share,
-            "vm.shutdown_local": self._shutdown_local,
-            "vm.list_local": self._list_local,
-            "template.list_local": self._templates_local,
-            "vm.exec_local": self._exec_local,
-            "vm.ssh_local": self._ssh_local,
-        })
-        control_handlers.update({
-            "vm.request": self._ctl_request,
-            "vm.shutdown": self._ctl_shutdown,
-            "vm.list": self._ctl_list,
-            "template.list": self._ctl_templates,
-            "vm.exec": self._ctl_exec,
-            "vm.ssh": self._ctl_ssh,
-        })
+        peer_handlers.update(
+            {
+                "vm.share": self._share,
+                "vm.shutdown_local": self._shutdown_local,
+                "vm.list_local": self._list_local,
+                "template.list_local": self._templates_local,
+                "vm.exec_local": self._exec_local,
+                "vm.ssh_local": self._ssh_local,
+            }
+        )
+        control_handlers.update(
+            {
+                "vm.request": self._ctl_request,
+                "vm.shutdown": self._ctl_shutdown,
+                "vm.list": self._ctl_list,
+                "template.list": self._ctl_templates,
+                "vm.exec": self._ctl_exec,
+                "vm.ssh": self._ctl_ssh,
+            }
+        )
         cfg = node.cfg
         base = self._base
         if base is None:
@@ -159,12 +163,16 @@ class VmService(NodeExtension):
         if self.mgr is None:
             return
         node.publish("templates", [t.to_wire() for t in self.mgr.templates.templates_info()])
-        node.publish("vms", sorted(v.name for v in self.mgr.list_vms()
-                                   if v.state in ("creating", "running")))
+        node.publish(
+            "vms", sorted(v.name for v in self.mgr.list_vms() if v.state in ("creating", "running"))
+        )
 
     def status(self, node: Node) -> Body:
-        return {"accel": self.accel or "none", "base_image": self.image_id,
-                "vms_disabled": self.no_vms_reason}
+        return {
+            "accel": self.accel or "none",
+            "base_image": self.image_id,
+            "vms_disabled": self.no_vms_reason,
+        }
 
     def _publish_now(self) -> None:
         """Gossip this host's capacity, templates and VMs at once after a change,
@@ -191,9 +199,7 @@ class VmService(NodeExtension):
     async def _share(self, ctx: CallContext, body: Body) -> Body:
         return await self.run_share(body, ctx.send_item)
 
-    async def run_share(
-        self, body: Body, send_item: Callable[[Body], Awaitable[None]]
-    ) -> Body:
+    async def run_share(self, body: Body, send_item: Callable[[Body], Awaitable[None]]) -> Body:
         """Admit and make up to ``count`` VMs here; the answer says how many."""
         mgr = self._manager()
         req = _parse_request(body, remote=True)
@@ -202,8 +208,9 @@ class VmService(NodeExtension):
             check_zip(req["custom_zip"])  # before reserving: request_local releases what it holds
         granted = mgr.reserve(req["count"])
         host = self._node.identity.name
-        log.info("share of request %s: %d VM(s) asked, %d admitted", req["name"], req["count"],
-                 granted)
+        log.info(
+            "share of request %s: %d VM(s) asked, %d admitted", req["name"], req["count"], granted
+        )
         if granted == 0:
             return {"final": True, "granted": 0, "vms": [], "errors": [], "host": host}
         progress_items: list[Body] = []
@@ -225,9 +232,15 @@ class VmService(NodeExtension):
             nursery.start_soon(pump, done)
             try:
                 report = await mgr.request_local(
-                    req["name"], granted, req["packages"], req["custom_zip"], progress,
-                    reserved=granted, first_index=req["first_index"],
-                    vcpus=req["vcpus"], memory_mb=req["memory_mb"],
+                    req["name"],
+                    granted,
+                    req["packages"],
+                    req["custom_zip"],
+                    progress,
+                    reserved=granted,
+                    first_index=req["first_index"],
+                    vcpus=req["vcpus"],
+                    memory_mb=req["memory_mb"],
                     request_id=req["request_id"],
                 )
             finally:
@@ -235,14 +248,27 @@ class VmService(NodeExtension):
         assert report is not None
         self._publish_now()
         vms = [
-            {"name": v.name, "vm_id": v.vm_id, "host": host, "node_id": self._node.node_id,
-             "template": v.template_id or "", "built": v.built,
-             "seconds": round(v.total_seconds, 2),
-             "phases": {k: round(s, 2) for k, s in v.seconds.items()}}
+            {
+                "name": v.name,
+                "vm_id": v.vm_id,
+                "host": host,
+                "node_id": self._node.node_id,
+                "template": v.template_id or "",
+                "built": v.built,
+                "seconds": round(v.total_seconds, 2),
+                "phases": {k: round(s, 2) for k, s in v.seconds.items()},
+            }
             for v in report.vms
         ]
-        return {"final": True, "granted": granted, "vms": vms, "errors": list(report.errors),
-                "host": host, "template": report.template_id or "", "built": report.built}
+        return {
+            "final": True,
+            "granted": granted,
+            "vms": vms,
+            "errors": list(report.errors),
+            "host": host,
+            "template": report.template_id or "",
+            "built": report.built,
+        }
 
     async def _shutdown_local(self, ctx: CallContext, body: Body) -> Body:
         name = check_vm_name(body.get("name"))
@@ -260,14 +286,23 @@ class VmService(NodeExtension):
         rows = []
         for v in self.mgr.list_vms():
             t = templates.get(v.template_id or "")
-            rows.append({
-                "name": v.name, "vm_id": v.vm_id, "request": v.request_name,
-                "host": self._node.identity.name, "node_id": self._node.node_id,
-                "state": v.state, "template": v.template_id or "",
-                "packages": sorted(t.packages) if t else [],
-                "vcpus": v.vcpus, "memory_mb": v.memory_mb, "created": v.created,
-                "stop_reason": v.stop_reason, "ssh_port": v.ssh_port,
-            })
+            rows.append(
+                {
+                    "name": v.name,
+                    "vm_id": v.vm_id,
+                    "request": v.request_name,
+                    "host": self._node.identity.name,
+                    "node_id": self._node.node_id,
+                    "state": v.state,
+                    "template": v.template_id or "",
+                    "packages": sorted(t.packages) if t else [],
+                    "vcpus": v.vcpus,
+                    "memory_mb": v.memory_mb,
+                    "created": v.created,
+                    "stop_reason": v.stop_reason,
+                    "ssh_port": v.ssh_port,
+                }
+            )
         return rows
 
     async def _list_local(self, ctx: CallContext, body: Body) -> Body:
@@ -278,10 +313,17 @@ class VmService(NodeExtension):
             return []
         assert self._node is not None
         return [
-            {"host": self._node.identity.name, "node_id": self._node.node_id,
-             "template_id": t.template_id, "parent": t.parent_id or "",
-             "packages": sorted(t.packages), "size": t.size, "depth": t.depth,
-             "sha256": t.sha256, "base_image": t.base_image_id}
+            {
+                "host": self._node.identity.name,
+                "node_id": self._node.node_id,
+                "template_id": t.template_id,
+                "parent": t.parent_id or "",
+                "packages": sorted(t.packages),
+                "size": t.size,
+                "depth": t.depth,
+                "sha256": t.sha256,
+                "base_image": t.base_image_id,
+            }
             for t in self.mgr.list_templates()
         ]
 
@@ -305,8 +347,12 @@ class VmService(NodeExtension):
         name = check_vm_name(body.get("name"))
         keys = check_public_keys(body.get("keys"))
         access = await self._manager().ssh_access(name, keys)
-        return {"vm": access.vm, "port": access.port, "bind": access.bind,
-                "host_key": access.host_key}
+        return {
+            "vm": access.vm,
+            "port": access.port,
+            "bind": access.bind,
+            "host_key": access.host_key,
+        }
 
     # --- mesh operations (from this host's CLI) ---------------------------------
 
@@ -320,7 +366,10 @@ class VmService(NodeExtension):
         return self._index
 
     async def _call_host(
-        self, node_id: str, method: str, body: Body,
+        self,
+        node_id: str,
+        method: str,
+        body: Body,
         local: Callable[[CallContext | None, Body], Awaitable[Body]],
     ) -> Body:
         assert self._node is not None and self._node.pool is not None
@@ -340,8 +389,13 @@ class VmService(NodeExtension):
         plan = placement.plan(preq, index)
         names = {h.node_id: h.name for h in node.hosts()}
         if body.get("dry_run"):
-            return {"final": True, "dry_run": True, "name": req["name"],
-                    "plan": plan.to_wire(), "unplaced": _unplaced(plan)}
+            return {
+                "final": True,
+                "dry_run": True,
+                "name": req["name"],
+                "plan": plan.to_wire(),
+                "unplaced": _unplaced(plan),
+            }
         next_index = _next_index(req["name"], node)
         asked: dict[str, int] = {}
         failed: set[str] = set()
@@ -360,21 +414,28 @@ class VmService(NodeExtension):
 
         async def ask(share: placement.Share, count: int, first: int) -> None:
             share_body = {
-                "request_id": request_id, "name": req["name"], "count": count,
-                "packages": sorted(req["packages"]), "first_index": first,
-                "vcpus": req["vcpus"], "memory_mb": req["memory_mb"],
+                "request_id": request_id,
+                "name": req["name"],
+                "count": count,
+                "packages": sorted(req["packages"]),
+                "first_index": first,
+                "vcpus": req["vcpus"],
+                "memory_mb": req["memory_mb"],
             }
             if req["custom_zip"] is not None:
                 share_body["custom_zip"] = req["custom_zip"]
-            await forward({"task": share.host, "phase": f"asking for {count} VM(s)",
-                           "fraction": 0.0})
+            await forward(
+                {"task": share.host, "phase": f"asking for {count} VM(s)", "fraction": 0.0}
+            )
             try:
                 if share.node_id == node.node_id:
                     answer = await self.run_share(share_body, forward)
                 else:
                     assert node.pool is not None
                     answer = await node.pool.stream_call(
-                        share.node_id, "vm.share", share_body,
+                        share.node_id,
+                        "vm.share",
+                        share_body,
                         nursery_forward,
                     )
             except PackageInstallError as exc:
@@ -386,23 +447,39 @@ class VmService(NodeExtension):
                     return
                 failed.add(share.node_id)
                 notes.append(f"host {share.host} failed ({exc}); its share was re-placed")
-                log.warning("request %s: host %s failed its share of %d (%s: %s); re-placing",
-                            req["name"], share.host, count, exc.code, exc)
+                log.warning(
+                    "request %s: host %s failed its share of %d (%s: %s); re-placing",
+                    req["name"],
+                    share.host,
+                    count,
+                    exc.code,
+                    exc,
+                )
                 await forward({"task": share.host, "phase": "failed", "fraction": 1.0})
                 return
             except VmmeshError as exc:
                 failed.add(share.node_id)
                 notes.append(f"host {share.host} failed ({exc}); its share was re-placed")
-                log.warning("request %s: host %s failed its share of %d (%s: %s); re-placing",
-                            req["name"], share.host, count, type(exc).__name__, exc)
+                log.warning(
+                    "request %s: host %s failed its share of %d (%s: %s); re-placing",
+                    req["name"],
+                    share.host,
+                    count,
+                    type(exc).__name__,
+                    exc,
+                )
                 await forward({"task": share.host, "phase": "failed", "fraction": 1.0})
                 return
             got = int(answer.get("granted", 0))
-            log.info("request %s: host %s made %d of %d VM(s)", req["name"], share.host,
-                     len(answer.get("vms", [])), count)
+            log.info(
+                "request %s: host %s made %d of %d VM(s)",
+                req["name"],
+                share.host,
+                len(answer.get("vms", [])),
+                count,
+            )
             if got < count:
-                notes.append(f"host {share.host} admitted {got} of {count}; "
-                             "the rest was re-placed")
+                notes.append(f"host {share.host} admitted {got} of {count}; the rest was re-placed")
             for v in answer.get("vms", []):
                 v["seconds_end_to_end"] = round(time.monotonic() - started, 2)
                 vms.append(v)
@@ -441,16 +518,17 @@ class VmService(NodeExtension):
                         raise fatal[0][1]
                     for share, exc in fatal:
                         failed.add(share.node_id)
-                        notes.append(f"host {share.host} cannot install: {exc}; "
-                                     "its share was re-placed")
+                        notes.append(
+                            f"host {share.host} cannot install: {exc}; its share was re-placed"
+                        )
                     fatal.clear()
                     # A host that made fewer VMs than asked (it admitted fewer,
                     # or a boot failed) keeps what it made and gets no more;
                     # a host that failed loses its share.  The rest is re-placed.
-                    made_by = {nid: sum(1 for v in vms if v.get("node_id") == nid)
-                               for nid in asked}
+                    made_by = {nid: sum(1 for v in vms if v.get("node_id") == nid) for nid in asked}
                     refused = {
-                        nid: made_by[nid] for nid in asked
+                        nid: made_by[nid]
+                        for nid in asked
                         if made_by[nid] < asked[nid] and nid not in failed
                     }
                     plan = placement.replan(plan, failed, refused, self._hosts_index())
@@ -465,15 +543,22 @@ class VmService(NodeExtension):
         for v in vms:
             v.setdefault("host", names.get(str(v.get("node_id")), ""))
         return {
-            "final": True, "request_id": request_id, "name": req["name"],
-            "requested": req["count"], "placed": placed, "vms": vms,
-            "unplaced": unplaced, "errors": errors, "notes": notes, "plan": first_plan,
+            "final": True,
+            "request_id": request_id,
+            "name": req["name"],
+            "requested": req["count"],
+            "placed": placed,
+            "vms": vms,
+            "unplaced": unplaced,
+            "errors": errors,
+            "notes": notes,
+            "plan": first_plan,
             "seconds": round(time.monotonic() - started, 2),
         }
 
-    async def _fan_out(self, method: str, body: Body,
-                       local: Callable[[CallContext | None, Body], Awaitable[Body]]
-                       ) -> tuple[list[tuple[str, Body]], list[str]]:
+    async def _fan_out(
+        self, method: str, body: Body, local: Callable[[CallContext | None, Body], Awaitable[Body]]
+    ) -> tuple[list[tuple[str, Body]], list[str]]:
         """Call ``method`` on every host that is up; (host name, answer) and errors."""
         assert self._node is not None
         answers: list[tuple[str, Body]] = []
@@ -497,16 +582,25 @@ class VmService(NodeExtension):
     async def _ctl_shutdown(self, ctx: CallContext, body: Body) -> Body:
         name = check_vm_name(body.get("name"))
         answers, errors = await self._fan_out(
-            "vm.shutdown_local", {"name": name}, self._shutdown_local  # type: ignore[arg-type]
+            "vm.shutdown_local",
+            {"name": name},
+            self._shutdown_local,  # type: ignore[arg-type]
         )
-        hosts = [{"host": n, "stopped": a.get("stopped", 0)} for n, a in answers
-                 if a.get("stopped")]
-        return {"name": name, "stopped": sum(h["stopped"] for h in hosts), "hosts": hosts,
-                "errors": errors}
+        hosts = [
+            {"host": n, "stopped": a.get("stopped", 0)} for n, a in answers if a.get("stopped")
+        ]
+        return {
+            "name": name,
+            "stopped": sum(h["stopped"] for h in hosts),
+            "hosts": hosts,
+            "errors": errors,
+        }
 
     async def _ctl_list(self, ctx: CallContext, body: Body) -> Body:
         answers, errors = await self._fan_out(
-            "vm.list_local", {}, self._list_local  # type: ignore[arg-type]
+            "vm.list_local",
+            {},
+            self._list_local,  # type: ignore[arg-type]
         )
         vms = [v for _n, a in answers for v in a.get("vms", [])]
         vms.sort(key=lambda v: (str(v.get("name")), str(v.get("host"))))
@@ -514,7 +608,9 @@ class VmService(NodeExtension):
 
     async def _ctl_templates(self, ctx: CallContext, body: Body) -> Body:
         answers, errors = await self._fan_out(
-            "template.list_local", {}, self._templates_local  # type: ignore[arg-type]
+            "template.list_local",
+            {},
+            self._templates_local,  # type: ignore[arg-type]
         )
         rows = [t for _n, a in answers for t in a.get("templates", [])]
         rows.sort(key=lambda t: (str(t.get("host")), len(t.get("packages", []))))
@@ -551,7 +647,9 @@ class VmService(NodeExtension):
         name = check_vm_name(body.get("name"))
         host, target = self._locate(name)
         return await self._call_host(
-            host.node_id, "vm.exec_local", {"name": target, "argv": body.get("argv")},
+            host.node_id,
+            "vm.exec_local",
+            {"name": target, "argv": body.get("argv")},
             self._exec_local,  # type: ignore[arg-type]
         )
 
@@ -561,7 +659,9 @@ class VmService(NodeExtension):
         keys = check_public_keys(body.get("keys"))
         host, target = self._locate(name)
         reply = await self._call_host(
-            host.node_id, "vm.ssh_local", {"name": target, "keys": list(keys)},
+            host.node_id,
+            "vm.ssh_local",
+            {"name": target, "keys": list(keys)},
             self._ssh_local,  # type: ignore[arg-type]
         )
         assert self._node is not None
@@ -572,8 +672,14 @@ class VmService(NodeExtension):
         address = connect_address(
             host.node_id == self._node.node_id, str(reply.get("bind", "")), host.address
         )
-        return {"vm": str(reply.get("vm", target)), "host": host.name, "address": address,
-                "port": port, "host_key": host_key, "user": "root"}
+        return {
+            "vm": str(reply.get("vm", target)),
+            "host": host.name,
+            "address": address,
+            "port": port,
+            "host_key": host_key,
+            "user": "root",
+        }
 
 
 def _store(node: Node) -> Store:
@@ -611,8 +717,16 @@ def _parse_request(body: Body, *, remote: bool) -> Body:
     custom = body.get("custom_zip")
     if custom is not None and (not isinstance(custom, bytes) or len(custom) > MAX_CUSTOM_ZIP):
         raise UsageError(f"--custom zip must be at most {MAX_CUSTOM_ZIP >> 20} MB")
-    out: Body = {"name": name, "count": count, "packages": pkgs, "custom_zip": custom,
-                 "vcpus": None, "memory_mb": None, "first_index": None, "request_id": ""}
+    out: Body = {
+        "name": name,
+        "count": count,
+        "packages": pkgs,
+        "custom_zip": custom,
+        "vcpus": None,
+        "memory_mb": None,
+        "first_index": None,
+        "request_id": "",
+    }
     for key, hi in (("vcpus", 64), ("memory_mb", 1 << 20)):
         v = body.get(key)
         if v is not None:
