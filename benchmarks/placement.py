@@ -21,7 +21,8 @@ import sys
 import time
 from dataclasses import replace
 
-from vmmesh.api.host import Capacity, HostView, TemplateInfo
+from vmmesh.api.host import Capacity, TemplateInfo
+from vmmesh.gossip.hoststate import HostView
 from vmmesh.placement.planner import HostIndex, PlacementRequest, plan
 
 TARGET_MS = 5.0

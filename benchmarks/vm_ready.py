@@ -29,10 +29,11 @@ from pathlib import Path
 import trio
 
 from tests.aptrepo import AptRepo
+from vmmesh.host.build import BaseImage
 from vmmesh.host.capacity import CapacityPolicy, probe_host
 from vmmesh.host.images import read_manifest
 from vmmesh.host.store import Store
-from vmmesh.host.templates import BaseImage, TemplateManager
+from vmmesh.host.templates import TemplateManager
 from vmmesh.host.vms import RequestReport, VmManager
 from vmmesh.hypervisor.accel import probe_accel
 from vmmesh.hypervisor.qemu import QemuHypervisor

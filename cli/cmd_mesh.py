@@ -7,6 +7,7 @@ import socket
 
 import trio
 
+from vmmesh.api.node import INVITE, REMOVE, InviteRequest, RemoveRequest
 from vmmesh.config import Config
 from vmmesh.errors import UsageError
 from vmmesh.mesh import join as join_protocol
@@ -45,19 +46,20 @@ def init(args: argparse.Namespace, cfg: Config) -> int:
 def invite(args: argparse.Namespace, cfg: Config) -> int:
     if args.ttl <= 0:
         raise UsageError("--ttl must be positive")
-    reply = client.call(cfg, "mesh.invite", {"ttl": args.ttl})
+    reply = client.call(cfg, INVITE, InviteRequest(ttl=args.ttl).checked())
     if args.json:
         print_json(reply)
     else:
-        print(reply["token"])
+        print(reply.token)
     return 0
 
 
 def join(args: argparse.Namespace, cfg: Config) -> int:
+    pki.decode_token(args.token)  # a bad token is refused before anything is written
+    name = pki.check_host_name(_host_name(args, cfg))
     if (cfg.pki_dir / "host.crt").exists():
         raise UsageError(f"{cfg.data_dir} already belongs to a mesh")
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
-    name = _host_name(args, cfg)
     ident = trio.run(join_protocol.join_mesh, args.token, cfg.pki_dir, name)
     info = {"node_id": ident.node_id, "mesh_id": ident.mesh_id, "name": ident.name}
     if args.json:
@@ -71,11 +73,9 @@ def join(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def remove(args: argparse.Namespace, cfg: Config) -> int:
-    reply = client.call(cfg, "mesh.remove", {"host": args.host})
+    reply = client.call(cfg, REMOVE, RemoveRequest(host=args.host).checked())
     if args.json:
         print_json(reply)
     else:
-        console.print(
-            f"revoked {reply['name']} ({reply['node_id']}); the revocation spreads by gossip"
-        )
+        console.print(f"revoked {reply.name} ({reply.node_id}); the revocation spreads by gossip")
     return 0

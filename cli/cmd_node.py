@@ -22,8 +22,7 @@ def node(args: argparse.Namespace, cfg: Config) -> int:
     def reload() -> Config:
         return load_config(flags, config_file=args.config)
 
-    n = Node(cfg, reload=reload)
-    n.extensions.append(VmService())
+    n = Node(cfg, reload=reload, extensions=[VmService()])
     try:
         trio.run(n.run)
     except KeyboardInterrupt:

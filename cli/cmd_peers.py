@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from vmmesh.api.codec import Empty
+from vmmesh.api.node import PEERS, STATUS
 from vmmesh.config import Config
 
 from . import client
@@ -12,30 +14,31 @@ from .output import ago, mb, print_json, table
 
 
 def peers(args: argparse.Namespace, cfg: Config) -> int:
-    reply = client.call(cfg, "node.peers", {})
-    hosts = reply.get("hosts", [])
+    reply = client.call(cfg, PEERS, Empty())
     if args.json:
         print_json(reply)
         return 0
     now = time.time()
     rows = []
-    for h in hosts:
-        cap = h.get("capacity") or {}
-        free = f"{cap.get('free_slots', 0)} VMs, {mb(cap.get('storage_free_mb', 0))}"
+    for h in reply.hosts:
+        cap = h.capacity
+        free = f"{cap.free_slots} VMs, {mb(cap.storage_free_mb)}"
+        if cap.blocked:
+            free = f"none: {cap.blocked}"
         rows.append(
             (
-                h.get("name", "") + (" (this host)" if h.get("self") else ""),
-                h.get("address", ""),
-                h.get("status", ""),
-                ago(h.get("last_heard", 0.0), now) if not h.get("self") else "-",
-                f"{cap.get('cores', 0)} cores, {mb(cap.get('memory_mb', 0))}",
+                h.name + (" (this host)" if h.this_host else ""),
+                h.address,
+                h.status,
+                "-" if h.this_host else ago(h.last_heard, now),
+                f"{cap.cores} cores, {mb(cap.memory_mb)}",
                 free,
-                len(h.get("templates", [])),
-                len(h.get("vms", [])),
+                len(h.templates),
+                len(h.vms),
             )
         )
     table(
-        f"mesh {reply.get('mesh_id', '')[:12]}",
+        f"mesh {reply.mesh_id[:12]}",
         ["host", "address", "state", "last heard", "size", "free", "templates", "VMs"],
         rows,
     )
@@ -43,29 +46,27 @@ def peers(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def status(args: argparse.Namespace, cfg: Config) -> int:
-    reply = client.call(cfg, "node.status", {})
+    reply = client.call(cfg, STATUS, Empty())
     if args.json:
         print_json(reply)
         return 0
-    cap = reply.get("capacity") or {}
+    cap = reply.capacity
+    refused = ", ".join(f"{n} {cause}" for cause, n in reply.refusals.items() if n) or "none"
     rows = [
-        ("node", f"{reply.get('name')} ({reply.get('node_id')})"),
-        ("mesh", reply.get("mesh_id", "")),
-        ("admin", "yes" if reply.get("admin") else "no"),
-        ("listening", f"{reply.get('address')}:{reply.get('port')}"),
-        ("accelerator", reply.get("accel", "")),
-        ("uptime", f"{reply.get('uptime', 0):.0f}s"),
-        ("peers", f"{reply.get('peers_up', 0)} up / {reply.get('peers_total', 0)} known"),
+        ("node", f"{reply.name} ({reply.node_id})"),
+        ("mesh", reply.mesh_id),
+        ("admin", "yes" if reply.admin else "no"),
+        ("listening", f"{reply.address}:{reply.port}"),
+        ("uptime", f"{reply.uptime:.0f}s"),
+        ("peers", f"{reply.peers_up} up / {reply.peers_total} known"),
         (
             "capacity",
-            f"{cap.get('cores', 0)} cores, {mb(cap.get('memory_mb', 0))}, "
-            f"{cap.get('free_slots', 0)} free VM slots",
+            f"{cap.cores} cores, {mb(cap.memory_mb)}, {cap.free_slots} free VM slots"
+            + (f" (none: {cap.blocked})" if cap.blocked else ""),
         ),
-        (
-            "storage",
-            f"{mb(cap.get('storage_free_mb', 0))} free of "
-            f"{mb(cap.get('storage_quota_mb', 0))} quota",
-        ),
+        ("storage", f"{mb(cap.storage_free_mb)} free of {mb(cap.storage_quota_mb)} quota"),
+        *reply.facts.items(),
+        ("refused", refused),
     ]
     table("vmmesh status", ["", ""], rows)
     return 0

@@ -3,159 +3,190 @@
 from __future__ import annotations
 
 import argparse
-import base64
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
-from vmmesh.api.host import check_package, check_vm_name
+from vmmesh.api.codec import Empty
+from vmmesh.api.vm import (
+    EXEC,
+    FETCH_ALWAYS,
+    FETCH_AUTO,
+    FETCH_NEVER,
+    LIST,
+    MAX_CUSTOM_ZIP,
+    REQUEST,
+    SHUTDOWN,
+    SSH,
+    TEMPLATES,
+    ExecRequest,
+    RequestReport,
+    RequestVms,
+    ShutdownRequest,
+    SshRequest,
+)
 from vmmesh.config import Config
 from vmmesh.errors import UsageError
 from vmmesh.host.sshkeys import check_public_key, known_hosts_line
 
 from . import client
-from .output import console, print_json, progress_view, table
-
-MAX_CUSTOM_ZIP = 256 << 20
+from .output import ago, console, print_json, progress_view, table
 
 
-def _check_name(name: str) -> str:
-    try:
-        return check_vm_name(name)
-    except Exception:
-        raise UsageError(
-            f"bad VM name {name!r}: use letters, digits, '-', '_' or '.', at most 63"
-        ) from None
+def _fetch_policy(args: argparse.Namespace) -> str:
+    if getattr(args, "fetch", False) and getattr(args, "install", False):
+        raise UsageError("--fetch and --install exclude each other")
+    if getattr(args, "fetch", False):
+        return FETCH_ALWAYS
+    if getattr(args, "install", False):
+        return FETCH_NEVER
+    return FETCH_AUTO
+
+
+def read_custom_zip(path: Path | None) -> bytes | None:
+    """The ``--custom`` zip, checked for what the CLI can see (size, magic)."""
+    if path is None:
+        return None
+    if not path.is_file():
+        raise UsageError(f"--custom: no such file: {path}")
+    if path.stat().st_size > MAX_CUSTOM_ZIP:
+        raise UsageError(f"--custom: {path} is over {MAX_CUSTOM_ZIP >> 20} MB")
+    data = path.read_bytes()
+    if not data.startswith(b"PK"):
+        raise UsageError(f"--custom: {path} is not a zip file")
+    return data
 
 
 def request(args: argparse.Namespace, cfg: Config) -> int:
-    name = _check_name(args.name)
     if args.count < 1:
         raise UsageError("COUNT must be at least 1")
-    for pkg in args.packages:
-        try:
-            check_package(pkg)
-        except Exception:
-            raise UsageError(f"bad package name {pkg!r}") from None
-    body: dict[str, Any] = {
-        "name": name,
-        "count": args.count,
-        "packages": sorted(set(args.packages)),
-        "dry_run": bool(args.dry_run),
-    }
-    if args.vcpus:
-        body["vcpus"] = args.vcpus
-    if args.memory:
-        body["memory_mb"] = args.memory
-    if args.custom is not None:
-        if not args.custom.is_file():
-            raise UsageError(f"--custom: no such file: {args.custom}")
-        data = args.custom.read_bytes()
-        if len(data) > MAX_CUSTOM_ZIP:
-            raise UsageError(f"--custom: {args.custom} is over {MAX_CUSTOM_ZIP >> 20} MB")
-        if not data.startswith(b"PK"):
-            raise UsageError(f"--custom: {args.custom} is not a zip file")
-        body["custom_zip"] = data
+    body = RequestVms(
+        name=args.name,
+        count=args.count,
+        packages=frozenset(args.packages),
+        custom_zip=read_custom_zip(args.custom),
+        dry_run=bool(args.dry_run),
+        vcpus=args.vcpus,
+        memory_mb=args.memory,
+        fetch=_fetch_policy(args),
+    ).checked()
     show = not args.json and sys.stderr.isatty()
     with progress_view(show) as view:
-        reply = client.stream(cfg, "vm.request", body, view.update if view else None)
+        reply = client.stream(cfg, REQUEST, body, view.update if view else None)
     if args.json:
         print_json(reply)
     else:
-        _print_report(reply)
+        print_report(reply)
     if args.dry_run:
         return 0
-    return 0 if not reply.get("unplaced") else 1
+    return 0 if not reply.unplaced else 1
 
 
-def _print_report(reply: dict[str, Any]) -> None:
-    plan = reply.get("plan")
-    if plan:
-        rows: list[tuple[Any, ...]] = [
-            (s.get("host", s.get("node_id", "")), s.get("count"), s.get("reason", ""))
-            for s in plan.get("shares", [])
-        ]
+def print_report(reply: RequestReport) -> None:
+    if reply.plan:
+        rows = [(s.host, s.count, s.reason) for s in reply.plan]
         table("placement plan", ["host", "VMs", "why"], rows)
-    vms = reply.get("vms", [])
-    if vms:
-        rows = [
+    if reply.vms:
+        vm_rows = [
             (
-                v.get("name"),
-                v.get("host"),
-                v.get("template", "")[:12],
-                "built" if v.get("built") else "reused",
-                f"{v.get('seconds', 0):.1f}s",
+                v.name,
+                v.host,
+                v.template[:12],
+                _how(v.source.how, v.built),
+                v.start,
+                f"{v.seconds:.1f}s",
             )
-            for v in vms
+            for v in reply.vms
         ]
         table(
-            f"request {reply.get('name', '')}: {len(vms)} VM(s)",
-            ["VM", "host", "template", "template was", "took"],
-            rows,
+            f"request {reply.name}: {len(reply.vms)} VM(s)",
+            ["VM", "host", "template", "template was", "start", "took"],
+            vm_rows,
         )
-    for miss in reply.get("unplaced", []):
-        console.print(f"[red]not placed[/]: {miss.get('count')} VM(s): {miss.get('reason')}")
-    for note in reply.get("notes", []):
+    for v in reply.vms:
+        src = v.source
+        if src.why:
+            console.print(f"{v.name}: template {src.how}: {src.why}")
+    for miss in reply.unplaced:
+        console.print(f"[red]not placed[/]: {miss.count} VM(s): {miss.reason}")
+    for note in reply.notes:
         console.print(f"[yellow]note[/]: {note}")
+    for err in reply.errors:
+        console.print(f"[red]error[/]: {err}")
+
+
+def _how(how: str, built: bool) -> str:
+    if how != "reused":
+        return how
+    return "built" if built else "reused"
 
 
 def vms(args: argparse.Namespace, cfg: Config) -> int:
-    reply = client.call(cfg, "vm.list", {})
+    reply = client.call(cfg, LIST, Empty())
     if args.json:
         print_json(reply)
         return 0
     rows = [
         (
-            v.get("name"),
-            v.get("host"),
-            v.get("state"),
-            " ".join(v.get("packages", [])),
-            v.get("vcpus"),
-            v.get("memory_mb"),
-            v.get("vm_id", "")[:12],
+            v.name,
+            v.host,
+            v.state if v.state != "lost" else f"lost: {v.stop_reason}",
+            " ".join(sorted(v.packages)),
+            v.vcpus,
+            v.memory_mb,
+            f"{v.start} {v.start_seconds:.1f}s" if v.state == "running" else "",
+            v.vm_id[:12],
         )
-        for v in reply.get("vms", [])
+        for v in reply.vms
     ]
-    table("VMs", ["name", "host", "state", "packages", "vCPUs", "MB", "id"], rows)
-    for err in reply.get("errors", []):
+    table("VMs", ["name", "host", "state", "packages", "vCPUs", "MB", "start", "id"], rows)
+    for err in reply.errors:
         console.print(f"[yellow]not answered[/]: {err}")
     return 0
 
 
 def templates(args: argparse.Namespace, cfg: Config) -> int:
-    reply = client.call(cfg, "template.list", {})
+    reply = client.call(cfg, TEMPLATES, Empty())
     if args.json:
         print_json(reply)
         return 0
     rows = [
         (
-            t.get("host"),
-            t.get("template_id", "")[:12],
-            " ".join(t.get("packages", [])),
-            f"{t.get('size', 0) / 1e6:.1f} MB",
-            t.get("depth", ""),
+            t.host,
+            t.template_id[:12],
+            " ".join(sorted(t.packages)),
+            f"{t.size / 1e6:.1f} MB",
+            t.depth,
+            t.origin,
+            f"{t.warm_size / 1e6:.0f} MB" if t.warm_size else "-",
+            ago(t.last_used),
+            ", ".join(t.holders),
         )
-        for t in reply.get("templates", [])
+        for t in reply.templates
     ]
-    table("templates", ["host", "id", "packages", "delta", "depth"], rows)
+    table(
+        "templates",
+        ["host", "id", "packages", "delta", "depth", "origin", "warm", "last used", "held by"],
+        rows,
+    )
+    for err in reply.errors:
+        console.print(f"[yellow]not answered[/]: {err}")
     return 0
 
 
 def shutdown(args: argparse.Namespace, cfg: Config) -> int:
-    name = _check_name(args.name)
-    reply = client.call(cfg, "vm.shutdown", {"name": name})
+    reply = client.call(cfg, SHUTDOWN, ShutdownRequest(name=args.name).checked())
     if args.json:
         print_json(reply)
     else:
-        for h in reply.get("hosts", []):
-            console.print(f"{h.get('host')}: stopped {h.get('stopped', 0)} VM(s)")
-        for err in reply.get("errors", []):
+        for r in reply.removed:
+            console.print(f"{r.host}: removed {r.name} ({r.state})")
+        for err in reply.errors:
             console.print(f"[red]failed[/]: {err}")
-        console.print(f"{reply.get('stopped', 0)} VM(s) called {name} stopped and deleted")
-    return 0 if not reply.get("errors") else 1
+        console.print(f"{len(reply.removed)} VM(s) called {args.name} removed")
+    return 0 if not reply.errors else 1
 
 
 def _options_then_command(args: argparse.Namespace, *, identity: bool = False) -> list[str]:
@@ -181,26 +212,17 @@ def _options_then_command(args: argparse.Namespace, *, identity: bool = False) -
 
 
 def exec_(args: argparse.Namespace, cfg: Config) -> int:
-    name = _check_name(args.name)
     argv = _options_then_command(args)
     if not argv:
         raise UsageError("usage: vmmesh exec NAME -- COMMAND [ARGS...]")
-    reply = client.call(cfg, "vm.exec", {"name": name, "argv": argv})
-    out = base64.b64decode(reply.get("stdout", ""))
-    err = base64.b64decode(reply.get("stderr", ""))
+    reply = client.call(cfg, EXEC, ExecRequest(name=args.name, argv=tuple(argv)).checked())
     if args.json:
-        print_json(
-            {
-                **reply,
-                "stdout": out.decode(errors="replace"),
-                "stderr": err.decode(errors="replace"),
-            }
-        )
+        print_json(reply)
     else:
-        sys.stdout.buffer.write(out)
-        sys.stderr.buffer.write(err)
+        sys.stdout.buffer.write(reply.stdout)
+        sys.stderr.buffer.write(reply.stderr)
         sys.stdout.flush()
-    return int(reply.get("exit_code", 1))
+    return reply.exit_code if 0 <= reply.exit_code <= 255 else 1
 
 
 SSH_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")
@@ -223,39 +245,30 @@ def _ssh_identity(path: Path | None) -> tuple[Path, str]:
 
 def ssh(args: argparse.Namespace, cfg: Config) -> int:
     """Authorise the user's key in the VM, then run ssh with the VM's host key pinned."""
-    name = _check_name(args.name)
     command = _options_then_command(args, identity=True)
     key, public = _ssh_identity(args.identity)
     if not args.json and shutil.which("ssh") is None:
         raise UsageError("no ssh client here: install openssh-client")
-    reply = client.call(cfg, "vm.ssh", {"name": name, "keys": [public]})
-    address, port = str(reply["address"]), int(reply["port"])
-    known_line = known_hosts_line(address, port, str(reply["host_key"]))
+    reply = client.call(cfg, SSH, SshRequest(name=args.name, keys=(public,)).checked())
+    known_line = known_hosts_line(reply.address, reply.port, reply.host_key)
     if args.json:
-        print_json({**reply, "identity": str(key), "known_hosts": known_line.strip()})
+        out = {**reply.to_wire(), "identity": str(key), "known_hosts": known_line.strip()}
+        out.pop("v", None)
+        print_json(out)
         return 0
     with tempfile.TemporaryDirectory(prefix="vmmesh-ssh-") as tmp:
         known = Path(tmp) / "known_hosts"
         known.write_text(known_line)
         argv = [
-            "ssh",
-            "-i",
-            str(key),
-            "-p",
-            str(port),
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            f"UserKnownHostsFile={known}",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            "ConnectTimeout=60",
-            "-o",
-            "LogLevel=ERROR",
-            f"{reply.get('user', 'root')}@{address}",
+            "ssh", "-i", str(key), "-p", str(reply.port),
+            "-o", "IdentitiesOnly=yes",
+            "-o", f"UserKnownHostsFile={known}",
+            "-o", "StrictHostKeyChecking=yes",
+            "-o", "ConnectTimeout=60",
+            "-o", "LogLevel=ERROR",
+            f"{reply.user}@{reply.address}",
             *command,
-        ]
+        ]  # fmt: skip
         proc = subprocess.Popen(argv)
         while True:
             try:

@@ -31,59 +31,46 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    def common_options(suppress: bool) -> _Parser:
-        """Global options, accepted before or after the command.
+def _common_options(suppress: bool) -> _Parser:
+    """Global options, accepted before or after the command.
 
-        On subcommands their defaults are suppressed, so that a value given
-        before the command is not reset by the subparser.
-        """
-        p = _Parser(add_help=False)
-        d: dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {}
-        p.add_argument("--json", action="store_true", help="machine-readable output", **d)
-        p.add_argument("--data-dir", type=Path, help="node data directory (/var/lib/vmmesh)", **d)
-        p.add_argument("--config", type=Path, help="TOML config file", **d)
-        p.add_argument("-v", "--verbose", action="count", **(d or {"default": 0}))
-        return p
+    On subcommands their defaults are suppressed, so that a value given
+    before the command is not reset by the subparser.
+    """
+    p = _Parser(add_help=False)
+    d: dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {}
+    p.add_argument("--json", action="store_true", help="machine-readable output", **d)
+    p.add_argument("--data-dir", type=Path, help="node data directory (/var/lib/vmmesh)", **d)
+    p.add_argument("--config", type=Path, help="TOML config file", **d)
+    p.add_argument("-v", "--verbose", action="count", **(d or {"default": 0}))
+    return p
 
-    common = common_options(suppress=True)
-    parser = _Parser(
-        prog="vmmesh",
-        description="A peer-to-peer mesh of hosts running on-demand VMs.",
-        parents=[common_options(suppress=False)],
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    def add(name: str, target: str, help_: str) -> argparse.ArgumentParser:
-        """A command; ``target`` is "module:function", imported only when it runs."""
-        p = sub.add_parser(name, help=help_, description=help_, parents=[common])
-        p.set_defaults(target=target)
-        return p
+Adder = Callable[[str, str, str], argparse.ArgumentParser]
 
+
+def _mesh_commands(add: Adder) -> None:
     p = add("init", "cmd_mesh:init", "create a new mesh: its CA and this host's certificate")
     p.add_argument("--name", help="this host's name (default: hostname)")
-
     p = add("invite", "cmd_mesh:invite", "print a single-use join token")
     p.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires (3600)")
-
     p = add("join", "cmd_mesh:join", "join a mesh with a token from `vmmesh invite`")
     p.add_argument("token")
     p.add_argument("--name", help="this host's name (default: hostname)")
-
     p = add("remove", "cmd_mesh:remove", "revoke a host (by name or node id)")
     p.add_argument("host")
+    add("peers", "cmd_peers:peers", "list the hosts of the mesh")
+    add("status", "cmd_peers:status", "show this node's state and what it refused")
 
+
+def _node_commands(add: Adder) -> None:
     p = add("node", "cmd_node:node", "run the node daemon in the foreground")
     p.add_argument("--name")
     p.add_argument("--listen", help="address to bind the peer port on (0.0.0.0)")
     p.add_argument("--advertise", action="append", help="address to advertise (repeatable)")
     p.add_argument("--port", type=int, help="peer port (7400); join port is port+1")
     p.add_argument(
-        "--peer",
-        action="append",
-        dest="peers",
-        metavar="ADDR:PORT",
-        help="static seed peer (repeatable)",
+        "--peer", action="append", dest="peers", metavar="ADDR:PORT", help="static seed peer"
     )
     p.add_argument("--no-mdns", dest="mdns", action="store_const", const=False)
     p.add_argument("--storage-quota", dest="storage_quota_mb", type=int, metavar="MB")
@@ -96,11 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="apt source line for guests (repeatable)",
     )
     p.add_argument("--gossip-interval", type=float)
-    p.add_argument("--drain-on-stop", action="store_const", const=True)
-
-    add("peers", "cmd_peers:peers", "list the hosts of the mesh")
-    add("status", "cmd_peers:status", "show this node's state")
-
     p = add("lab", "cmd_lab:lab", "a lab of hosts on this machine (network namespaces; root)")
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("count", type=int, nargs="?", default=3)
@@ -108,12 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default="lab", help="short name used in namespace names")
     p.add_argument("--node-arg", action="append", default=[], help="extra `vmmesh node` argument")
     p.add_argument("--image", type=Path, help="base image directory to give every host")
-
     p = add("image", "cmd_image:image", "build, import, export or list base images")
     p.add_argument("action", choices=["build", "import", "export", "list"])
     p.add_argument("path", nargs="?", type=Path)
     p.add_argument("--id", dest="image_id", help="image id (export)")
 
+
+def _vm_commands(add: Adder) -> None:
     p = add("request", "cmd_vm:request", "create COUNT VMs named NAME with packages")
     p.add_argument("name")
     p.add_argument("count", type=int)
@@ -122,17 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="show the placement plan only")
     p.add_argument("--vcpus", type=int)
     p.add_argument("--memory", type=int, metavar="MB")
-
+    p.add_argument("--fetch", action="store_true", help="fetch missing templates from peers")
+    p.add_argument("--install", action="store_true", help="install missing packages locally")
     add("vms", "cmd_vm:vms", "list the VMs of the mesh")
     add("templates", "cmd_vm:templates", "list the templates of the mesh")
-
     p = add("shutdown", "cmd_vm:shutdown", "stop and delete every VM called NAME in the mesh")
     p.add_argument("name")
-
     p = add("exec", "cmd_vm:exec_", "run a command in a VM (vmmesh exec NAME -- CMD...)")
     p.add_argument("name")
     p.add_argument("argv", nargs=argparse.REMAINDER)
-
     p = add(
         "ssh",
         "cmd_vm:ssh",
@@ -145,9 +126,29 @@ def build_parser() -> argparse.ArgumentParser:
         dest="identity",
         type=Path,
         metavar="KEY",
-        help="private key with KEY.pub beside it (default: ~/.ssh/id_ed25519, id_ecdsa or id_rsa)",
+        help="private key with KEY.pub beside it (default: ~/.ssh/id_ed25519, id_ecdsa, id_rsa)",
     )
     p.add_argument("argv", nargs=argparse.REMAINDER)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_options(suppress=True)
+    parser = _Parser(
+        prog="vmmesh",
+        description="A peer-to-peer mesh of hosts running on-demand VMs.",
+        parents=[_common_options(suppress=False)],
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def add(name: str, target: str, help_: str) -> argparse.ArgumentParser:
+        """A command; ``target`` is "module:function", imported only when it runs."""
+        p = sub.add_parser(name, help=help_, description=help_, parents=[common])
+        p.set_defaults(target=target)
+        return p
+
+    _mesh_commands(add)
+    _node_commands(add)
+    _vm_commands(add)
     return parser
 
 
@@ -164,7 +165,6 @@ def _config_flags(args: argparse.Namespace) -> dict[str, Any]:
         "accel",
         "apt_sources",
         "gossip_interval",
-        "drain_on_stop",
     )
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
@@ -195,6 +195,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except VmmeshError as exc:
         error_line(str(exc))
+        return 1
+    except PermissionError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        error_line(f"permission denied{where} (run as root or as a member of group vmmesh)")
+        return 1
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        error_line(f"{exc.strerror or exc}{where}")
         return 1
     except KeyboardInterrupt:
         error_line("interrupted")

@@ -10,16 +10,34 @@ from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
 from rich.table import Table
+
+from vmmesh.api.common import Progress
 
 # Not a terminal (a pipe, a log): do not wrap tables at 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True)
 
 
+def _plain(value: Any) -> Any:
+    """A body as JSON can show it: bytes as text, sets as sorted lists."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    """A typed body (or plain data) as JSON on stdout, for scripts."""
+    if hasattr(data, "to_wire"):
+        data = data.to_wire()
+        data.pop("v", None)
+    sys.stdout.write(json.dumps(_plain(data), indent=2, sort_keys=True, default=str) + "\n")
 
 
 def error_line(message: str) -> None:
@@ -54,24 +72,28 @@ def mb(n: int | float) -> str:
 
 
 class ProgressView:
-    """Turns streamed progress items ({"task", "phase", "fraction"}) into bars."""
+    """Turns streamed ``Progress`` items into bars: one per task (a host, a transfer)."""
 
-    def __init__(self, progress: Progress) -> None:
+    def __init__(self, progress: RichProgress) -> None:
         self._progress = progress
         self._tasks: dict[str, Any] = {}
 
-    def update(self, item: dict[str, Any]) -> None:
-        key = str(item.get("task", "work"))
-        phase = str(item.get("phase", ""))
-        fraction = item.get("fraction")
-        desc = f"{key}: {phase}" if phase else key
-        if key not in self._tasks:
-            self._tasks[key] = self._progress.add_task(desc, total=1.0)
-        task_id = self._tasks[key]
-        if isinstance(fraction, int | float):
-            self._progress.update(task_id, description=desc, completed=float(fraction))
+    def update(self, item: Progress) -> None:
+        desc = f"{item.task}: {item.phase}" if item.phase else item.task
+        if item.rate:
+            desc += f" ({rate(item.rate)}{', ' + item.note if item.note else ''})"
+        if item.task not in self._tasks:
+            self._tasks[item.task] = self._progress.add_task(desc, total=1.0)
+        task_id = self._tasks[item.task]
+        if item.fraction is not None:
+            self._progress.update(task_id, description=desc, completed=item.fraction)
         else:
             self._progress.update(task_id, description=desc)
+
+
+def rate(bytes_per_second: float) -> str:
+    """A transfer rate for people: 12.3 MB/s."""
+    return f"{bytes_per_second / 1e6:.1f} MB/s"
 
 
 @contextmanager
@@ -79,7 +101,7 @@ def progress_view(enabled: bool) -> Iterator[ProgressView | None]:
     if not enabled:
         yield None
         return
-    with Progress(
+    with RichProgress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
         BarColumn(),

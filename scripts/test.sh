@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# The whole test suite: lint, types, then every test (unit, property, real
-# TLS between node processes, mDNS across network namespaces, QEMU guests).
+# The whole test suite: lint, format, types, then every test (unit, property,
+# real TLS between node processes, mDNS across network namespaces, QEMU guests).
 # Needs root (namespaces, debootstrap) and scripts/setup.sh done once.
+#
+#   bash scripts/test.sh            everything (what CI runs)
+#   bash scripts/test.sh --quick    lint, types and every test that needs no
+#                                   root, QEMU or network namespace
+# Further arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -9,12 +14,22 @@ if [ ! -x "$PY" ]; then
     echo "scripts/test.sh: no .venv — run scripts/setup.sh first" >&2
     exit 2
 fi
+QUICK=0
+if [ "${1:-}" = "--quick" ]; then
+    QUICK=1
+    shift
+fi
 
 echo "==> ruff"
 .venv/bin/ruff check vmmesh cli tests benchmarks
 .venv/bin/ruff format --check vmmesh cli tests benchmarks
 echo "==> mypy --strict"
 .venv/bin/mypy
+
+if [ "$QUICK" = 1 ]; then
+    echo "==> pytest (quick: no root, QEMU or namespaces)"
+    exec "$PY" -m pytest -q -p no:cacheprovider -m "not lab and not qemu" "$@"
+fi
 
 # The shared base image the QEMU tests boot (built once, then reused).
 IMAGE_LINK=${VMMESH_BASE_IMAGE_DIR:-/var/cache/vmmesh-dev/base}

@@ -26,6 +26,21 @@ def pytest_runtest_makereport(
     return report
 
 
+# Fixtures that need root and network namespaces, or QEMU: a test that uses one
+# is in the slow group even if its author forgot the mark (see scripts/test.sh --quick).
+LAB_FIXTURES = frozenset({"lab3", "fake_lab", "lab"})
+QEMU_FIXTURES = frozenset({"probe_vm", "guests", "debian", "base_spec", "host", "real_host"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & LAB_FIXTURES:
+            item.add_marker(pytest.mark.lab)
+        if names & QEMU_FIXTURES or any(m.name == "needs_qemu" for m in item.iter_markers()):
+            item.add_marker(pytest.mark.qemu)
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
     """A fresh state database under ``tmp_path/data`` (the managers' data dir)."""

@@ -91,6 +91,7 @@ async def test_hanging_qemu_is_killed_at_the_timeout(tmp_path: Path) -> None:
 
 
 @needs_qemu
+@pytest.mark.qemu
 async def test_payload_runs_under_tcg() -> None:
     assert await payload_runs("tcg", 30.0, "qemu-system-x86_64")
 
@@ -109,6 +110,7 @@ def _children() -> list[int]:
 
 
 @needs_qemu
+@pytest.mark.qemu
 async def test_probe_answers_and_leaves_no_process() -> None:
     """On our lab machines KVM guests hang: set VMMESH_EXPECT_ACCEL=tcg to assert that."""
     result = await probe_accel(timeout=8.0)

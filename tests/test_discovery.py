@@ -364,7 +364,7 @@ async def test_discovery_between_namespaces(lab3: Lab, agents_nursery: trio.Nurs
         assert a.proc.stdin is not None
         await a.proc.stdin.aclose()
         assert await a.proc.wait() == 0
-        assert (await a.stderr()).count("ignoring mDNS record 'junk") == 1
+        assert (await a.stderr()).count("refused discovery from mDNS record 'junk") == 1
 
 
 async def test_duplicate_node_id_is_refused(lab3: Lab, agents_nursery: trio.Nursery) -> None:

@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 
 import msgpack
 import pytest
 import trio
 
+from vmmesh.api.codec import Method, WireType
 from vmmesh.errors import MalformedMessage, PeerUnavailable, ProtocolError
 from vmmesh.gossip.core import Ack, GossipCore
-from vmmesh.gossip.driver import Handler, exchange_with, make_handlers, run_gossip
+from vmmesh.gossip.driver import ACK2, SYN, add_handlers, exchange_with, run_gossip
+from vmmesh.net.rpc import Handlers, LocalContext
+
+Req = TypeVar("Req", bound=WireType)
+Rep = TypeVar("Rep", bound=WireType)
 
 IDS = [f"{i:02x}" * 8 for i in range(1, 6)]
-
-
-@dataclass(frozen=True)
-class Ctx:
-    peer_id: str
 
 
 class Mesh:
@@ -27,7 +27,7 @@ class Mesh:
     caller's id as the certificate identity and msgpack on the way."""
 
     def __init__(self) -> None:
-        self.handlers: dict[str, dict[str, Handler]] = {}
+        self.handlers: dict[str, Handlers] = {}
         self.dead: set[str] = set()
 
     def transport(self, caller: str) -> Transport:
@@ -39,13 +39,17 @@ class Transport:
     mesh: Mesh
     caller: str
 
-    async def exchange(self, node_id: str, method: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def exchange(self, node_id: str, method: Method[Req, Rep], request: Req) -> Rep:
         if node_id in self.mesh.dead or self.caller in self.mesh.dead:
             raise PeerUnavailable(f"{node_id} does not answer")
         await trio.sleep(0.001)
-        handler = self.mesh.handlers[node_id][method]
-        answer = await handler(Ctx(self.caller), msgpack.unpackb(msgpack.packb(body)))
-        return {} if answer is None else msgpack.unpackb(msgpack.packb(answer))
+        # through msgpack and the typed checks, as over a real connection
+        wire = msgpack.unpackb(msgpack.packb(request.to_wire()))
+        handlers = self.mesh.handlers[node_id]
+        answer = await handlers.local(
+            method, LocalContext(self.caller), type(request).from_wire(wire)
+        )
+        return method.reply.from_wire(msgpack.unpackb(msgpack.packb(answer.to_wire())))
 
 
 async def start_mesh(nursery: trio.Nursery, n: int) -> tuple[Mesh, list[GossipCore]]:
@@ -55,7 +59,8 @@ async def start_mesh(nursery: trio.Nursery, n: int) -> tuple[Mesh, list[GossipCo
         core = GossipCore(nid, 1000 + i)
         core.set_local("name", f"host{i}")
         core.learn(IDS[(i + 1) % n], trio.current_time())  # a ring of seeds
-        mesh.handlers[nid] = make_handlers(core)
+        mesh.handlers[nid] = Handlers()
+        add_handlers(mesh.handlers[nid], core)
         cores.append(core)
     for i, core in enumerate(cores):
         await nursery.start(
@@ -113,13 +118,14 @@ async def test_dead_host_marked_down_by_all_within_ten_seconds(
 
 async def test_claimed_sender_must_match_certificate() -> None:
     a, b = GossipCore(IDS[0], 1), GossipCore(IDS[1], 1)
-    handlers = make_handlers(b)
-    syn = a.make_syn().to_wire()
+    handlers = Handlers()
+    add_handlers(handlers, b)
+    syn = a.make_syn()
     with pytest.raises(ProtocolError):
-        await handlers["gossip.syn"](Ctx(IDS[2]), syn)
-    assert await handlers["gossip.syn"](Ctx(IDS[0]), syn) is not None
+        await handlers.local(SYN, LocalContext(IDS[2]), syn)
+    assert await handlers.local(SYN, LocalContext(IDS[0]), syn) is not None
     with pytest.raises(MalformedMessage):
-        await handlers["gossip.ack2"](Ctx(IDS[0]), {"v": 1, "t": "ack2"})
+        ACK2.request.from_wire({"v": 1, "t": "ack2"})
 
 
 async def test_ack_from_someone_else_is_refused() -> None:
@@ -127,8 +133,8 @@ async def test_ack_from_someone_else_is_refused() -> None:
     impostor = GossipCore(IDS[3], 1)
 
     class Wrong:
-        async def exchange(self, node_id: str, method: str, body: dict[str, Any]) -> dict[str, Any]:
-            return Ack(impostor.node_id, (), {}, {}).to_wire()
+        async def exchange(self, node_id: str, method: Method[Req, Rep], request: Req) -> Rep:
+            return method.reply.from_wire(Ack(impostor.node_id, (), {}, {}).to_wire())
 
     with pytest.raises(ProtocolError):
         await exchange_with(a, Wrong(), IDS[1])

@@ -13,12 +13,16 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.rpcutil import Note
+from vmmesh.api.codec import Method
 from vmmesh.errors import AuthError, PeerUnavailable, TokenError
 from vmmesh.mesh import pki
 from vmmesh.mesh.join import MemoryInviteBook, join_handler, join_mesh, join_server_context
-from vmmesh.net.rpc import CallContext, RpcConnection, connect_rpc
+from vmmesh.net.peers import connect_rpc
+from vmmesh.net.rpc import Context, Handlers, RpcConnection
 from vmmesh.net.tls import serve_peers, server_context
-from vmmesh.wire.envelope import Body
+
+ECHO_WHO = Method("t.whoami", Note, Note)
 
 
 class Clock:
@@ -73,20 +77,23 @@ async def test_join_once_then_talk(tmp_path: Path, alpha: pki.Identity) -> None:
         assert not (tmp_path / "gamma").exists()
 
     # the new host is a full member: mutual TLS with the inviter's mesh port
-    async def whoami(ctx: CallContext, body: Body) -> Body:
-        return {"you": ctx.peer_id}
+    async def whoami(ctx: Context, body: Note) -> Note:
+        return Note(text=ctx.peer_id)
+
+    served = Handlers()
+    served.add(ECHO_WHO, whoami)
 
     async with trio.open_nursery() as nursery:
 
         async def handle(stream: trio.SSLStream[trio.SocketStream], peer: str) -> None:
-            await RpcConnection(stream, peer, {"t.whoami": whoami}).run()
+            await RpcConnection(stream, peer, served).run()
 
         listeners = await nursery.start(
             partial(serve_peers, host="127.0.0.1"), 0, lambda: server_context(alpha), handle
         )
         mesh_port = listeners[0].socket.getsockname()[1]
         async with connect_rpc("127.0.0.1", mesh_port, beta, alpha.node_id) as conn:
-            assert await conn.call("t.whoami") == {"you": beta.node_id}
+            assert (await conn.request(ECHO_WHO, Note())).text == beta.node_id
         nursery.cancel_scope.cancel()
 
 

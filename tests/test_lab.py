@@ -121,6 +121,7 @@ def test_lab_hosts_reach_each_other_and_the_bridge(lab3: Lab) -> None:
                 p.kill()
 
 
+@pytest.mark.lab
 def test_lab_down_removes_everything(tmp_path: Path) -> None:
     with lab_context(tmp_path, 2) as lab:
         tag, lab_dir = lab.tag, Path(lab.lab_dir)
@@ -132,6 +133,7 @@ def test_lab_down_removes_everything(tmp_path: Path) -> None:
         assert lab_down(lab_dir, tag=tag) == []  # idempotent
 
 
+@pytest.mark.lab
 def test_lab_down_by_tag_without_lab_json(tmp_path: Path) -> None:
     with lab_context(tmp_path, 2) as lab:
         (Path(lab.lab_dir) / LAB_FILE).unlink()
@@ -139,6 +141,7 @@ def test_lab_down_by_tag_without_lab_json(tmp_path: Path) -> None:
         assert leftovers(lab.tag) == []
 
 
+@pytest.mark.lab
 def test_lab_down_after_lab_process_was_killed(tmp_path: Path) -> None:
     """lab_up's process dies with a process running in a namespace; lab_down cleans up."""
     skip_unless_lab()
@@ -314,6 +317,7 @@ def test_full_lab_of_three_forms_a_mesh(tmp_path: Path) -> None:
         assert wait_until(lab, 3, {"h2": "up"}).get("h2") == "up"
 
 
+@pytest.mark.lab
 def test_lab_up_refuses_stale_host_state(tmp_path: Path) -> None:
     skip_unless_lab()
     (tmp_path / "hosts" / "h1").mkdir(parents=True)

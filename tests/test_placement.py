@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vmmesh.api.host import Capacity, HostView, TemplateInfo
+from vmmesh.api.host import Capacity, TemplateInfo
 from vmmesh.errors import MalformedMessage, UnknownMessage, UsageError
+from vmmesh.gossip.hoststate import HostView
 from vmmesh.placement.planner import (
     HostIndex,
     MatchClass,

@@ -50,7 +50,7 @@ def _find_base_dir() -> Path | None:
     return None if found is None else found.resolve()  # a rebuild moves the link
 
 
-needs_qemu = pytest.mark.skipif(
+needs_qemu_binaries = pytest.mark.skipif(
     shutil.which("qemu-system-x86_64") is None or shutil.which("qemu-img") is None,
     reason="qemu-system-x86_64 and qemu-img are not installed",
 )
@@ -138,7 +138,8 @@ def test_parse_disk_info() -> None:
 # --- qemu-img ----------------------------------------------------------------
 
 
-@needs_qemu
+@needs_qemu_binaries
+@pytest.mark.qemu
 async def test_overlay_chain_info_rebase_flatten_check(tmp_path: Path) -> None:
     hv: Hypervisor = QemuHypervisor()
     base = tmp_path / "base.qcow2"
@@ -163,7 +164,8 @@ async def test_overlay_chain_info_rebase_flatten_check(tmp_path: Path) -> None:
     await hv.check_disk(flat.path)
 
 
-@needs_qemu
+@needs_qemu_binaries
+@pytest.mark.qemu
 async def test_check_disk_and_info_report_broken_images(tmp_path: Path) -> None:
     hv = QemuHypervisor()
     bad = tmp_path / "bad.qcow2"
@@ -198,7 +200,8 @@ async def probe_vm(tmp_path: Path) -> AsyncIterator[BootSpec]:
     yield _spec(tmp_path)
 
 
-@needs_qemu
+@needs_qemu_binaries
+@pytest.mark.qemu
 async def test_start_query_kill_wait_exit(probe_vm: BootSpec, guests: list[QemuGuest]) -> None:
     hv = QemuHypervisor(machine="pc")
     guest = await hv.start(probe_vm)
@@ -213,7 +216,8 @@ async def test_start_query_kill_wait_exit(probe_vm: BootSpec, guests: list[QemuG
     assert await guest.wait_exit() == -signal.SIGKILL
 
 
-@needs_qemu
+@needs_qemu_binaries
+@pytest.mark.qemu
 async def test_qemu_that_fails_to_start_is_reported(probe_vm: BootSpec) -> None:
     hv = QemuHypervisor(machine="pc")
     spec = _spec(probe_vm.run_dir.parent, kernel=probe_vm.run_dir.parent / "missing.bin")
@@ -221,7 +225,8 @@ async def test_qemu_that_fails_to_start_is_reported(probe_vm: BootSpec) -> None:
         await hv.start(spec)
 
 
-@needs_qemu
+@needs_qemu_binaries
+@pytest.mark.qemu
 async def test_guest_survives_its_starter_and_is_adopted(
     probe_vm: BootSpec, guests: list[QemuGuest]
 ) -> None:
@@ -240,7 +245,8 @@ async def test_guest_survives_its_starter_and_is_adopted(
     assert await hv.adopt("vm1", probe_vm.run_dir) is None
 
 
-@needs_qemu
+@needs_qemu_binaries
+@pytest.mark.qemu
 async def test_adopt_refuses_a_pid_that_is_not_this_guest(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
@@ -250,7 +256,8 @@ async def test_adopt_refuses_a_pid_that_is_not_this_guest(tmp_path: Path) -> Non
     assert await QemuHypervisor().adopt("vm1", run) is None
 
 
-@needs_qemu
+@needs_qemu_binaries
+@pytest.mark.qemu
 async def test_save_state_then_resume_incoming(probe_vm: BootSpec, guests: list[QemuGuest]) -> None:
     hv = QemuHypervisor(machine="pc")
     guest = await hv.start(probe_vm)
@@ -269,7 +276,8 @@ async def test_save_state_then_resume_incoming(probe_vm: BootSpec, guests: list[
     assert await resumed.wait_exit() == 0
 
 
-@needs_qemu
+@needs_qemu_binaries
+@pytest.mark.qemu
 async def test_wait_agent_times_out_without_an_agent(
     probe_vm: BootSpec, guests: list[QemuGuest]
 ) -> None:
@@ -376,7 +384,8 @@ async def test_debian_guest_end_to_end(
     assert await killed.wait_exit() == -signal.SIGKILL
 
 
-@needs_qemu
+@needs_qemu_binaries
+@pytest.mark.qemu
 async def test_failed_save_state_leaves_the_guest_running(
     probe_vm: BootSpec, guests: list[QemuGuest]
 ) -> None:
@@ -387,7 +396,8 @@ async def test_failed_save_state_leaves_the_guest_running(
     assert await guest.query_status() == "running"
 
 
-@needs_qemu
+@needs_qemu_binaries
+@pytest.mark.qemu
 async def test_guest_outlives_the_node_process_that_started_it(
     probe_vm: BootSpec, guests: list[QemuGuest]
 ) -> None:

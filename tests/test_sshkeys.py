@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from vmmesh.api.vm import MAX_KEYS
 from vmmesh.errors import UsageError
 from vmmesh.host.sshkeys import (
-    MAX_KEYS,
     check_public_key,
     check_public_keys,
     connect_address,

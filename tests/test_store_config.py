@@ -1,10 +1,11 @@
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
 
 from vmmesh.config import load_config
-from vmmesh.errors import ConfigError
+from vmmesh.errors import ConfigError, StateError
 from vmmesh.host.store import Store, latest_version
 
 
@@ -41,3 +42,49 @@ def test_config_errors(tmp_path: Path) -> None:
         load_config({"data_dir": tmp_path}, env={})
     with pytest.raises(ConfigError, match="bad value"):
         load_config({"port": "x"}, env={})
+
+
+def test_a_version_1_database_is_upgraded_step_by_step(tmp_path: Path) -> None:
+    """A node's state from before the layout work opens, keeps its rows, loses the
+    tables nothing used and gains the new columns with their defaults."""
+    path = tmp_path / "state.db"
+    script = (Path(__file__).parent.parent / "vmmesh/host/schema/001_init.sql").read_text()
+    db = sqlite3.connect(path)
+    db.executescript(script)
+    db.execute(
+        "INSERT INTO templates (template_id, base_image_id, packages, disk, state, created)"
+        " VALUES ('t1', 'b1', '[\"perl\"]', 't1.qcow2', 'ready', 1.0)"
+    )
+    db.execute("INSERT INTO vms (vm_id, name, state, created) VALUES ('v1', 'web-1', 'lost', 2.0)")
+    db.commit()
+    db.close()
+    store = Store.open(path)
+    try:
+        assert store.version() == latest_version() >= 2
+        tables = {r[0] for r in store.conn.execute("SELECT name FROM sqlite_master")}
+        assert not {"peers", "images", "requests"} & tables
+        vm = store.conn.execute("SELECT * FROM vms").fetchone()
+        assert (vm["name"], vm["start_kind"], vm["start_seconds"]) == ("web-1", "cold", 0)
+        tpl = store.conn.execute("SELECT * FROM templates").fetchone()
+        assert (tpl["template_id"], tpl["origin"]) == ("t1", "built")
+    finally:
+        store.close()
+
+
+def test_a_failed_upgrade_changes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmmesh.host import store as store_module
+
+    path = tmp_path / "state.db"
+    Store.open(path).close()
+    scripts = store_module._schema_scripts()
+    broken = {**scripts, len(scripts) + 1: "CREATE TABLE x (a INTEGER);\nNOT SQL AT ALL;\n"}
+    monkeypatch.setattr(store_module, "_schema_scripts", lambda: broken)
+    with pytest.raises(StateError, match=r"cannot upgrade .* to schema version"):
+        Store.open(path)
+    monkeypatch.undo()
+    store = Store.open(path)
+    try:
+        assert store.version() == len(scripts)
+        assert "x" not in {r[0] for r in store.conn.execute("SELECT name FROM sqlite_master")}
+    finally:
+        store.close()

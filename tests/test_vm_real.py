@@ -21,10 +21,11 @@ import trio
 
 from tests.aptrepo import AptRepo, apt_repo
 from vmmesh.errors import PackageInstallError
+from vmmesh.host.build import BaseImage
 from vmmesh.host.capacity import CapacityPolicy, probe_host
 from vmmesh.host.images import read_manifest
 from vmmesh.host.store import Store
-from vmmesh.host.templates import BUILDING_PREFIX, BaseImage, TemplateManager
+from vmmesh.host.templates import BUILDING_PREFIX, TemplateManager
 from vmmesh.host.vms import VmManager, VmStopped
 from vmmesh.hypervisor.base import BootSpec
 from vmmesh.hypervisor.qemu import QemuGuest, QemuHypervisor
@@ -162,15 +163,17 @@ async def test_build_reuse_zip_kill_and_shutdown(host: Host) -> None:
     os.kill(lost.pid, signal.SIGKILL)
     await host.lost.wait()
     assert host.vms.get(lost.vm_id).state == "lost"
-    assert host.vms.get(lost.vm_id).stop_reason == "unexpected"
+    assert host.vms.get(lost.vm_id).stop_reason == "QEMU was killed by signal 9 without an order"
     assert host.stopped[0].vm_id == lost.vm_id
 
-    # shutdown by name: the running VM goes with its overlay, the template stays
-    overlay = host.vms.vm_dir / host.vms.get("web-1").disk
-    assert overlay.is_file()
-    stopped = await host.vms.shutdown("web")
-    assert stopped == [vm1.vm_id]
-    assert not overlay.exists()
+    # shutdown by name: every VM of it goes, running or lost, with its overlay;
+    # the template stays
+    overlays = [host.vms.vm_dir / host.vms.get(n).disk for n in ("web-1", "web-2")]
+    assert all(o.is_file() for o in overlays)
+    removed = await host.vms.shutdown("web")
+    assert {(v.vm_id, v.state) for v in removed} == {(vm1.vm_id, "running"), (lost.vm_id, "lost")}
+    assert not any(o.exists() for o in overlays)
+    assert host.vms.list_vms() == []
     assert template_disk.is_file()
     assert [t.template_id for t in host.vms.list_templates()] == [template.template_id]
     assert len(host.stopped) == 1  # the ordered stop is not "unexpected"

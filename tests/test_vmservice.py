@@ -13,35 +13,51 @@ storage quota counts them only by what their overlays really hold (see
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import math
 import shutil
 import socket
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import trio
 
 import vmmesh.node
-from vmmesh.api.host import HostView
+from vmmesh.api.codec import Empty, Method, WireType
+from vmmesh.api.common import Progress
+from vmmesh.api.vm import (
+    EXEC,
+    LIST,
+    REQUEST,
+    SHUTDOWN,
+    SSH,
+    TEMPLATES,
+    ExecRequest,
+    RequestReport,
+    RequestVms,
+    ShareRequest,
+    ShutdownRequest,
+    SshRequest,
+)
 from vmmesh.config import Config
-from vmmesh.errors import HypervisorError, PackageInstallError, RemoteError
+from vmmesh.errors import HypervisorError, NotFound, PackageInstallError, UsageError
+from vmmesh.gossip.hoststate import HostView
+from vmmesh.host.build import BaseImage
 from vmmesh.host.capacity import count_cores
-from vmmesh.host.templates import BaseImage
 from vmmesh.host.vms import VmManager
 from vmmesh.hypervisor.base import BootSpec
 from vmmesh.hypervisor.fake import FAKE_HOST_KEY, FakeGuest, FakeHypervisor, make_base_image
 from vmmesh.mesh import pki
 from vmmesh.net.control import connect_control
+from vmmesh.net.rpc import LocalContext
 from vmmesh.node import Node
 from vmmesh.vmservice.service import VmService
 
-Body = dict[str, Any]
+Req = TypeVar("Req", bound=WireType)
+Rep = TypeVar("Rep", bound=WireType)
 
 ALLOWANCE = 1024
 REPO = frozenset({"povray", "perl", "vmm-test-a", "vmm-test-b"})
@@ -141,26 +157,12 @@ def _identities(root: Path) -> None:
         )
 
 
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for e in exc.exceptions for leaf in _leaves(e)]
-    return [exc]
-
-
 async def _run_node(node: Node, *, task_status: trio.TaskStatus[trio.CancelScope]) -> None:
     scope = trio.CancelScope()
-    try:
-        with scope:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(node.run)
-                task_status.started(scope)
-    except* RuntimeError as group:
-        # rpc.py bug (see RpcConnection._open_call): a call cancelled while its
-        # connection shuts down starts a task in the closed connection nursery.
-        # Tolerated only while the node is being stopped.
-        stopping = scope.cancel_called or trio.current_effective_deadline() == -math.inf
-        if not stopping or any("closed to new arrivals" not in str(e) for e in _leaves(group)):
-            raise
+    with scope:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            task_status.started(scope)
 
 
 async def eventually(check: Callable[[], object], what: str, patience: float = PATIENCE) -> None:
@@ -223,10 +225,9 @@ async def mesh(
                 vm_memory_mb=64,
                 vm_disk_allowance_mb=ALLOWANCE,
             )
-            node = Node(cfg)
             base = BaseImage(image_dir, make_base_image(image_dir))
             svc = VmService(hypervisor=hvs[i], base=base)
-            node.extensions.append(svc)
+            node = Node(cfg, extensions=[svc])
             scope = await nursery.start(_run_node, node)
             hosts.append(Host(name, cfg, node, svc, hvs[i], scope))
         free = {h.name: h.mgr.capacity().free_slots for h in hosts}
@@ -235,28 +236,26 @@ async def mesh(
         nursery.cancel_scope.cancel()
 
 
-async def call(host: Host, method: str, body: Body) -> Body:
+async def call(host: Host, method: Method[Req, Rep], body: Req) -> Rep:
     async with connect_control(host.cfg.socket_path) as conn:
-        return await conn.call(method, body)
+        return await conn.request(method, body)
 
 
 async def request(
-    host: Host, name: str, count: int, *packages: str, items: list[Body] | None = None
-) -> Body:
-    """``vmmesh request`` through the control socket; the final item."""
-    final: Body = {}
-    body = {"name": name, "count": count, "packages": list(packages)}
-    async with (
-        connect_control(host.cfg.socket_path) as conn,
-        contextlib.aclosing(conn.stream_call("vm.request", body)) as stream,
-    ):
-        async for item in stream:
-            if item.get("final"):
-                final = item
-            elif items is not None:
+    host: Host,
+    name: str,
+    count: int,
+    *packages: str,
+    items: list[Progress] | None = None,
+    dry_run: bool = False,
+) -> RequestReport:
+    """``vmmesh request`` through the control socket; its report."""
+    body = RequestVms(name=name, count=count, packages=frozenset(packages), dry_run=dry_run)
+    async with connect_control(host.cfg.socket_path) as conn, conn.stream(REQUEST, body) as answer:
+        async for item in answer:
+            if items is not None:
                 items.append(item)
-    assert final, "no final item"
-    return final
+    return answer.result()
 
 
 def per_host(hosts: Sequence[Host]) -> dict[str, int]:
@@ -284,23 +283,22 @@ async def test_request_prefers_the_host_with_the_template(root: Path, port: int)
             lambda: any(t.packages == {"povray", "perl"} for t in h1.view()["h2"].templates),
             "h1 learns h2's template",
         )
-        items: list[Body] = []
+        items: list[Progress] = []
         reply = await request(h1, "web", 3, "povray", "perl", items=items)
-        assert reply["placed"] == 3 and reply["unplaced"] == [], reply
-        assert reply["plan"]["shares"][0]["host"] == "h2"
-        assert reply["plan"]["shares"][0]["match"] == "exact"
-        hosts_of = sorted(v["host"] for v in reply["vms"])
+        assert reply.placed == 3 and reply.unplaced == (), reply
+        assert reply.plan[0].host == "h2"
+        assert reply.plan[0].match == "exact"
+        hosts_of = sorted(v.host for v in reply.vms)
         assert hosts_of.count("h2") == 2 and len(set(hosts_of)) == 2, reply
-        assert sorted(v["name"] for v in reply["vms"]) == ["web-1", "web-2", "web-3"]
-        for v in reply["vms"]:
-            assert v["template"] == tpl.template_id
-            assert isinstance(v["seconds"], float | int) and v["seconds"] >= 0
-            assert v["seconds_end_to_end"] >= 0
-        assert not any(v["built"] for v in reply["vms"] if v["host"] == "h2"), "h2 reused"
-        [other] = [v for v in reply["vms"] if v["host"] != "h2"]
-        assert other["built"] and "install" in other["phases"]
-        assert {i["task"] for i in items} >= {"h2", other["host"]}, "progress of each host"
-        assert reply["errors"] == [] and reply["notes"] == []
+        assert sorted(v.name for v in reply.vms) == ["web-1", "web-2", "web-3"]
+        for v in reply.vms:
+            assert v.template == tpl.template_id
+            assert v.seconds >= 0 and v.seconds_end_to_end >= 0
+        assert not any(v.built for v in reply.vms if v.host == "h2"), "h2 reused"
+        [other] = [v for v in reply.vms if v.host != "h2"]
+        assert other.built and "install" in other.phases
+        assert {i.task for i in items} >= {"h2", other.host}, "progress of each host"
+        assert reply.errors == () and reply.notes == ()
         assert per_host(hosts)["h2"] == 2
 
 
@@ -308,13 +306,13 @@ async def test_fill_then_spill_then_unplaced(root: Path, port: int) -> None:
     async with mesh(root, port) as hosts:
         h1 = hosts[0]
         reply = await request(h1, "fill", 3, "perl")
-        assert [s["count"] for s in reply["plan"]["shares"]] == [2, 1], reply
+        assert [s.count for s in reply.plan] == [2, 1], reply
         assert sorted(per_host(hosts).values()) == [0, 1, 2]
         # Three slots are left; gossip may still show the old figures.
         reply = await request(h1, "more", 4, "perl")
-        assert reply["placed"] == 3, reply
-        [unplaced] = reply["unplaced"]
-        assert unplaced["count"] == 1 and "no capacity" in unplaced["reason"], reply
+        assert reply.placed == 3, reply
+        [unplaced] = reply.unplaced
+        assert unplaced.count == 1 and "no capacity" in unplaced.reason, reply
         assert per_host(hosts) == {"h1": 2, "h2": 2, "h3": 2}
         assert all(h.mgr.capacity().free_slots == 0 for h in hosts)
         names = [v.name for h in hosts for v in h.mgr.list_vms()]
@@ -327,17 +325,8 @@ async def test_fill_then_spill_then_unplaced(root: Path, port: int) -> None:
             lambda: all(v.capacity.free_slots == 0 for v in h1.view().values()),
             "h1 sees the mesh full",
         )
-        dry = await _dry(h1, "dry", 2)
-        assert dry["dry_run"] and dry["unplaced"][0]["count"] == 2
-
-
-async def _dry(host: Host, name: str, count: int) -> Body:
-    final: Body = {}
-    body = {"name": name, "count": count, "packages": [], "dry_run": True}
-    async with connect_control(host.cfg.socket_path) as conn:
-        async for item in conn.stream_call("vm.request", body):
-            final = item
-    return final
+        dry = await request(h1, "dry", 2, dry_run=True)
+        assert dry.dry_run and dry.unplaced[0].count == 2
 
 
 async def test_failed_share_is_replaced(root: Path, port: int) -> None:
@@ -352,10 +341,10 @@ async def test_failed_share_is_replaced(root: Path, port: int) -> None:
     async with mesh(root, port, (0, 3, 4), hypervisors=hvs) as hosts:
         h1, _h2, h3 = hosts
         reply = await request(h1, "fail", 3, "perl")
-        assert reply["plan"]["shares"][0]["host"] == "h3", reply
-        assert [v["host"] for v in reply["vms"]] == ["h2"] * 3, reply
-        assert any("h3" in n and "re-placed" in n for n in reply["notes"]), reply
-        assert reply["unplaced"] == []
+        assert reply.plan[0].host == "h3", reply
+        assert [v.host for v in reply.vms] == ["h2"] * 3, reply
+        assert any("h3" in n and "re-placed" in n for n in reply.notes), reply
+        assert reply.unplaced == ()
         assert h3.mgr.list_vms() == [] and h3.mgr.list_templates() == []
         assert building(hosts) == []
         assert h3.mgr.capacity().free_slots == 4, "h3 released its reservation"
@@ -367,7 +356,7 @@ async def test_host_cancelled_mid_request_is_replaced(root: Path, port: int) -> 
     hvs = [fake(), fake(), fake(install_seconds=60.0)]
     async with mesh(root, port, (0, 3, 4), hypervisors=hvs) as hosts:
         h1, _h2, h3 = hosts
-        done: dict[str, Body] = {}
+        done: dict[str, RequestReport] = {}
 
         async def go() -> None:
             done["reply"] = await request(h1, "kill", 3, "perl")
@@ -377,16 +366,16 @@ async def test_host_cancelled_mid_request_is_replaced(root: Path, port: int) -> 
             await eventually(lambda: h3.hv.started, "h3 starts building its share")
             h3.scope.cancel()
         reply = done["reply"]
-        assert [v["host"] for v in reply["vms"]] == ["h2"] * 3, reply
-        assert any("h3" in n and "re-placed" in n for n in reply["notes"]), reply
-        assert reply["unplaced"] == []
+        assert [v.host for v in reply.vms] == ["h2"] * 3, reply
+        assert any("h3" in n and "re-placed" in n for n in reply.notes), reply
+        assert reply.unplaced == ()
         assert building([h3]) == [], "h3 abandoned its half-built template"
 
 
 async def test_concurrent_requests_never_overcommit(root: Path, port: int) -> None:
     async with mesh(root, port) as hosts:
         h1, h2, _h3 = hosts
-        results: dict[str, Body] = {}
+        results: dict[str, RequestReport] = {}
 
         async def go(host: Host, name: str) -> None:
             results[name] = await request(host, name, 4, "vmm-test-a")
@@ -396,9 +385,9 @@ async def test_concurrent_requests_never_overcommit(root: Path, port: int) -> No
             nursery.start_soon(go, h2, "c2")
         counts = per_host(hosts)
         assert all(n <= 2 for n in counts.values()), (counts, results)
-        placed = sum(len(r["vms"]) for r in results.values())
+        placed = sum(len(r.vms) for r in results.values())
         assert placed == sum(counts.values()) == 6, (results, counts)
-        unplaced = sum(u["count"] for r in results.values() for u in r["unplaced"])
+        unplaced = sum(u.count for r in results.values() for u in r.unplaced)
         assert unplaced == 2, results
         assert all(h.mgr.capacity().free_slots == 0 for h in hosts)
 
@@ -407,69 +396,76 @@ async def test_list_exec_and_shutdown_across_the_mesh(root: Path, port: int) -> 
     async with mesh(root, port) as hosts:
         h1, _h2, h3 = hosts
         reply = await request(h1, "web", 3, "povray", "perl")
-        assert reply["placed"] == 3
-        made = {v["name"]: v["host"] for v in reply["vms"]}
+        assert reply.placed == 3
+        made = {v.name: v.host for v in reply.vms}
 
-        listed = await call(h3, "vm.list", {})
-        assert listed["errors"] == []
-        rows = [v for v in listed["vms"] if v["request"] == "web"]
-        assert {v["name"]: v["host"] for v in rows} == made
-        assert all(v["packages"] == ["perl", "povray"] and v["state"] == "running" for v in rows)
+        listed = await call(h3, LIST, Empty())
+        assert listed.errors == ()
+        rows = [v for v in listed.vms if v.request == "web"]
+        assert {v.name: v.host for v in rows} == made
+        assert all(v.packages == {"perl", "povray"} and v.state == "running" for v in rows)
 
-        templates = await call(h3, "template.list", {})
-        builders = {v["host"] for v in reply["vms"] if v["built"]}
-        assert {t["host"] for t in templates["templates"]} == builders
-        assert all(t["packages"] == ["perl", "povray"] for t in templates["templates"])
+        templates = await call(h3, TEMPLATES, Empty())
+        builders = {v.host for v in reply.vms if v.built}
+        assert {t.host for t in templates.templates} == builders
+        assert all(t.packages == {"perl", "povray"} for t in templates.templates)
+        tid = templates.templates[0].template_id
+        await eventually(
+            lambda: (
+                {h.name for h in h3.node.hosts() for x in h.templates if x.template_id == tid}
+                == builders
+            ),
+            "h3 learns who holds the template",
+        )
+        templates = await call(h3, TEMPLATES, Empty())
+        assert all(set(t.holders) == builders for t in templates.templates)
 
         # exec reaches a VM on another host, by VM name and by request name.
         remote = next(n for n, h in made.items() if h != "h3")
         await eventually(lambda: remote in h3.view()[made[remote]].vms, "h3 learns the VMs")
         argv = ["cat", "/usr/share/vmm-test/povray"]
-        out = await call(h3, "vm.exec", {"name": remote, "argv": argv})
-        assert out["exit_code"] == 0 and base64.b64decode(out["stdout"]) == b"povray"
-        out = await call(h3, "vm.exec", {"name": "web", "argv": ["cat", "/nope"]})
-        assert out["exit_code"] == 1
-        with pytest.raises(RemoteError) as err:
-            await call(h3, "vm.exec", {"name": "ghost", "argv": ["true"]})
-        assert err.value.code == "NotFound"
+        out = await call(h3, EXEC, ExecRequest(name=remote, argv=tuple(argv)))
+        assert out.exit_code == 0 and out.stdout == b"povray"
+        out = await call(h3, EXEC, ExecRequest(name="web", argv=("cat", "/nope")))
+        assert out.exit_code == 1
+        with pytest.raises(NotFound):
+            await call(h3, EXEC, ExecRequest(name="ghost", argv=("true",)))
 
         # ssh: the caller's key lands in the VM on its own host; the answer says
         # where to dial (the owner's gossiped address) and pins the guest's host key.
         user_key = FAKE_HOST_KEY + " alice@laptop"
-        access = await call(h3, "vm.ssh", {"name": remote, "keys": [user_key]})
+        access = await call(h3, SSH, SshRequest(name=remote, keys=(user_key,)))
         owner = next(h for h in hosts if h.name == made[remote])
-        assert access["address"] == owner.cfg.listen and access["host"] == owner.name
-        assert access["vm"] == remote and access["host_key"] == f"{FAKE_HOST_KEY} root@" + (
+        assert access.address == owner.cfg.listen and access.host == owner.name
+        assert access.vm == remote and access.host_key == f"{FAKE_HOST_KEY} root@" + (
             owner.mgr.get(remote).vm_id
         )
-        assert access["port"] == owner.mgr.get(remote).ssh_port > 0
+        assert access.port == owner.mgr.get(remote).ssh_port > 0
         guest = owner.hv.running[owner.mgr.get(remote).vm_id]
         assert guest.authorized_keys == [user_key]
-        with pytest.raises(RemoteError) as err:
-            await call(h3, "vm.ssh", {"name": remote, "keys": ["ssh-ed25519 garbage"]})
-        assert err.value.code == "UsageError"
-        ports = [
-            v["ssh_port"] for v in (await call(h1, "vm.list", {}))["vms"] if v["host"] == owner.name
-        ]
+        with pytest.raises(UsageError):
+            await call(h3, SSH, SshRequest(name=remote, keys=("ssh-ed25519 garbage",)))
+        ports = [v.ssh_port for v in (await call(h1, LIST, Empty())).vms if v.host == owner.name]
         assert len(set(ports)) == len(ports), "VMs of one host never share a forward port"
 
         # shutdown by name from a third host stops all three, wherever they run.
-        stopped = await call(h3, "vm.shutdown", {"name": "web"})
-        assert stopped["stopped"] == 3 and stopped["errors"] == [], stopped
-        assert (await call(h1, "vm.list", {}))["vms"] == []
+        stopped = await call(h3, SHUTDOWN, ShutdownRequest(name="web"))
+        assert len(stopped.removed) == 3 and stopped.errors == (), stopped
+        assert {r.state for r in stopped.removed} == {"running"}
+        assert (await call(h1, LIST, Empty())).vms == ()
         assert overlays(hosts) == [], "overlays deleted"
         assert all(not h.hv.running for h in hosts)
-        again = await call(h1, "template.list", {})
-        assert len(again["templates"]) == len(builders), "the templates stay"
+        again = await call(h1, TEMPLATES, Empty())
+        assert len(again.templates) == len(builders), "the templates stay"
+        with pytest.raises(NotFound, match="no VM called 'web' in the mesh"):
+            await call(h3, SHUTDOWN, ShutdownRequest(name="web"))
 
 
 async def test_unknown_package_fails_the_request_and_leaves_nothing(root: Path, port: int) -> None:
     async with mesh(root, port) as hosts:
         h1 = hosts[0]
-        with pytest.raises(RemoteError) as err:
+        with pytest.raises(PackageInstallError, match="no-such-package"):
             await request(h1, "bad", 3, "perl", "no-such-package")
-        assert err.value.code == "PackageInstallError"
-        assert "no-such-package" in str(err.value)
         for h in hosts:
             assert h.mgr.list_vms() == [] and h.mgr.list_templates() == []
             assert h.mgr.capacity().free_slots == 2, f"{h.name} released its reservation"
@@ -483,13 +479,10 @@ async def test_disk_quota_counts_running_vms(root: Path, port: int) -> None:
     async with mesh(root, port, (4, 4, 4), storage_quota_mb=quota) as hosts:
         h1 = hosts[0]
         assert h1.mgr.capacity().free_slots == 2
-        reply = await h1.svc.run_share({"name": "q", "count": 2, "packages": []}, _ignore)
-        assert reply["granted"] == 2 and len(reply["vms"]) == 2
+        share = ShareRequest(request_id="1", name="q", count=2)
+        reply = await h1.svc.local.share(LocalContext(h1.node.node_id), share)
+        assert reply.granted == 2 and len(reply.vms) == 2
         assert h1.mgr.capacity().free_slots == 0
-
-
-async def _ignore(item: Body) -> None:
-    return None
 
 
 async def test_failed_share_releases_its_reservation_once(root: Path, port: int) -> None:
@@ -498,7 +491,8 @@ async def test_failed_share_releases_its_reservation_once(root: Path, port: int)
         h1 = hosts[0]
         assert h1.mgr.reserve(1) == 1, "another request's share in flight"
         with pytest.raises(PackageInstallError):
-            await h1.svc.run_share({"name": "bad", "count": 1, "packages": ["nope"]}, _ignore)
+            share = ShareRequest(request_id="1", name="bad", count=1, packages=frozenset({"nope"}))
+            await h1.svc.local.share(LocalContext(h1.node.node_id), share)
         assert h1.mgr.capacity().free_slots == 1, "the other request keeps its slot"
 
 
@@ -509,10 +503,9 @@ async def test_package_missing_on_one_host_only(root: Path, port: int) -> None:
         h1 = hosts[0]
         try:
             reply = await request(h1, "mixed", 5, "povray")
-        except RemoteError as exc:
-            assert exc.code == "PackageInstallError"
+        except PackageInstallError:
             assert per_host(hosts) == {"h1": 0, "h2": 0, "h3": 0}, "VMs left behind"
         else:
-            assert sorted(v["host"] for v in reply["vms"]) == ["h2", "h2"], reply
-            assert any("h3" in n for n in reply["notes"]), reply
-            assert reply["unplaced"][0]["count"] == 3
+            assert sorted(v.host for v in reply.vms) == ["h2", "h2"], reply
+            assert any("h3" in n for n in reply.notes), reply
+            assert reply.unplaced[0].count == 3

@@ -48,7 +48,6 @@ class Config:
     ssh_bind: str = "0.0.0.0"
     ssh_port_first: int = 22000
     ssh_port_count: int = 1000
-    drain_on_stop: bool = False
     log_level: str = "INFO"
 
     @property
@@ -69,6 +68,18 @@ class Config:
 
 
 _FIELDS = {f.name: f for f in fields(Config)}
+
+RELOADABLE = (
+    "storage_quota_mb",
+    "cpu_overcommit",
+    "memory_reserve_mb",
+    "vm_vcpus",
+    "vm_memory_mb",
+    "vm_disk_allowance_mb",
+    "apt_sources",
+    "log_level",
+)
+"""Settings a running node takes up on SIGHUP; the others need a restart."""
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -168,4 +179,4 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("storage quota must be >= 0 and cpu overcommit > 0")
 
 
-__all__ = ["DEFAULT_PORT", "Config", "load_config"]
+__all__ = ["DEFAULT_PORT", "RELOADABLE", "Config", "load_config"]

@@ -1,16 +1,62 @@
-"""One exception root, precise subclasses.
+"""One exception root, precise subclasses, and the codes they travel as.
 
 Two families, as in h11: errors that mean *you* (the local user or caller)
 asked for something wrong, and errors that mean a *peer* or the machine
 misbehaved.  Every subclass has one exact meaning; the CLI prints
 ``str(exc)`` as a one-line message and never a traceback for these.
+
+Across a connection an error travels as a ``Fail`` carrying an
+``ErrorCode`` and its message.  The caller turns the code back into the same
+class (``from_code``), so ``except PackageInstallError`` works whether the
+install failed here or on a peer.  A code this version does not know, and
+``internal`` (a bug on the other side), arrive as ``RemoteError``.
 """
 
 from __future__ import annotations
 
+import enum
+from typing import ClassVar
+
+
+class ErrorCode(enum.StrEnum):
+    """The wire name of each error class (stable: peers of other versions read it)."""
+
+    USAGE = "usage"
+    CONFIG = "config"
+    NOT_INITIALIZED = "not_initialized"
+    NOT_FOUND = "not_found"
+    NODE_NOT_RUNNING = "node_not_running"
+    PROTOCOL = "protocol"
+    FRAME_TOO_LARGE = "frame_too_large"
+    MALFORMED = "malformed"
+    UNKNOWN_MESSAGE = "unknown_message"
+    PEER_UNAVAILABLE = "peer_unavailable"
+    AUTH = "auth"
+    TOKEN = "token"
+    REVOKED = "revoked"
+    HYPERVISOR = "hypervisor"
+    QMP = "qmp"
+    GUEST_AGENT = "guest_agent"
+    IMAGE = "image"
+    INTEGRITY = "integrity"
+    PACKAGE_INSTALL = "package_install"
+    PACKAGE_SOURCE = "package_source"
+    CAPACITY = "capacity"
+    STATE = "state"
+    TRANSFER = "transfer"
+    JOB = "job"
+    INTERNAL = "internal"
+
 
 class VmmeshError(Exception):
     """Root of every error vmmesh raises on purpose."""
+
+    code: ClassVar[ErrorCode] = ErrorCode.INTERNAL
+
+    def __str__(self) -> str:
+        # Never an empty reason: an operator reads these one per line.
+        text = super().__str__()
+        return text if text.strip() else type(self).__name__
 
 
 # --- the caller or user asked for something wrong -------------------------
@@ -19,21 +65,31 @@ class VmmeshError(Exception):
 class UsageError(VmmeshError):
     """Bad arguments or input from the local user."""
 
+    code = ErrorCode.USAGE
+
 
 class ConfigError(VmmeshError):
     """The configuration (file, environment, flags) is invalid."""
+
+    code = ErrorCode.CONFIG
 
 
 class NotInitialized(VmmeshError):
     """This host has no mesh identity yet (run `vmmesh init` or `vmmesh join`)."""
 
+    code = ErrorCode.NOT_INITIALIZED
+
 
 class NotFound(VmmeshError):
     """A named thing (VM, template, host, image) does not exist."""
 
+    code = ErrorCode.NOT_FOUND
+
 
 class NodeNotRunning(VmmeshError):
     """The local node's control socket does not answer."""
+
+    code = ErrorCode.NODE_NOT_RUNNING
 
 
 # --- peers and the wire ---------------------------------------------------
@@ -42,41 +98,58 @@ class NodeNotRunning(VmmeshError):
 class ProtocolError(VmmeshError):
     """A peer sent something that breaks the protocol."""
 
+    code = ErrorCode.PROTOCOL
+
 
 class FrameTooLarge(ProtocolError):
     """A frame's length prefix is over the limit."""
+
+    code = ErrorCode.FRAME_TOO_LARGE
 
 
 class MalformedMessage(ProtocolError):
     """Bytes that are not msgpack, or msgpack of the wrong shape."""
 
+    code = ErrorCode.MALFORMED
+
 
 class UnknownMessage(ProtocolError):
     """A well-formed message of a kind or method we do not know."""
 
+    code = ErrorCode.UNKNOWN_MESSAGE
+
 
 class RemoteError(VmmeshError):
-    """The peer answered a call with an error; ``code`` names its class."""
+    """The peer failed in a way this version has no class for (a bug there, or a
+    code from a newer version); ``code`` is what it sent."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
-        self.code = code
+        self.remote_code = code
 
 
 class PeerUnavailable(VmmeshError):
     """The transport to a peer failed or the peer does not answer."""
 
+    code = ErrorCode.PEER_UNAVAILABLE
+
 
 class AuthError(VmmeshError):
     """Certificates, keys or the TLS handshake did not check out."""
+
+    code = ErrorCode.AUTH
 
 
 class TokenError(AuthError):
     """A join token is malformed, used, expired or unknown."""
 
+    code = ErrorCode.TOKEN
+
 
 class Revoked(AuthError):
     """The host has been removed from the mesh."""
+
+    code = ErrorCode.REVOKED
 
 
 # --- the machine ----------------------------------------------------------
@@ -85,30 +158,96 @@ class Revoked(AuthError):
 class HypervisorError(VmmeshError):
     """QEMU or qemu-img failed."""
 
+    code = ErrorCode.HYPERVISOR
+
 
 class QMPError(HypervisorError):
     """The QEMU monitor answered with an error or hung up."""
+
+    code = ErrorCode.QMP
 
 
 class GuestAgentError(HypervisorError):
     """The guest agent answered with an error, timed out or hung up."""
 
+    code = ErrorCode.GUEST_AGENT
+
 
 class ImageError(VmmeshError):
     """A base image is missing, malformed or does not match its manifest."""
+
+    code = ErrorCode.IMAGE
 
 
 class IntegrityError(VmmeshError):
     """Content does not match its hash."""
 
+    code = ErrorCode.INTEGRITY
+
 
 class PackageInstallError(VmmeshError):
-    """Installing packages in a guest failed; the message names the package."""
+    """A package does not exist in the package source; the message names it.
+
+    The same source serves every host of a mesh, so no other host would do
+    better: a request ends with this error instead of trying every host.
+    """
+
+    code = ErrorCode.PACKAGE_INSTALL
+
+
+class PackageSourceError(VmmeshError):
+    """The guest could not reach its package source (or apt failed for another
+    reason than a missing package): another host may do better."""
+
+    code = ErrorCode.PACKAGE_SOURCE
 
 
 class CapacityError(VmmeshError):
     """The host has no room for what was asked."""
 
+    code = ErrorCode.CAPACITY
+
 
 class StateError(VmmeshError):
     """The local sqlite state is inconsistent or cannot be written."""
+
+    code = ErrorCode.STATE
+
+
+class TransferError(VmmeshError):
+    """A blob could not be fetched from any holder."""
+
+    code = ErrorCode.TRANSFER
+
+
+class JobError(VmmeshError):
+    """A job could not be run (not: the job's command failed, which is its exit status)."""
+
+    code = ErrorCode.JOB
+
+
+def _classes() -> dict[str, type[VmmeshError]]:
+    out: dict[str, type[VmmeshError]] = {}
+    todo: list[type[VmmeshError]] = [VmmeshError]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls is not VmmeshError and cls is not RemoteError and cls.__module__ == __name__:
+            out.setdefault(cls.code.value, cls)
+    return out
+
+
+_BY_CODE = _classes()
+
+
+def error_code(exc: VmmeshError) -> ErrorCode:
+    """The code ``exc`` travels as (RemoteError passes on as internal)."""
+    return ErrorCode.INTERNAL if isinstance(exc, RemoteError) else exc.code
+
+
+def from_code(code: str, message: str) -> VmmeshError:
+    """The exception a peer's ``Fail(code, message)`` stands for."""
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        return RemoteError(code, message)
+    return cls(message)

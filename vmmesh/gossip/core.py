@@ -51,6 +51,13 @@ The node is the authority on itself: a delta or digest claiming a newer
 version of *this* node than it holds is never applied; the node re-stamps its
 own keys above that version so its real state wins everywhere.
 
+Values are untrusted: the ``check`` given at construction (the node passes
+``hoststate.check_value``) sees every delta before it is stored.  A refused
+value is not stored, so it is never relayed, and the key counts as absent
+for its host; the version still advances, so the bad delta is not asked for
+again.  A ``REFUSED`` event names the host, the key, the peer it came through
+and why.
+
 The node learns what changed through ``drain_events()`` instead of polling.
 """
 
@@ -59,13 +66,13 @@ from __future__ import annotations
 import enum
 import heapq
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from operator import itemgetter
 from random import Random
 from typing import Any, NamedTuple
 
-from vmmesh.api.host import check_hex_id
+from vmmesh.api.names import check_hex_id
 from vmmesh.errors import MalformedMessage, NotFound, Revoked, UsageError
 from vmmesh.gossip.detector import DOWN, SUSPECT, UP, DetectorConfig, PhiAccrual, Status
 
@@ -304,6 +311,7 @@ class EventKind(enum.StrEnum):
     DOWN = "down"
     UP = "up"  # a suspect or down host is heard again
     FORGOTTEN = "forgotten"  # down for forget_after: its state is gone
+    REFUSED = "refused"  # a value of a host failed its check; ``via`` relayed it
 
 
 @dataclass(frozen=True)
@@ -311,6 +319,8 @@ class GossipEvent:
     kind: EventKind
     node_id: str
     keys: frozenset[str] = frozenset()
+    reason: str = ""
+    via: str = ""
 
 
 @dataclass(frozen=True)
@@ -337,14 +347,26 @@ class _Peer:
         self.down_since = 0.0
 
 
+ValueCheck = Callable[[str, object, int], None]
+"""``check(key, value, keys the host already holds)``: raise MalformedMessage to refuse."""
+
+
 class GossipCore:
     """The gossip state of one node; every method is synchronous and pure."""
 
-    def __init__(self, node_id: str, generation: int, *, config: GossipConfig | None = None):
+    def __init__(
+        self,
+        node_id: str,
+        generation: int,
+        *,
+        config: GossipConfig | None = None,
+        check: ValueCheck | None = None,
+    ):
         self.node_id = check_hex_id(node_id, "node id")
         if not isinstance(generation, int) or not 0 <= generation < 1 << 63:
             raise UsageError(f"bad gossip generation: {generation!r}")
         self.config = config or GossipConfig()
+        self._check = check
         self._next = pack_version(generation, 0)
         self._self = _Peer(None)
         self._peers: dict[str, _Peer] = {node_id: self._self}
@@ -625,7 +647,7 @@ class GossipCore:
                     self._reassert(hb)
                 else:
                     self._heard(nid, hb, now)
-        self._apply(ack.deltas, now)
+        self._apply(ack.deltas, now, sender)
         held = self._digest
         ahead = []
         for nid, theirs in ack.request.items():
@@ -636,7 +658,7 @@ class GossipCore:
 
     def on_ack2(self, ack2: Ack2, sender: str, now: float) -> None:
         self._check_sender(sender)
-        self._apply(ack2.deltas, now)
+        self._apply(ack2.deltas, now, sender)
 
     def _select(self, ahead: list[tuple[int, str, int]]) -> tuple[Delta, ...]:
         """Deltas for the most stale hosts first, each host's in ascending
@@ -656,7 +678,7 @@ class GossipCore:
                 break
         return tuple(out)
 
-    def _apply(self, deltas: tuple[Delta, ...], now: float) -> None:
+    def _apply(self, deltas: tuple[Delta, ...], now: float, via: str) -> None:
         peers = self._peers
         held = self._digest
         me = self.node_id
@@ -698,10 +720,25 @@ class GossipCore:
                 keys.update(p.keys)
                 p.keys = {}
             held[nid] = ver
-            p.keys[key] = (ver, val)
             keys.add(key)
+            if self._check is not None and not self._accept(p, nid, key, val, via):
+                continue
+            p.keys[key] = (ver, val)
         for nid, keys in changed.items():
             self._events.append(GossipEvent(EventKind.CHANGED, nid, frozenset(keys)))
+
+    def _accept(self, p: _Peer, nid: str, key: str, val: object, via: str) -> bool:
+        """Run the value check; a refused value removes the key and is reported."""
+        assert self._check is not None
+        try:
+            self._check(key, val, len(p.keys) - (key in p.keys))
+        except MalformedMessage as exc:
+            p.keys.pop(key, None)
+            self._events.append(
+                GossipEvent(EventKind.REFUSED, nid, frozenset({key}), str(exc), via)
+            )
+            return False
+        return True
 
     # --- views -------------------------------------------------------------
 

@@ -11,48 +11,31 @@ place where a certificate identity meets a gossip claim.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from random import Random
-from typing import Any, Protocol
+from typing import Protocol, TypeVar
 
 import trio
 
-from vmmesh.errors import PeerUnavailable, ProtocolError, RemoteError, Revoked
+from vmmesh.api.codec import Empty, Method, WireType
+from vmmesh.errors import ProtocolError, VmmeshError
 from vmmesh.gossip.core import Ack, Ack2, GossipCore, Syn
+from vmmesh.net.refusals import LogOnce, describe
+from vmmesh.net.rpc import Context, Handlers
 
 log = logging.getLogger(__name__)
 
-SYN_METHOD = "gossip.syn"
-ACK2_METHOD = "gossip.ack2"
+SYN = Method("gossip.syn", Syn, Ack)
+ACK2 = Method("gossip.ack2", Ack2, Empty)
+
+Req = TypeVar("Req", bound=WireType)
+Rep = TypeVar("Rep", bound=WireType)
 
 
 class GossipTransport(Protocol):
-    async def exchange(self, node_id: str, method: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def exchange(self, node_id: str, method: Method[Req, Rep], request: Req) -> Rep:
         """Call ``method`` on the peer; raise PeerUnavailable if it cannot be reached."""
         ...
-
-
-class PeerContext(Protocol):
-    @property
-    def peer_id(self) -> str:
-        """The node id from the peer's verified certificate."""
-        ...
-
-
-Handler = Callable[[PeerContext, dict[str, Any]], Awaitable[dict[str, Any] | None]]
-
-
-class _LogOnce:
-    """Log a peer's repeated fault once at WARNING, then at DEBUG."""
-
-    def __init__(self) -> None:
-        self._seen: set[tuple[str, type[BaseException]]] = set()
-
-    def __call__(self, peer: str, exc: BaseException) -> None:
-        key = (peer, type(exc))
-        level = logging.DEBUG if key in self._seen else logging.WARNING
-        self._seen.add(key)
-        log.log(level, "gossip with %s failed: %s", peer, exc)
 
 
 def _check_claim(claimed: str, peer_id: str) -> None:
@@ -60,23 +43,22 @@ def _check_claim(claimed: str, peer_id: str) -> None:
         raise ProtocolError(f"gossip sender {claimed} does not match certificate {peer_id}")
 
 
-def make_handlers(
-    core: GossipCore, *, clock: Callable[[], float] = trio.current_time
-) -> dict[str, Handler]:
-    """Handlers for the node's RPC server: ``gossip.syn`` and ``gossip.ack2``."""
+def add_handlers(
+    handlers: Handlers, core: GossipCore, *, clock: Callable[[], float] = trio.current_time
+) -> None:
+    """Serve ``gossip.syn`` and ``gossip.ack2`` for ``core``."""
 
-    async def on_syn(ctx: PeerContext, body: dict[str, Any]) -> dict[str, Any] | None:
-        syn = Syn.from_wire(body)
+    async def on_syn(ctx: Context, syn: Syn) -> Ack:
         _check_claim(syn.sender, ctx.peer_id)
-        return core.on_syn(syn, ctx.peer_id, clock()).to_wire()
+        return core.on_syn(syn, ctx.peer_id, clock())
 
-    async def on_ack2(ctx: PeerContext, body: dict[str, Any]) -> dict[str, Any] | None:
-        ack2 = Ack2.from_wire(body)
+    async def on_ack2(ctx: Context, ack2: Ack2) -> Empty:
         _check_claim(ack2.sender, ctx.peer_id)
         core.on_ack2(ack2, ctx.peer_id, clock())
-        return None
+        return Empty()
 
-    return {SYN_METHOD: on_syn, ACK2_METHOD: on_ack2}
+    handlers.add(SYN, on_syn)
+    handlers.add(ACK2, on_ack2)
 
 
 async def exchange_with(
@@ -86,11 +68,10 @@ async def exchange_with(
     clock: Callable[[], float] = trio.current_time,
 ) -> None:
     """One Syn/Ack/Ack2 exchange with ``target``."""
-    answer = await transport.exchange(target, SYN_METHOD, core.make_syn().to_wire())
-    ack = Ack.from_wire(answer)
+    ack = await transport.exchange(target, SYN, core.make_syn())
     _check_claim(ack.sender, target)
     ack2 = core.on_ack(ack, target, clock())
-    await transport.exchange(target, ACK2_METHOD, ack2.to_wire())
+    await transport.exchange(target, ACK2, ack2)
 
 
 async def run_gossip(
@@ -113,7 +94,7 @@ async def run_gossip(
     not asked again.  A first exchange may include a TLS handshake, which
     on a loaded host takes longer than one interval.
     """
-    report = _LogOnce()
+    report = LogOnce(log)
     limit = interval if exchange_timeout is None else exchange_timeout
     busy: set[str] = set()
 
@@ -121,8 +102,8 @@ async def run_gossip(
         try:
             with trio.move_on_after(limit):
                 await exchange_with(core, transport, target, clock)
-        except (PeerUnavailable, ProtocolError, RemoteError, Revoked) as exc:
-            report(target, exc)
+        except VmmeshError as exc:  # unreachable, refused, revoked: try again next round
+            report((target, type(exc).__name__), "gossip with %s failed: %s", target, describe(exc))
         finally:
             busy.discard(target)
 

@@ -28,7 +28,7 @@ Rules, with their settings (all in ``vmmesh.config.Config``):
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from vmmesh.api.host import Capacity
@@ -41,25 +41,22 @@ QUOTA_DIRS = ("vms", "templates")
 
 @dataclass(frozen=True)
 class CapacityPolicy:
-    """The settings that turn a machine into slots (see the module docstring)."""
+    """The settings that turn a machine into slots (see the module docstring).
 
-    storage_quota_mb: int = 20_000
-    cpu_overcommit: float = 2.0
-    memory_reserve_mb: int = 512
-    vm_vcpus: int = 1
-    vm_memory_mb: int = 512
-    vm_disk_allowance_mb: int = 1024
+    The settings and their defaults are declared once, in ``Config``; this is
+    the part of them capacity needs, by the same names.
+    """
+
+    storage_quota_mb: int = Config.storage_quota_mb
+    cpu_overcommit: float = Config.cpu_overcommit
+    memory_reserve_mb: int = Config.memory_reserve_mb
+    vm_vcpus: int = Config.vm_vcpus
+    vm_memory_mb: int = Config.vm_memory_mb
+    vm_disk_allowance_mb: int = Config.vm_disk_allowance_mb
 
     @classmethod
     def from_config(cls, cfg: Config) -> CapacityPolicy:
-        return cls(
-            storage_quota_mb=cfg.storage_quota_mb,
-            cpu_overcommit=cfg.cpu_overcommit,
-            memory_reserve_mb=cfg.memory_reserve_mb,
-            vm_vcpus=cfg.vm_vcpus,
-            vm_memory_mb=cfg.vm_memory_mb,
-            vm_disk_allowance_mb=cfg.vm_disk_allowance_mb,
-        )
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
 
 
 @dataclass(frozen=True)
@@ -86,8 +83,15 @@ class Usage:
     reserved_vms: int = 0
 
 
-def compute_capacity(probe: HostProbe, usage: Usage, policy: CapacityPolicy) -> Capacity:
-    """Pure: slots left for running VMs and for VM disks."""
+def compute_capacity(
+    probe: HostProbe, usage: Usage, policy: CapacityPolicy, blocked: str = ""
+) -> Capacity:
+    """Pure: slots left for running VMs and for VM disks.
+
+    ``blocked`` says why this host runs no VMs at all (no base image, no
+    accelerator); then it offers none.  A quota too small for a single VM
+    says so too, so a request that cannot be placed can tell the user why.
+    """
     vcpu_budget = int(probe.cores * policy.cpu_overcommit)
     vcpus_left = vcpu_budget - usage.vcpus - usage.reserved_vms * policy.vm_vcpus
     memory_left = (
@@ -98,11 +102,16 @@ def compute_capacity(probe: HostProbe, usage: Usage, policy: CapacityPolicy) -> 
     )
     by_cpu = vcpus_left // max(1, policy.vm_vcpus)
     by_memory = memory_left // max(1, policy.vm_memory_mb)
-    free_vm_slots = max(0, min(by_cpu, by_memory))
+    free_vm_slots = max(0, min(by_cpu, by_memory)) if not blocked else 0
 
     quota_left = policy.storage_quota_mb - usage.disk_used_mb
     storage_free = max(0, min(quota_left, probe.fs_free_mb))
     disk_slots = storage_free // max(1, policy.vm_disk_allowance_mb) - usage.reserved_vms
+    if not blocked and policy.storage_quota_mb < policy.vm_disk_allowance_mb:
+        blocked = (
+            f"storage quota {policy.storage_quota_mb} MB is below one VM's disk allowance "
+            f"({policy.vm_disk_allowance_mb} MB)"
+        )
     return Capacity(
         cores=probe.cores,
         memory_mb=probe.memory_mb,
@@ -111,6 +120,7 @@ def compute_capacity(probe: HostProbe, usage: Usage, policy: CapacityPolicy) -> 
         free_vm_slots=free_vm_slots,
         free_disk_slots=max(0, disk_slots),
         running_vms=usage.running_vms,
+        blocked=blocked,
     )
 
 

@@ -23,6 +23,7 @@ import binascii
 import struct
 from collections.abc import Callable, Iterable
 
+from vmmesh.api.vm import MAX_KEY_CHARS, MAX_KEYS
 from vmmesh.errors import UsageError
 
 KEY_TYPES = frozenset(
@@ -36,8 +37,6 @@ KEY_TYPES = frozenset(
         "sk-ecdsa-sha2-nistp256@openssh.com",
     }
 )
-MAX_KEY_CHARS = 16_384
-MAX_KEYS = 16
 
 NO_SSHD_EXIT = 3
 # Run by the guest's sh through the agent; public keys (already checked) on stdin.

@@ -51,7 +51,11 @@ class Store:
             _create(path)
         conn = _connect(path)
         store = cls(conn, path)
-        store._upgrade()
+        try:
+            store._upgrade()
+        except BaseException:
+            conn.close()
+            raise
         return store
 
     def close(self) -> None:
@@ -70,9 +74,17 @@ class Store:
             upgrade = scripts.get(v)
             if upgrade is None:
                 raise StateError(f"no upgrade script to schema version {v}")
-            with self.transaction() as conn:
-                conn.executescript(upgrade)
-                conn.execute("UPDATE version SET version = ?", (v,))
+            try:
+                with self.transaction() as conn:
+                    # executescript would COMMIT first: run the statements one by
+                    # one, inside this transaction, so a failed upgrade changes nothing
+                    for statement in _statements(upgrade):
+                        conn.execute(statement)
+                    conn.execute("UPDATE version SET version = ?", (v,))
+            except sqlite3.Error as exc:
+                raise StateError(
+                    f"cannot upgrade {self.path} to schema version {v}: {exc}"
+                ) from exc
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -102,6 +114,22 @@ class Store:
                 "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                 (key, json.dumps(value)),
             )
+
+
+def _statements(script: str) -> list[str]:
+    """The SQL statements of a schema script, in order (comments and blanks dropped)."""
+    out: list[str] = []
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        if not pending and (not line.strip() or line.lstrip().startswith("--")):
+            continue
+        pending += line
+        if sqlite3.complete_statement(pending):
+            out.append(pending.strip())
+            pending = ""
+    if pending.strip():
+        raise StateError(f"schema script ends inside a statement: {pending[:80]!r}")
+    return out
 
 
 def _connect(path: Path) -> sqlite3.Connection:

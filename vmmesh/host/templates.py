@@ -36,7 +36,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import sqlite3
 import time
@@ -46,56 +45,22 @@ from pathlib import Path
 
 import trio
 
-from vmmesh.api.host import TemplateInfo, check_package
-from vmmesh.errors import HypervisorError, NotFound, PackageInstallError, UsageError
+from vmmesh.api.host import TemplateInfo
+from vmmesh.api.names import check_package
+from vmmesh.errors import HypervisorError, NotFound, UsageError
+from vmmesh.host.build import BaseImage, Builder, Progress
 from vmmesh.host.store import Store
-from vmmesh.hypervisor.base import BootSpec, Guest, Hypervisor, ImageManifest
-
-Progress = Callable[[str, float | None], None]
+from vmmesh.hypervisor.base import Guest, Hypervisor
 
 MAX_DEPTH = 4
 BUILDING_PREFIX = ".building-"
-_APT_MISSING = (
-    re.compile(r"E: Unable to locate package (\S+)"),
-    re.compile(r"E: Package '([^']+)' has no installation candidate"),
-    re.compile(r"E: Couldn't find any package by (?:glob|regex) '([^']+)'"),
-    re.compile(r"E: Version '[^']*' for '([^']+)' was not found"),
-)
 
 
 log = logging.getLogger("vmmesh.host.templates")
 
-_WAIT_ONLINE = "/usr/lib/systemd/systemd-networkd-wait-online"
-_APT_RETRIES_FILE = "/etc/apt/apt.conf.d/80vmmesh-retries"
-UPDATE_ATTEMPTS = 3
-
 
 def _no_progress(phase: str, fraction: float | None) -> None:
     """Default progress sink."""
-
-
-@dataclass(frozen=True)
-class BaseImage:
-    """The base image as the template layer needs it: its id and its files."""
-
-    directory: Path
-    manifest: ImageManifest
-
-    @property
-    def image_id(self) -> str:
-        return self.manifest.image_id
-
-    @property
-    def disk(self) -> Path:
-        return self.directory / self.manifest.disk
-
-    @property
-    def kernel(self) -> Path:
-        return self.directory / self.manifest.kernel
-
-    @property
-    def initrd(self) -> Path:
-        return self.directory / self.manifest.initrd
 
 
 @dataclass(frozen=True)
@@ -115,6 +80,7 @@ class TemplateRecord:
     created: float
     last_used: float = 0.0
     build_seconds: float = 0.0
+    origin: str = "built"  # built here, or fetched from a peer
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> TemplateRecord:
@@ -132,6 +98,7 @@ class TemplateRecord:
             created=float(row["created"]),
             last_used=float(row["last_used"]),
             build_seconds=float(row["build_seconds"]),
+            origin=row["origin"],
         )
 
 
@@ -184,40 +151,6 @@ def choose_parent(templates: Iterable[TemplateRecord], wanted: Iterable[str]) ->
     return Choice(best, want - best.packages, False)
 
 
-def missing_packages(apt_output: str) -> list[str]:
-    """Package names apt says it cannot find, in the order it says so."""
-    out: list[str] = []
-    for line in apt_output.splitlines():
-        for pattern in _APT_MISSING:
-            m = pattern.search(line)
-            if m and m.group(1) not in out:
-                out.append(m.group(1))
-    return out
-
-
-async def power_off(guest: Guest, timeout: float) -> int:
-    """Power the guest off and return QEMU's exit status (0: clean power-off).
-
-    Why not just ``Guest.shutdown``: qemu-ga's guest-shutdown runs
-    ``shutdown -P +0``, which goes through logind; the development image masks
-    logind, so that request hangs until the QMP ``quit`` fallback, a minute
-    later.  ``systemctl poweroff --no-block`` asks systemd directly (1.5 s
-    under TCG).  ``Guest.shutdown`` stays the fallback.
-    """
-    # the agent dies with the guest: its answer may never come
-    with trio.move_on_after(15.0), contextlib.suppress(HypervisorError):
-        await guest.exec(["systemctl", "poweroff", "--no-block"], timeout=10.0)
-    with trio.move_on_after(timeout):
-        return await guest.wait_exit()
-    await guest.shutdown(timeout)
-    return await guest.wait_exit()
-
-
-def _tail(data: bytes, lines: int = 3) -> str:
-    text = data.decode("utf-8", "replace").strip().splitlines()
-    return " | ".join(text[-lines:])
-
-
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -255,14 +188,18 @@ class TemplateManager:
         self.dir = data_dir / "templates"
         self.run_root = data_dir / "run"
         self.base = base
-        self.apt_sources = tuple(apt_sources)
-        self.build_vcpus = build_vcpus
-        self.build_memory_mb = build_memory_mb
         self.max_depth = max_depth
-        self.agent_timeout = agent_timeout
-        self.install_timeout = install_timeout
-        self.poweroff_timeout = poweroff_timeout
         self.now = now
+        self.builder = Builder(
+            hypervisor,
+            base,
+            apt_sources=tuple(apt_sources),
+            vcpus=build_vcpus,
+            memory_mb=build_memory_mb,
+            agent_timeout=agent_timeout,
+            install_timeout=install_timeout,
+            poweroff_timeout=poweroff_timeout,
+        )
         self._locks: dict[str, trio.Lock] = {}
         self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -355,64 +292,19 @@ class TemplateManager:
         tmp = self.dir / f"{BUILDING_PREFIX}{tid}.qcow2"
         final = self.dir / f"{tid}.qcow2"
         run_dir = self.run_root / f"tpl-{tid[:16]}"
-        parent_disk = self.disk_path(parent) if parent else self.base.disk
         started = time.monotonic()
-        timings: dict[str, float] = {}
-
-        with self.store.transaction() as conn:
-            conn.execute("DELETE FROM templates WHERE template_id = ?", (tid,))
-            conn.execute(
-                "INSERT INTO templates (template_id, parent_id, base_image_id, packages, disk,"
-                " depth, state, created) VALUES (?, ?, ?, ?, ?, ?, 'building', ?)",
-                (
-                    tid,
-                    parent.template_id if parent else None,
-                    self.base.image_id,
-                    json.dumps(sorted(packages)),
-                    tmp.name,
-                    depth,
-                    self.now(),
-                ),
-            )
-        guest: Guest | None = None
+        self._begin(tid, parent, packages, tmp.name, depth)
+        guest: list[Guest | None] = [None]
         done = False
         try:
             t = time.monotonic()
             progress("clone", None)
             tmp.unlink(missing_ok=True)
-            await self.hv.create_overlay(parent_disk, tmp)
-            timings["clone"] = time.monotonic() - t
-
-            t = time.monotonic()
-            progress("boot", None)
-            spec = BootSpec(
-                name=run_dir.name,
-                disk=tmp,
-                kernel=self.base.kernel,
-                initrd=self.base.initrd,
-                run_dir=run_dir,
-                cmdline=self.base.manifest.cmdline,
-                vcpus=self.build_vcpus,
-                memory_mb=self.build_memory_mb,
+            await self.hv.create_overlay(self.disk_path(parent) if parent else self.base.disk, tmp)
+            timings = {"clone": time.monotonic() - t}
+            timings |= await self.builder.build(
+                tmp, run_dir, sorted(choice.missing), progress, lambda g: guest.__setitem__(0, g)
             )
-            guest = await self.hv.start(spec)
-            await guest.wait_agent(self.agent_timeout)
-            timings["boot"] = time.monotonic() - t
-
-            t = time.monotonic()
-            await self._install(guest, sorted(choice.missing), progress)
-            timings["install"] = time.monotonic() - t
-
-            t = time.monotonic()
-            progress("shutdown", None)
-            status = await power_off(guest, self.poweroff_timeout)
-            guest = None
-            if status != 0:
-                # killed after the power-off timeout: QEMU may not have written
-                # out its qcow2 metadata, so the delta is not trusted
-                raise HypervisorError(f"build guest did not power off cleanly (exit {status})")
-            timings["shutdown"] = time.monotonic() - t
-
             t = time.monotonic()
             progress("record", None)
             rec = await self._finish(
@@ -425,63 +317,33 @@ class TemplateManager:
         finally:
             if not done:
                 with trio.CancelScope(shield=True):
-                    await self._abandon(tid, guest, tmp, final)
+                    await self._abandon(tid, guest[0], tmp, final)
             shutil.rmtree(run_dir, ignore_errors=True)
 
-    async def _install(self, guest: Guest, missing: list[str], progress: Progress) -> None:
-        if self.apt_sources:
-            progress("sources", None)
-            text = "\n".join(self.apt_sources) + "\n"
-            await guest.write_file("/etc/apt/sources.list", text.encode())
-            await guest.exec(
-                [
-                    "sh",
-                    "-c",
-                    "rm -f /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources",
-                ]
+    def _begin(
+        self,
+        tid: str,
+        parent: TemplateRecord | None,
+        packages: frozenset[str],
+        disk: str,
+        depth: int,
+    ) -> None:
+        """Commit the ``building`` row first: a crash from here on is undone by reconcile."""
+        with self.store.transaction() as conn:
+            conn.execute("DELETE FROM templates WHERE template_id = ?", (tid,))
+            conn.execute(
+                "INSERT INTO templates (template_id, parent_id, base_image_id, packages, disk,"
+                " depth, state, created) VALUES (?, ?, ?, ?, ?, ?, 'building', ?)",
+                (
+                    tid,
+                    parent.template_id if parent else None,
+                    self.base.image_id,
+                    json.dumps(sorted(packages)),
+                    disk,
+                    depth,
+                    self.now(),
+                ),
             )
-        progress("update", None)
-        # A package source that drops a connection now and then (a busy mirror,
-        # a loaded host) should cost a retry, not the template.
-        await guest.write_file(_APT_RETRIES_FILE, b'Acquire::Retries "3";\n')
-        for attempt in range(1, UPDATE_ATTEMPTS + 1):
-            # the agent may answer before DHCP is done; apt needs the network
-            await guest.exec(["sh", "-c", f"{_WAIT_ONLINE} --timeout=60 || true"], timeout=90.0)
-            res = await guest.exec(["apt-get", "update"], timeout=self.install_timeout)
-            if res.exit_code == 0:
-                break
-            if attempt == UPDATE_ATTEMPTS:
-                raise PackageInstallError(
-                    f"apt-get update failed in the guest ({attempt} attempts): {_tail(res.stderr)}"
-                )
-            log.info(
-                "apt-get update failed in the build guest (attempt %d): %s",
-                attempt,
-                _tail(res.stderr),
-            )
-            await trio.sleep(5.0)
-        progress("install", 0.0)
-        res = await guest.exec(
-            ["apt-get", "install", "-y", "--no-install-recommends", *missing],
-            env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-            timeout=self.install_timeout,
-        )
-        if res.exit_code != 0:
-            output = (res.stdout + b"\n" + res.stderr).decode("utf-8", "replace")
-            unknown = missing_packages(output)
-            if unknown:
-                names = ", ".join(unknown)
-                raise PackageInstallError(f"package not found: {names}")
-            raise PackageInstallError(
-                f"installing {' '.join(missing)} failed (apt exit {res.exit_code}): "
-                f"{_tail(res.stderr or res.stdout)}"
-            )
-        progress("install", 1.0)
-        progress("clean", None)
-        await guest.exec(["apt-get", "clean"])
-        await guest.exec(
-            ["sh", "-c", "rm -rf /var/lib/apt/lists/*; fstrim -a >/dev/null 2>&1; sync"]
-        )
 
     async def _finish(
         self,

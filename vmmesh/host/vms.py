@@ -7,17 +7,19 @@ Theory of operation (SPEC items 4-8 and 11, thesis §3.1.1-3.1.2):
   (``TemplateManager.ensure_template``), then for each VM (side by side, at
   most one boot per host core, as boots are CPU-bound): commits a
   ``creating`` row, writes ``vms/<vm_id>.qcow2`` as an overlay of the template
-  (a linked clone: no copy), boots it, waits for the guest agent, unpacks the
-  optional custom zip into ``/opt``, and marks the row ``running``.  A VM
-  that fails half-way is killed and its overlay and row removed.
+  (a linked clone: no copy), boots it, waits for the guest agent, gives it its
+  own identity (``persona``), unpacks the optional custom zip into ``/opt``,
+  and marks the row ``running``.  A VM that fails half-way is killed and its
+  overlay and row removed.
 * Every running guest has a watcher task in the manager's nursery (started
   by ``run``).  When QEMU exits, the watcher looks at the row: ``stopping``
   means we ordered it (nothing to do, the shutdown path cleans up); anything
-  else is an *unexpected stop*: the row becomes ``lost`` with stop_reason
-  ``unexpected`` and ``on_unexpected_stop`` is called (the migration layer's
+  else is an *unexpected stop*: the row becomes ``lost``, its stop reason
+  says how QEMU ended, and ``on_unexpected_stop`` is called (keep-alive's
   hook).  The overlay of a lost VM is kept so it can be restarted elsewhere.
-* ``shutdown(name)`` is an order: the row goes ``stopping`` first, the guest
-  is powered off, then overlay and row are deleted; the template stays.
+* ``shutdown(name)`` is an order, and it removes every VM of that name
+  whatever its state: a running guest is powered off first; then overlay,
+  run directory and row go; the template stays.
 * Admission is atomic: ``reserve`` and the creation path compute capacity
   and update ``_reserved`` without an ``await`` in between, so two requests
   racing on one host can never both take the last slot.
@@ -26,30 +28,27 @@ Theory of operation (SPEC items 4-8 and 11, thesis §3.1.1-3.1.2):
 
 VM naming: VMs of one request share its NAME; each has its own hex ``vm_id``
 (the QEMU name and file name, never a user string) and a display name
-``NAME-<n>``.  The display name is what the ``name`` column holds; the
-request name is recovered by cutting the ``-<n>`` suffix.
+``NAME-<n>`` (``api.names``).  The display name is what the ``name`` column
+holds; the request name is recovered by cutting the ``-<n>`` suffix.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import secrets
 import shutil
 import socket
 import sqlite3
-import stat
 import time
-import zipfile
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
-from vmmesh.api.host import Capacity, check_vm_name
+from vmmesh.api.host import Capacity
+from vmmesh.api.names import check_vm_name, next_index, request_name_of
 from vmmesh.errors import (
     CapacityError,
     HypervisorError,
@@ -58,55 +57,20 @@ from vmmesh.errors import (
     UsageError,
     VmmeshError,
 )
-from vmmesh.host.capacity import (
-    CapacityPolicy,
-    HostProbe,
-    Usage,
-    compute_capacity,
-    disk_used_mb,
-)
-from vmmesh.host.sshkeys import (
-    NO_SSHD_EXIT,
-    PREPARE_SCRIPT,
-    check_public_key,
-    check_public_keys,
-    pick_port,
-)
+from vmmesh.host import customzip, persona
+from vmmesh.host.build import Progress
+from vmmesh.host.capacity import CapacityPolicy, HostProbe, Usage, compute_capacity, disk_used_mb
+from vmmesh.host.customzip import ZipEntry, check_zip
+from vmmesh.host.sshkeys import check_public_keys, pick_port
 from vmmesh.host.store import Store
-from vmmesh.host.templates import Progress, TemplateManager, TemplateRecord, power_off
-from vmmesh.hypervisor.base import BootSpec, ExecResult, Guest, Hypervisor
+from vmmesh.host.templates import TemplateManager, TemplateRecord
+from vmmesh.hypervisor.base import ExecResult, Guest, Hypervisor
 from vmmesh.nurseries import open_nursery
 
-log = logging.getLogger("vmmesh.host.vms")
+log = logging.getLogger("vmmesh.vms")
 
 # States whose VMs hold cores and memory.
 ACTIVE = ("creating", "running", "stopping")
-MAX_ZIP_ENTRIES = 10_000
-MAX_ZIP_BYTES = 1 << 30
-GUEST_ZIP = "/tmp/vmmesh-custom.zip"
-# Extract in the guest with its own python3; modes are kept, which extractall does not.
-_PY_UNZIP = (
-    "import sys, zipfile, os\n"
-    "z = zipfile.ZipFile(sys.argv[1])\n"
-    "for i in z.infolist():\n"
-    "    p = z.extract(i, '/opt')\n"
-    "    m = (i.external_attr >> 16) & 0o777\n"
-    "    if m and not i.is_dir():\n"
-    "        os.chmod(p, m)\n"
-    "os.unlink(sys.argv[1])\n"
-)
-
-
-_SET_HOSTNAME = (
-    'printf "%s\\n" "$1" > /etc/hostname && hostname "$1" && '
-    'sed -i "s/^127\\.0\\.1\\.1[[:space:]].*/127.0.1.1\\t$1/" /etc/hosts'
-)
-
-
-def guest_hostname(display: str) -> str:
-    """A valid host name (RFC 1123 label) from a VM name: lower case, ``_``/``.`` -> ``-``."""
-    label = "".join(c if c.isalnum() else "-" for c in display.lower()).strip("-")[:63]
-    return label.strip("-") or "vm"
 
 
 def _can_bind(address: str, port: int) -> bool:
@@ -151,6 +115,8 @@ class VmRecord:
     stop_reason: str
     request_id: str
     ssh_port: int = 0  # host port forwarded to the guest's port 22; 0: none
+    start_kind: str = "cold"  # cold: booted; warm: resumed from a saved boot
+    start_seconds: float = 0.0
 
     @property
     def request_name(self) -> str:
@@ -173,12 +139,14 @@ class VmRecord:
             stop_reason=row["stop_reason"],
             request_id=row["request_id"],
             ssh_port=int(row["ssh_port"]),
+            start_kind=row["start_kind"],
+            start_seconds=float(row["start_seconds"]),
         )
 
 
 @dataclass(frozen=True)
 class VmStopped:
-    """A VM whose QEMU exited without an order (for the migration issue)."""
+    """A VM whose QEMU exited without an order (for keep-alive)."""
 
     vm_id: str
     name: str
@@ -196,6 +164,7 @@ class VmReport:
     template_id: str | None
     built: bool
     seconds: dict[str, float]
+    start_kind: str = "cold"
 
     @property
     def total_seconds(self) -> float:
@@ -215,38 +184,6 @@ class RequestReport:
     unplaced: int = 0
     errors: tuple[str, ...] = ()
 
-    def to_wire(self) -> dict[str, Any]:
-        """The shape ``vmmesh request`` prints (the node adds ``host`` per VM)."""
-        return {
-            "name": self.name,
-            "requested": self.requested,
-            "template_id": self.template_id,
-            "built": self.built,
-            "template_seconds": dict(self.template_seconds),
-            "unplaced": self.unplaced,
-            "errors": list(self.errors),
-            "vms": [
-                {
-                    "name": v.name,
-                    "vm_id": v.vm_id,
-                    "template": v.template_id or "",
-                    "built": v.built,
-                    "seconds": v.total_seconds,
-                    "phases": dict(v.seconds),
-                }
-                for v in self.vms
-            ],
-        }
-
-
-@dataclass(frozen=True)
-class ZipEntry:
-    """A checked member of a custom zip."""
-
-    path: str  # relative, POSIX, no '..'
-    is_dir: bool
-    mode: int
-
 
 @dataclass(frozen=True)
 class _VmPlan:
@@ -261,47 +198,23 @@ class _VmPlan:
     request_id: str
 
 
-def request_name_of(display_name: str) -> str:
-    """``web-3`` -> ``web``: the request a VM belongs to."""
-    head, sep, tail = display_name.rpartition("-")
-    return head if sep and tail.isdigit() and head else display_name
+@dataclass
+class _Batch:
+    """The VMs of one ``request_local`` as they are made."""
+
+    held: int  # reserved slots not yet handed to a VM row
+    unplaced: int
+    made: dict[int, tuple[str, dict[str, float]]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
 
 
-def check_zip(data: bytes) -> list[ZipEntry]:
-    """Validate a custom zip: names, symlinks, size; raise UsageError if bad.
-
-    Why on the host: the guest may have no python3, and even when it has,
-    a name like ``../../etc/passwd`` or an absolute path must never be written
-    outside ``/opt``; a zip bomb must not fill the VM's disk allowance.
-    """
-    try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile as exc:
-        raise UsageError(f"custom zip is not a zip file: {exc}") from None
-    infos = zf.infolist()
-    if len(infos) > MAX_ZIP_ENTRIES:
-        raise UsageError(f"custom zip has over {MAX_ZIP_ENTRIES} entries")
-    if sum(i.file_size for i in infos) > MAX_ZIP_BYTES:
-        raise UsageError(f"custom zip unpacks to over {MAX_ZIP_BYTES >> 20} MB")
-    out: list[ZipEntry] = []
-    for info in infos:
-        name = info.filename
-        parts = PurePosixPath(name).parts
-        bad = (
-            not name
-            or "\\" in name
-            or "\x00" in name
-            or name.startswith("/")
-            or ":" in parts[0]
-            or any(p in ("..", ".") for p in parts)
-        )
-        mode = (info.external_attr >> 16) & 0o177777
-        if bad:
-            raise UsageError(f"custom zip: unsafe member name {name!r:.80}")
-        if stat.S_ISLNK(mode):
-            raise UsageError(f"custom zip: symbolic link not allowed: {name!r:.80}")
-        out.append(ZipEntry("/".join(parts), info.is_dir(), mode & 0o777))
-    return out
+def lost_reason(status: int | None) -> str:
+    """Why a VM is ``lost``, from how its QEMU ended, for ``vmmesh vms``."""
+    if status is None:
+        return "QEMU was gone when the node looked (node restarted or QEMU unreachable)"
+    if status < 0:
+        return f"QEMU was killed by signal {-status} without an order"
+    return f"QEMU exited with status {status} without an order (guest powered off?)"
 
 
 class VmManager:
@@ -440,87 +353,76 @@ class VmManager:
         held = min(reserved, count) + self.reserve(max(0, count - reserved))
         if held == 0:
             raise CapacityError(f"no free VM slot on this host for {name}")
-        unplaced = count - held
-        made: list[VmReport] = []
-        errors: list[str] = []
+        batch = _Batch(held=held, unplaced=count - held)
         try:
             rec, built, tpl_seconds = await self.templates.ensure_template(packages, progress)
-            start = self._next_index(name) if first_index is None else first_index
-            total = held
-            # Boots run side by side, at most one per host core (they are CPU-bound).
-            limiter = trio.CapacityLimiter(max(1, min(total, self.probe().cores)))
-            results: dict[int, VmReport] = {}
-
-            async def one(i: int) -> None:
-                nonlocal held, unplaced
-                display = f"{name}-{start + i}"
-                async with limiter:
-                    progress(f"vm {display}", len(results) / total)
-                    # The row written first thing in _create_one (before any
-                    # checkpoint) takes over the slot from the reservation.
-                    self.release(1)
-                    held -= 1
-                    plan = _VmPlan(
-                        display=display,
-                        template=rec,
-                        custom_zip=custom_zip,
-                        entries=entries,
-                        vcpus=vcpus or self.policy.vm_vcpus,
-                        memory_mb=memory_mb or self.policy.vm_memory_mb,
-                        request_id=request_id,
-                    )
-                    try:
-                        vm_id, seconds = await self._create_one(plan)
-                    except VmmeshError as exc:
-                        errors.append(f"{display}: {exc}")
-                        log.warning("%s: not made: %s", display, exc)
-                        unplaced += 1
-                        return
-                # The first VM carries the template's phases; the others reused it.
-                first = i == 0
-                results[i] = VmReport(
-                    name=display,
-                    vm_id=vm_id,
-                    template_id=rec.template_id if rec else None,
-                    built=built and first,
-                    seconds={**(tpl_seconds if first else {"install": 0.0}), **seconds},
+            start = first_index or next_index(name, (v.name for v in self.list_vms()))
+            plans = [
+                _VmPlan(
+                    display=f"{name}-{start + i}",
+                    template=rec,
+                    custom_zip=custom_zip,
+                    entries=entries,
+                    vcpus=vcpus or self.policy.vm_vcpus,
+                    memory_mb=memory_mb or self.policy.vm_memory_mb,
+                    request_id=request_id,
                 )
-
-            async with open_nursery() as nursery:
-                for i in range(total):
-                    nursery.start_soon(one, i)
-            made = [results[i] for i in sorted(results)]
+                for i in range(held)
+            ]
+            await self._create_many(plans, batch, progress)
         finally:
-            self.release(held)
+            self.release(batch.held)
         progress("done", 1.0)
+        # The first VM carries the template's phases; the others reused it.
+        made = tuple(
+            VmReport(
+                name=plans[i].display,
+                vm_id=vm_id,
+                template_id=rec.template_id if rec else None,
+                built=built and n == 0,
+                seconds={**(tpl_seconds if n == 0 else {"install": 0.0}), **seconds},
+            )
+            for n, (i, (vm_id, seconds)) in enumerate(sorted(batch.made.items()))
+        )
         return RequestReport(
             name=name,
             requested=count,
-            vms=tuple(made),
+            vms=made,
             template_id=rec.template_id if rec else None,
             built=built,
             template_seconds=tpl_seconds,
-            unplaced=unplaced,
-            errors=tuple(errors),
+            unplaced=batch.unplaced,
+            errors=tuple(batch.errors),
         )
 
-    def _next_index(self, name: str) -> int:
-        indices = [
-            int(v.name.rpartition("-")[2])
-            for v in self.list_vms()
-            if v.request_name == name and v.name != name
-        ]
-        return max(indices, default=0) + 1
+    async def _create_many(self, plans: list[_VmPlan], batch: _Batch, progress: Progress) -> None:
+        """Boot ``plans`` side by side, at most one per host core (boots are CPU-bound)."""
+        limiter = trio.CapacityLimiter(max(1, min(len(plans), self.probe().cores)))
+
+        async def one(i: int, plan: _VmPlan) -> None:
+            async with limiter:
+                progress(f"vm {plan.display}", len(batch.made) / len(plans))
+                # The row written first thing in _create_one (before any
+                # checkpoint) takes over the slot from the reservation.
+                self.release(1)
+                batch.held -= 1
+                try:
+                    batch.made[i] = await self._create_one(plan)
+                except VmmeshError as exc:
+                    batch.errors.append(f"{plan.display}: {exc}")
+                    log.warning("%s: not made: %s", plan.display, exc)
+                    batch.unplaced += 1
+
+        async with open_nursery() as nursery:
+            for i, plan in enumerate(plans):
+                nursery.start_soon(one, i, plan)
 
     def _disk_of(self, template: TemplateRecord | None) -> Path:
         return self.templates.base.disk if template is None else self.templates.disk_path(template)
 
-    async def _create_one(self, plan: _VmPlan) -> tuple[str, dict[str, float]]:
-        """Clone, boot, wait for the agent, unpack: one VM; returns (vm_id, seconds)."""
+    def _insert_row(self, vm_id: str, plan: _VmPlan, disk: Path) -> int:
+        """The ``creating`` row, with its ssh port; returns the port (0: none)."""
         template = plan.template
-        vm_id = secrets.token_hex(8)
-        disk = self.vm_dir / f"{vm_id}.qcow2"
-        seconds: dict[str, float] = {}
         with self.store.transaction() as conn:
             # chosen and recorded with no await between: two VMs never share a port
             ssh_port = self._free_ssh_port(conn)
@@ -539,44 +441,34 @@ class VmManager:
                     ssh_port,
                 ),
             )
+        return ssh_port
+
+    async def _create_one(self, plan: _VmPlan) -> tuple[str, dict[str, float]]:
+        """Clone, boot, wait for the agent, personalise, unpack: one VM; (vm_id, seconds)."""
+        vm_id = secrets.token_hex(8)
+        disk = self.vm_dir / f"{vm_id}.qcow2"
+        ssh_port = self._insert_row(vm_id, plan, disk)
+        seconds: dict[str, float] = {}
         guest: Guest | None = None
         done = False
         try:
             t = time.monotonic()
-            await self.hv.create_overlay(self._disk_of(template), disk)
+            await self.hv.create_overlay(self._disk_of(plan.template), disk)
             seconds["vm_clone"] = time.monotonic() - t
             t = time.monotonic()
-            base = self.templates.base
-            guest = await self.hv.start(
-                BootSpec(
-                    name=vm_id,
-                    disk=disk,
-                    kernel=base.kernel,
-                    initrd=base.initrd,
-                    run_dir=self.run_root / vm_id,
-                    cmdline=base.manifest.cmdline,
-                    vcpus=plan.vcpus,
-                    memory_mb=plan.memory_mb,
-                    ssh_port=ssh_port or None,
-                    ssh_bind=self.ssh_bind,
-                )
+            spec = self.templates.base.boot_spec(
+                vm_id, disk, self.run_root / vm_id, plan.vcpus, plan.memory_mb
             )
+            spec = spec.with_ssh(ssh_port or None, self.ssh_bind)
+            guest = await self.hv.start(spec)
             await guest.wait_agent(self.agent_timeout)
             seconds["vm_boot"] = time.monotonic() - t
-            await self._set_hostname(guest, plan.display)
+            await persona.set_hostname(guest, plan.display)
             if plan.custom_zip is not None and plan.entries is not None:
                 t = time.monotonic()
-                await self._unpack(guest, plan.custom_zip, plan.entries)
+                await customzip.unpack(guest, plan.custom_zip, plan.entries)
                 seconds["custom"] = time.monotonic() - t
-            with self.store.transaction() as conn:
-                updated = conn.execute(
-                    "UPDATE vms SET state = 'running', pid = ?, started = ?"
-                    " WHERE vm_id = ? AND state = 'creating'",
-                    (guest.pid, self.now(), vm_id),
-                ).rowcount
-            if not updated:
-                raise NotFound(f"{plan.display} was shut down while it started")
-            self._watch(vm_id, guest)
+            self._mark_running(vm_id, plan.display, guest, "cold", seconds["vm_boot"])
             done = True
         finally:
             if not done:
@@ -585,45 +477,22 @@ class VmManager:
                         with contextlib.suppress(HypervisorError, OSError):
                             await guest.kill()
                     self._forget(vm_id)
-        if template is not None:
-            self.templates.touch(template.template_id)
+        if plan.template is not None:
+            self.templates.touch(plan.template.template_id)
         return vm_id, seconds
 
-    async def _set_hostname(self, guest: Guest, display: str) -> None:
-        """The guest calls itself by its VM name (as in ``vmmesh vms`` and ssh prompts)."""
-        hostname = guest_hostname(display)
-        try:
-            res = await guest.exec(["sh", "-c", _SET_HOSTNAME, "sh", hostname])
-        except HypervisorError as exc:
-            log.warning("%s: hostname not set: %s", display, exc)
-            return
-        if res.exit_code != 0:
-            log.warning("%s: hostname not set: %r", display, res.stderr[-200:])
-
-    async def _unpack(self, guest: Guest, data: bytes, entries: list[ZipEntry]) -> None:
-        """Extract to /opt: with the guest's python3 if it has one, else file by file."""
-        probe = None
-        with contextlib.suppress(HypervisorError):
-            probe = await guest.exec(["python3", "-c", "pass"])
-        if probe is not None and probe.exit_code == 0:
-            await guest.write_file(GUEST_ZIP, data)
-            res = await guest.exec(["python3", "-c", _PY_UNZIP, GUEST_ZIP])
-            if res.exit_code != 0:
-                raise HypervisorError(f"unpacking the custom zip failed: {res.stderr[-300:]!r}")
-            return
-        dirs = sorted(
-            {f"/opt/{e.path}" for e in entries if e.is_dir}
-            | {f"/opt/{PurePosixPath(e.path).parent}" for e in entries if not e.is_dir}
-        )
-        if dirs:
-            await guest.exec(["mkdir", "-p", *dirs])
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            for e in entries:
-                if e.is_dir:
-                    continue
-                await guest.write_file(f"/opt/{e.path}", zf.read(e.path))
-                if e.mode:
-                    await guest.exec(["chmod", f"{e.mode:o}", f"/opt/{e.path}"])
+    def _mark_running(
+        self, vm_id: str, display: str, guest: Guest, kind: str, start_seconds: float
+    ) -> None:
+        with self.store.transaction() as conn:
+            updated = conn.execute(
+                "UPDATE vms SET state = 'running', pid = ?, started = ?, start_kind = ?,"
+                " start_seconds = ? WHERE vm_id = ? AND state = 'creating'",
+                (guest.pid, self.now(), kind, start_seconds, vm_id),
+            ).rowcount
+        if not updated:
+            raise NotFound(f"{display} was shut down while it started")
+        self._watch(vm_id, guest)
 
     # --- watching -----------------------------------------------------
 
@@ -647,13 +516,15 @@ class VmManager:
 
     def _mark_lost(self, vm_id: str, status: int | None) -> None:
         at = self.now()
+        reason = lost_reason(status)
         with self.store.transaction() as conn:
             conn.execute(
-                "UPDATE vms SET state = 'lost', stop_reason = 'unexpected', stopped = ?, pid = 0"
+                "UPDATE vms SET state = 'lost', stop_reason = ?, stopped = ?, pid = 0"
                 " WHERE vm_id = ?",
-                (at, vm_id),
+                (reason, at, vm_id),
             )
         rec = self.get(vm_id)
+        log.warning("VM %s lost: %s", rec.name, reason)
         if self.on_unexpected_stop is not None:
             self.on_unexpected_stop(VmStopped(vm_id, rec.name, rec.template_id, at, status))
 
@@ -671,7 +542,7 @@ class VmManager:
         rec = self.get(name_or_id)
         guest = self.guests.get(rec.vm_id)
         if guest is None or rec.state != "running":
-            raise NotFound(f"VM {rec.name} is not running here")
+            raise NotFound(f"VM {rec.name} is not running here (it is {rec.state})")
         return rec, guest
 
     def _free_ssh_port(self, conn: sqlite3.Connection) -> int:
@@ -682,12 +553,7 @@ class VmManager:
         return pick_port(self.ssh_ports, used, lambda port: _can_bind(self.ssh_bind, port))
 
     async def ssh_access(self, name_or_id: str, public_keys: Sequence[str]) -> SshAccess:
-        """Let ``public_keys`` log in as root; returns the forward and the guest's host key.
-
-        Through the agent: make the guest's own host key if it has none
-        (clones of one image must not share one), add the keys to
-        ``/root/.ssh/authorized_keys`` once each, read the host key back.
-        """
+        """Let ``public_keys`` log in as root; returns the forward and the guest's host key."""
         keys = check_public_keys(list(public_keys))
         rec, guest = self._running(name_or_id)
         if not rec.ssh_port:
@@ -695,43 +561,28 @@ class VmManager:
                 f"{rec.name} has no ssh port (ssh forwarding is off on its host, or every "
                 f"port was taken); use `vmmesh exec {rec.request_name} -- COMMAND`"
             )
-        res = await guest.exec(
-            ["sh", "-c", PREPARE_SCRIPT], input_data="".join(f"{k}\n" for k in keys).encode()
-        )
-        if res.exit_code == NO_SSHD_EXIT:
-            raise UsageError(
-                f"{rec.name} has no ssh server (its base image predates it); "
-                f"use `vmmesh exec {rec.request_name} -- COMMAND`"
-            )
-        if res.exit_code != 0:
-            raise HypervisorError(f"preparing ssh in {rec.name} failed: {res.stderr[-300:]!r}")
-        host_key = check_public_key(res.stdout.decode("utf-8", "replace"))
+        host_key = await persona.authorize_ssh(guest, rec.name, rec.request_name, keys)
         return SshAccess(vm=rec.name, port=rec.ssh_port, bind=self.ssh_bind, host_key=host_key)
 
-    async def shutdown(self, name: str) -> list[str]:
-        """Stop by order every VM of request ``name`` here; returns their vm ids.
+    async def shutdown(self, name: str) -> list[VmRecord]:
+        """Remove, by order, every VM of request ``name`` here, whatever its state.
 
-        Their overlays and rows are deleted; their templates stay.
+        A running guest is powered off first; a lost or stopped one only has
+        its overlay, run directory and row removed.  Templates stay.  Returns
+        the records as they were, so the caller can say exactly what went.
         """
-        targets = [
-            v
-            for v in self.list_vms()
-            if v.request_name == name and v.state in ("creating", "running", "stopping")
-        ]
+        targets = [v for v in self.list_vms() if name in (v.request_name, v.name)]
         async with trio.open_nursery() as nursery:
             for v in targets:
                 nursery.start_soon(self.shutdown_vm, v.vm_id)
-        return [v.vm_id for v in targets]
+        return targets
 
     async def shutdown_vm(self, vm_id: str) -> None:
         with self.store.transaction() as conn:
             conn.execute("UPDATE vms SET state = 'stopping' WHERE vm_id = ?", (vm_id,))
         guest = self.guests.pop(vm_id, None)
         if guest is not None:
-            try:
-                await power_off(guest, self.shutdown_timeout)
-            except HypervisorError:
-                await guest.kill()
+            await guest.shutdown(self.shutdown_timeout)
         self._forget(vm_id)
 
     def _forget(self, vm_id: str) -> None:

@@ -18,7 +18,11 @@ QEMU forwards port 0xE9 to its stdout with ``-debugcon stdio``.  ``K``
 followed by ``TICKS_NEEDED`` ``T`` within the timeout means the accelerator
 runs guests, timer interrupts included; anything else and the probe kills
 QEMU and answers "tcg".  The answer is cached per process: accelerators do
-not come and go while a node runs.
+not come and go while a node runs.  With a ``cache_file`` it is also kept
+across node starts, under a key naming the kernel, the QEMU binary and the
+boot (``verdict_key``): a machine where KVM hangs pays the probe's timeout
+once per boot, not at every node start, and re-probes when any of the three
+changes.
 
 Source (GNU as, ``--32``, linked at 0x100000 as a flat binary)::
 
@@ -38,8 +42,11 @@ Source (GNU as, ``--32``, linked at 0x100000 as a flat binary)::
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -121,16 +128,55 @@ async def payload_runs(accel: str, timeout: float, qemu_binary: str) -> bool:
                     await proc.stdout.aclose()
 
 
+def verdict_key(qemu_binary: str, boot_id: Path = Path("/proc/sys/kernel/random/boot_id")) -> str:
+    """What a KVM verdict depends on: this kernel, this QEMU binary, this boot."""
+    parts = [os.uname().release, os.uname().version]
+    binary = shutil.which(qemu_binary)
+    if binary is not None:
+        st = os.stat(binary)
+        parts += [os.path.realpath(binary), str(st.st_size), str(st.st_mtime_ns)]
+    try:
+        parts.append(boot_id.read_text().strip())
+    except OSError:
+        parts.append("no-boot-id")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def _read_verdict(cache_file: Path, key: str) -> str | None:
+    try:
+        doc = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(doc, dict) and doc.get("key") == key and doc.get("accel") in ("kvm", "tcg"):
+        return str(doc["accel"])
+    return None
+
+
+def _write_verdict(cache_file: Path, key: str, accel: str) -> None:
+    tmp = cache_file.with_name(cache_file.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps({"key": key, "accel": accel}) + "\n")
+        os.replace(tmp, cache_file)
+    except OSError as exc:
+        log.info("cannot keep the accelerator verdict in %s: %s", cache_file, exc)
+
+
 async def probe_accel(
     timeout: float = 8.0,
     *,
     qemu_binary: str = "qemu-system-x86_64",
     kvm_device: Path = Path("/dev/kvm"),
+    cache_file: Path | None = None,
 ) -> str:
     """ "kvm" if a guest really runs under KVM within ``timeout``, else "tcg"."""
     key = (qemu_binary, str(kvm_device))
     if key in _cache:
         return _cache[key]
+    stamp = verdict_key(qemu_binary)
+    if cache_file is not None and (known := _read_verdict(cache_file, stamp)) is not None:
+        log.info("accelerator %s (kept from an earlier probe on this boot)", known)
+        _cache[key] = known
+        return known
     accel = "tcg"
     if not os.access(kvm_device, os.R_OK | os.W_OK):
         log.info("%s is not usable: using TCG", kvm_device)
@@ -139,4 +185,6 @@ async def probe_accel(
     else:
         log.warning("a KVM guest did not run within %g s: using TCG", timeout)
     _cache[key] = accel
+    if cache_file is not None:
+        _write_verdict(cache_file, stamp, accel)
     return accel

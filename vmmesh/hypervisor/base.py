@@ -9,7 +9,7 @@ peer's string.  A fake implementation exists only for unit tests of callers.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -45,6 +45,10 @@ class BootSpec:
     ssh_port: int | None = None  # host port forwarded to guest port 22 (user mode)
     ssh_bind: str = "127.0.0.1"  # host address that forward listens on
     incoming: Path | None = None
+
+    def with_ssh(self, port: int | None, bind: str) -> BootSpec:
+        """The same guest with its port 22 forwarded from ``bind:port`` (user mode)."""
+        return replace(self, ssh_port=port, ssh_bind=bind)
 
 
 @dataclass(frozen=True)
@@ -87,8 +91,13 @@ class Guest(Protocol):
 
     async def read_file(self, guest_path: str, limit: int = 64 << 20) -> bytes: ...
 
-    async def shutdown(self, timeout: float = 60.0) -> None:
-        """Ask the guest to power off and wait for QEMU to exit (kill after timeout)."""
+    async def shutdown(self, timeout: float = 60.0) -> int:
+        """Power the guest off and wait for QEMU to exit; kill it after ``timeout``.
+
+        Returns QEMU's exit status: 0 for a clean power-off, negative when it
+        had to be killed (its disks may then lack metadata QEMU had not
+        written out).  The one power-off of vmmesh: templates and VMs use it.
+        """
         ...
 
     async def kill(self) -> None: ...

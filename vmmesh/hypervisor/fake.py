@@ -208,10 +208,11 @@ class FakeGuest:
             raise GuestAgentError(f"no such file in guest: {guest_path}")
         return files[guest_path][:limit]
 
-    async def shutdown(self, timeout: float = 60.0) -> None:
+    async def shutdown(self, timeout: float = 60.0) -> int:
         if not self.exited.is_set():
-            await trio.sleep(self.hv.shutdown_seconds)
+            await trio.sleep(self.hv.shutdown_seconds if self.hv.clean_poweroff else timeout)
             self.exit(0 if self.hv.clean_poweroff else -9)
+        return self.exit_status
 
     async def kill(self) -> None:
         self.exit(-9)

@@ -271,8 +271,8 @@ class QemuGuest:
         async with self._qga_lock, open_agent(self.qga_path) as agent:
             return await agent.read_file(guest_path, limit)
 
-    async def shutdown(self, timeout: float = 60.0) -> None:
-        """Power the guest off and wait; then QMP quit; then SIGKILL.  Always ends with QEMU gone.
+    async def shutdown(self, timeout: float = 60.0) -> int:
+        """Power the guest off and wait; then QMP quit; then SIGKILL.  Returns QEMU's status.
 
         The power-off is ``systemctl poweroff --no-block`` through the agent,
         not the agent's guest-shutdown: that one runs ``shutdown -P``, which
@@ -288,27 +288,28 @@ class QemuGuest:
             except HypervisorError as exc:
                 # A broken channel is often the guest already going down.
                 log.info("%s: power-off through the agent failed (%s)", self.name, exc)
-                if await self._exited_within(5.0):
-                    return
+                status = await self._exited_within(5.0)
+                if status is not None:
+                    return status
             else:
-                await self.wait_exit()
-                return
+                return await self.wait_exit()
         with trio.move_on_after(5.0):
             try:
                 await self.qmp("quit")
             except QMPError as exc:
                 # QEMU closes the monitor as it exits on its own, too.
                 log.info("%s: QMP quit failed (%s)", self.name, exc)
-        if await self._exited_within(5.0):
-            return
+        status = await self._exited_within(5.0)
+        if status is not None:
+            return status
         log.info("%s: QEMU still running, killing it", self.name)
         await self.kill()
+        return await self.wait_exit()
 
-    async def _exited_within(self, seconds: float) -> bool:
+    async def _exited_within(self, seconds: float) -> int | None:
         with trio.move_on_after(seconds):
-            await self.wait_exit()
-            return True
-        return False
+            return await self.wait_exit()
+        return None
 
     async def kill(self) -> None:
         """SIGKILL QEMU and wait until it is gone."""

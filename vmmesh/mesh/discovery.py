@@ -39,8 +39,10 @@ from typing import Any
 
 import trio
 
-from vmmesh.api.host import check_hex_id
+from vmmesh.api.names import check_hex_id
 from vmmesh.errors import ConfigError, MalformedMessage, UsageError
+from vmmesh.net.addresses import local_addresses
+from vmmesh.net.refusals import Cause, Refusals, describe
 
 log = logging.getLogger(__name__)
 
@@ -175,11 +177,11 @@ def parse_seed(seed: str) -> tuple[str, int]:
 class DiscoveryCore:
     """Turns raw browse results into PeerSeen/PeerGone for one node (no I/O)."""
 
-    def __init__(self, *, node_id: str, mesh_id: str) -> None:
+    def __init__(self, *, node_id: str, mesh_id: str, refusals: Refusals | None = None) -> None:
         self.node_id = node_id
         self.mesh_id = mesh_id
         self._known: dict[str, str] = {}  # instance name -> node id we reported
-        self._bad: set[str] = set()  # instance names whose garbage we logged
+        self._refusals = refusals or Refusals(log)
 
     def service_added(
         self, instance: str, props: Mapping[Any, Any] | None, addresses: list[str], port: int
@@ -197,9 +199,9 @@ class DiscoveryCore:
             if not addrs:
                 raise MalformedMessage("no usable address")
         except MalformedMessage as exc:
-            level = logging.DEBUG if instance in self._bad else logging.WARNING
-            self._bad.add(instance)
-            log.log(level, "ignoring mDNS record %r: %s", instance[:120], exc)
+            self._refusals(
+                Cause.DISCOVERY, f"mDNS record {instance[:120]!r}", describe(exc), "record"
+            )
             return self.service_removed(instance)
         if advert.node_id == self.node_id or advert.mesh_id != self.mesh_id:
             return self.service_removed(instance)
@@ -227,6 +229,7 @@ async def run_discovery(
     addresses: list[str],
     events: trio.MemorySendChannel[PeerEvent],
     interfaces: list[str] | None = None,
+    refusals: Refusals | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Advertise this node and report peers of ``mesh_id`` until cancelled.
@@ -241,112 +244,121 @@ async def run_discovery(
     copied data directory) and ConfigError when zeroconf cannot bind on the
     interfaces: the node may then go on with static seeds only.
     """
-    from zeroconf import (
-        InterfaceChoice,
-        NonUniqueNameException,
-        ServiceBrowser,
-        ServiceInfo,
-        ServiceListener,
-        Zeroconf,
-    )
-
     props = txt_properties(node_id=node_id, mesh_id=mesh_id, name=name, port=port)
     try:
         packed = [ipaddress.ip_address(a).packed for a in addresses]
     except ValueError as exc:
         raise UsageError(f"bad advertised address: {exc}") from None
-    core = DiscoveryCore(node_id=node_id, mesh_id=mesh_id)
-    token = trio.lowlevel.current_trio_token()
-
-    def deliver(event: PeerEvent) -> None:
-        # Runs in trio, called from the browser thread; must never block.
-        try:
-            events.send_nowait(event)
-        except trio.WouldBlock:
-            log.warning("discovery event dropped, consumer is behind: %s", event)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-
-    def forward(event: PeerEvent | None) -> None:
-        if event is None:
-            return
-        with contextlib.suppress(trio.RunFinishedError):
-            trio.from_thread.run_sync(deliver, event, trio_token=token)
-
-    class Listener(ServiceListener):
-        def add_service(self, zc: Zeroconf, type_: str, instance: str) -> None:
-            info = zc.get_service_info(type_, instance, timeout=_INFO_TIMEOUT_MS)
-            if info is None:
-                return
-            forward(
-                core.service_added(
-                    instance, info.properties, info.parsed_scoped_addresses(), info.port or 0
-                )
-            )
-
-        def update_service(self, zc: Zeroconf, type_: str, name: str) -> None:
-            self.add_service(zc, type_, name)
-
-        def remove_service(self, zc: Zeroconf, type_: str, instance: str) -> None:
-            forward(core.service_removed(instance))
-
-    info = ServiceInfo(
-        SERVICE_TYPE,
-        f"{instance_label(node_id)}.{SERVICE_TYPE}",
-        port=port,
-        properties=props,
-        server=f"{instance_label(node_id)}.local.",
-        addresses=packed or None,
-    )
+    core = DiscoveryCore(node_id=node_id, mesh_id=mesh_id, refusals=refusals)
+    mdns = _Zeroconf(core, events, trio.lowlevel.current_trio_token())
+    await mdns.open(interfaces)
     try:
-        zc = await trio.to_thread.run_sync(
-            lambda: Zeroconf(interfaces=InterfaceChoice.All if interfaces is None else interfaces)
-        )
-    except OSError as exc:
-        raise ConfigError(f"mDNS cannot start ({exc}); use --no-mdns and --peer") from exc
-    browser: Any = None
-    registered = False
-
-    def start() -> None:
-        nonlocal browser, registered
-        if not packed:
-            info.addresses = [ipaddress.ip_address(a).packed for a in _local_addresses()]
-        try:
-            zc.register_service(info)
-        except NonUniqueNameException:
-            raise UsageError(
-                f"another host on the LAN advertises node id {node_id}: copied data directory?"
-            ) from None
-        registered = True
-        browser = ServiceBrowser(zc, SERVICE_TYPE, Listener())
-
-    def stop() -> None:
-        # Best effort: a failing goodbye must not keep zeroconf's thread alive.
-        try:
-            if browser is not None:
-                browser.cancel()
-            if registered:
-                zc.unregister_service(info)
-        except Exception:
-            log.exception("mDNS: withdrawing our record failed")
-        finally:
-            zc.close()
-
-    try:
-        await trio.to_thread.run_sync(start)
+        await trio.to_thread.run_sync(mdns.advertise, node_id, port, props, packed)
         log.info("mDNS: advertising %s on port %d, browsing %s", node_id, port, SERVICE_TYPE)
         task_status.started()
         await trio.sleep_forever()
     finally:
         with trio.move_on_after(_CLOSE_TIMEOUT, shield=True):
-            await trio.to_thread.run_sync(stop, abandon_on_cancel=True)
+            await trio.to_thread.run_sync(mdns.close, abandon_on_cancel=True)
 
 
-def _local_addresses() -> list[str]:
-    # Exported by zeroconf at run time, though not listed in its __all__.
-    from zeroconf import get_all_addresses  # type: ignore[attr-defined]
+class _Zeroconf:
+    """python-zeroconf behind one object: its threads hand events to trio, never block."""
 
-    return [a for a in get_all_addresses() if not ipaddress.ip_address(a).is_loopback]
+    def __init__(
+        self,
+        core: DiscoveryCore,
+        events: trio.MemorySendChannel[PeerEvent],
+        token: trio.lowlevel.TrioToken,
+    ) -> None:
+        self._core = core
+        self._events = events
+        self._token = token
+        self._zc: Any = None
+        self._info: Any = None
+        self._browser: Any = None
+
+    async def open(self, interfaces: list[str] | None) -> None:
+        from zeroconf import InterfaceChoice, Zeroconf
+
+        choice: Any = InterfaceChoice.All if interfaces is None else interfaces
+        try:
+            self._zc = await trio.to_thread.run_sync(lambda: Zeroconf(interfaces=choice))
+        except OSError as exc:
+            raise ConfigError(f"mDNS cannot start ({exc}); use --no-mdns and --peer") from exc
+
+    def advertise(
+        self, node_id: str, port: int, props: dict[str, str], packed: list[bytes]
+    ) -> None:
+        """Register our record and start browsing (in a worker thread)."""
+        from zeroconf import NonUniqueNameException, ServiceBrowser, ServiceInfo
+
+        info = ServiceInfo(
+            SERVICE_TYPE,
+            f"{instance_label(node_id)}.{SERVICE_TYPE}",
+            port=port,
+            properties=props,
+            server=f"{instance_label(node_id)}.local.",
+            addresses=packed or [ipaddress.ip_address(a).packed for a in local_addresses()],
+        )
+        try:
+            self._zc.register_service(info)
+        except NonUniqueNameException:
+            raise UsageError(
+                f"another host on the LAN advertises node id {node_id}: copied data directory?"
+            ) from None
+        self._info = info
+        self._browser = ServiceBrowser(self._zc, SERVICE_TYPE, self._listener())
+
+    def _listener(self) -> Any:
+        from zeroconf import ServiceListener, Zeroconf
+
+        outer = self
+
+        class Listener(ServiceListener):
+            def add_service(self, zc: Zeroconf, type_: str, instance: str) -> None:
+                info = zc.get_service_info(type_, instance, timeout=_INFO_TIMEOUT_MS)
+                if info is not None:
+                    addrs = info.parsed_scoped_addresses()
+                    port = info.port or 0
+                    outer._forward(
+                        outer._core.service_added(instance, info.properties, addrs, port)
+                    )
+
+            def update_service(self, zc: Zeroconf, type_: str, name: str) -> None:
+                self.add_service(zc, type_, name)
+
+            def remove_service(self, zc: Zeroconf, type_: str, instance: str) -> None:
+                outer._forward(outer._core.service_removed(instance))
+
+        return Listener()
+
+    def _forward(self, event: PeerEvent | None) -> None:
+        """From zeroconf's thread into trio."""
+        if event is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                trio.from_thread.run_sync(self._deliver, event, trio_token=self._token)
+
+    def _deliver(self, event: PeerEvent) -> None:
+        # Runs in trio; must never block the zeroconf thread behind it.
+        try:
+            self._events.send_nowait(event)
+        except trio.WouldBlock:
+            log.warning("discovery event dropped, consumer is behind: %s", event)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    def close(self) -> None:
+        """Withdraw our record (goodbye packet) and stop; best effort."""
+        try:
+            if self._browser is not None:
+                self._browser.cancel()
+            if self._info is not None:
+                self._zc.unregister_service(self._info)
+        except Exception:
+            log.exception("mDNS: withdrawing our record failed")
+        finally:
+            self._zc.close()
 
 
 def _valid_addresses(addresses: list[str]) -> list[str]:

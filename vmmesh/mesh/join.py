@@ -28,14 +28,15 @@ import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import trio
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from vmmesh.errors import AuthError, PeerUnavailable, RemoteError, TokenError, UsageError
+from vmmesh.api.codec import Empty
+from vmmesh.api.join import HELLO, JOIN, HelloReply, JoinReply, JoinRequest
+from vmmesh.errors import AuthError, PeerUnavailable, TokenError, UsageError, VmmeshError
 from vmmesh.mesh.pki import (
     Identity,
     check_host_name,
@@ -48,13 +49,11 @@ from vmmesh.mesh.pki import (
     sign_csr,
     split_address,
 )
-from vmmesh.net.rpc import CallContext, Handler, RpcConnection, open_rpc
+from vmmesh.net.rpc import Context, Handlers, RpcConnection, open_rpc
 from vmmesh.net.tls import PeerHandler, open_peer
-from vmmesh.wire.envelope import Body
 
 JOIN_MAX_FRAME = 64 << 10
 JOIN_DEADLINE = 60.0
-MAX_CSR = 8192
 
 ConsumeInvite = Callable[[str, float], None]
 
@@ -107,43 +106,30 @@ def join_handler(
 ) -> PeerHandler:
     """The ``serve_peers`` handler for the join port of an admin host."""
 
-    async def hello(ctx: CallContext, body: Body) -> Body:
+    async def hello(ctx: Context, body: Empty) -> HelloReply:
         ca = load_ca(pki_dir)
-        return {"ca": ca.cert.public_bytes(serialization.Encoding.PEM), "mesh": ca.mesh_id}
+        return HelloReply(ca=ca.cert.public_bytes(serialization.Encoding.PEM), mesh=ca.mesh_id)
 
-    async def request(ctx: CallContext, body: Body) -> Body:
-        secret, csr, name = body.get("secret"), body.get("csr"), body.get("name")
-        if not isinstance(secret, bytes) or len(secret) != 32:
-            raise TokenError("malformed join request: bad secret")
-        if not isinstance(csr, bytes) or len(csr) > MAX_CSR:
-            raise AuthError("malformed join request: bad certificate request")
-        if not isinstance(name, str):
-            raise AuthError("malformed join request: bad host name")
-        check_host_name(name)
+    async def request(ctx: Context, req: JoinRequest) -> JoinReply:
         ca = load_ca(pki_dir)
-        cert_pem = sign_csr(ca, csr, admin=False, now=clock())
-        consume_invite(hashlib.sha256(secret).hexdigest(), clock())
-        return {
-            "cert": cert_pem,
-            "ca": ca.cert.public_bytes(serialization.Encoding.PEM),
-            "crl": current_crl(pki_dir),
-            "mesh": ca.mesh_id,
-        }
+        cert_pem = sign_csr(ca, req.csr, admin=False, now=clock())
+        consume_invite(hashlib.sha256(req.secret).hexdigest(), clock())
+        return JoinReply(
+            cert=cert_pem,
+            ca=ca.cert.public_bytes(serialization.Encoding.PEM),
+            crl=current_crl(pki_dir),
+            mesh=ca.mesh_id,
+        )
 
-    handlers: dict[str, Handler] = {"join.hello": hello, "join.request": request}
+    handlers = Handlers()
+    handlers.add(HELLO, hello)
+    handlers.add(JOIN, request)
 
     async def handle(stream: trio.SSLStream[trio.SocketStream], peer: str) -> None:
         with trio.move_on_after(deadline):
             await RpcConnection(stream, peer, handlers, max_frame=JOIN_MAX_FRAME).run()
 
     return handle
-
-
-def _pem(body: Body, key: str) -> bytes:
-    value: Any = body.get(key)
-    if not isinstance(value, bytes):
-        raise AuthError(f"inviter sent a malformed answer (no {key!r})")
-    return value
 
 
 async def join_mesh(
@@ -173,21 +159,19 @@ async def join_mesh(
         with trio.move_on_after(JOIN_DEADLINE) as deadline:
             async with open_rpc(stream, f"inviter {address}", max_frame=JOIN_MAX_FRAME) as conn:
                 try:
-                    ca_pem = _pem(await conn.call("join.hello"), "ca")
+                    ca_pem = (await conn.request(HELLO, Empty())).ca
                     _check_inviter(stream, ca_pem, token.ca_fingerprint, address)
-                    answer = await conn.call(
-                        "join.request",
-                        {"secret": token.secret, "csr": csr_pem, "name": host_name},
-                    )
-                except RemoteError as exc:
-                    if exc.code == "TokenError":
-                        raise TokenError(str(exc)) from None
+                    request = JoinRequest(secret=token.secret, csr=csr_pem, name=host_name)
+                    answer = await conn.request(JOIN, request)
+                except (AuthError, PeerUnavailable):
+                    raise  # a token refused, a CA that does not match: said as they are
+                except VmmeshError as exc:
                     raise AuthError(f"inviter at {address} refused: {exc}") from None
         if deadline.cancelled_caught:
             raise PeerUnavailable(f"inviter at {address} did not answer in {JOIN_DEADLINE:.0f} s")
-        if _pem(answer, "ca") != ca_pem:
+        if answer.ca != ca_pem:
             raise AuthError(f"inviter at {address} changed its CA certificate mid-join")
-        cert_pem, crl_pem = _pem(answer, "cert"), _pem(answer, "crl")
+        cert_pem, crl_pem = answer.cert, answer.crl
         return await trio.to_thread.run_sync(
             install_joined, pki_dir, key_pem, cert_pem, ca_pem, crl_pem
         )

@@ -2,8 +2,8 @@
 
 A Unix stream socket in the data directory, mode 0660, group ``vmmesh`` when
 that group exists, so root and the vmmesh group only.  It speaks the same
-framed msgpack RPC as the peer links (``rpc.py``), with a larger frame limit
-because a request may carry a custom zip.  A stale socket file left by a
+framed msgpack RPC and typed methods as the peer links (``rpc.py``), with a
+larger frame limit because exec output and job files travel over it.  A stale socket file left by a
 killed node is replaced; a live one means another node runs on this data
 directory, which is refused.
 """
@@ -15,15 +15,16 @@ import errno
 import grp
 import os
 import socket
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import trio
 
 from vmmesh.errors import NodeNotRunning, StateError
-from vmmesh.net.rpc import Handler, RpcConnection, open_rpc
+from vmmesh.net.refusals import Refusals
+from vmmesh.net.rpc import Handlers, RpcConnection, open_rpc
 
-CONTROL_MAX_FRAME = 64 << 20
+CONTROL_MAX_FRAME = 16 << 20
 LOCAL_PEER = "local"
 
 
@@ -40,8 +41,9 @@ def _socket_alive(path: Path) -> bool:
 
 async def serve_control(
     path: Path,
-    handlers: Mapping[str, Handler],
+    handlers: Handlers,
     *,
+    refusals: Refusals | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     if path.exists() or path.is_symlink():
@@ -61,7 +63,10 @@ async def serve_control(
     listener = trio.SocketListener(sock)
 
     async def serve_one(stream: trio.SocketStream) -> None:
-        await RpcConnection(stream, LOCAL_PEER, handlers, max_frame=CONTROL_MAX_FRAME).run()
+        conn = RpcConnection(
+            stream, LOCAL_PEER, handlers, max_frame=CONTROL_MAX_FRAME, refusals=refusals
+        )
+        await conn.run()
 
     try:
         async with trio.open_nursery() as nursery:

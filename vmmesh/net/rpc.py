@@ -1,12 +1,13 @@
-"""Multiplexed calls over one framed stream, in both directions.
+"""Multiplexed, typed calls over one framed stream, in both directions.
 
 Theory of operation: an ``RpcConnection`` owns a byte stream (TLS to a
-peer, or a memory stream in tests) and runs two loops inside ``run()``:
+peer, the control socket, or a memory stream in tests) and runs two loops
+inside ``run()``:
 
 * the *reader* feeds received bytes to a ``FrameDecoder``, decodes each
   envelope and routes it: a ``Call`` starts a handler task (at most
   ``max_concurrent`` at once, which is the backpressure on a peer that
-  floods us), a ``Cancel`` cancels one, and replies go to the waiting
+  floods us), a ``Cancel`` cancels one, and answers go to the waiting
   caller's channel;
 * the *writer* is the only task that writes to the stream.  Everyone else
   hands it encoded frames through a bounded channel, so a caller cancelled
@@ -15,28 +16,43 @@ peer, or a memory stream in tests) and runs two loops inside ``run()``:
 Either side may call the other (gossip is symmetric).  Call ids are
 per-direction counters starting at 1; id 0 is for connection-level errors.
 
-When the peer breaks the protocol (garbage, oversized frame, wrong shape,
-unknown kind or version) the connection answers ``Fail(0, "ProtocolError")``
-if it can, logs once per peer and closes; other connections are untouched.
-An unknown *method* is not a protocol break: it gets
-``Fail(id, "UnknownMessage")`` and the connection stays open, so peers of
-different versions can talk.
+Methods are typed (``vmmesh.api.codec.Method``): ``Handlers.add`` wraps a
+handler that takes and returns typed bodies, ``request`` and ``stream`` are
+the caller's side.  A streamed call sends ``Item``s, then the handler's
+return value as the ``Reply``.  A handler's ``VmmeshError`` travels as
+``Fail(code, message)`` and is raised at the caller as the same class
+(``errors.from_code``).
+
+What a peer breaks is refused at the edge and recorded (``Refusals``, once
+per peer and kind per period, counted by cause): a bad frame or envelope
+closes the connection after a ``Fail(0, ...)`` saying why; a body that does
+not fit its method's types gets a ``Fail`` and the connection stays open,
+as does an unknown *method*, so peers of different versions can talk.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
 
 import trio
 
-from vmmesh.errors import PeerUnavailable, ProtocolError, RemoteError, VmmeshError
-from vmmesh.mesh.pki import Identity
-from vmmesh.net.tls import WarnOnce, describe_error, open_peer, peer_node_id
+from vmmesh.api.codec import Method, StreamMethod, WireType
+from vmmesh.errors import (
+    ErrorCode,
+    MalformedMessage,
+    PeerUnavailable,
+    ProtocolError,
+    UnknownMessage,
+    VmmeshError,
+    error_code,
+    from_code,
+)
+from vmmesh.net.refusals import Cause, Refusals, describe
 from vmmesh.wire.envelope import (
     Body,
     Call,
@@ -53,7 +69,6 @@ from vmmesh.wire.envelope import (
 from vmmesh.wire.framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
 
 log = logging.getLogger(__name__)
-_warn_once = WarnOnce(log)
 
 MAX_CONCURRENT = 64
 REPLY_BUFFER = 64
@@ -62,10 +77,29 @@ LINGER = 5.0
 _RECEIVE_SIZE = 256 << 10
 _MAX_FAIL_TEXT = 1024
 
+Req = TypeVar("Req", bound=WireType)
+Rep = TypeVar("Rep", bound=WireType)
+It = TypeVar("It", bound=WireType)
+
+
+class Context(Protocol):
+    """What a handler knows about the call it serves (a peer's, or this host's own)."""
+
+    @property
+    def peer_id(self) -> str: ...
+
+    async def send_item(self, item: WireType) -> None:
+        """Send one item of a streamed reply."""
+        ...
+
+
+RawHandler = Callable[["CallContext", Body], Awaitable[Body | None]]
+Handler = Callable[[Context, Req], Awaitable[Rep]]
+
 
 @dataclass
 class CallContext:
-    """What a handler knows about the call it serves."""
+    """The ``Context`` of a call that came over a connection."""
 
     peer_id: str
     method: str
@@ -73,13 +107,58 @@ class CallContext:
     _id: int
     streamed: bool = field(default=False, init=False)
 
-    async def send_item(self, body: Body) -> None:
-        """Send one item of a streamed reply (the call then ends with End)."""
+    async def send_item(self, item: WireType) -> None:
         self.streamed = True
-        await self._conn._send(Item(self._id, body))
+        await self._conn._send(Item(self._id, item.to_wire()))
 
 
-Handler = Callable[[CallContext, Body], Awaitable[Body | None]]
+@dataclass
+class LocalContext:
+    """The ``Context`` of a call this host makes to itself: items go to ``on_item``."""
+
+    peer_id: str
+    on_item: Callable[[Any], Awaitable[None]] | None = None
+
+    async def send_item(self, item: WireType) -> None:
+        if self.on_item is not None:
+            await self.on_item(item)
+
+
+class Handlers:
+    """The methods one listener serves, each with its typed handler."""
+
+    def __init__(self) -> None:
+        self._raw: dict[str, RawHandler] = {}
+        self._typed: dict[str, Callable[[Context, Any], Awaitable[Any]]] = {}
+
+    def add(self, method: Method[Req, Rep], handler: Handler[Req, Rep]) -> None:
+        """Serve ``method`` with ``handler`` (typed request in, typed reply out)."""
+
+        async def raw(ctx: CallContext, body: Body) -> Body | None:
+            try:
+                request = method.request.from_wire(body)
+            except (MalformedMessage, UnknownMessage) as exc:
+                ctx._conn._refused(Cause.MESSAGE, exc)
+                raise
+            reply: Body | None = (await handler(ctx, request)).to_wire()
+            return reply
+
+        self._raw[method.name] = raw
+        self._typed[method.name] = handler
+
+    def get(self, name: str) -> RawHandler | None:
+        return self._raw.get(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._raw
+
+    async def local(self, method: Method[Req, Rep], ctx: Context, request: Req) -> Rep:
+        """Call this host's own handler for ``method`` directly, without the wire."""
+        handler = self._typed.get(method.name)
+        if handler is None:
+            raise UnknownMessage(f"this host does not serve {method.name}")
+        reply: Rep = await handler(ctx, request)
+        return reply
 
 
 class RpcConnection:
@@ -89,15 +168,17 @@ class RpcConnection:
         self,
         stream: trio.abc.Stream,
         peer_id: str,
-        handlers: Mapping[str, Handler] | None = None,
+        handlers: Handlers | None = None,
         *,
         max_frame: int = DEFAULT_MAX_FRAME,
         max_concurrent: int = MAX_CONCURRENT,
+        refusals: Refusals | None = None,
     ) -> None:
         self.peer_id = peer_id
         self._stream = stream
-        self._handlers: Mapping[str, Handler] = handlers or {}
+        self._handlers = handlers or Handlers()
         self._max_frame = max_frame
+        self._refusals = refusals or Refusals(log)
         self._ids = itertools.count(1)
         self._pending: dict[int, trio.MemorySendChannel[Envelope]] = {}
         self._serving: dict[int, trio.CancelScope] = {}
@@ -122,9 +203,7 @@ class RpcConnection:
                 except ProtocolError as exc:
                     await self._protocol_error(exc)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    self._close_reason = (
-                        f"connection to {self.peer_id} broke: {describe_error(exc)}"
-                    )
+                    self._close_reason = f"connection to {self.peer_id} broke: {describe(exc)}"
                 nursery.cancel_scope.cancel()
         finally:
             self._closed = True
@@ -149,8 +228,20 @@ class RpcConnection:
             if not data:
                 return
             decoder.feed(data)
-            while (obj := decoder.next_message()) is not None:
-                if not await self._dispatch(decode(obj)):
+            while True:
+                try:
+                    obj = decoder.next_message()
+                except ProtocolError as exc:
+                    self._refused(Cause.FRAMING, exc)
+                    raise
+                if obj is None:
+                    break
+                try:
+                    proceed = await self._dispatch(decode(obj))
+                except ProtocolError as exc:
+                    self._refused(Cause.MESSAGE, exc)
+                    raise
+                if not proceed:
                     return
 
     async def _writer(self) -> None:
@@ -158,22 +249,25 @@ class RpcConnection:
             async for frame in self._outbox_recv:
                 await self._stream.send_all(frame)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self._close_reason = f"connection to {self.peer_id} broke: {describe_error(exc)}"
+            self._close_reason = f"connection to {self.peer_id} broke: {describe(exc)}"
             if self._nursery is not None:
                 self._nursery.cancel_scope.cancel()
         finally:
             self._writer_done.set()
 
+    def _refused(self, cause: Cause, exc: BaseException) -> None:
+        self._refusals(cause, self.peer_id, describe(exc))
+
     async def _protocol_error(self, exc: ProtocolError) -> None:
-        """Tell the peer why, let the writer flush that for a moment, then give up."""
-        _warn_once(
-            self.peer_id, "closing connection to %s: %s: %s", self.peer_id, type(exc).__name__, exc
-        )
-        self._close_reason = f"{self.peer_id} broke the protocol: {exc}"
-        with trio.move_on_after(LINGER), contextlib.suppress(PeerUnavailable):
-            await self._send(Fail(0, "ProtocolError", str(exc)[:_MAX_FAIL_TEXT]))
-            await self._outbox_send.aclose()
-            await self._writer_done.wait()
+        """Tell the peer why (``_reader`` recorded it), let the writer flush that, give up."""
+        self._close_reason = f"{self.peer_id} broke the protocol: {describe(exc)}"
+        with trio.move_on_after(LINGER):
+            try:
+                await self._send(Fail(0, exc.code.value, describe(exc)[:_MAX_FAIL_TEXT]))
+                await self._outbox_send.aclose()
+                await self._writer_done.wait()
+            except PeerUnavailable:
+                pass
 
     def _frame(self, msg: Envelope) -> bytes:
         return encode_frame(encode(msg), self._max_frame)
@@ -227,8 +321,9 @@ class RpcConnection:
                     frame = self._frame(answer)
                 except Exception as exc:  # not packable or over the frame limit
                     log.exception("reply to %s from %s cannot be sent", call.method, self.peer_id)
-                    frame = self._frame(Fail(call.id, "InternalError", f"bad reply: {exc}"[:200]))
-                with contextlib.suppress(PeerUnavailable):
+                    text = f"bad reply: {describe(exc)}"[:200]
+                    frame = self._frame(Fail(call.id, ErrorCode.INTERNAL.value, text))
+                with suppress(PeerUnavailable):
                     await self._queue(frame)
         finally:
             del self._serving[call.id]
@@ -237,33 +332,54 @@ class RpcConnection:
     async def _answer(self, call: Call) -> Envelope:
         handler = self._handlers.get(call.method)
         if handler is None:
-            return Fail(call.id, "UnknownMessage", f"unknown method {call.method!r}")
+            text = f"unknown method {call.method!r}"
+            return Fail(call.id, ErrorCode.UNKNOWN_MESSAGE.value, text)
         ctx = CallContext(self.peer_id, call.method, self, call.id)
         try:
             body = await handler(ctx, call.body)
             if body is not None and not isinstance(body, dict):
                 raise TypeError(f"handler returned {type(body).__name__}, not a map")
-            if ctx.streamed:
-                if body:
-                    await self._send(Item(call.id, body))
+            if ctx.streamed and body is None:
                 return End(call.id)
             return Reply(call.id, body or {})
         except VmmeshError as exc:
-            return Fail(call.id, type(exc).__name__, str(exc)[:_MAX_FAIL_TEXT])
+            return Fail(call.id, error_code(exc).value, describe(exc)[:_MAX_FAIL_TEXT])
         except Exception:
             log.exception("handler for %s from %s failed", call.method, self.peer_id)
-            return Fail(call.id, "InternalError", f"internal error in {call.method}")
+            return Fail(call.id, ErrorCode.INTERNAL.value, f"internal error in {call.method}")
 
     # --- outgoing ------------------------------------------------------------
 
-    async def call(self, method: str, body: Body | None = None) -> Body:
-        """Call ``method`` on the peer and return its reply body.
+    async def request(self, method: Method[Req, Rep], request: Req) -> Rep:
+        """Call ``method`` and return its typed reply (items of a stream are skipped).
 
-        RemoteError(code, message) if the peer answered with a Fail;
-        PeerUnavailable if the connection closed first.  The items of a
-        streamed answer are skipped (use ``stream_call`` for those).
+        The peer's error is raised as its own class (``from_code``);
+        PeerUnavailable if the connection closed first; MalformedMessage if
+        the answer does not fit the method's types.
         """
-        async with self._open_call(method, body) as call:
+        async with self.call_raw(method.name, request.to_wire()) as call:
+            while True:
+                msg = await call.next()
+                if isinstance(msg, Reply):
+                    return method.reply.from_wire(msg.body)
+                if isinstance(msg, End):
+                    raise MalformedMessage(f"{self.peer_id} ended {method.name} without a reply")
+
+    @asynccontextmanager
+    async def stream(
+        self, method: StreamMethod[Req, Rep, It], request: Req
+    ) -> AsyncIterator[ReplyStream[It, Rep]]:
+        """Call ``method``; iterate the answer for its items, then ``.result()``.
+
+        Errors as for ``request``.  Leaving the block before the answer is
+        complete cancels the call at the peer.
+        """
+        async with self.call_raw(method.name, request.to_wire()) as call:
+            yield ReplyStream(call, method.reply, method.item, self.peer_id)
+
+    async def call(self, method: str, body: Body | None = None) -> Body:
+        """An untyped call (tests that speak garbage, tools); returns the reply body."""
+        async with self.call_raw(method, body or {}) as call:
             while True:
                 msg = await call.next()
                 if isinstance(msg, Reply):
@@ -271,51 +387,36 @@ class RpcConnection:
                 if isinstance(msg, End):
                     return {}
 
-    async def stream_call(
-        self, method: str, body: Body | None = None
-    ) -> AsyncGenerator[Body, None]:
-        """Call ``method`` and yield each streamed item until the peer's End.
-
-        A peer that answers with a plain Reply yields its body (if any) as
-        the one item.  Leaving the loop early cancels the call at the peer
-        (promptly when iterated under ``contextlib.aclosing``).
-        """
-        async with self._open_call(method, body) as call:
-            while True:
-                msg = await call.next()
-                if isinstance(msg, Item):
-                    yield msg.body
-                    continue
-                if isinstance(msg, Reply) and msg.body:
-                    yield msg.body
-                return
-
     @asynccontextmanager
-    async def _open_call(self, method: str, body: Body | None) -> AsyncIterator[_OpenCall]:
+    async def call_raw(self, method: str, body: Body) -> AsyncIterator[OpenCall]:
         check_method(method)
         if self._closed:
             raise PeerUnavailable(self._close_reason)
         call_id = next(self._ids)
         send, receive = trio.open_memory_channel[Envelope](REPLY_BUFFER)
         self._pending[call_id] = send
-        call = _OpenCall(receive, self)
+        call = OpenCall(receive, self)
         try:
             async with receive:
-                await self._queue(self._frame(Call(call_id, method, body or {})))
+                await self._queue(self._frame(Call(call_id, method, body)))
                 yield call
         finally:
             self._pending.pop(call_id, None)
-            if not call.answered and not self._closed and self._nursery is not None:
-                # The connection may be closing under us (node shutdown).
-                with contextlib.suppress(RuntimeError):
-                    self._nursery.start_soon(self._send_cancel, call_id)
+            if not call.answered and not self._closed:
+                self._cancel_nowait(call_id)
 
-    async def _send_cancel(self, call_id: int) -> None:
-        with contextlib.suppress(PeerUnavailable):
-            await self._send(Cancel(call_id))
+    def _cancel_nowait(self, call_id: int) -> None:
+        """Tell the peer we gave up on ``call_id``, without waiting and without a task.
+
+        This runs in ``finally`` blocks of cancelled callers, possibly while
+        the connection is closing; a full outbox or a closed one only means
+        the peer's answer will be dropped when it comes (``_dispatch``).
+        """
+        with suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            self._outbox_send.send_nowait(self._frame(Cancel(call_id)))
 
 
-class _OpenCall:
+class OpenCall:
     """The caller's end of one call: answers arrive here in order."""
 
     def __init__(self, receive: trio.MemoryReceiveChannel[Envelope], conn: RpcConnection) -> None:
@@ -330,22 +431,46 @@ class _OpenCall:
             raise PeerUnavailable(self._conn._close_reason) from None
         if isinstance(msg, Fail):
             self.answered = True
-            raise RemoteError(msg.code, msg.message)
+            raise from_code(msg.code, msg.message)
         if isinstance(msg, Reply | End):
             self.answered = True
         return msg
 
 
-async def serve_rpc(stream: trio.abc.Stream, peer_id: str, handlers: Mapping[str, Handler]) -> None:
-    """A ``serve_peers`` handler body: answer calls from one peer until it leaves."""
-    await RpcConnection(stream, peer_id, handlers).run()
+class ReplyStream(Generic[It, Rep]):
+    """The items of a streamed answer, then its typed reply."""
+
+    def __init__(self, call: OpenCall, reply: type[Rep], item: type[It], peer_id: str) -> None:
+        self._call = call
+        self._reply_type = reply
+        self._item_type = item
+        self._peer_id = peer_id
+        self._result: Rep | None = None
+
+    def __aiter__(self) -> ReplyStream[It, Rep]:
+        return self
+
+    async def __anext__(self) -> It:
+        if self._call.answered:
+            raise StopAsyncIteration
+        msg = await self._call.next()
+        if isinstance(msg, Item):
+            return self._item_type.from_wire(msg.body)
+        if isinstance(msg, Reply):
+            self._result = self._reply_type.from_wire(msg.body)
+        raise StopAsyncIteration
+
+    def result(self) -> Rep:
+        if self._result is None:
+            raise MalformedMessage(f"{self._peer_id} ended the call without a reply")
+        return self._result
 
 
 @asynccontextmanager
 async def open_rpc(
     stream: trio.abc.Stream,
     peer_id: str,
-    handlers: Mapping[str, Handler] | None = None,
+    handlers: Handlers | None = None,
     *,
     max_frame: int = DEFAULT_MAX_FRAME,
 ) -> AsyncIterator[RpcConnection]:
@@ -353,7 +478,7 @@ async def open_rpc(
 
     An exception from the block comes out as itself, not wrapped in the
     ExceptionGroup of the connection's nursery, so callers can write
-    ``except RemoteError``.
+    ``except NotFound``.
     """
     conn = RpcConnection(stream, peer_id, handlers, max_frame=max_frame)
     try:
@@ -367,22 +492,3 @@ async def open_rpc(
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
         raise
-
-
-@asynccontextmanager
-async def connect_rpc(
-    host: str,
-    port: int,
-    identity: Identity,
-    expect_node_id: str | None = None,
-    handlers: Mapping[str, Handler] | None = None,
-) -> AsyncIterator[RpcConnection]:
-    """Open a mutual-TLS connection to a peer and run RPC over it."""
-    stream = await open_peer(host, port, identity, expect_node_id)
-    try:
-        peer_id = expect_node_id or peer_node_id(stream)
-    except BaseException:
-        await trio.aclose_forcefully(stream)
-        raise
-    async with open_rpc(stream, peer_id, handlers) as conn:
-        yield conn

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -31,6 +30,7 @@ from cryptography import x509
 
 from vmmesh.errors import AuthError, PeerUnavailable
 from vmmesh.mesh.pki import Identity, cert_node_id
+from vmmesh.net.refusals import Cause, Refusals
 
 log = logging.getLogger(__name__)
 
@@ -38,29 +38,6 @@ HANDSHAKE_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
 
 PeerHandler = Callable[[trio.SSLStream[trio.SocketStream], str], Awaitable[None]]
-
-
-class WarnOnce:
-    """Log a peer's repeated misbehaviour at WARNING once, then at DEBUG.
-
-    A broken or hostile peer must not flood the log; the set of keys is
-    bounded so a peer cycling addresses cannot grow it without limit.
-    """
-
-    def __init__(self, logger: logging.Logger, max_keys: int = 4096) -> None:
-        self._logger = logger
-        self._seen: OrderedDict[str, None] = OrderedDict()
-        self._max_keys = max_keys
-
-    def __call__(self, key: str, msg: str, *args: object) -> None:
-        if key in self._seen:
-            self._seen.move_to_end(key)
-            self._logger.debug(msg, *args)
-            return
-        self._seen[key] = None
-        if len(self._seen) > self._max_keys:
-            self._seen.popitem(last=False)
-        self._logger.warning(msg, *args)
 
 
 def _base_context(identity: Identity, purpose: ssl.Purpose) -> ssl.SSLContext:
@@ -165,21 +142,23 @@ async def serve_peers(
     *,
     host: str | None = None,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    refusals: Refusals | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept TCP connections, do the TLS handshake, hand each peer to ``handler``.
 
     ``handler(stream, peer_id)`` gets the node id of a verified peer; with a
     context that does not ask for client certificates (the join port) it
-    gets "anonymous@ADDRESS" instead.  A failed handshake is logged (once per
-    address at WARNING) and dropped; nothing a peer does stops the loop.
+    gets "anonymous@ADDRESS" instead.  A failed handshake is a refusal
+    (``refusals``: counted, logged once per address and reason per period)
+    and is dropped; nothing a peer does stops the loop.
     The stream is closed when the handler returns.  ``task_status`` gets
     the listeners (so a caller of port 0 learns the port).
     """
     if isinstance(listeners, int):
         listeners = await trio.open_tcp_listeners(listeners, host=host)
     listeners = list(listeners)
-    warn = WarnOnce(log)
+    refused = refusals or Refusals(log)
 
     async def serve_one(tcp: trio.SocketStream) -> None:
         try:
@@ -197,7 +176,8 @@ async def serve_peers(
                 else:
                     peer = f"anonymous@{address}"
             except (trio.BrokenResourceError, trio.TooSlowError, AuthError) as exc:
-                warn(address, "refused TLS connection from %s: %s", address, describe_error(exc))
+                reason = describe_error(exc)
+                refused(Cause.TLS, address, f"TLS handshake failed: {reason}")
                 return
             try:
                 await handler(stream, peer)

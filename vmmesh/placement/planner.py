@@ -55,8 +55,10 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from typing import Any
 
-from vmmesh.api.host import HostView, TemplateInfo, check_hex_id, check_package, check_vm_name
+from vmmesh.api.host import TemplateInfo
+from vmmesh.api.names import check_hex_id, check_package, check_vm_name
 from vmmesh.errors import MalformedMessage, UnknownMessage, UsageError
+from vmmesh.gossip.hoststate import HostView
 
 WIRE_VERSION = 1
 """Version of the ``to_wire`` form of requests and plans."""
@@ -260,12 +262,13 @@ class HostIndex:
     smallest template id, so the choice does not depend on gossip order.
     """
 
-    __slots__ = ("_holders", "_pkgsets", "_skipped", "_tiebreak", "_usable")
+    __slots__ = ("_blocked", "_holders", "_pkgsets", "_skipped", "_tiebreak", "_usable")
 
     def __init__(self, hosts: Iterable[HostView]) -> None:
         seen: set[str] = set()
         usable: list[tuple[HostView, int, bytes]] = []
-        skipped = {"down": 0, "draining": 0, "full": 0}
+        skipped = {"down": 0, "draining": 0, "full": 0, "unable": 0}
+        blocked: list[str] = []
         by_pkgs: dict[frozenset[str], dict[int, TemplateInfo]] = {}
         for h in hosts:
             if h.node_id in seen:
@@ -276,6 +279,9 @@ class HostIndex:
                 skipped["down"] += 1
             elif h.draining:
                 skipped["draining"] += 1
+            elif free <= 0 and h.capacity.blocked:
+                skipped["unable"] += 1
+                blocked.append(f"{h.name}: {h.capacity.blocked}")
             elif free <= 0:
                 skipped["full"] += 1
             else:
@@ -290,6 +296,7 @@ class HostIndex:
         base: list[tuple[int, TemplateInfo | None]] = [(i, None) for i in range(len(usable))]
         self._usable = usable
         self._skipped = skipped
+        self._blocked = tuple(sorted(blocked))
         self._pkgsets: list[frozenset[str]] = [frozenset(), *by_pkgs]
         self._tiebreak = [tuple(sorted(ps)) for ps in self._pkgsets]
         self._holders: list[Sequence[tuple[int, TemplateInfo | None]]] = [
@@ -365,6 +372,11 @@ class HostIndex:
         _take(batch, demand, wanted, shares)
         return shares, skipped
 
+    @property
+    def blocked(self) -> tuple[str, ...]:
+        """Why hosts that offer no VMs at all cannot ("h1: no base image ...")."""
+        return self._blocked
+
 
 def plan(request: PlacementRequest, hosts: Sequence[HostView] | HostIndex) -> Plan:
     """Rank ``hosts`` for ``request`` and fill them in order (see module doc).
@@ -372,8 +384,9 @@ def plan(request: PlacementRequest, hosts: Sequence[HostView] | HostIndex) -> Pl
     ``hosts`` must have distinct node ids (a gossip view does); a duplicate is
     a caller bug and raises ``UsageError``.
     """
-    shares, skipped = _index(hosts).fill(request, request.count)
-    return _finish(request, shares, skipped, frozenset())
+    index = _index(hosts)
+    shares, skipped = index.fill(request, request.count)
+    return _finish(request, shares, skipped, frozenset(), index.blocked)
 
 
 def replan(
@@ -406,11 +419,12 @@ def replan(
     limits = {n: s.room - s.count for n, s in kept.items()}
     limits.update(dict.fromkeys(refused, 0))
     demand = previous.request.count - sum(s.count for s in kept.values())
-    extra, skipped = _index(hosts).fill(previous.request, demand, failed, limits)
+    index = _index(hosts)
+    extra, skipped = index.fill(previous.request, demand, failed, limits)
     for s in extra:
         k = kept.get(s.node_id)
         kept[s.node_id] = s if k is None else replace(k, count=k.count + s.count)
-    return _finish(previous.request, list(kept.values()), skipped, failed)
+    return _finish(previous.request, list(kept.values()), skipped, failed, index.blocked)
 
 
 # --- internals ---------------------------------------------------------------
@@ -490,6 +504,7 @@ def _finish(
     shares: list[Share],
     skipped: Mapping[str, int],
     failed: frozenset[str],
+    blocked: tuple[str, ...] = (),
 ) -> Plan:
     placed = sum(s.count for s in shares)
     unplaced = max(0, request.count - placed)
@@ -499,6 +514,8 @@ def _finish(
         notes = [f"{n} {what}" for what, n in skipped.items() if n]
         if notes:
             why += f" (hosts skipped: {', '.join(notes)})"
+        if blocked:
+            why += "; " + "; ".join(blocked[:8])
     return Plan(request, tuple(shares), unplaced, why, failed)
 
 

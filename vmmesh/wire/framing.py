@@ -44,6 +44,21 @@ def encode_frame(obj: object, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
     return _PREFIX.pack(len(body)) + body
 
 
+_WHY = {
+    "StackError": "nested too deep",
+    "FormatError": "a byte that starts no msgpack value",
+    "ExtraData": "bytes after the message",
+    "OutOfData": "the frame ends inside a value",
+}
+
+
+def _why(exc: Exception) -> str:
+    """msgpack's errors often have no text: name what went wrong instead."""
+    name = type(exc).__name__
+    text = str(exc).strip()
+    return text or _WHY.get(name, name)
+
+
 def _refuse_ext(code: int, data: bytes) -> NoReturn:
     raise MalformedMessage(f"msgpack ext type {code} is not allowed")
 
@@ -107,8 +122,10 @@ class FrameDecoder:
             )
         except MalformedMessage:
             raise
+        except RecursionError:
+            raise MalformedMessage("frame is not valid msgpack: nested too deep") from None
         except Exception as exc:  # msgpack raises ValueError, TypeError, its own classes
-            raise MalformedMessage(f"frame is not valid msgpack: {exc}") from None
+            raise MalformedMessage(f"frame is not valid msgpack: {_why(exc)}") from None
         if obj is None:
             # None means "need more bytes" to our caller; no message is nil.
             raise MalformedMessage("frame carries nil")

@@ -1,0 +1,145 @@
+"""A host's state as gossip keys, and back: the schema every gossip value meets.
+
+Theory of operation
+-------------------
+Each host authors a few keys about itself (the table below).  A value
+arrives from a peer that may not be its author, and neither is trusted:
+``check_value`` runs in the gossip core (``GossipCore(check=...)``) on every
+delta before it is stored.  A value that does not meet its key's spec is
+refused: it is not stored and so never relayed, and the key counts as absent
+for that host (its author meant to replace the old value, so the old one is
+not kept either).  Readers therefore only ever see values that passed.
+
+A key this version does not know is kept and relayed as it is, if it is small
+(``MAX_UNKNOWN_BYTES`` packed) and the host has few keys: a newer peer may
+add a key, and hosts of this version must not cut it off on its way through
+the mesh.  Nothing here ever reads such a value.
+
+``parse`` turns a host's stored keys into a ``HostState`` for placement and
+the CLI; it cannot fail, because every stored value was checked.
+
+=============  ==========================================================
+key            value
+=============  ==========================================================
+``name``       host name (``HostName``)
+``addr``       up to 8 "address:port" strings, best first
+``capacity``   ``Capacity`` (free slots, quota, why blocked)
+``templates``  up to 1000 ``TemplateInfo``
+``vms``        names of up to 4096 VMs the host runs
+``draining``   true while the host moves its VMs away (later: drain)
+``crl``        the newest mesh CRL the host holds (PEM, at most 256 KiB)
+=============  ==========================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from vmmesh.api.codec import Bool, Bytes, ListOf, Nested, Spec, Text
+from vmmesh.api.host import NO_CAPACITY, Capacity, TemplateInfo
+from vmmesh.api.names import HostName, VmName
+from vmmesh.errors import MalformedMessage
+
+MAX_TEMPLATES = 1000
+MAX_VMS = 4096
+MAX_KEYS = 32
+MAX_UNKNOWN_BYTES = 4096
+ADDRESS = Text(80, r"[0-9A-Za-z.:\[\]-]{1,72}:[0-9]{1,5}", "address:port")
+
+SCHEMA: dict[str, Spec[Any]] = {
+    "name": HostName,
+    "addr": ListOf(ADDRESS, 8),
+    "capacity": Nested(Capacity),
+    "templates": ListOf(Nested(TemplateInfo), MAX_TEMPLATES),
+    "vms": ListOf(VmName, MAX_VMS),
+    "draining": Bool(),
+    "crl": Bytes(256 << 10),
+}
+
+
+def check_value(key: str, value: object, keys_held: int = 0) -> None:
+    """Raise MalformedMessage unless ``value`` is acceptable for gossip ``key``.
+
+    ``keys_held`` is how many keys the host already has (bounds unknown keys).
+    """
+    spec = SCHEMA.get(key)
+    if spec is not None:
+        spec.load(value, f"gossip {key!r}")
+        return
+    if keys_held >= MAX_KEYS:
+        raise MalformedMessage(f"gossip {key!r}: host has over {MAX_KEYS} keys")
+    try:
+        size = len(msgpack.packb(value, use_bin_type=True))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise MalformedMessage(f"gossip {key!r}: not plain data: {exc}") from None
+    if size > MAX_UNKNOWN_BYTES:
+        raise MalformedMessage(f"gossip {key!r}: {size} bytes is over {MAX_UNKNOWN_BYTES}")
+
+
+@dataclass(frozen=True)
+class HostState:
+    """The keys of one host, typed; a missing key has its neutral value."""
+
+    name: str = ""
+    addresses: tuple[str, ...] = ()
+    capacity: Capacity = NO_CAPACITY
+    templates: tuple[TemplateInfo, ...] = ()
+    vms: tuple[str, ...] = ()
+    draining: bool = False
+    crl: bytes = b""
+
+
+def parse(keys: Mapping[str, Any]) -> HostState:
+    """Typed state from stored keys (checked on arrival, so this cannot fail).
+
+    A value that fails anyway (state written before a schema change) counts
+    as absent, like a refused one.
+    """
+    out: dict[str, Any] = {}
+    for key, attr in (
+        ("name", "name"),
+        ("addr", "addresses"),
+        ("capacity", "capacity"),
+        ("templates", "templates"),
+        ("vms", "vms"),
+        ("draining", "draining"),
+        ("crl", "crl"),
+    ):
+        if key in keys:
+            try:
+                out[attr] = SCHEMA[key].load(keys[key], key)
+            except MalformedMessage:
+                continue
+    return HostState(**out)
+
+
+def to_keys(state: HostState) -> dict[str, Any]:
+    """The gossip values a host publishes for ``state`` (the inverse of ``parse``)."""
+    return {
+        "name": state.name,
+        "addr": list(state.addresses),
+        "capacity": state.capacity.to_wire(),
+        "templates": [t.to_wire() for t in state.templates],
+        "vms": list(state.vms),
+        "draining": state.draining,
+        "crl": state.crl,
+    }
+
+
+@dataclass(frozen=True)
+class HostView:
+    """One host as the local node's gossip view holds it (placement input)."""
+
+    node_id: str
+    name: str
+    status: str  # "up" | "suspect" | "down"
+    capacity: Capacity
+    templates: tuple[TemplateInfo, ...] = ()
+    vms: tuple[str, ...] = ()
+    draining: bool = False
+    address: str = ""
+    last_heard: float = 0.0

@@ -1,0 +1,68 @@
+"""The mesh as this node's gossip holds it: typed ``HostView``s for placement and the CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from vmmesh.errors import NotFound
+from vmmesh.gossip.core import GossipCore
+from vmmesh.gossip.hoststate import HostState, HostView, parse
+
+
+class MeshView:
+    """Reads hosts out of a ``GossipCore``; each host's keys are parsed once per version."""
+
+    def __init__(self, core: GossipCore, wall: Callable[[float], float]) -> None:
+        self._core = core
+        self._wall = wall
+        self._parsed: dict[str, tuple[tuple[int, int] | None, HostState]] = {}
+
+    def state(self, node_id: str) -> HostState:
+        version = self._core.version_of(node_id)
+        cached = self._parsed.get(node_id)
+        if cached is not None and cached[0] == version and version is not None:
+            return cached[1]
+        try:
+            state = parse(self._core.state_of(node_id))
+        except NotFound:
+            state = HostState()
+        self._parsed[node_id] = (version, state)
+        return state
+
+    def hosts(self, now: float) -> list[HostView]:
+        """Every host gossip holds, this one included, in node id order."""
+        out = []
+        for m in self._core.members(now):
+            st = self.state(m.node_id)
+            out.append(
+                HostView(
+                    node_id=m.node_id,
+                    name=st.name or m.node_id[:12],
+                    status=str(m.status),
+                    capacity=st.capacity,
+                    templates=st.templates,
+                    vms=st.vms,
+                    draining=st.draining,
+                    address=st.addresses[0] if st.addresses else "",
+                    last_heard=self._wall(m.last_heard),
+                )
+            )
+        if len(self._parsed) > 2 * len(out) + 16:
+            live = {h.node_id for h in out}
+            self._parsed = {k: v for k, v in self._parsed.items() if k in live}
+        return out
+
+    def name_of(self, node_id: str) -> str:
+        name = self.state(node_id).name
+        return f"{name} ({node_id[:12]})" if name else node_id
+
+    def resolve(self, name_or_id: str, now: float) -> HostView:
+        """The one host called ``name_or_id`` (name, id, or id prefix)."""
+        hosts = self.hosts(now)
+        matches = [h for h in hosts if name_or_id in (h.node_id, h.name)]
+        if not matches:
+            matches = [h for h in hosts if h.node_id.startswith(name_or_id)]
+        if len(matches) != 1:
+            what = "no host" if not matches else "more than one host"
+            raise NotFound(f"{what} called {name_or_id!r:.80} in this mesh")
+        return matches[0]

@@ -1,0 +1,92 @@
+"""What apt says, and what we have the guest run: pure text, tested without a guest.
+
+Two failures must not be confused (hardening, issue 11): a package the
+source does not have (``missing_packages``: the request ends, no host would
+do better) and a source the guest cannot reach (``source_problem``: apt's
+``update`` even exits 0 then, with "W: Failed to fetch" lines; another host,
+or a later try, may do better).
+
+The build scripts keep apt's lists and downloaded archives on a tmpfs while
+the template is made, so tens of MB of index files and every ``.deb`` never
+land on the template's disk: the delta holds what was installed and little
+else (what a peer that fetches the template pays for).
+"""
+
+from __future__ import annotations
+
+import re
+
+_MISSING = (
+    re.compile(r"E: Unable to locate package (\S+)"),
+    re.compile(r"E: Package '([^']+)' has no installation candidate"),
+    re.compile(r"E: Couldn't find any package by (?:glob|regex) '([^']+)'"),
+    re.compile(r"E: Version '[^']*' for '([^']+)' was not found"),
+)
+_FETCH_FAILED = re.compile(r"^[WE]: Failed to fetch (\S+)\s*(.*)$")
+_UNREACHABLE = (
+    re.compile(r"Temporary failure resolving '([^']+)'"),
+    re.compile(r"Could not connect to (\S+)"),
+    re.compile(r"Unable to connect to (\S+)"),
+    re.compile(r"Could not resolve '([^']+)'"),
+    re.compile(r"Connection failed"),
+    re.compile(r"Network is unreachable"),
+)
+
+WAIT_ONLINE = "/usr/lib/systemd/systemd-networkd-wait-online --timeout=60 || true"
+RETRIES_FILE = "/etc/apt/apt.conf.d/80vmmesh-retries"
+RETRIES = b'Acquire::Retries "3";\n'
+UPDATE_ATTEMPTS = 3
+ENV = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+
+# apt's lists and archives on a tmpfs for the build (the guest has the RAM).
+SCRATCH = (
+    "set -e\n"
+    "for d in /var/lib/apt/lists /var/cache/apt/archives; do\n"
+    "  mkdir -p $d && mount -t tmpfs -o mode=0755 tmpfs $d && mkdir -p $d/partial\n"
+    "done\n"
+)
+# Before power-off: nothing of apt's left on disk, freed blocks handed back to
+# the host (the drive has discard=unmap, so the qcow2 really drops them).
+CLEAN = (
+    "apt-get clean; umount /var/lib/apt/lists /var/cache/apt/archives 2>/dev/null; "
+    "rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt/* /tmp/* 2>/dev/null; "
+    "fstrim -av >/dev/null 2>&1; sync"
+)
+REPLACE_SOURCES = "rm -f /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources"
+
+
+def missing_packages(apt_output: str) -> list[str]:
+    """Package names apt says it cannot find, in the order it says so."""
+    out: list[str] = []
+    for line in apt_output.splitlines():
+        for pattern in _MISSING:
+            m = pattern.search(line)
+            if m and m.group(1) not in out:
+                out.append(m.group(1))
+    return out
+
+
+def source_problem(apt_output: str) -> str | None:
+    """Why the guest could not reach its package source, or None if it could.
+
+    Looks at "Failed to fetch URL reason" lines (warnings in ``update``,
+    errors in ``install``) and at resolver and connection errors.  The answer
+    names the source and the reason: "http://10.0.2.2:8080/ ./InRelease:
+    Could not connect to 10.0.2.2:8080".
+    """
+    for line in apt_output.splitlines():
+        m = _FETCH_FAILED.match(line.strip())
+        if m:
+            url, reason = m.group(1), m.group(2).strip()
+            return f"{url}: {reason}" if reason else url
+    for line in apt_output.splitlines():
+        for pattern in _UNREACHABLE:
+            if pattern.search(line):
+                return line.strip()[:300]
+    return None
+
+
+def tail(data: bytes, lines: int = 3) -> str:
+    """The last lines of a command's output, on one line."""
+    text = data.decode("utf-8", "replace").strip().splitlines()
+    return " | ".join(text[-lines:])

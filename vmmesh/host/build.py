@@ -1,0 +1,183 @@
+"""Installing packages into a new delta: the guest's part of building a template.
+
+``Builder.build`` boots a guest on a fresh delta (an overlay of the parent),
+points apt at the configured sources, installs the missing packages through
+the guest agent, cleans up and powers the guest off, timing each phase.  It
+leaves the delta file for ``TemplateManager`` to check, hash and record; on
+any failure it kills the guest and raises, and the manager undoes the rest.
+
+Errors say which kind of failure it was: ``PackageInstallError`` when the
+source lacks a package (no host would do better), ``PackageSourceError``
+when the guest could not reach its source or apt failed otherwise (another
+host might), ``HypervisorError`` when the guest did not boot or power off.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from vmmesh.errors import HypervisorError, PackageInstallError, PackageSourceError
+from vmmesh.host import apt
+from vmmesh.hypervisor.base import BootSpec, Guest, Hypervisor, ImageManifest
+
+log = logging.getLogger("vmmesh.host.build")
+
+Progress = Callable[[str, float | None], None]
+
+
+@dataclass(frozen=True)
+class BaseImage:
+    """The base image as the template layer needs it: its id and its files."""
+
+    directory: Path
+    manifest: ImageManifest
+
+    @property
+    def image_id(self) -> str:
+        return self.manifest.image_id
+
+    @property
+    def disk(self) -> Path:
+        return self.directory / self.manifest.disk
+
+    @property
+    def kernel(self) -> Path:
+        return self.directory / self.manifest.kernel
+
+    @property
+    def initrd(self) -> Path:
+        return self.directory / self.manifest.initrd
+
+    def boot_spec(
+        self, name: str, disk: Path, run_dir: Path, vcpus: int, memory_mb: int
+    ) -> BootSpec:
+        """How to boot a guest of this image on ``disk``."""
+        return BootSpec(
+            name=name,
+            disk=disk,
+            kernel=self.kernel,
+            initrd=self.initrd,
+            run_dir=run_dir,
+            cmdline=self.manifest.cmdline,
+            vcpus=vcpus,
+            memory_mb=memory_mb,
+        )
+
+
+@dataclass
+class Builder:
+    """Boots build guests and installs packages in them (one per template build)."""
+
+    hv: Hypervisor
+    base: BaseImage
+    apt_sources: tuple[str, ...] = ()
+    vcpus: int = 2
+    memory_mb: int = 1024
+    agent_timeout: float = 300.0
+    install_timeout: float = 1800.0
+    poweroff_timeout: float = 60.0
+
+    async def build(
+        self,
+        delta: Path,
+        run_dir: Path,
+        missing: Sequence[str],
+        progress: Progress,
+        on_guest: Callable[[Guest | None], None],
+    ) -> dict[str, float]:
+        """Install ``missing`` into ``delta`` (an overlay already made); seconds per phase.
+
+        ``on_guest`` is told the running guest (and None once it is gone), so
+        the caller can kill it if this is cancelled.
+        """
+        timings: dict[str, float] = {}
+        t = time.monotonic()
+        progress("boot", None)
+        spec = self.base.boot_spec(run_dir.name, delta, run_dir, self.vcpus, self.memory_mb)
+        guest = await self.hv.start(spec)
+        on_guest(guest)
+        await guest.wait_agent(self.agent_timeout)
+        timings["boot"] = time.monotonic() - t
+
+        t = time.monotonic()
+        await self._install(guest, sorted(missing), progress)
+        timings["install"] = time.monotonic() - t
+
+        t = time.monotonic()
+        progress("shutdown", None)
+        status = await guest.shutdown(self.poweroff_timeout)
+        on_guest(None)
+        if status != 0:
+            # killed after the power-off timeout: QEMU may not have written
+            # out its qcow2 metadata, so the delta is not trusted
+            raise HypervisorError(f"build guest did not power off cleanly (exit {status})")
+        timings["shutdown"] = time.monotonic() - t
+        return timings
+
+    async def _install(self, guest: Guest, missing: list[str], progress: Progress) -> None:
+        await self._sources(guest, progress)
+        await self._update(guest, progress)
+        progress("install", 0.0)
+        res = await guest.exec(
+            ["apt-get", "install", "-y", "--no-install-recommends", *missing],
+            env=apt.ENV,
+            timeout=self.install_timeout,
+        )
+        if res.exit_code != 0:
+            output = (res.stdout + b"\n" + res.stderr).decode("utf-8", "replace")
+            unknown = apt.missing_packages(output)
+            if unknown:
+                raise PackageInstallError(f"package not found: {', '.join(unknown)}")
+            problem = apt.source_problem(output)
+            if problem:
+                raise PackageSourceError(f"the guest could not download packages: {problem}")
+            raise PackageSourceError(
+                f"installing {' '.join(missing)} failed (apt exit {res.exit_code}): "
+                f"{apt.tail(res.stderr or res.stdout)}"
+            )
+        progress("install", 1.0)
+        progress("clean", None)
+        await guest.exec(["sh", "-c", apt.CLEAN])
+
+    async def _sources(self, guest: Guest, progress: Progress) -> None:
+        progress("sources", None)
+        if self.apt_sources:
+            text = "\n".join(self.apt_sources) + "\n"
+            await guest.write_file("/etc/apt/sources.list", text.encode())
+            await guest.exec(["sh", "-c", apt.REPLACE_SOURCES])
+        # A package source that drops a connection now and then (a busy
+        # mirror, a loaded host) should cost a retry, not the template.
+        await guest.write_file(apt.RETRIES_FILE, apt.RETRIES)
+        res = await guest.exec(["sh", "-c", apt.SCRATCH])
+        if res.exit_code != 0:
+            log.info("apt scratch space not on tmpfs: %s", apt.tail(res.stderr))
+
+    async def _update(self, guest: Guest, progress: Progress) -> None:
+        """``apt-get update`` until the source answers (``UPDATE_ATTEMPTS`` tries)."""
+        progress("update", None)
+        problem = ""
+        for attempt in range(1, apt.UPDATE_ATTEMPTS + 1):
+            # the agent may answer before DHCP is done; apt needs the network
+            await guest.exec(["sh", "-c", apt.WAIT_ONLINE], timeout=90.0)
+            res = await guest.exec(["apt-get", "update"], timeout=self.install_timeout)
+            output = (res.stdout + b"\n" + res.stderr).decode("utf-8", "replace")
+            found = apt.source_problem(output)
+            if res.exit_code == 0 and found is None:
+                return
+            problem = found or f"apt-get update exit {res.exit_code}: {apt.tail(res.stderr)}"
+            if attempt < apt.UPDATE_ATTEMPTS:
+                log.info(
+                    "apt-get update failed in the build guest (attempt %d): %s", attempt, problem
+                )
+                await trio.sleep(5.0)
+        sources = "; ".join(self.apt_sources) or "the image's own sources"
+        raise PackageSourceError(
+            f"the guest could not reach its package source ({sources}) in "
+            f"{apt.UPDATE_ATTEMPTS} attempts: {problem}"
+        )

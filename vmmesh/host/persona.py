@@ -1,0 +1,52 @@
+"""What makes a guest itself: its host name and its ssh keys, set through the agent.
+
+A VM is a clone: everything its template holds it shares with its siblings.
+What must differ is made here, after the guest is up and before anyone uses
+it: the host name is its VM name, the ssh host key is its own (made on first
+use, never copied), and the keys allowed to log in are the ones the user
+sent.  (Warm starts add more of this: see ``host.warm``.)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from vmmesh.api.names import guest_hostname
+from vmmesh.errors import HypervisorError, UsageError
+from vmmesh.host.sshkeys import NO_SSHD_EXIT, PREPARE_SCRIPT, check_public_key
+from vmmesh.hypervisor.base import Guest
+
+log = logging.getLogger("vmmesh.host.persona")
+
+_SET_HOSTNAME = (
+    'printf "%s\\n" "$1" > /etc/hostname && hostname "$1" && '
+    'sed -i "s/^127\\.0\\.1\\.1[[:space:]].*/127.0.1.1\\t$1/" /etc/hosts'
+)
+
+
+async def set_hostname(guest: Guest, display: str) -> None:
+    """The guest calls itself by its VM name (as in ``vmmesh vms`` and ssh prompts)."""
+    hostname = guest_hostname(display)
+    try:
+        res = await guest.exec(["sh", "-c", _SET_HOSTNAME, "sh", hostname])
+    except HypervisorError as exc:
+        log.warning("%s: hostname not set: %s", display, exc)
+        return
+    if res.exit_code != 0:
+        log.warning("%s: hostname not set: %r", display, res.stderr[-200:])
+
+
+async def authorize_ssh(guest: Guest, vm: str, request: str, keys: Sequence[str]) -> str:
+    """Let ``keys`` log in as root; make the guest's own host key if it has none; return it."""
+    res = await guest.exec(
+        ["sh", "-c", PREPARE_SCRIPT], input_data="".join(f"{k}\n" for k in keys).encode()
+    )
+    if res.exit_code == NO_SSHD_EXIT:
+        raise UsageError(
+            f"{vm} has no ssh server (its base image predates it); "
+            f"use `vmmesh exec {request} -- COMMAND`"
+        )
+    if res.exit_code != 0:
+        raise HypervisorError(f"preparing ssh in {vm} failed: {res.stderr[-300:]!r}")
+    return check_public_key(res.stdout.decode("utf-8", "replace"))

@@ -1,0 +1,56 @@
+"""Progress from synchronous code to a streamed reply, without blocking the work.
+
+Long work (a build, a transfer) reports progress through a plain callback;
+the caller streams it to the CLI over a connection that may be slow or gone.
+``progress_pump`` gives the work a callback that never blocks and forwards
+the items from a task of its own; when the consumer lags, items are dropped
+(progress is a view, the final reply is what counts), and a consumer that is
+gone does not fail the work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import trio
+
+from vmmesh.api.common import Progress
+from vmmesh.errors import VmmeshError
+from vmmesh.nurseries import open_nursery
+
+BUFFER = 256
+
+Emit = Callable[[Progress], None]
+
+
+@asynccontextmanager
+async def progress_pump(send: Callable[[Progress], Awaitable[None]]) -> AsyncIterator[Emit]:
+    """A non-blocking ``emit(item)`` whose items reach ``send`` in order."""
+    tx, rx = trio.open_memory_channel[Progress](BUFFER)
+
+    def emit(item: Progress) -> None:
+        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+            tx.send_nowait(item)
+
+    async def pump() -> None:
+        async for item in rx:
+            with contextlib.suppress(VmmeshError):
+                await send(item)
+
+    async with open_nursery() as nursery:
+        nursery.start_soon(pump)
+        try:
+            yield emit
+        finally:
+            tx.close()
+
+
+def phases(task: str, emit: Emit) -> Callable[[str, float | None], None]:
+    """The ``progress(phase, fraction)`` callback of the host layer, as items of ``task``."""
+
+    def report(phase: str, fraction: float | None) -> None:
+        emit(Progress(task=task[:128], phase=phase[:200], fraction=fraction))
+
+    return report
