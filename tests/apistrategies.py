@@ -20,7 +20,7 @@ API_MODULES = ("common", "host", "node", "vm", "join", "transfer", "jobs")
 ANY_VALUE: st.SearchStrategy[Any] = st.recursive(
     st.none()
     | st.booleans()
-    | st.integers(-(1 << 64), 1 << 64)
+    | st.integers(-(1 << 63), (1 << 64) - 1)
     | st.floats(allow_nan=True)
     | st.text(max_size=20)
     | st.binary(max_size=20),

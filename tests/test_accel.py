@@ -119,3 +119,46 @@ async def test_probe_answers_and_leaves_no_process() -> None:
     assert _children() == []
     if expected := os.environ.get("VMMESH_EXPECT_ACCEL"):
         assert result == expected
+
+
+async def test_the_verdict_is_kept_for_the_same_kernel_qemu_and_boot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A machine where KVM hangs pays the probe once per boot, not at every node start."""
+    calls: list[str] = []
+
+    async def hanging(accel_name: str, _deadline: float, _binary: str) -> bool:
+        calls.append(accel_name)
+        return False
+
+    monkeypatch.setattr(accel, "payload_runs", hanging)
+    device = tmp_path / "kvm"
+    device.touch()
+    cache = tmp_path / "accel.json"
+    assert await probe_accel(kvm_device=device, cache_file=cache) == "tcg"
+    accel._cache.clear()  # a new node process
+    assert await probe_accel(kvm_device=device, cache_file=cache) == "tcg"
+    assert calls == ["kvm"], "the second start read the kept verdict"
+    # another boot (or kernel, or QEMU binary): probe again
+    boot = tmp_path / "boot_id"
+    boot.write_text("another boot\n")
+    monkeypatch.setattr(
+        accel, "verdict_key", lambda binary: accel.__dict__["_real_key"](binary, boot)
+    )
+    accel._cache.clear()
+    assert await probe_accel(kvm_device=device, cache_file=cache) == "tcg"
+    assert calls == ["kvm", "kvm"]
+
+
+accel.__dict__["_real_key"] = accel.verdict_key
+
+
+def test_a_garbled_verdict_file_means_probing_again(tmp_path: Path) -> None:
+    cache = tmp_path / "accel.json"
+    cache.write_text("{not json")
+    assert accel._read_verdict(cache, "key") is None
+    cache.write_text('{"key": "key", "accel": "warp"}')
+    assert accel._read_verdict(cache, "key") is None
+    cache.write_text('{"key": "key", "accel": "kvm"}')
+    assert accel._read_verdict(cache, "key") == "kvm"
+    assert accel._read_verdict(cache, "other") is None

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from vmmesh.errors import UsageError
 from vmmesh_cli.cmd_vm import _options_then_command, _ssh_identity
-from vmmesh_cli.main import build_parser
+from vmmesh_cli.main import build_parser, main
 
 
 def _split(*argv: str) -> tuple[list[str], bool, Path | None]:
@@ -53,3 +54,40 @@ def test_ssh_identity_needs_both_halves(tmp_path: Path) -> None:
     (tmp_path / "k.pub").write_text("not a key")
     with pytest.raises(UsageError, match="not an OpenSSH public key"):
         _ssh_identity(key)
+
+
+def test_a_data_dir_the_user_may_not_enter_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    locked = tmp_path / "locked"
+    (locked / "data").mkdir(parents=True)
+    locked.chmod(0)
+    try:
+        if os.access(locked, os.X_OK):
+            pytest.skip("root may enter any directory: run as another user to see it")
+        assert main(["--data-dir", str(locked / "data"), "status"]) == 1
+    finally:
+        locked.chmod(0o700)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("vmmesh: error: ")
+    assert "Traceback" not in err
+
+
+def test_join_with_a_garbage_token_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "fresh"
+    assert main(["--data-dir", str(data), "join", "garbage"]) == 1
+    assert not data.exists(), "refused before anything was made"
+    err = capsys.readouterr().err
+    assert err.startswith("vmmesh: error: ") and "join token" in err
+
+
+def test_shutdown_of_nothing_and_bad_names_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--data-dir", str(tmp_path), "shutdown", "../x"]) == 2
+    assert "VM name" in capsys.readouterr().err
+    assert main(["--data-dir", str(tmp_path), "request", "web", "0"]) == 2
+    assert main(["--data-dir", str(tmp_path), "request", "web", "1", "Bad Pkg"]) == 2
+    assert "package name" in capsys.readouterr().err

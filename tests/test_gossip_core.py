@@ -444,3 +444,46 @@ def test_learning_a_forgotten_host_does_not_revive_it() -> None:
     b.tick(t)  # it really is back: its own Syn revives it
     exchange(b, a, t)
     assert a.state_of(B) == {"name": "b"}
+
+
+def test_a_refused_value_is_not_stored_and_not_relayed() -> None:
+    """A value that fails its check is dropped where it arrives: the relay never
+    passes it on, the key counts as absent, and the version still moves on."""
+    from vmmesh.gossip.hoststate import check_value
+
+    x = core(IDS[0])
+    relay = GossipCore(IDS[1], 1000, check=check_value)
+    far = GossipCore(IDS[2], 1000, check=check_value)
+    x.set_local("name", "x")
+    x.set_local("templates", 5)  # a host with a valid certificate and bad manners
+    exchange(x, relay)
+    assert relay.state_of(IDS[0]) == {"name": "x"}
+    assert relay.version_of(IDS[0]) == x.local_version, "not asked for again"
+    [refused] = [e for e in relay.drain_events() if e.kind is EventKind.REFUSED]
+    assert (refused.node_id, refused.keys, refused.via) == (
+        IDS[0],
+        frozenset({"templates"}),
+        IDS[0],
+    )
+    assert "is not a list" in refused.reason
+    exchange(relay, far)  # far hears of x only through the relay
+    assert far.state_of(IDS[0]) == {"name": "x"}
+    assert not any(e.kind is EventKind.REFUSED for e in far.drain_events())
+    # the author replaces the bad value with a good one: it travels as usual
+    x.set_local("templates", [])
+    exchange(x, relay)
+    exchange(relay, far)
+    assert far.state_of(IDS[0]) == {"name": "x", "templates": []}
+
+
+def test_a_valid_value_replaced_by_garbage_is_dropped_not_kept() -> None:
+    from vmmesh.gossip.hoststate import check_value
+
+    x = core(IDS[0])
+    b = GossipCore(IDS[1], 1000, check=check_value)
+    x.set_local("vms", ["web-1"])
+    exchange(x, b)
+    assert b.state_of(IDS[0]) == {"vms": ["web-1"]}
+    x.set_local("vms", "web-1")
+    exchange(x, b)
+    assert b.state_of(IDS[0]) == {}, "the author meant to replace it"

@@ -70,7 +70,9 @@ def test_garbage_from_a_peer_is_refused_and_logged_once(lab: Lab) -> None:
 
         async def main():
             ident = load_identity(Path({str(lab.host_data_dir(2) / "pki")!r}))
-            for payload in (b"\\xff" * 64, b"\\x7f\\xff\\xff\\xff", b"\\x00\\x00\\x00\\x01\\xc1"):
+            for payload in (
+                b"\\xff" * 64, b"\\x7f\\xff\\xff\\xff", b"\\x00\\x00\\x00\\x01\\xc1", b"\\xff" * 8
+            ):
                 stream = await open_peer({lab.host_address(1)!r}, {lab.port}, ident)
                 await stream.send_all(payload)
                 with trio.move_on_after(5):
@@ -85,13 +87,16 @@ def test_garbage_from_a_peer_is_refused_and_logged_once(lab: Lab) -> None:
         """
     )
     out = lab.lab_exec(2, [sys.executable, "-c", script]).stdout
-    assert out.count("closed") == 3
+    assert out.count("closed") == 4
     # h1 keeps serving: its CLI answers and it still sees everyone up.
     eventually(all_up, "h1 still sees all hosts up after garbage", lab, 1)
-    # Logged once at WARNING for that peer, not once per bad message.
+    # Each kind of fault is logged once at WARNING for that peer, with its reason
+    # (three oversized frames are one kind, bad msgpack another), and counted.
     log = (lab.host_data_dir(1) / "node.log").read_text().splitlines()
-    warned = [line for line in log if "WARNING" in line and "closing connection to" in line]
-    assert len(warned) == 1, warned
+    warned = [line for line in log if "WARNING" in line and "refused framing from" in line]
+    assert len(warned) == 2, warned
+    assert any("is over" in line for line in warned) and any("msgpack" in line for line in warned)
+    assert cli_json(lab, 1, "status")["refusals"]["framing"] == 4
 
 
 def test_killed_host_is_marked_down_then_comes_back(lab: Lab) -> None:

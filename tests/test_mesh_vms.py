@@ -116,7 +116,7 @@ SLOTS = ("capacity", "free_slots")
 
 
 def _has_template(lab: Lab, viewer: int, host: str, packages: list[str]) -> bool:
-    return any(t["pkgs"] == packages for t in peers(lab, viewer)[host]["templates"])
+    return any(t["packages"] == packages for t in peers(lab, viewer)[host]["templates"])
 
 
 def _working(data_dir: Path) -> bool:
@@ -146,7 +146,7 @@ def test_request_prefers_the_host_with_the_template(mesh: Lab, tmp_path: Path) -
     reply = _request(lab, 1, "web", "3", "vmm-test-a")
     hosts = sorted(v["host"] for v in reply["vms"])
     assert len(hosts) == 3 and hosts.count("h2") == 2, reply
-    assert reply["plan"]["shares"][0]["host"] == "h2", reply["plan"]
+    assert reply["plan"][0]["host"] == "h2", reply["plan"]
     on_h2 = [v for v in reply["vms"] if v["host"] == "h2"]
     assert not any(v["built"] for v in on_h2), "h2 reused its template"
     listed = _vms(lab, 3, "web")
@@ -188,7 +188,7 @@ def test_shutdown_by_name_from_a_third_host(mesh: Lab) -> None:
     before = _overlays(lab)
     assert len(before) >= 3
     r = cli_json(lab, 3, "shutdown", "web")
-    assert r["stopped"] == 3, r
+    assert len(r["removed"]) == 3, r
     assert _vms(lab, 1, "web") == []
     assert _overlays(lab) == [], "overlays deleted"
     # The templates stay.

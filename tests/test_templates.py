@@ -15,7 +15,7 @@ from vmmesh.errors import (
     PackageSourceError,
     UsageError,
 )
-from vmmesh.host.apt import missing_packages
+from vmmesh.host.apt import missing_packages, source_problem
 from vmmesh.host.build import BaseImage
 from vmmesh.host.store import Store
 from vmmesh.host.templates import (
@@ -312,3 +312,54 @@ async def test_build_guest_that_had_to_be_killed_gives_no_template(
         await tm.ensure_template(["a"])
     assert tm.records(include_building=True) == []
     assert list(tm.dir.iterdir()) == []
+
+
+UPDATE_UNREACHABLE = """\
+Ign:1 http://10.0.2.2:8080 ./ InRelease
+Err:1 http://10.0.2.2:8080 ./ InRelease
+  Could not connect to 10.0.2.2:8080 (10.0.2.2). - connect (111: Connection refused)
+Reading package lists...
+W: Failed to fetch http://10.0.2.2:8080/./InRelease  Could not connect to 10.0.2.2:8080 \
+(10.0.2.2). - connect (111: Connection refused)
+W: Some index files failed to download. They have been ignored, or old ones used instead.
+"""
+UPDATE_NO_DNS = """\
+Err:1 http://deb.debian.org/debian bookworm InRelease
+  Temporary failure resolving 'deb.debian.org'
+W: Failed to fetch http://deb.debian.org/debian/dists/bookworm/InRelease  Temporary \
+failure resolving 'deb.debian.org'
+"""
+UPDATE_OK = """\
+Get:1 http://10.0.2.2:8080 ./ InRelease [1,234 B]
+Reading package lists...
+"""
+
+
+def test_source_problem_finds_an_unreachable_source() -> None:
+    """apt-get update exits 0 with only warnings when its source is unreachable."""
+    assert source_problem(UPDATE_UNREACHABLE) == (
+        "http://10.0.2.2:8080/./InRelease: Could not connect to 10.0.2.2:8080 (10.0.2.2). "
+        "- connect (111: Connection refused)"
+    )
+    found = source_problem(UPDATE_NO_DNS)
+    assert found is not None and "Temporary failure resolving 'deb.debian.org'" in found
+    assert found.startswith("http://deb.debian.org/debian/dists/bookworm/InRelease")
+    assert source_problem(UPDATE_OK) is None
+    assert missing_packages(UPDATE_UNREACHABLE) == []
+
+
+async def test_an_unreachable_source_is_not_called_a_missing_package(
+    store: Store, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    class Unreachable(FakeHypervisor):
+        pass
+
+    hv = Unreachable(repo_packages=frozenset({"a"}))
+    hv.update_output = UPDATE_UNREACHABLE.encode()
+    tm = manager(store, hv, tmp_path)
+    with pytest.raises(PackageSourceError) as info:
+        await tm.ensure_template(["python3"])
+    assert "could not reach its package source" in str(info.value)
+    assert "Connection refused" in str(info.value)
+    assert "package not found" not in str(info.value)
+    assert tm.records(include_building=True) == []

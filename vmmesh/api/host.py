@@ -8,6 +8,7 @@ validated on arrival like every other body (``vmmesh.api.codec``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from vmmesh.api.codec import Int, ListOf, Optional, Record, SetOf, Text, wire
 from vmmesh.api.names import MAX_PACKAGES, HexId, Package, Sha256
@@ -41,6 +42,11 @@ class Capacity(Record):
     @property
     def free_slots(self) -> int:
         return max(0, min(self.free_vm_slots, self.free_disk_slots))
+
+    def to_wire(self) -> dict[str, Any]:
+        # free_slots is derived, and read back from the fields; it is on the wire
+        # (and in every ``--json``) so that scripts need not derive it themselves
+        return {**super().to_wire(), "free_slots": self.free_slots}
 
 
 NO_CAPACITY = Capacity(0, 0, 0, 0, 0, 0)

@@ -161,6 +161,8 @@ class FakeGuest:
 
     async def _apt(self, args: list[str]) -> ExecResult:
         if args[:1] == ["update"]:
+            if self.hv.update_output:  # exits 0 but says what it could not fetch
+                return ExecResult(0, self.hv.update_output, b"")
             if self.hv.update_failures > 0:
                 self.hv.update_failures -= 1
                 return ExecResult(100, b"", b"E: Failed to fetch http://repo/ ./InRelease\n")
@@ -255,6 +257,7 @@ class FakeHypervisor:
         self.shutdown_seconds = shutdown_seconds
         self.clean_poweroff = clean_poweroff  # False: guests ignore power-off and get killed
         self.update_failures = 0  # so many `apt-get update` runs fail first (a flaky source)
+        self.update_output = b""  # what `apt-get update` prints when it "succeeds"
         self.running: dict[str, FakeGuest] = {}
         self.started: list[FakeGuest] = []
         self._next_pid = 1000
