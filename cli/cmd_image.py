@@ -27,6 +27,10 @@ def _row(rec: ImageRecord, default: str | None) -> dict[str, object]:
 
 
 def image(args: argparse.Namespace, cfg: Config) -> int:
+    if args.action == "fetch":  # through the node: it knows the peers
+        from .cmd_transfer import fetch_image
+
+        return fetch_image(args, cfg)
     store = ImageStore(cfg.data_dir)
     if args.action == "build":
         from vmmesh.host.imagebuild import BuildOptions, build_base_image

@@ -9,6 +9,7 @@ import trio
 
 from vmmesh.config import Config, load_config
 from vmmesh.node import Node
+from vmmesh.transfer.service import TransferService
 from vmmesh.vmservice.service import VmService
 
 
@@ -22,7 +23,8 @@ def node(args: argparse.Namespace, cfg: Config) -> int:
     def reload() -> Config:
         return load_config(flags, config_file=args.config)
 
-    n = Node(cfg, reload=reload, extensions=[VmService()])
+    vms = VmService()
+    n = Node(cfg, reload=reload, extensions=[vms, TransferService(vms)])
     try:
         trio.run(n.run)
     except KeyboardInterrupt:

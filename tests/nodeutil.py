@@ -31,6 +31,7 @@ from vmmesh.hypervisor.fake import FakeGuest, FakeHypervisor, make_base_image
 from vmmesh.mesh import pki
 from vmmesh.net.control import connect_control
 from vmmesh.node import Node
+from vmmesh.transfer.service import TransferService
 from vmmesh.vmservice.service import VmService
 
 Req = TypeVar("Req", bound=WireType)
@@ -204,7 +205,7 @@ async def mesh(
             )
             base = BaseImage(image_dir, make_base_image(image_dir))
             svc = VmService(hypervisor=hvs[i], base=base)
-            node = Node(cfg, extensions=[svc])
+            node = Node(cfg, extensions=[svc, TransferService(svc)])
             scope = await nursery.start(run_node, node)
             hosts.append(Host(name, cfg, node, svc, hvs[i], scope))
         free = {h.name: h.mgr.capacity().free_slots for h in hosts}

@@ -34,9 +34,9 @@ from vmmesh.host.images import (
     ImageRecord,
     ImageStore,
     check_image_id,
-    qcow2_virtual_size,
     verify,
 )
+from vmmesh.hypervisor.qcow2 import qcow2_virtual_size
 
 VIRTUAL = 1 << 30
 

@@ -99,7 +99,10 @@ def test_argv_kvm_bridge_incoming_and_comma_escaping(tmp_path: Path) -> None:
     assert argv[argv.index("-cpu") + 1] == "host"
     assert "bridge,id=n0,br=br0" in argv
     drive = argv[argv.index("-drive") + 1]
-    assert drive == f"file={tmp_path}/a,,b.qcow2,if=virtio,format=qcow2,cache=writeback"
+    assert drive == (
+        f"file={tmp_path}/a,,b.qcow2,if=virtio,format=qcow2,cache=writeback,"
+        "discard=unmap,detect-zeroes=unmap"
+    )
     assert argv[argv.index("-incoming") + 1] == f"exec:cat {tmp_path}/s"
 
 

@@ -133,16 +133,15 @@ async def test_build_then_reuse(
 ) -> None:
     tm = manager(store, hv, tmp_path, apt_sources=["deb [trusted=yes] http://10.0.2.2:1/ ./"])
     phases: list[str] = []
-    t, built, timings = await tm.ensure_template(
-        ["vmm-test-b", "vmm-test-a"], lambda p, f: phases.append(p)
-    )
+    first = await tm.ensure_template(["vmm-test-b", "vmm-test-a"], lambda p, f: phases.append(p))
+    t, built, timings = first.record, first.built, first.timings
     assert built and t is not None
     assert t.template_id == template_id(tm.base.image_id, ["vmm-test-a", "vmm-test-b"])
     assert t.state == "ready" and t.depth == 1 and t.parent_id is None
     assert t.packages == {"vmm-test-a", "vmm-test-b"}
     assert len(t.chain) == 1 and t.chain[0] == t.sha256 and t.size > 0
     disk = tm.disk_path(t)
-    assert disk.name == f"{t.template_id}.qcow2"
+    assert disk.name == f"{t.sha256}.qcow2", "delta files are named by their content"
     assert packages_on(disk) == {"vmm-test-a", "vmm-test-b"}
     assert chain_of(disk)[-1] == tm.base.disk
     assert set(timings) >= {"clone", "boot", "install", "shutdown", "record"}
@@ -152,7 +151,8 @@ async def test_build_then_reuse(
     assert ["apt-get", "update"] in guest.exec_log
     assert not leftovers(tm)
 
-    again, built2, timings2 = await tm.ensure_template(["vmm-test-a", "vmm-test-b"])
+    got = await tm.ensure_template(["vmm-test-a", "vmm-test-b"])
+    again, built2, timings2 = got.record, got.built, got.timings
     assert not built2 and again is not None and again.template_id == t.template_id
     assert timings2 == {"install": 0.0}
     assert len(hv.started) == 1
@@ -165,11 +165,14 @@ async def test_superset_is_reused_and_partial_builds_on_parent(
     store: Store, hv: FakeHypervisor, tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     tm = manager(store, hv, tmp_path)
-    ab, _, _ = await tm.ensure_template(["a", "b"])
-    a_only, built, _ = await tm.ensure_template(["a"])
+    got = await tm.ensure_template(["a", "b"])
+    ab, _, _ = got.record, got.built, got.timings
+    got = await tm.ensure_template(["a"])
+    a_only, built, _ = got.record, got.built, got.timings
     assert not built and a_only is not None and ab is not None
     assert a_only.template_id == ab.template_id
-    abc, built, _ = await tm.ensure_template(["a", "b", "c"])
+    got = await tm.ensure_template(["a", "b", "c"])
+    abc, built, _ = got.record, got.built, got.timings
     assert built and abc is not None and ab is not None
     assert abc.parent_id == ab.template_id and abc.depth == 2
     assert abc.chain == (ab.sha256, abc.sha256)
@@ -187,8 +190,10 @@ async def test_deep_chains_are_flattened(
 ) -> None:
     tm = manager(store, hv, tmp_path, max_depth=2)
     await tm.ensure_template(["a"])
-    t2, _, _ = await tm.ensure_template(["a", "b"])
-    t3, _, _ = await tm.ensure_template(["a", "b", "c"])
+    got = await tm.ensure_template(["a", "b"])
+    t2, _, _ = got.record, got.built, got.timings
+    got = await tm.ensure_template(["a", "b", "c"])
+    t3, _, _ = got.record, got.built, got.timings
     assert t2 is not None and t2.depth == 2
     assert t3 is not None and t3.depth == 1 and t3.parent_id is None
     assert t3.chain == (t3.sha256,)
@@ -212,7 +217,8 @@ async def test_a_flaky_package_source_costs_a_retry_not_the_template(
 ) -> None:
     tm = manager(store, hv, tmp_path)
     hv.update_failures = 2
-    rec, built, _ = await tm.ensure_template(["a"])
+    got = await tm.ensure_template(["a"])
+    rec, built, _ = got.record, got.built, got.timings
     assert built and rec is not None and rec.packages == frozenset({"a"})
     hv.update_failures = 3
     with pytest.raises(PackageSourceError, match=r"could not reach its package source.*3 attempts"):
@@ -229,7 +235,8 @@ async def test_bad_package_name_is_usage_error(
         await tm.ensure_template(["../etc"])
     with pytest.raises(NotFound):
         tm.get("0" * 32)
-    assert await tm.ensure_template([]) == (None, False, {"install": 0.0})
+    nothing = await tm.ensure_template([])
+    assert (nothing.record, nothing.how, nothing.timings) == (None, "reused", {"install": 0.0})
 
 
 async def test_cancel_mid_install_cleans_up(
@@ -241,6 +248,9 @@ async def test_cancel_mid_install_cleans_up(
     assert hv.started and hv.started[0].exited.is_set()
     assert tm.records(include_building=True) == []
     assert list(tm.dir.iterdir()) == []
+
+
+AB, CD = "ab" * 32, "cd" * 32
 
 
 async def test_reconcile_removes_half_builds_and_orphans(
@@ -255,19 +265,19 @@ async def test_reconcile_removes_half_builds_and_orphans(
             (tid, tm.base.image_id, json.dumps(["a"]), f"{BUILDING_PREFIX}{tid}.qcow2"),
         )
         conn.execute(
-            "INSERT INTO templates (template_id, base_image_id, packages, disk, state, created)"
-            " VALUES ('ab12ab12', ?, '[\"b\"]', 'ab12ab12.qcow2', 'ready', 0)",
-            (tm.base.image_id,),
+            "INSERT INTO templates (template_id, base_image_id, packages, disk, chain, state,"
+            " created) VALUES ('ab12ab12', ?, '[\"b\"]', ?, ?, 'ready', 0)",
+            (tm.base.image_id, f"{AB}.qcow2", json.dumps([AB])),
         )
         conn.execute(
             "INSERT INTO templates (template_id, parent_id, base_image_id, packages, disk,"
-            " state, created) VALUES ('cd34cd34', 'ab12ab12', ?, '[\"b\",\"c\"]',"
-            " 'cd34cd34.qcow2', 'ready', 0)",
-            (tm.base.image_id,),
+            " chain, state, created) VALUES ('cd34cd34', 'ab12ab12', ?, '[\"b\",\"c\"]', ?, ?,"
+            " 'ready', 0)",
+            (tm.base.image_id, f"{CD}.qcow2", json.dumps([AB, CD])),
         )
     (tm.dir / f"{BUILDING_PREFIX}{tid}.qcow2").write_text("{}")
-    (tm.dir / "cd34cd34.qcow2").write_text("{}")  # its parent's disk is gone
-    (tm.dir / "ffff0000.qcow2").write_text("{}")  # no row
+    (tm.dir / f"{CD}.qcow2").write_text("{}")  # its parent's delta is gone
+    (tm.dir / f"{'f' * 64}.qcow2").write_text("{}")  # no chain holds it
     # the killed node's build guest still runs (QEMU has its own session)
     run_dir = tm.run_root / f"tpl-{tid[:16]}"
     guest = await hv.start(
@@ -293,7 +303,8 @@ async def test_same_set_requested_twice_at_once_builds_once(
     results: list[bool] = []
 
     async def one() -> None:
-        _, built, _ = await tm.ensure_template(["a", "b"])
+        got = await tm.ensure_template(["a", "b"])
+        _, built, _ = got.record, got.built, got.timings
         results.append(built)
 
     async with trio.open_nursery() as nursery:

@@ -63,7 +63,8 @@ async def test_request_prefers_the_host_with_the_template(root: Path, port: int)
     """The thesis example: B holds {povray, perl} and has room for two."""
     async with mesh(root, port) as hosts:
         h1, h2, _h3 = hosts
-        tpl, built, _ = await h2.mgr.templates.ensure_template(["povray", "perl"])
+        got = await h2.mgr.templates.ensure_template(["povray", "perl"])
+        tpl, built, _ = got.record, got.built, got.timings
         assert built and tpl is not None
         await eventually(
             lambda: any(t.packages == {"povray", "perl"} for t in h1.view()["h2"].templates),

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vmmesh.api.codec import Int, ListOf, Optional, Record, SetOf, Text, wire
+from vmmesh.api.codec import Float, Int, ListOf, Optional, Record, SetOf, Text, wire
 from vmmesh.api.names import MAX_PACKAGES, HexId, Package, Sha256
 
 MAX_CHAIN = 16
@@ -73,3 +73,13 @@ class TemplateInfo(Record):
     def __post_init__(self) -> None:
         if len(self.chain) != len(self.delta_sizes):
             raise ValueError("chain and delta_sizes differ in length")
+
+
+@dataclass(frozen=True)
+class Building(Record):
+    """A template a host is building now, and when it expects to be done (unix time):
+    a host that lacks the template may wait for it and fetch it instead of
+    building it too."""
+
+    template_id: str = wire(HexId)
+    done_at: float = wire(Float(0.0))

@@ -28,6 +28,9 @@ key            value
 ``vms``        names of up to 4096 VMs the host runs
 ``draining``   true while the host moves its VMs away (later: drain)
 ``crl``        the newest mesh CRL the host holds (PEM, at most 256 KiB)
+``images``     ids of the base images the host holds, its default first
+``building``   up to 64 ``Building``: templates it is making now, and when
+               it expects them done
 =============  ==========================================================
 """
 
@@ -40,8 +43,8 @@ from typing import Any
 import msgpack
 
 from vmmesh.api.codec import Bool, Bytes, ListOf, Nested, Spec, Text
-from vmmesh.api.host import NO_CAPACITY, Capacity, TemplateInfo
-from vmmesh.api.names import HostName, VmName
+from vmmesh.api.host import NO_CAPACITY, Building, Capacity, TemplateInfo
+from vmmesh.api.names import HostName, Sha256, VmName
 from vmmesh.errors import MalformedMessage
 
 MAX_TEMPLATES = 1000
@@ -58,6 +61,8 @@ SCHEMA: dict[str, Spec[Any]] = {
     "vms": ListOf(VmName, MAX_VMS),
     "draining": Bool(),
     "crl": Bytes(256 << 10),
+    "images": ListOf(Sha256, 16),
+    "building": ListOf(Nested(Building), 64),
 }
 
 
@@ -91,6 +96,8 @@ class HostState:
     vms: tuple[str, ...] = ()
     draining: bool = False
     crl: bytes = b""
+    images: tuple[str, ...] = ()
+    building: tuple[Building, ...] = ()
 
 
 def parse(keys: Mapping[str, Any]) -> HostState:
@@ -108,6 +115,8 @@ def parse(keys: Mapping[str, Any]) -> HostState:
         ("vms", "vms"),
         ("draining", "draining"),
         ("crl", "crl"),
+        ("images", "images"),
+        ("building", "building"),
     ):
         if key in keys:
             try:
@@ -127,6 +136,8 @@ def to_keys(state: HostState) -> dict[str, Any]:
         "vms": list(state.vms),
         "draining": state.draining,
         "crl": state.crl,
+        "images": list(state.images),
+        "building": [b.to_wire() for b in state.building],
     }
 
 
@@ -143,3 +154,5 @@ class HostView:
     draining: bool = False
     address: str = ""
     last_heard: float = 0.0
+    images: tuple[str, ...] = ()
+    building: tuple[Building, ...] = ()

@@ -45,6 +45,8 @@ class MeshView:
                     draining=st.draining,
                     address=st.addresses[0] if st.addresses else "",
                     last_heard=self._wall(m.last_heard),
+                    images=st.images,
+                    building=st.building,
                 )
             )
         if len(self._parsed) > 2 * len(out) + 16:

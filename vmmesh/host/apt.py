@@ -86,6 +86,20 @@ def source_problem(apt_output: str) -> str | None:
     return None
 
 
+_FETCHED = re.compile(r"^Fetched ([\d,.]+) ([kMG]?B) in (?:(\d+)min )?(\d+(?:\.\d+)?)s\b", re.M)
+_UNITS = {"B": 1, "kB": 1000, "MB": 1000**2, "GB": 1000**3}
+
+
+def fetched(apt_output: str) -> tuple[int, float] | None:
+    """(bytes, seconds) from apt's "Fetched 6,421 kB in 2s (3,210 kB/s)" line, if any."""
+    m = _FETCHED.search(apt_output)
+    if m is None:
+        return None
+    amount = float(m.group(1).replace(",", ""))
+    seconds = float(m.group(4)) + 60 * float(m.group(3) or 0)
+    return int(amount * _UNITS[m.group(2)]), seconds
+
+
 def tail(data: bytes, lines: int = 3) -> str:
     """The last lines of a command's output, on one line."""
     text = data.decode("utf-8", "replace").strip().splitlines()

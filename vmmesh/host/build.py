@@ -106,8 +106,8 @@ class Builder:
         timings["boot"] = time.monotonic() - t
 
         t = time.monotonic()
-        await self._install(guest, sorted(missing), progress)
-        timings["install"] = time.monotonic() - t
+        timings.update(await self._install(guest, sorted(missing), progress))
+        timings["install"] = time.monotonic() - t - timings.get("update", 0.0)
 
         t = time.monotonic()
         progress("shutdown", None)
@@ -120,9 +120,14 @@ class Builder:
         timings["shutdown"] = time.monotonic() - t
         return timings
 
-    async def _install(self, guest: Guest, missing: list[str], progress: Progress) -> None:
+    async def _install(
+        self, guest: Guest, missing: list[str], progress: Progress
+    ) -> dict[str, float]:
+        """apt-get update and install; the update's seconds and what apt downloaded."""
         await self._sources(guest, progress)
+        t = time.monotonic()
         await self._update(guest, progress)
+        figures = {"update": time.monotonic() - t}
         progress("install", 0.0)
         res = await guest.exec(
             ["apt-get", "install", "-y", "--no-install-recommends", *missing],
@@ -141,9 +146,13 @@ class Builder:
                 f"installing {' '.join(missing)} failed (apt exit {res.exit_code}): "
                 f"{apt.tail(res.stderr or res.stdout)}"
             )
+        got = apt.fetched(res.stdout.decode("utf-8", "replace"))
+        if got is not None:
+            figures["download_bytes"], figures["download_seconds"] = float(got[0]), got[1]
         progress("install", 1.0)
         progress("clean", None)
         await guest.exec(["sh", "-c", apt.CLEAN])
+        return figures
 
     async def _sources(self, guest: Guest, progress: Progress) -> None:
         progress("sources", None)

@@ -35,7 +35,6 @@ import logging
 import os
 import re
 import shutil
-import struct
 import tarfile
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -48,6 +47,7 @@ import zstandard
 
 from vmmesh.errors import ImageError, IntegrityError, NotFound, UsageError
 from vmmesh.hypervisor.base import ImageManifest
+from vmmesh.hypervisor.qcow2 import qcow2_virtual_size
 
 log = logging.getLogger(__name__)
 
@@ -102,29 +102,6 @@ def check_image_id(image_id: str) -> str:
     if not isinstance(image_id, str) or not _ID_RE.fullmatch(image_id):
         raise UsageError(f"not an image id (64 hex digits): {image_id!r}")
     return image_id
-
-
-def qcow2_virtual_size(header: bytes) -> int:
-    """Virtual size from a qcow2 header, refusing disks that reach outside themselves.
-
-    A qcow2 may name a backing file or an external data file; either would
-    make QEMU open a host path chosen by whoever made the image.
-    """
-    if len(header) < 72 or header[:4] != b"QFI\xfb":
-        raise ImageError("disk is not a qcow2 image")
-    version, backing_offset, backing_size = struct.unpack_from(">IQI", header, 4)
-    if version not in (2, 3):
-        raise ImageError(f"unsupported qcow2 version {version}")
-    if backing_offset or backing_size:
-        raise ImageError("base image disk names a backing file")
-    if version == 3:
-        if len(header) < 80:
-            raise ImageError("truncated qcow2 header")
-        (incompatible,) = struct.unpack_from(">Q", header, 72)
-        if incompatible & 0b100:
-            raise ImageError("base image disk uses an external data file")
-    (size,) = struct.unpack_from(">Q", header, 24)
-    return int(size)
 
 
 def encode_manifest(record: ImageRecord) -> bytes:
@@ -405,6 +382,17 @@ class ImageStore:
                 virtual_size=virtual_size,
             )
             (tmp / MANIFEST).write_bytes(encode_manifest(record))
+            return self._commit(tmp)
+
+    def add_fetched(self, manifest: bytes, files: dict[str, Path]) -> ImageRecord:
+        """Store an image fetched from peers: its manifest and its three verified files
+        (moved in); the whole is verified again before it gets its id."""
+        with self._partial() as tmp:
+            if len(manifest) > MAX_MANIFEST_BYTES:
+                raise ImageError("manifest is too large")
+            (tmp / MANIFEST).write_bytes(manifest)
+            for name in (DISK, KERNEL, INITRD):
+                shutil.move(files[name], tmp / name)
             return self._commit(tmp)
 
     def import_image(self, src: Path, *, link: bool = False) -> ImageRecord:

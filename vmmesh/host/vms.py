@@ -49,6 +49,7 @@ import trio
 
 from vmmesh.api.host import Capacity
 from vmmesh.api.names import check_vm_name, next_index, request_name_of
+from vmmesh.api.vm import FETCH_AUTO, TemplateSource
 from vmmesh.errors import (
     CapacityError,
     HypervisorError,
@@ -183,6 +184,7 @@ class RequestReport:
     template_seconds: dict[str, float]
     unplaced: int = 0
     errors: tuple[str, ...] = ()
+    source: TemplateSource = field(default_factory=TemplateSource)
 
 
 @dataclass(frozen=True)
@@ -337,6 +339,7 @@ class VmManager:
         vcpus: int | None = None,
         memory_mb: int | None = None,
         request_id: str = "",
+        fetch: str = FETCH_AUTO,
     ) -> RequestReport:
         """Make up to ``count`` VMs named ``name-<n>`` here.
 
@@ -355,7 +358,8 @@ class VmManager:
             raise CapacityError(f"no free VM slot on this host for {name}")
         batch = _Batch(held=held, unplaced=count - held)
         try:
-            rec, built, tpl_seconds = await self.templates.ensure_template(packages, progress)
+            got = await self.templates.ensure_template(packages, progress, policy=fetch)
+            rec, built, tpl_seconds = got.record, got.built, got.timings
             start = first_index or next_index(name, (v.name for v in self.list_vms()))
             plans = [
                 _VmPlan(
@@ -393,6 +397,7 @@ class VmManager:
             template_seconds=tpl_seconds,
             unplaced=batch.unplaced,
             errors=tuple(batch.errors),
+            source=got.source,
         )
 
     async def _create_many(self, plans: list[_VmPlan], batch: _Batch, progress: Progress) -> None:

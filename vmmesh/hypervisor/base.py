@@ -130,6 +130,11 @@ class Hypervisor(Protocol):
 
     async def rebase_unsafe(self, path: Path, new_backing: Path) -> None: ...
 
+    async def backing_of(self, path: Path) -> str | None:
+        """The backing name ``path`` holds, as written (None: standalone), read without
+        opening the chain; ImageError if it is not a disk this backend would use."""
+        ...
+
     async def flatten(self, src: Path, dest: Path) -> DiskInfo:
         """Write ``src`` with its whole backing chain as one standalone qcow2."""
         ...

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from typing import Any
 
 import trio
 
-from vmmesh.errors import GuestAgentError, HypervisorError
+from vmmesh.errors import GuestAgentError, HypervisorError, ImageError
 from vmmesh.host.sshkeys import PREPARE_SCRIPT
 from vmmesh.hypervisor.base import BootSpec, DiskInfo, ExecResult, ImageManifest
 
@@ -77,7 +78,8 @@ def chain_of(path: Path) -> list[Path]:
         backing = _load(out[-1]).get("backing")
         if backing is None:
             return out
-        out.append(Path(backing))
+        # relative to the image, as QEMU resolves it
+        out.append(Path(os.path.normpath(out[-1].parent / backing)))
 
 
 def packages_on(path: Path) -> frozenset[str]:
@@ -183,7 +185,8 @@ class FakeGuest:
         for p in wanted:
             files[f"/usr/share/vmm-test/{p}"] = base64.b64encode(p.encode()).decode()
         _save(self.disk, data)
-        return ExecResult(0, b"Setting up...\n", b"")
+        fetched = f"Fetched {len(wanted) * 1500:,} kB in 1s (1,500 kB/s)\nSetting up...\n"
+        return ExecResult(0, fetched.encode(), b"")
 
     def _extract(self, zip_path: str, dest: str) -> None:
         raw = files_on(self.disk).get(zip_path)
@@ -265,7 +268,8 @@ class FakeHypervisor:
     async def create_overlay(self, backing: Path, dest: Path) -> DiskInfo:
         if not backing.is_file():
             raise HypervisorError(f"backing file missing: {backing}")
-        _save(dest, {"backing": str(backing), "packages": [], "files": {}})
+        relative = os.path.relpath(backing.absolute(), dest.absolute().parent)
+        _save(dest, {"backing": relative, "packages": [], "files": {}})
         return await self.disk_info(dest)
 
     async def disk_info(self, path: Path) -> DiskInfo:
@@ -276,15 +280,22 @@ class FakeHypervisor:
             path=path,
             virtual_size=1 << 30,
             actual_size=size,
-            backing_file=None if backing is None else Path(backing),
+            backing_file=None if backing is None else path.parent / backing,
         )
 
     async def check_disk(self, path: Path) -> None:
         _load(path)
 
+    async def backing_of(self, path: Path) -> str | None:
+        try:
+            backing = _load(path).get("backing")
+        except HypervisorError as exc:
+            raise ImageError(f"not a fake disk: {exc}") from None
+        return None if backing is None else str(backing)
+
     async def rebase_unsafe(self, path: Path, new_backing: Path) -> None:
         data = _load(path)
-        data["backing"] = str(new_backing)
+        data["backing"] = os.path.relpath(new_backing.absolute(), path.absolute().parent)
         _save(path, data)
 
     async def flatten(self, src: Path, dest: Path) -> DiskInfo:

@@ -45,6 +45,7 @@ import trio
 
 from vmmesh.errors import HypervisorError, QMPError
 from vmmesh.hypervisor.base import BootSpec, DiskInfo, ExecResult
+from vmmesh.hypervisor.qcow2 import qcow2_backing
 from vmmesh.hypervisor.qga import open_agent
 from vmmesh.hypervisor.qmp import (
     incoming_from_file_uri,
@@ -96,7 +97,12 @@ def qemu_argv(
         "-kernel", str(spec.kernel.absolute()),
         "-initrd", str(spec.initrd.absolute()),
         "-append", spec.cmdline,
-        "-drive", f"file={_opt(spec.disk.absolute())},if=virtio,format=qcow2,cache={cache}",
+        # discard=unmap: what the guest frees (fstrim) leaves the qcow2, so a
+        # template's delta holds what was installed, not what apt left behind
+        "-drive", (
+            f"file={_opt(spec.disk.absolute())},if=virtio,format=qcow2,cache={cache},"
+            "discard=unmap,detect-zeroes=unmap"
+        ),
         "-qmp", f"unix:{_opt(run / QMP_SOCKET)},server=on,wait=off",
         "-chardev", f"socket,path={_opt(run / QGA_SOCKET)},server=on,wait=off,id=qga0",
         "-device", "virtio-serial",
@@ -178,9 +184,16 @@ def spec_from_json(text: str) -> BootSpec:
         raise HypervisorError(f"unreadable {SPEC_FILE}: {exc}") from exc
 
 
-def _absolute(path: Path) -> str:
-    """Backing paths are absolute so a chain does not depend on anyone's cwd."""
-    return str(path.absolute())
+def backing_name(backing: Path, image: Path) -> str:
+    """How ``image`` names its backing file: relative to its own directory.
+
+    QEMU resolves a relative backing name against the directory of the image
+    that holds it (not the working directory).  Relative names make a delta's
+    bytes the same on every host whose data directory has the same layout
+    (``templates/<sha>.qcow2`` over ``../images/<id>/disk.qcow2``), so a delta
+    fetched from a peer is used as it arrived, under the hash it was sent with.
+    """
+    return os.path.relpath(backing.absolute(), image.absolute().parent)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -431,7 +444,15 @@ class QemuHypervisor:
 
     async def create_overlay(self, backing: Path, dest: Path) -> DiskInfo:
         await self._img(
-            "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", _absolute(backing), str(dest)
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            backing_name(backing, dest),
+            str(dest),
         )
         return await self.disk_info(dest)
 
@@ -451,9 +472,13 @@ class QemuHypervisor:
             if "failed (3)" not in str(exc):
                 raise
 
+    async def backing_of(self, path: Path) -> str | None:
+        with path.open("rb") as fh:
+            return qcow2_backing(fh.read(65536))
+
     async def rebase_unsafe(self, path: Path, new_backing: Path) -> None:
         await self._img(
-            "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", _absolute(new_backing),
+            "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", backing_name(new_backing, path),
             str(path),
         )  # fmt: skip
 

@@ -32,6 +32,7 @@ from vmmesh.api.vm import (
     SshRequest,
     TemplateList,
     TemplateRow,
+    TemplateSource,
     VmList,
     VmMade,
     VmRow,
@@ -91,6 +92,7 @@ class LocalVms:
                 vcpus=req.vcpus,
                 memory_mb=req.memory_mb,
                 request_id=req.request_id,
+                fetch=req.fetch,
             )
         self.svc.publish_now()
         return ShareReply(
@@ -100,6 +102,7 @@ class LocalVms:
             errors=report.errors,
             template=report.template_id or "",
             built=report.built,
+            source=report.source,
         )
 
     def _made(self, report: RequestReport) -> tuple[VmMade, ...]:
@@ -115,8 +118,9 @@ class LocalVms:
                 start=v.start_kind,
                 seconds=round(v.total_seconds, 2),
                 phases={k: round(s, 2) for k, s in v.seconds.items()},
+                source=report.source if i == 0 else TemplateSource(),
             )
-            for v in report.vms
+            for i, v in enumerate(report.vms)
         )
 
     async def shutdown(self, ctx: Context, req: ShutdownRequest) -> ShutdownLocalReply:

@@ -16,12 +16,12 @@ the next publish tick, with no restart.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import trio
 
-from vmmesh.api.host import Capacity
+from vmmesh.api.host import Building, Capacity
 from vmmesh.errors import ImageError, IntegrityError, NotFound, VmmeshError
 from vmmesh.extension import NodeContext, NodeExtension
 from vmmesh.host.build import BaseImage
@@ -58,6 +58,7 @@ class VmService(NodeExtension):
         self._nursery: trio.Nursery | None = None
         self._image_stamp: object = None
         self.local = LocalVms(self)
+        self.manager_hooks: list[Callable[[VmManager], None]] = []
 
     # --- start ------------------------------------------------------------------
 
@@ -90,6 +91,9 @@ class VmService(NodeExtension):
         self.accel, self.image_id = hv.accel, base.image_id
         log.info("base image %s, accelerator %s", base.image_id[:16], self.accel)
         mgr = self._make_manager(hv, base)
+        mgr.templates.on_change = self.publish_now
+        for hook in self.manager_hooks:
+            hook(mgr)
         await self._nursery.start(mgr.run)
         for what in await mgr.reconcile():
             log.info("reconcile: %s", what)
@@ -147,14 +151,26 @@ class VmService(NodeExtension):
         return compute_capacity(probe, Usage(), policy, blocked=self.no_vms_reason or "starting")
 
     def publish(self, node: NodeContext) -> None:
+        if self._base is None:
+            images = ImageStore(node.data_dir)
+            held = [r.image_id for r in images.list_images()]
+            default = next((i for i in held if i == self.image_id), None)
+            node.publish(
+                "images", ([default] if default else []) + [i for i in held if i != default]
+            )
         if self.mgr is None:
             if self._base is None and self._image_changed(node.data_dir):
                 assert self._nursery is not None
                 self._nursery.start_soon(self._retry_image)
             return
-        node.publish("templates", [t.to_wire() for t in self.mgr.templates.templates_info()])
+        templates = self.mgr.templates
+        node.publish("templates", [t.to_wire() for t in templates.templates_info()])
         live = sorted(v.name for v in self.mgr.list_vms() if v.state in ("creating", "running"))
         node.publish("vms", live)
+        building = [
+            Building(template_id=t, done_at=d) for t, d in sorted(templates.building.items())
+        ]
+        node.publish("building", [b.to_wire() for b in building])
 
     def _image_changed(self, data_dir: Path) -> bool:
         """Did the image store change since we last looked (a cheap stat per tick)?"""
@@ -206,6 +222,22 @@ class VmService(NodeExtension):
         return self.mgr
 
     @property
+    def fixed_image(self) -> bool:
+        """The base image was given (tests): do not look for one on disk or fetch one."""
+        return self._base is not None
+
+    @property
     def node(self) -> NodeContext:
         assert self._node is not None
         return self._node
+
+
+def _images_held(data_dir: Path) -> list[str]:
+    """Ids of the base images this host holds, its default first (gossip's ``images``)."""
+    images = ImageStore(data_dir)
+    held = [r.image_id for r in images.list_images()]
+    try:
+        default = images.default_image().image_id
+    except (NotFound, ImageError):
+        return held
+    return [default] + [i for i in held if i != default]

@@ -1,0 +1,221 @@
+"""Blobs on disk: cutting a file into pieces to send, and putting received pieces together.
+
+Holder side: ``describe`` reads a file once, hashes every piece and the
+whole, and notes the pieces that are all zeros (a qcow2 delta has holes
+where the guest freed blocks; they cost nothing on the wire).  A holder only
+serves a file whose whole hash is the name asked for.  ``read_chunks`` cuts
+one piece into ``CHUNK``-sized parts and compresses each with zstd when that
+saves at least a tenth.
+
+Receiver side: ``Staging`` keeps one blob under way in ``<dir>/<sha>.part``
+(a sparse file of the blob's size) with ``<sha>.have`` (the verified pieces,
+one index per line, appended as they land) and ``<sha>.info`` (the piece
+table it is working to).  Only a piece whose hash matches the table is
+written.  A transfer that stops — a cut link, a killed node — is taken up
+again from the pieces in ``.have``.  ``finish`` hashes the whole file and
+hands it over only if that is the blob's name; otherwise everything goes.
+Nothing here ever becomes a template or an image: the caller moves a
+finished file into place and records it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+import zstandard
+
+from vmmesh.api.names import Sha256
+from vmmesh.api.transfer import CHUNK, PIECE_SIZE, BlobInfo, PieceChunk
+from vmmesh.errors import IntegrityError, MalformedMessage
+
+ZSTD_LEVEL = 3
+_READ = 1 << 20
+
+
+def _zero_hash(length: int, cache: dict[int, str] = {}) -> str:  # noqa: B006 - a memo
+    if length not in cache:
+        cache[length] = hashlib.sha256(bytes(length)).hexdigest()
+    return cache[length]
+
+
+def describe(path: Path, sha: str, piece_size: int = PIECE_SIZE) -> BlobInfo:
+    """The piece table of ``path``, checked to be the blob ``sha`` (IntegrityError if not)."""
+    whole = hashlib.sha256()
+    pieces: list[str] = []
+    zero: set[int] = set()
+    size = 0
+    with path.open("rb") as fh:
+        while True:
+            piece = fh.read(piece_size)
+            if not piece:
+                break
+            whole.update(piece)
+            if piece.count(0) == len(piece):
+                zero.add(len(pieces))
+            pieces.append(hashlib.sha256(piece).hexdigest())
+            size += len(piece)
+    if whole.hexdigest() != sha:
+        raise IntegrityError(f"{path.name} does not hash to {sha[:16]}")
+    return BlobInfo(
+        sha256=sha, size=size, piece_size=piece_size, pieces=tuple(pieces), zero=frozenset(zero)
+    )
+
+
+def check_info(info: BlobInfo, sha: str) -> None:
+    """A peer's piece table must be for the blob asked, and its zero pieces really zeros."""
+    if info.sha256 != sha:
+        raise MalformedMessage(f"piece table for {info.sha256[:16]}, asked {sha[:16]}")
+    Sha256.load(info.sha256, "blob")
+    for index in info.zero:
+        if info.pieces[index] != _zero_hash(info.piece_length(index)):
+            raise MalformedMessage(f"piece {index} is called zeros but its hash is not")
+
+
+def read_chunks(path: Path, info: BlobInfo, index: int) -> list[PieceChunk]:
+    """Piece ``index`` of ``path`` as chunks, each zstd-compressed where that pays."""
+    length = info.piece_length(index)
+    with path.open("rb") as fh:
+        fh.seek(index * info.piece_size)
+        data = fh.read(length)
+    if len(data) != length:
+        raise IntegrityError(f"{path.name} is shorter than its piece table")
+    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    out = []
+    for offset in range(0, length, CHUNK):
+        raw = data[offset : offset + CHUNK]
+        packed = compressor.compress(raw)
+        if len(packed) < len(raw) * 0.9:
+            out.append(PieceChunk(index=index, offset=offset, data=packed, zstd=True))
+        else:
+            out.append(PieceChunk(index=index, offset=offset, data=raw))
+    return out
+
+
+class PieceAssembly:
+    """The chunks of one piece as they arrive; ``piece()`` when all are in."""
+
+    def __init__(self, info: BlobInfo, index: int) -> None:
+        self.index = index
+        self.length = info.piece_length(index)
+        self.expected = info.pieces[index]
+        self._buf = bytearray(self.length)
+        self._got = 0
+        self.wire = 0
+
+    def add(self, chunk: PieceChunk) -> bool:
+        """Put one chunk in; True when the piece is complete (and verified)."""
+        if chunk.index != self.index or chunk.offset % CHUNK or chunk.offset >= self.length:
+            raise MalformedMessage(f"chunk at {chunk.offset} does not belong to piece {self.index}")
+        want = min(CHUNK, self.length - chunk.offset)
+        data = chunk.data
+        if chunk.zstd:
+            try:
+                data = zstandard.ZstdDecompressor().decompress(data, max_output_size=want)
+            except zstandard.ZstdError as exc:
+                raise MalformedMessage(f"chunk of piece {self.index} is bad zstd: {exc}") from None
+        if len(data) != want:
+            raise MalformedMessage(
+                f"chunk of piece {self.index} holds {len(data)} bytes, not {want}"
+            )
+        self._buf[chunk.offset : chunk.offset + want] = data
+        self._got += want
+        self.wire += len(chunk.data)
+        if self._got < self.length:
+            return False
+        if hashlib.sha256(self._buf).hexdigest() != self.expected:
+            raise IntegrityError(f"piece {self.index} does not match its hash")
+        return True
+
+    def piece(self) -> bytes:
+        return bytes(self._buf)
+
+
+@dataclass
+class Staging:
+    """One blob being received under ``directory`` (see the module docstring)."""
+
+    directory: Path
+    info: BlobInfo
+
+    @property
+    def part(self) -> Path:
+        return self.directory / f"{self.info.sha256}.part"
+
+    @property
+    def _have_file(self) -> Path:
+        return self.directory / f"{self.info.sha256}.have"
+
+    @property
+    def _info_file(self) -> Path:
+        return self.directory / f"{self.info.sha256}.info"
+
+    def open(self) -> set[int]:
+        """Start, or take up where a stopped transfer left off; the pieces already here."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        packed = msgpack.packb(self.info.to_wire(), use_bin_type=True)
+        have: set[int] = set()
+        with contextlib.suppress(OSError):
+            if self._info_file.read_bytes() == packed and self.part.is_file():
+                for line in self._have_file.read_text().split():
+                    if line.isdigit() and int(line) < len(self.info.pieces):
+                        have.add(int(line))
+        if not have:
+            self.discard()
+            tmp = self._info_file.with_suffix(".info.tmp")
+            tmp.write_bytes(packed)
+            os.replace(tmp, self._info_file)
+            with self.part.open("wb") as fh:
+                fh.truncate(self.info.size)
+            self._have_file.write_text("")
+        return have | set(self.info.zero)
+
+    def write(self, index: int, piece: bytes) -> None:
+        """A verified piece: into the file, then into the record of what is here."""
+        fd = os.open(self.part, os.O_WRONLY)
+        try:
+            os.pwrite(fd, piece, index * self.info.piece_size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with self._have_file.open("a") as fh:
+            fh.write(f"{index}\n")
+
+    def finish(self) -> Path:
+        """Hash the whole file; the verified file (still ``.part``) or IntegrityError."""
+        whole = hashlib.sha256()
+        with self.part.open("rb") as fh:
+            while chunk := fh.read(_READ):
+                whole.update(chunk)
+        if whole.hexdigest() != self.info.sha256:
+            self.discard()
+            raise IntegrityError(f"blob {self.info.sha256[:16]} does not match its hash")
+        self._have_file.unlink(missing_ok=True)
+        self._info_file.unlink(missing_ok=True)
+        return self.part
+
+    def discard(self) -> None:
+        for path in (self.part, self._have_file, self._info_file):
+            path.unlink(missing_ok=True)
+
+
+def sweep(directory: Path, max_age: float, now: float) -> list[str]:
+    """Remove what a resumed transfer could not use: files of a blob whose staging is
+    not whole (a ``.part`` without its ``.info``, or the other way round), and
+    everything older than ``max_age`` seconds."""
+    removed: list[str] = []
+    if not directory.is_dir():
+        return removed
+    entries = sorted(directory.iterdir())
+    names = {e.name for e in entries}
+    for entry in entries:
+        sha, _, suffix = entry.name.partition(".")
+        whole = {f"{sha}.part", f"{sha}.info"} <= names
+        if not whole or now - entry.stat().st_mtime > max_age or suffix.endswith("tmp"):
+            entry.unlink(missing_ok=True)
+            removed.append(entry.name)
+    return removed

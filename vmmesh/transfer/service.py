@@ -1,0 +1,561 @@
+"""The transfer service: serving blobs to peers, and getting templates and images from them.
+
+Serving: ``blob.info`` and ``blob.pieces`` answer for the files this host
+holds under a content name: template deltas (``templates/<sha>.qcow2``) and
+the three files of each base image.  A peer's string never becomes a path:
+the hash asked for is looked up among what this host holds.
+
+Getting a template (``TemplateFetcher.obtain``, called by the template
+manager before it would build): the hosts that gossip the template id are
+grouped by the delta chain they hold (two hosts that built the same package
+set hold different bytes), the chain with most holders is taken, and the
+deltas this host lacks are counted.  The estimate to fetch them (their bytes
+over the throughput measured from peers, plus the wait for a host still
+building it) is set against the estimate to install (``host.history``), and
+the faster wins unless the request forced one way.  Fetched deltas are
+checked (hash, a qcow2 whose backing name is exactly its parent's) and
+recorded as a template only when the whole chain is here.
+
+Getting the base image: ``vmmesh image fetch``, and on its own when this host
+has none and a peer has: the manifest, then its three files, each by hash,
+then the image store verifies the whole again.
+
+The cache under the quota: before fetching or building, templates no VM uses
+are evicted, least recently used first, those another host still holds
+before the last copies in the mesh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from vmmesh.api.codec import Empty
+from vmmesh.api.common import Progress
+from vmmesh.api.host import TemplateInfo
+from vmmesh.api.transfer import (
+    FETCH_IMAGE,
+    FETCH_TEMPLATE,
+    IMAGE_MANIFEST,
+    INFO,
+    PIECES,
+    BlobInfo,
+    BlobRequest,
+    FetchImageRequest,
+    FetchReport,
+    FetchTemplateRequest,
+    HolderFigures,
+    ManifestReply,
+    PiecesRequest,
+)
+from vmmesh.api.vm import FETCH_ALWAYS, FETCH_NEVER, TemplateSource
+from vmmesh.errors import (
+    CapacityError,
+    ImageError,
+    IntegrityError,
+    NotFound,
+    VmmeshError,
+)
+from vmmesh.extension import NodeContext, NodeExtension
+from vmmesh.gossip.hoststate import HostView
+from vmmesh.host.history import TransferSample, fetch_estimate
+from vmmesh.host.images import (
+    DISK,
+    INITRD,
+    KERNEL,
+    MANIFEST,
+    ImageStore,
+    decode_manifest,
+)
+from vmmesh.host.templates import TemplateRecord, delta_name
+from vmmesh.host.vms import VmManager
+from vmmesh.net.rpc import Context, Handlers
+from vmmesh.progress import progress_pump
+from vmmesh.transfer import blobfile
+from vmmesh.transfer.fetcher import Fetched, Holder, fetch_blob
+from vmmesh.transfer.pieces import HolderStats
+
+if TYPE_CHECKING:
+    from vmmesh.vmservice.service import VmService
+
+log = logging.getLogger("vmmesh.transfer")
+
+STAGING = "transfer"
+STAGING_MAX_AGE = 24 * 3600.0
+AUTO_IMAGE_EVERY = 5.0
+WAIT_POLL = 0.5
+Emit = Callable[[Progress], None]
+
+
+class TransferService(NodeExtension):
+    """Blobs to and from peers (see the module docstring)."""
+
+    def __init__(self, vms: VmService) -> None:
+        self.vms = vms
+        self._node: NodeContext | None = None
+        self._infos: dict[tuple[str, int, int], BlobInfo] = {}
+        self._describing: dict[str, trio.Lock] = {}
+        self._image_lock = trio.Lock()
+        vms.manager_hooks.append(self._hook_manager)
+
+    @property
+    def node(self) -> NodeContext:
+        assert self._node is not None
+        return self._node
+
+    @property
+    def staging(self) -> Path:
+        return self.node.data_dir / STAGING
+
+    async def start(
+        self,
+        node: NodeContext,
+        nursery: trio.Nursery,
+        peer_handlers: Handlers,
+        control_handlers: Handlers,
+    ) -> None:
+        self._node = node
+        peer_handlers.add(INFO, self._info)
+        peer_handlers.add(PIECES, self._pieces)
+        peer_handlers.add(IMAGE_MANIFEST, self._manifest)
+        control_handlers.add(FETCH_TEMPLATE, self._ctl_fetch_template)
+        control_handlers.add(FETCH_IMAGE, self._ctl_fetch_image)
+        for name in blobfile.sweep(self.staging, STAGING_MAX_AGE, time.time()):
+            log.info("reconcile: stale transfer file %s/%s", STAGING, name)
+        if self.vms.mgr is not None:
+            self._hook_manager(self.vms.mgr)
+        nursery.start_soon(self._auto_image)
+
+    def _hook_manager(self, mgr: VmManager) -> None:
+        mgr.templates.fetcher = self
+        mgr.templates.downloaders = self._downloaders
+
+    def _downloaders(self) -> int:
+        """Hosts fetching packages from the source right now, this one included."""
+        others = sum(len(h.building) for h in self._others())
+        return 1 + others
+
+    def _others(self) -> list[HostView]:
+        return [h for h in self.node.hosts() if h.node_id != self.node.node_id and h.status == "up"]
+
+    # --- serving ------------------------------------------------------------
+
+    def _path_of(self, sha: str) -> Path:
+        """The file this host holds under content name ``sha``; NotFound otherwise."""
+        mgr = self.vms.mgr
+        if mgr is not None and any(sha in r.chain for r in mgr.templates.records()):
+            path = mgr.templates.delta_path(sha)
+            if path.is_file():
+                return path
+        store = ImageStore(self.node.data_dir)
+        for rec in store.list_images():
+            for name, digest in (
+                (DISK, rec.image_id),
+                (KERNEL, rec.kernel_sha256),
+                (INITRD, rec.initrd_sha256),
+            ):
+                if digest == sha:
+                    return rec.path / name
+        raise NotFound(f"this host holds no blob {sha[:16]}")
+
+    async def blob_info(self, sha: str) -> tuple[Path, BlobInfo]:
+        path = self._path_of(sha)
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        lock = self._describing.setdefault(sha, trio.Lock())
+        async with lock:
+            info = self._infos.get(key)
+            if info is None:
+                info = await trio.to_thread.run_sync(blobfile.describe, path, sha)
+                self._infos[key] = info
+        return path, info
+
+    async def _info(self, ctx: Context, req: BlobRequest) -> BlobInfo:
+        return (await self.blob_info(req.sha256))[1]
+
+    async def _pieces(self, ctx: Context, req: PiecesRequest) -> Empty:
+        path, info = await self.blob_info(req.sha256)
+        for index in req.indices:
+            if index >= len(info.pieces):
+                raise NotFound(f"blob {req.sha256[:16]} has no piece {index}")
+            chunks = await trio.to_thread.run_sync(blobfile.read_chunks, path, info, index)
+            for chunk in chunks:
+                await ctx.send_item(chunk)
+        return Empty()
+
+    async def _manifest(self, ctx: Context, req: BlobRequest) -> ManifestReply:
+        store = ImageStore(self.node.data_dir)
+        rec = store.get(req.sha256)
+        return ManifestReply(manifest=(rec.path / MANIFEST).read_bytes())
+
+    # --- templates: fetch or install ------------------------------------------
+
+    def holders_of(self, tid: str) -> list[tuple[HostView, TemplateInfo]]:
+        out = []
+        for h in self._others():
+            for t in h.templates:
+                if t.template_id == tid:
+                    out.append((h, t))
+        return out
+
+    async def obtain(
+        self,
+        template_id: str,
+        wanted: frozenset[str],
+        install_estimate: float,
+        policy: str,
+        progress: Callable[[str, float | None], None],
+    ) -> tuple[TemplateRecord | None, TemplateSource]:
+        """Fetch ``template_id`` from peers if that is faster (or asked); None: build it."""
+        templates = self.vms.manager().templates
+        ie = round(install_estimate, 1)
+        if policy == FETCH_NEVER:
+            return None, TemplateSource(
+                how="built", install_estimate=ie, why="installing was asked"
+            )
+        holders = self.holders_of(template_id)
+        if not holders:
+            holders, source = await self._wait_for_builder(template_id, install_estimate, policy)
+            if not holders:
+                return None, source
+        info, hosts = _best_chain(holders)
+        missing = [
+            (sha, size)
+            for sha, size in zip(info.chain, info.delta_sizes, strict=True)
+            if not templates.has_delta(sha)
+        ]
+        missing_bytes = sum(size for _, size in missing)
+        fe = fetch_estimate(templates.history.transfers(), missing_bytes).seconds
+        names = ", ".join(h.name for h in hosts)
+        if policy != FETCH_ALWAYS and fe >= install_estimate:
+            why = (
+                f"installing ({ie:.0f} s) beats fetching {missing_bytes / 1e6:.1f} MB "
+                f"from {names} ({fe:.0f} s)"
+            )
+            return None, TemplateSource(
+                how="built", install_estimate=ie, fetch_estimate=round(fe, 1), why=why
+            )
+        progress(f"fetching from {names}", 0.0)
+        await self.make_room(missing_bytes)
+        moved = await self._fetch_chain(info, missing, hosts, _phase_emitter(progress))
+        why = (
+            "fetching was asked"
+            if policy == FETCH_ALWAYS
+            else f"fetching {missing_bytes / 1e6:.1f} MB from {names} ({fe:.0f} s) "
+            f"beats installing ({ie:.0f} s)"
+        )
+        rec = templates.get(template_id)
+        return rec, TemplateSource(
+            how="fetched",
+            install_estimate=ie,
+            fetch_estimate=round(fe, 1),
+            why=why,
+            bytes_fetched=moved,
+        )
+
+    async def _wait_for_builder(
+        self, tid: str, install_estimate: float, policy: str
+    ) -> tuple[list[tuple[HostView, TemplateInfo]], TemplateSource]:
+        """If a peer is building ``tid`` and waiting for it then fetching is faster (or asked),
+        wait; the holders it then has, or none and why not."""
+        ie = round(install_estimate, 1)
+        builders = [(h, b) for h in self._others() for b in h.building if b.template_id == tid]
+        if not builders:
+            return [], TemplateSource(how="built", install_estimate=ie, why="no host holds it")
+        host, building = min(builders, key=lambda hb: hb[1].done_at)
+        templates = self.vms.manager().templates
+        wait = max(0.0, building.done_at - time.time())
+        guess = templates._delta_guess(1)
+        fe = fetch_estimate(templates.history.transfers(), guess, wait).seconds
+        if policy != FETCH_ALWAYS and fe >= install_estimate:
+            why = f"installing ({ie:.0f} s) beats waiting for {host.name} to build it ({fe:.0f} s)"
+            return [], TemplateSource(how="built", install_estimate=ie, fetch_estimate=fe, why=why)
+        log.info("template %s: waiting for %s to build it (~%.0f s)", tid[:12], host.name, wait)
+        with trio.move_on_after(wait + max(60.0, install_estimate)):
+            while True:
+                holders = self.holders_of(tid)
+                if holders:
+                    return holders, TemplateSource()
+                still = any(b.template_id == tid for h in self._others() for b in h.building)
+                if not still:
+                    break
+                await trio.sleep(WAIT_POLL)
+        why = f"{host.name} did not finish building it"
+        return [], TemplateSource(how="built", install_estimate=ie, fetch_estimate=fe, why=why)
+
+    async def _fetch_chain(
+        self,
+        info: TemplateInfo,
+        missing: Sequence[tuple[str, int]],
+        hosts: Sequence[HostView],
+        emit: Emit,
+    ) -> int:
+        """Fetch, check and record the deltas of ``info`` this host lacks; wire bytes."""
+        templates = self.vms.manager().templates
+        holders = [Holder(h.node_id, h.name) for h in hosts]
+        staged: dict[str, Path] = {}
+        moved = 0
+        seconds = 0.0
+        try:
+            for n, (sha, _size) in enumerate(missing):
+                got = await fetch_blob(
+                    self.node.pool,
+                    sha,
+                    holders,
+                    self.staging,
+                    task=f"template {info.template_id[:12]} delta {n + 1}/{len(missing)}",
+                    emit=emit,
+                )
+                await self._check_delta(got.path, info, sha)
+                staged[sha] = got.path
+                moved += got.wire_bytes
+                seconds += got.seconds
+            templates.record_fetched(info, staged)
+        finally:
+            for path in staged.values():
+                path.unlink(missing_ok=True)
+        templates.history.add_transfer(
+            TransferSample(bytes=sum(s for _, s in missing), seconds=seconds, holders=len(holders))
+        )
+        self.vms.publish_now()
+        return moved
+
+    async def _check_delta(self, path: Path, info: TemplateInfo, sha: str) -> None:
+        """A fetched delta must back onto exactly what our layout names: its parent delta,
+        or this mesh's base image."""
+        templates = self.vms.manager().templates
+        index = info.chain.index(sha)
+        expected = (
+            delta_name(info.chain[index - 1])
+            if index
+            else _relative(templates.base.disk, templates.dir)
+        )
+        try:
+            backing = await templates.hv.backing_of(path)
+        except ImageError as exc:
+            raise IntegrityError(f"delta {sha[:16]} is not a usable qcow2: {exc}") from None
+        if backing != expected:
+            raise IntegrityError(
+                f"delta {sha[:16]} backs onto {backing!r:.80}, not {expected!r}: refused"
+            )
+
+    async def make_room(self, need_bytes: int) -> None:
+        mgr = self.vms.manager()
+        cap = mgr.capacity()
+        free = cap.storage_free_mb * (1 << 20) - mgr.policy.vm_disk_allowance_mb * (1 << 20)
+        if free >= need_bytes:
+            return
+        in_use = {v.template_id for v in mgr.list_vms() if v.template_id}
+        held_elsewhere = {t.template_id for h in self._others() for t in h.templates}
+        order = sorted(
+            mgr.templates.evictable(in_use),
+            key=lambda r: (r.template_id not in held_elsewhere, r.last_used),
+        )
+        for rec in order:
+            freed = mgr.templates.remove(rec.template_id)
+            free += freed
+            last = "" if rec.template_id in held_elsewhere else " (the last copy in the mesh)"
+            log.info("evicted template %s, %d MB%s", rec.template_id[:12], freed >> 20, last)
+            if free >= need_bytes:
+                self.vms.publish_now()
+                return
+        self.vms.publish_now()
+        if free < need_bytes:
+            raise CapacityError(
+                f"no room for {need_bytes >> 20} MB of template in the storage quota "
+                f"({mgr.policy.storage_quota_mb} MB): every template left is in use"
+            )
+
+    # --- by hand ---------------------------------------------------------------
+
+    async def _ctl_fetch_template(self, ctx: Context, req: FetchTemplateRequest) -> FetchReport:
+        """``vmmesh fetch TEMPLATE``: this template from the peers that hold it (like
+        ``lxc image copy``), whatever the estimates say."""
+        matches = {
+            t.template_id
+            for h in self._others()
+            for t in h.templates
+            if t.template_id.startswith(req.template)
+        }
+        if len(matches) != 1:
+            what = "no host holds" if not matches else "more than one template matches"
+            raise NotFound(f"{what} template {req.template!r}")
+        tid = matches.pop()
+        templates = self.vms.manager().templates
+        with contextlib.suppress(NotFound):
+            templates.get(tid)
+            return FetchReport(what="template", item_id=tid, already_here=True)
+        info, hosts = _best_chain(self.holders_of(tid))
+        missing = [
+            (sha, size)
+            for sha, size in zip(info.chain, info.delta_sizes, strict=True)
+            if not templates.has_delta(sha)
+        ]
+        started = time.monotonic()
+        await self.make_room(sum(size for _, size in missing))
+        async with progress_pump(ctx.send_item) as emit:
+            moved = await self._fetch_chain(info, missing, hosts, emit)
+        return FetchReport(
+            what="template",
+            item_id=tid,
+            bytes=sum(size for _, size in missing),
+            wire_bytes=moved,
+            seconds=round(time.monotonic() - started, 2),
+            holders=tuple(HolderFigures(host=h.name) for h in hosts),
+        )
+
+    # --- the base image ----------------------------------------------------------
+
+    def mesh_image(self) -> tuple[str, list[HostView]]:
+        """The base image most up peers hold as their default, and who holds it."""
+        votes: dict[str, int] = {}
+        for h in self._others():
+            if h.images:
+                votes[h.images[0]] = votes.get(h.images[0], 0) + 1
+        if not votes:
+            raise NotFound("no peer holds a base image")
+        image_id = max(votes, key=lambda i: (votes[i], i))
+        return image_id, [h for h in self._others() if image_id in h.images]
+
+    async def fetch_image(self, image_id: str, emit: Emit | None) -> FetchReport:
+        """Fetch base image ``image_id`` (default: the mesh's) from the peers that hold it."""
+        async with self._image_lock:
+            store = ImageStore(self.node.data_dir)
+            if not image_id:
+                image_id, hosts = self.mesh_image()
+            else:
+                hosts = [h for h in self._others() if image_id in h.images]
+            if store.has(image_id):
+                return FetchReport(what="base image", item_id=image_id, already_here=True)
+            if not hosts:
+                raise NotFound(f"no peer holds base image {image_id[:16]}")
+            return await self._fetch_image_files(store, image_id, hosts, emit)
+
+    async def _fetch_image_files(
+        self, store: ImageStore, image_id: str, hosts: list[HostView], emit: Emit | None
+    ) -> FetchReport:
+        started = time.monotonic()
+        holders = [Holder(h.node_id, h.name) for h in hosts]
+        ask = BlobRequest(sha256=image_id)
+        reply = await self.node.pool.call(hosts[0].node_id, IMAGE_MANIFEST, ask)
+        record = decode_manifest(reply.manifest, self.staging)
+        if record.image_id != image_id:
+            raise IntegrityError(f"{hosts[0].name} sent the manifest of another image")
+        files: dict[str, Path] = {}
+        results: list[Fetched] = []
+        try:
+            wanted = (
+                (DISK, image_id),
+                (KERNEL, record.kernel_sha256),
+                (INITRD, record.initrd_sha256),
+            )
+            for name, sha in wanted:
+                task = f"base image {name}"
+                got = await fetch_blob(
+                    self.node.pool, sha, holders, self.staging, task=task, emit=emit
+                )
+                files[name] = got.path
+                results.append(got)
+            rec = await trio.to_thread.run_sync(store.add_fetched, reply.manifest, files)
+        finally:
+            for path in files.values():
+                path.unlink(missing_ok=True)
+        if not _has_default(store):
+            store.set_default(rec.image_id)
+        self.vms.publish_now()
+        return _report("base image", rec.image_id, results, holders, time.monotonic() - started)
+
+    async def _ctl_fetch_image(self, ctx: Context, req: FetchImageRequest) -> FetchReport:
+        async with progress_pump(ctx.send_item) as emit:
+            return await self.fetch_image(req.image_id, emit)
+
+    async def _auto_image(self) -> None:
+        """A host without a base image gets the mesh's from its peers, on its own."""
+        while self.vms.mgr is None:
+            await trio.sleep(AUTO_IMAGE_EVERY)
+            if self.vms.mgr is not None or self.vms.fixed_image:
+                return
+            if _has_default(ImageStore(self.node.data_dir)):
+                continue  # the VM service takes it up
+            try:
+                image_id, hosts = self.mesh_image()
+            except NotFound:
+                continue
+            names = ", ".join(h.name for h in hosts)
+            log.info("fetching the mesh's base image %s from %s", image_id[:16], names)
+            try:
+                report = await self.fetch_image(image_id, None)
+            except VmmeshError as exc:
+                log.warning("fetching the base image failed: %s (will try again)", exc)
+                continue
+            mb = report.bytes >> 20
+            log.info("base image %s fetched: %d MB in %.1f s", image_id[:16], mb, report.seconds)
+
+
+def _has_default(store: ImageStore) -> bool:
+    try:
+        store.default_image()
+    except (NotFound, ImageError):
+        return False
+    return True
+
+
+def _relative(target: Path, start: Path) -> str:
+    return os.path.relpath(target.absolute(), start.absolute())
+
+
+def _best_chain(
+    holders: list[tuple[HostView, TemplateInfo]],
+) -> tuple[TemplateInfo, list[HostView]]:
+    """The delta chain most holders share (two builds of one package set differ in bytes)."""
+    by_chain: dict[tuple[str, ...], list[tuple[HostView, TemplateInfo]]] = {}
+    for h, t in holders:
+        by_chain.setdefault(t.chain, []).append((h, t))
+    best = max(by_chain.values(), key=lambda group: (len(group), group[0][1].chain))
+    return best[0][1], [h for h, _ in best]
+
+
+def _phase_emitter(progress: Callable[[str, float | None], None]) -> Emit:
+    """Blob progress as phases of a share's progress bar (with the rate and holders)."""
+
+    def emit(item: Progress) -> None:
+        mb, total, rate = item.done / 1e6, item.total / 1e6, item.rate / 1e6
+        progress(f"fetching {mb:.0f}/{total:.0f} MB, {rate:.1f} MB/s ({item.note})", item.fraction)
+
+    return emit
+
+
+def _report(
+    what: str, item_id: str, results: list[Fetched], holders: list[Holder], seconds: float
+) -> FetchReport:
+    per: dict[str, HolderStats] = {}
+    for r in results:
+        for nid, s in r.holders.items():
+            agg = per.setdefault(nid, HolderStats())
+            agg.bytes += s.bytes
+            agg.pieces += s.pieces
+            agg.dropped = agg.dropped or s.dropped
+    names = {h.node_id: h.name for h in holders}
+    return FetchReport(
+        what=what,
+        item_id=item_id,
+        bytes=sum(r.size for r in results),
+        wire_bytes=sum(r.wire_bytes for r in results),
+        seconds=round(seconds, 2),
+        holders=tuple(
+            HolderFigures(
+                host=names.get(n, n[:12]), bytes=s.bytes, pieces=s.pieces, dropped=s.dropped[:300]
+            )
+            for n, s in per.items()
+        ),
+    )
+
+
+__all__ = ["TransferService"]
