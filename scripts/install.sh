@@ -127,6 +127,7 @@ if [ ! -f "$ETC/config.toml" ]; then
 # vm_disk_allowance_mb = 1024  # disk each VM may grow into
 # accel = "auto"               # auto (probe), kvm or tcg
 # apt_sources = []             # apt lines for guests; empty: the image's own
+# image_autofetch = true       # no base image here: fetch the mesh's from peers
 # ssh_bind = "0.0.0.0"         # where VM ssh forwards listen
 # ssh_port_first = 22000
 # ssh_port_count = 1000

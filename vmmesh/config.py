@@ -42,6 +42,7 @@ class Config:
     vm_disk_allowance_mb: int = 1024
     accel: str = "auto"  # auto | kvm | tcg
     apt_sources: tuple[str, ...] = ()  # guest apt lines; empty: the image's own
+    image_autofetch: bool = True  # no base image here: get the mesh's from peers
     # `vmmesh ssh`: each VM's port 22 is forwarded from a host port of this range,
     # listening on ssh_bind (0.0.0.0: reachable from the mesh's other hosts;
     # 127.0.0.1: only from this host).  ssh_port_count = 0 turns forwards off.

@@ -131,7 +131,8 @@ class TransferService(NodeExtension):
             log.info("reconcile: stale transfer file %s/%s", STAGING, name)
         if self.vms.mgr is not None:
             self._hook_manager(self.vms.mgr)
-        nursery.start_soon(self._auto_image)
+        if node.cfg.image_autofetch:
+            nursery.start_soon(self._auto_image)
 
     def _hook_manager(self, mgr: VmManager) -> None:
         mgr.templates.fetcher = self
