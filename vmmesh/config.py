@@ -43,6 +43,7 @@ class Config:
     accel: str = "auto"  # auto | kvm | tcg
     apt_sources: tuple[str, ...] = ()  # guest apt lines; empty: the image's own
     image_autofetch: bool = True  # no base image here: get the mesh's from peers
+    warm_start: bool = True  # VMs resume from their template's saved boot where it fits
     # `vmmesh ssh`: each VM's port 22 is forwarded from a host port of this range,
     # listening on ssh_bind (0.0.0.0: reachable from the mesh's other hosts;
     # 127.0.0.1: only from this host).  ssh_port_count = 0 turns forwards off.
@@ -78,6 +79,7 @@ RELOADABLE = (
     "vm_memory_mb",
     "vm_disk_allowance_mb",
     "apt_sources",
+    "warm_start",
     "log_level",
 )
 """Settings a running node takes up on SIGHUP; the others need a restart."""

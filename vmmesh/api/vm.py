@@ -118,6 +118,7 @@ class VmMade(Record):
     template: str = wire(Text(64), default="")
     built: bool = wire(Bool(), default=False)
     start: str = wire(Text(8), default="cold")
+    start_note: str = wire(Reason, default="")
     seconds: float = wire(Float(0.0), default=0.0)
     phases: Mapping[str, float] = wire(Phases, default_factory=dict)
     seconds_end_to_end: float = wire(Float(0.0), default=0.0)

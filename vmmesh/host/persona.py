@@ -4,12 +4,15 @@ A VM is a clone: everything its template holds it shares with its siblings.
 What must differ is made here, after the guest is up and before anyone uses
 it: the host name is its VM name, the ssh host key is its own (made on first
 use, never copied), and the keys allowed to log in are the ones the user
-sent.  (Warm starts add more of this: see ``host.warm``.)
+sent.  A guest resumed from a warm state also needs a machine id, randomness
+and a clock of its own (``become_itself``; see ``host.warm``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import Sequence
 
 from vmmesh.api.names import guest_hostname
@@ -50,3 +53,25 @@ async def authorize_ssh(guest: Guest, vm: str, request: str, keys: Sequence[str]
     if res.exit_code != 0:
         raise HypervisorError(f"preparing ssh in {vm} failed: {res.stderr[-300:]!r}")
     return check_public_key(res.stdout.decode("utf-8", "replace"))
+
+
+# Run by a guest resumed from a warm state, before anyone uses it: its own
+# machine id, fresh randomness (stdin; QEMU's new VM generation id already made
+# the kernel reseed), the host's time, a new DHCP lease.
+_BECOME_ITSELF = (
+    "rm -f /etc/machine-id /var/lib/dbus/machine-id\n"
+    "systemd-machine-id-setup >/dev/null 2>&1 || true\n"
+    "head -c 64 > /dev/urandom\n"
+    'date -u -s "@$1" >/dev/null\n'
+    "networkctl renew eth0 >/dev/null 2>&1 || true\n"
+)
+
+
+async def become_itself(guest: Guest, display: str) -> None:
+    """A resumed clone takes its own identity: host name, machine id, RNG, clock, lease."""
+    await set_hostname(guest, display)
+    res = await guest.exec(
+        ["sh", "-c", _BECOME_ITSELF, "sh", f"{time.time():.3f}"], input_data=os.urandom(64)
+    )
+    if res.exit_code != 0:
+        raise HypervisorError(f"{display} did not take its own identity: {res.stderr[-300:]!r}")

@@ -265,6 +265,7 @@ class TemplateManager:
         self.downloaders: Callable[[], int] = lambda: 1
         self.building: dict[str, float] = {}  # template id -> expected done (unix time)
         self.on_change: Callable[[], None] = lambda: None
+        self.on_remove: list[Callable[[str], None]] = []
         self._locks: dict[str, trio.Lock] = {}
         self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -562,6 +563,8 @@ class TemplateManager:
         """Forget a template and delete the delta files no other chain holds; bytes freed."""
         with self.store.transaction() as conn:
             conn.execute("DELETE FROM templates WHERE template_id = ?", (tid,))
+        for hook in self.on_remove:
+            hook(tid)
         return self.collect_garbage()
 
     def collect_garbage(self) -> int:

@@ -42,7 +42,7 @@ import socket
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import trio
@@ -65,13 +65,15 @@ from vmmesh.host.customzip import ZipEntry, check_zip
 from vmmesh.host.sshkeys import check_public_keys, pick_port
 from vmmesh.host.store import Store
 from vmmesh.host.templates import TemplateManager, TemplateRecord
-from vmmesh.hypervisor.base import ExecResult, Guest, Hypervisor
+from vmmesh.host.warm import WarmStore, warm_error
+from vmmesh.hypervisor.base import BootSpec, ExecResult, Guest, Hypervisor
 from vmmesh.nurseries import open_nursery
 
 log = logging.getLogger("vmmesh.vms")
 
 # States whose VMs hold cores and memory.
 ACTIVE = ("creating", "running", "stopping")
+WARM_TIMEOUT = 60.0  # a resumed guest answers in about a second; a stuck one is abandoned
 
 
 def _can_bind(address: str, port: int) -> bool:
@@ -166,6 +168,7 @@ class VmReport:
     built: bool
     seconds: dict[str, float]
     start_kind: str = "cold"
+    start_note: str = ""  # why cold although the template has a warm state
 
     @property
     def total_seconds(self) -> float:
@@ -206,7 +209,7 @@ class _Batch:
 
     held: int  # reserved slots not yet handed to a VM row
     unplaced: int
-    made: dict[int, tuple[str, dict[str, float]]] = field(default_factory=dict)
+    made: dict[int, tuple[str, dict[str, float], str, str]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
 
@@ -241,6 +244,7 @@ class VmManager:
         now: Callable[[], float] = time.time,
         ssh_ports: range = range(0),
         ssh_bind: str = "127.0.0.1",
+        warm: WarmStore | None = None,
     ) -> None:
         self.store = store
         self.hv = hypervisor
@@ -256,6 +260,13 @@ class VmManager:
         self.now = now
         self.ssh_ports = ssh_ports
         self.ssh_bind = ssh_bind
+        self.warm = warm
+        self.warm_enabled = warm is not None
+        self._warm_limiter = trio.CapacityLimiter(1)
+        self._warm_held = False
+        self._warm_scope: trio.CancelScope | None = None
+        if warm is not None:
+            templates.on_remove.append(lambda tid: warm.discard(tid, "its template went"))
         self.guests: dict[str, Guest] = {}
         self._reserved = 0
         self._nursery: trio.Nursery | None = None
@@ -317,8 +328,19 @@ class VmManager:
         if count < 0:
             raise UsageError("cannot reserve a negative count")
         granted = min(count, self.capacity().free_slots)
+        if granted < count and self._warm_held:
+            self._yield_warm()  # a warm boot gives way to a VM someone asked for
+            granted = min(count, self.capacity().free_slots)
         self._reserved += granted
         return granted
+
+    def _yield_warm(self) -> None:
+        """Stop the warm boot under way and hand its slot back (no await: atomic)."""
+        self._warm_held = False
+        self.release(1)
+        if self._warm_scope is not None:
+            self._warm_scope.cancel()
+        log.info("a warm boot gave way to a requested VM (it is made again later)")
 
     def release(self, count: int) -> None:
         """Give back reserved slots that will not become VMs."""
@@ -377,6 +399,7 @@ class VmManager:
         finally:
             self.release(batch.held)
         progress("done", 1.0)
+        self.schedule_warm(rec)  # after this request's VMs: never in its way
         # The first VM carries the template's phases; the others reused it.
         made = tuple(
             VmReport(
@@ -385,8 +408,10 @@ class VmManager:
                 template_id=rec.template_id if rec else None,
                 built=built and n == 0,
                 seconds={**(tpl_seconds if n == 0 else {"install": 0.0}), **seconds},
+                start_kind=kind,
+                start_note=note,
             )
-            for n, (i, (vm_id, seconds)) in enumerate(sorted(batch.made.items()))
+            for n, (i, (vm_id, seconds, kind, note)) in enumerate(sorted(batch.made.items()))
         )
         return RequestReport(
             name=name,
@@ -422,6 +447,41 @@ class VmManager:
             for i, plan in enumerate(plans):
                 nursery.start_soon(one, i, plan)
 
+    # --- warm states ---------------------------------------------------
+
+    def schedule_warm(self, rec: TemplateRecord | None) -> None:
+        """Make ``rec``'s warm state in the background, if it has none yet."""
+        warm = self.warm
+        if rec is None or warm is None or not self.warm_enabled or self._nursery is None:
+            return
+        if warm.get(rec.template_id) is None and not warm.making(rec.template_id):
+            self._nursery.start_soon(self._make_warm, rec)
+
+    async def _make_warm(self, rec: TemplateRecord) -> None:
+        """One warm boot at a time, in a slot of its own that it gives up to any request."""
+        assert self.warm is not None
+        async with self._warm_limiter:
+            if self.reserve(1) == 0:
+                log.info("no free slot for the warm boot of %s: later", rec.template_id[:12])
+                return
+            self._warm_held = True
+            try:
+                with trio.CancelScope() as self._warm_scope:
+                    await self.warm.make(
+                        rec.template_id,
+                        self.templates.disk_path(rec),
+                        self.policy.vm_vcpus,
+                        self.policy.vm_memory_mb,
+                    )
+            except (VmmeshError, OSError) as exc:
+                log.warning("no warm state for %s: %s", rec.template_id[:12], exc)
+            finally:
+                self._warm_scope = None
+                if self._warm_held:
+                    self._warm_held = False
+                    self.release(1)
+            self.templates.on_change()
+
     def _disk_of(self, template: TemplateRecord | None) -> Path:
         return self.templates.base.disk if template is None else self.templates.disk_path(template)
 
@@ -448,8 +508,12 @@ class VmManager:
             )
         return ssh_port
 
-    async def _create_one(self, plan: _VmPlan) -> tuple[str, dict[str, float]]:
-        """Clone, boot, wait for the agent, personalise, unpack: one VM; (vm_id, seconds)."""
+    async def _create_one(self, plan: _VmPlan) -> tuple[str, dict[str, float], str, str]:
+        """Clone, resume (warm) or boot (cold), become itself, unpack: one VM.
+
+        Returns (vm_id, seconds per phase, "warm" or "cold", why cold if a
+        warm state was there but not used).
+        """
         vm_id = secrets.token_hex(8)
         disk = self.vm_dir / f"{vm_id}.qcow2"
         ssh_port = self._insert_row(vm_id, plan, disk)
@@ -457,23 +521,18 @@ class VmManager:
         guest: Guest | None = None
         done = False
         try:
-            t = time.monotonic()
-            await self.hv.create_overlay(self._disk_of(plan.template), disk)
-            seconds["vm_clone"] = time.monotonic() - t
-            t = time.monotonic()
             spec = self.templates.base.boot_spec(
                 vm_id, disk, self.run_root / vm_id, plan.vcpus, plan.memory_mb
-            )
-            spec = spec.with_ssh(ssh_port or None, self.ssh_bind)
-            guest = await self.hv.start(spec)
-            await guest.wait_agent(self.agent_timeout)
-            seconds["vm_boot"] = time.monotonic() - t
-            await persona.set_hostname(guest, plan.display)
+            ).with_ssh(ssh_port or None, self.ssh_bind)
+            guest, kind, why = await self._start_warm(plan, spec, seconds)
+            if guest is None:
+                guest = await self._start_cold(plan, spec, seconds)
             if plan.custom_zip is not None and plan.entries is not None:
                 t = time.monotonic()
                 await customzip.unpack(guest, plan.custom_zip, plan.entries)
                 seconds["custom"] = time.monotonic() - t
-            self._mark_running(vm_id, plan.display, guest, "cold", seconds["vm_boot"])
+            ready = seconds.get("vm_resume", 0.0) + seconds.get("vm_boot", 0.0)
+            self._mark_running(vm_id, plan.display, guest, kind, ready)
             done = True
         finally:
             if not done:
@@ -484,7 +543,57 @@ class VmManager:
                     self._forget(vm_id)
         if plan.template is not None:
             self.templates.touch(plan.template.template_id)
-        return vm_id, seconds
+        return vm_id, seconds, kind, why
+
+    async def _start_cold(self, plan: _VmPlan, spec: BootSpec, seconds: dict[str, float]) -> Guest:
+        t = time.monotonic()
+        spec.disk.unlink(missing_ok=True)
+        await self.hv.create_overlay(self._disk_of(plan.template), spec.disk)
+        seconds["vm_clone"] = time.monotonic() - t
+        t = time.monotonic()
+        guest = await self.hv.start(spec)
+        try:
+            await guest.wait_agent(self.agent_timeout)
+            seconds["vm_boot"] = time.monotonic() - t
+            await persona.set_hostname(guest, plan.display)
+        except BaseException:
+            with trio.CancelScope(shield=True), contextlib.suppress(HypervisorError, OSError):
+                await guest.kill()
+            raise
+        return guest
+
+    async def _start_warm(
+        self, plan: _VmPlan, spec: BootSpec, seconds: dict[str, float]
+    ) -> tuple[Guest | None, str, str]:
+        """Resume the template's warm state as this VM; (None, "cold", why) when it cannot."""
+        tid = plan.template.template_id if plan.template else None
+        if tid is None or self.warm is None or not self.warm_enabled:
+            return None, "cold", ""
+        state = self.warm.get(tid)
+        if state is None:
+            return None, "cold", ""
+        why = state.shape.differs(await self.hv.shape(spec))
+        if why:
+            return None, "cold", f"warm state has another shape: {why}"
+        guest: Guest | None = None
+        try:
+            t = time.monotonic()
+            await self.hv.create_overlay(state.disk, spec.disk)
+            seconds["vm_clone"] = time.monotonic() - t
+            t = time.monotonic()
+            with trio.fail_after(WARM_TIMEOUT):
+                guest = await self.hv.start(replace(spec, incoming=state.state))
+                await guest.wait_agent(WARM_TIMEOUT)
+                seconds["vm_resume"] = time.monotonic() - t
+                await persona.become_itself(guest, plan.display)
+            return guest, "warm", ""
+        except (VmmeshError, OSError, trio.TooSlowError) as exc:
+            reason = warm_error(exc)
+            if guest is not None:
+                with trio.CancelScope(shield=True), contextlib.suppress(HypervisorError, OSError):
+                    await guest.kill()
+            self.warm.discard(tid, f"it did not resume: {reason}")
+            return None, "cold", f"warm state did not resume ({reason}): deleted"
 
     def _mark_running(
         self, vm_id: str, display: str, guest: Guest, kind: str, start_seconds: float
@@ -613,6 +722,9 @@ class VmManager:
         * Templates: see ``TemplateManager.reconcile``.
         """
         changes = await self.templates.reconcile()
+        if self.warm is not None:
+            ids = {r.template_id for r in self.templates.records()}
+            changes += await self.warm.reconcile(ids)
         for rec in self.list_vms():
             disk_ok = (self.vm_dir / rec.disk).is_file()
             if rec.state in ("running", "creating", "stopping"):
@@ -642,7 +754,7 @@ class VmManager:
                 changes.append(f"orphan file vms/{entry.name}")
         live = {v.vm_id for v in rows if v.state == "running"}
         for run_dir in sorted(self.run_root.glob("*")):
-            if run_dir.name in live or run_dir.name.startswith("tpl-"):
+            if run_dir.name in live or run_dir.name.startswith(("tpl-", "warm-")):
                 continue
             guest = await self.hv.adopt(run_dir.name, run_dir)
             if guest is not None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
+from vmmesh.hypervisor.savedstate import Shape
+
 
 @dataclass(frozen=True)
 class DiskInfo:
@@ -129,6 +131,10 @@ class Hypervisor(Protocol):
         ...
 
     async def rebase_unsafe(self, path: Path, new_backing: Path) -> None: ...
+
+    async def shape(self, spec: BootSpec) -> Shape:
+        """The shape a guest started from ``spec`` has: what a saved state must match."""
+        ...
 
     async def backing_of(self, path: Path) -> str | None:
         """The backing name ``path`` holds, as written (None: standalone), read without

@@ -30,6 +30,7 @@ import trio
 from vmmesh.errors import GuestAgentError, HypervisorError, ImageError
 from vmmesh.host.sshkeys import PREPARE_SCRIPT
 from vmmesh.hypervisor.base import BootSpec, DiskInfo, ExecResult, ImageManifest
+from vmmesh.hypervisor.savedstate import Shape
 
 # A well-formed ed25519 public key (not anyone's): the fake guests' ssh host key.
 FAKE_HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhscHR4f"
@@ -224,7 +225,9 @@ class FakeGuest:
 
     async def save_state(self, dest: Path) -> None:
         self._check_alive()
-        dest.write_text(json.dumps({"disk": str(self.disk)}))
+        await trio.sleep(self.hv.agent_seconds)
+        state = {"disk": str(self.disk), "memory_mb": self.spec.memory_mb}
+        dest.write_text(json.dumps(state))
         self.exit(0)
 
     async def wait_exit(self) -> int:
@@ -262,6 +265,7 @@ class FakeHypervisor:
         self.update_failures = 0  # so many `apt-get update` runs fail first (a flaky source)
         self.update_output = b""  # what `apt-get update` prints when it "succeeds"
         self.running: dict[str, FakeGuest] = {}
+        self.resumed: list[str] = []  # guests started from a saved state
         self.started: list[FakeGuest] = []
         self._next_pid = 1000
 
@@ -303,10 +307,20 @@ class FakeHypervisor:
         _save(dest, {"backing": None, "packages": sorted(packages_on(src)), "files": files})
         return await self.disk_info(dest)
 
+    async def shape(self, spec: BootSpec) -> Shape:
+        return Shape.of({"qemu": "fake", "memory_mb": spec.memory_mb, "vcpus": spec.vcpus})
+
     async def start(self, spec: BootSpec) -> FakeGuest:
         if spec.name in self.running:
             raise HypervisorError(f"a guest named {spec.name} already runs")
         _load(spec.disk)
+        if spec.incoming is not None:
+            try:
+                state = json.loads(spec.incoming.read_text())
+                assert isinstance(state, dict) and state["memory_mb"] == spec.memory_mb
+            except (OSError, ValueError, KeyError, AssertionError) as exc:
+                raise HypervisorError(f"QEMU could not load the saved state: {exc!r}") from exc
+            self.resumed.append(spec.name)
         spec.run_dir.mkdir(parents=True, exist_ok=True)
         self._next_pid += 1
         guest = FakeGuest(self, spec.name, self._next_pid, spec.run_dir, spec.disk, spec)

@@ -53,6 +53,7 @@ from vmmesh.hypervisor.qmp import (
     migration_finished,
     open_qmp,
 )
+from vmmesh.hypervisor.savedstate import DEVICES, Shape
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,9 @@ def qemu_argv(
         "-chardev", f"socket,path={_opt(run / QGA_SOCKET)},server=on,wait=off,id=qga0",
         "-device", "virtio-serial",
         "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+        # a new generation id at every start: a guest resumed from a saved state
+        # is told it is a copy, and Linux reseeds its random number generator
+        "-device", "vmgenid,guid=auto",
         "-pidfile", str(run / PID_FILE),
     ]  # fmt: skip
     argv += _net_argv(spec)
@@ -428,6 +432,7 @@ class QemuHypervisor:
         # Guests run below the node's priority: a busy VM (TCG above all)
         # must not starve the node's heartbeats and be taken for a dead host.
         self.niceness = niceness
+        self._qemu_version: str | None = None
 
     async def _img(self, *args: str) -> bytes:
         argv = [self.qemu_img, *args]
@@ -471,6 +476,34 @@ class QemuHypervisor:
         except HypervisorError as exc:
             if "failed (3)" not in str(exc):
                 raise
+
+    async def shape(self, spec: BootSpec) -> Shape:
+        """The shape a guest started from ``spec`` has (see ``savedstate``)."""
+        return Shape.of(
+            {
+                "qemu": await self._version(),
+                "machine": self.machine,
+                "accel": self.accel,
+                "cpu": "host" if self.accel == "kvm" else "max",
+                "memory_mb": spec.memory_mb,
+                "vcpus": spec.vcpus,
+                "devices": DEVICES,
+                "kernel": spec.kernel.name,
+                "kernel_size": spec.kernel.stat().st_size,
+                "cmdline": spec.cmdline,
+            }
+        )
+
+    async def _version(self) -> str:
+        if self._qemu_version is None:
+            try:
+                res = await trio.run_process(
+                    [self.qemu_binary, "--version"], capture_stdout=True, check=False
+                )
+            except OSError as exc:
+                raise HypervisorError(f"cannot run {self.qemu_binary}: {exc}") from exc
+            self._qemu_version = res.stdout.decode(errors="replace").split("\n")[0].strip()
+        return self._qemu_version
 
     async def backing_of(self, path: Path) -> str | None:
         with path.open("rb") as fh:

@@ -39,7 +39,7 @@ from vmmesh.api.vm import (
 )
 from vmmesh.host.customzip import check_zip
 from vmmesh.host.sshkeys import check_public_keys
-from vmmesh.host.vms import RequestReport
+from vmmesh.host.vms import RequestReport, VmManager
 from vmmesh.net.rpc import Context, Handlers
 from vmmesh.progress import phases, progress_pump
 
@@ -116,6 +116,7 @@ class LocalVms:
                 template=v.template_id or "",
                 built=v.built,
                 start=v.start_kind,
+                start_note=v.start_note,
                 seconds=round(v.total_seconds, 2),
                 phases={k: round(s, 2) for k, s in v.seconds.items()},
                 source=report.source if i == 0 else TemplateSource(),
@@ -178,6 +179,7 @@ class LocalVms:
                 base_image=t.base_image_id,
                 last_used=t.last_used,
                 origin=t.origin,
+                warm_size=_warm_size(mgr, t.template_id),
             )
             for t in mgr.list_templates()
         )
@@ -198,3 +200,8 @@ class LocalVms:
         return SshLocalReply(
             vm=access.vm, port=access.port, bind=access.bind, host_key=access.host_key
         )
+
+
+def _warm_size(mgr: VmManager, template_id: str) -> int:
+    state = mgr.warm.get(template_id) if mgr.warm is not None else None
+    return state.size() if state is not None else 0

@@ -29,6 +29,7 @@ from vmmesh.host.capacity import CapacityPolicy, Usage, compute_capacity, probe_
 from vmmesh.host.images import ImageStore
 from vmmesh.host.templates import TemplateManager
 from vmmesh.host.vms import VmManager, VmStopped
+from vmmesh.host.warm import WarmStore
 from vmmesh.hypervisor.accel import probe_accel
 from vmmesh.hypervisor.base import Hypervisor
 from vmmesh.hypervisor.qemu import QemuHypervisor
@@ -97,6 +98,8 @@ class VmService(NodeExtension):
         await self._nursery.start(mgr.run)
         for what in await mgr.reconcile():
             log.info("reconcile: %s", what)
+        for rec in mgr.templates.records():
+            mgr.schedule_warm(rec)
         self.mgr, self.no_vms_reason = mgr, ""
         return True
 
@@ -128,7 +131,9 @@ class VmService(NodeExtension):
             base=base,
             apt_sources=cfg.apt_sources,
         )
+        warm = WarmStore(data_dir, hv, base) if cfg.warm_start else None
         return VmManager(
+            warm=warm,
             store=node.store,
             hypervisor=hv,
             templates=templates,
@@ -197,6 +202,7 @@ class VmService(NodeExtension):
             "accelerator": self.accel or "none",
             "base image": self.image_id or "none",
             "VMs": "on" if self.mgr is not None else f"off: {self.no_vms_reason}",
+            "warm starts": "on" if self.mgr is not None and self.mgr.warm_enabled else "off",
         }
 
     def publish_now(self) -> None:
@@ -209,6 +215,7 @@ class VmService(NodeExtension):
     def reconfigure(self, node: NodeContext) -> None:
         if self.mgr is not None:
             self.mgr.policy = CapacityPolicy.from_config(node.cfg)
+            self.mgr.warm_enabled = node.cfg.warm_start and self.mgr.warm is not None
             self.mgr.templates.builder.apt_sources = tuple(node.cfg.apt_sources)
 
     def _on_unexpected_stop(self, ev: VmStopped) -> None:

@@ -1,0 +1,179 @@
+"""Warm states over the fake hypervisor: made in the background, used when the shape
+fits, deleted when they fail, never in a request's way (real guests: test_warm_real)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from vmmesh.host.build import BaseImage
+from vmmesh.host.capacity import CapacityPolicy, HostProbe
+from vmmesh.host.store import Store
+from vmmesh.host.templates import TemplateManager
+from vmmesh.host.vms import VmManager
+from vmmesh.host.warm import SAVING, WarmStore
+from vmmesh.hypervisor.fake import FakeHypervisor, make_base_image
+
+POLICY = CapacityPolicy(
+    storage_quota_mb=10_000,
+    cpu_overcommit=2.0,
+    memory_reserve_mb=0,
+    vm_vcpus=1,
+    vm_memory_mb=512,
+    vm_disk_allowance_mb=1000,
+)
+
+
+class Host:
+    def __init__(self, data: Path, hv: FakeHypervisor, store: Store, cores: int = 2) -> None:
+        image_dir = data / "images" / "base"
+        image_dir.mkdir(parents=True, exist_ok=True)
+        base = BaseImage(image_dir, make_base_image(image_dir))
+        self.hv = hv
+        self.templates = TemplateManager(store=store, hypervisor=hv, data_dir=data, base=base)
+        self.warm = WarmStore(data, hv, base)
+        self.vms = VmManager(
+            store=store,
+            hypervisor=hv,
+            templates=self.templates,
+            data_dir=data,
+            policy=POLICY,
+            probe=lambda: HostProbe(cores=cores, memory_mb=8192, fs_free_mb=50_000),
+            warm=self.warm,
+        )
+
+    async def warmed(self, tid: str) -> None:
+        while self.warm.get(tid) is None:  # noqa: ASYNC110 - made by a background task
+            await trio.sleep(0.1)
+
+
+@pytest.fixture
+def hv() -> FakeHypervisor:
+    return FakeHypervisor(
+        repo_packages=frozenset({"a", "b"}), agent_seconds=5.0, install_seconds=5.0
+    )
+
+
+@pytest.fixture
+async def host(tmp_path: Path, hv: FakeHypervisor, store: Store) -> AsyncIterator[Host]:
+    h = Host(tmp_path / "data", hv, store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.vms.run)
+        yield h
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_second_request_gets_warm_vms(
+    host: Host, autojump_clock: trio.testing.MockClock
+) -> None:
+    first = await host.vms.request_local("web", 1, ["a"])
+    assert [v.start_kind for v in first.vms] == ["cold"]
+    tid = first.template_id or ""
+    await host.warmed(tid)  # made after the request, in the background
+    second = await host.vms.request_local("web", 2, ["a"])
+    assert [v.start_kind for v in second.vms] == ["warm", "warm"]
+    assert "vm_resume" in second.vms[0].seconds and "vm_boot" not in second.vms[0].seconds
+    assert sorted(host.hv.resumed) == sorted(v.vm_id for v in second.vms)
+    rows = {v.name: v for v in host.vms.list_vms()}
+    assert rows["web-2"].start_kind == "warm" and rows["web-1"].start_kind == "cold"
+    # the warm overlay sits between the template and each VM's own overlay
+    state = host.warm.get(tid)
+    assert state is not None and state.size() > 0
+
+
+async def test_another_shape_boots_cold_and_says_why(
+    host: Host, autojump_clock: trio.testing.MockClock
+) -> None:
+    first = await host.vms.request_local("web", 1, ["a"])
+    await host.warmed(first.template_id or "")
+    big = await host.vms.request_local("big", 1, ["a"], memory_mb=1024)
+    [vm] = big.vms
+    assert vm.start_kind == "cold"
+    assert vm.start_note == "warm state has another shape: memory_mb 512 != 1024"
+    assert host.warm.get(first.template_id or "") is not None, "kept for VMs it fits"
+
+
+async def test_a_corrupt_state_is_deleted_and_the_vm_boots_cold(
+    host: Host, autojump_clock: trio.testing.MockClock
+) -> None:
+    first = await host.vms.request_local("web", 1, ["a"])
+    tid = first.template_id or ""
+    await host.warmed(tid)
+    state = host.warm.get(tid)
+    assert state is not None
+    state.state.write_bytes(b"\x00garbage")
+    again = await host.vms.request_local("web", 1, ["a"])
+    [vm] = again.vms
+    assert vm.start_kind == "cold" and "did not resume" in vm.start_note, vm
+    assert host.vms.get(vm.name).state == "running"
+    assert not (host.warm.dir / tid).exists() or host.warm.making(tid), "the bad state is gone"
+
+
+async def test_a_half_saved_state_is_removed_at_start(
+    host: Host, autojump_clock: trio.testing.MockClock
+) -> None:
+    first = await host.vms.request_local("web", 1, ["a"])
+    tid = first.template_id or ""
+    await host.warmed(tid)
+    (host.warm.dir / f"{SAVING}{tid}").mkdir()  # the node was killed while saving
+    (host.warm.dir / f"{SAVING}{tid}" / "state.tmp").write_bytes(b"half")
+    (host.warm.dir / ("ab" * 16)).mkdir()  # a state whose template is gone
+    removed = await host.vms.reconcile()
+    assert f"warm state {SAVING}{tid}" in removed
+    assert f"warm state {'ab' * 16}" in removed
+    assert sorted(p.name for p in host.warm.dir.iterdir()) == [tid]
+
+
+async def test_warm_starts_can_be_turned_off(
+    host: Host, autojump_clock: trio.testing.MockClock
+) -> None:
+    first = await host.vms.request_local("web", 1, ["a"])
+    await host.warmed(first.template_id or "")
+    host.vms.warm_enabled = False
+    again = await host.vms.request_local("web", 1, ["a"])
+    assert [v.start_kind for v in again.vms] == ["cold"]
+
+
+async def test_the_warm_state_goes_with_its_template(
+    host: Host, autojump_clock: trio.testing.MockClock
+) -> None:
+    first = await host.vms.request_local("web", 1, ["a"])
+    tid = first.template_id or ""
+    await host.warmed(tid)
+    await host.vms.shutdown("web")
+    host.templates.remove(tid)
+    assert not (host.warm.dir / tid).exists()
+
+
+async def test_a_warm_boot_gives_way_to_a_request(
+    tmp_path: Path, hv: FakeHypervisor, store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    """One free slot, taken by a warm boot: a request for a VM gets it at once."""
+    h = Host(tmp_path / "d", hv, store, cores=1)  # two slots (overcommit 2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.vms.run)
+        first = await h.vms.request_local("web", 1, ["a"])
+        tid = first.template_id or ""
+        while not h.warm.making(tid):  # noqa: ASYNC110
+            await trio.sleep(0.01)
+        assert h.vms.capacity().free_slots == 0, "the warm boot holds the last slot"
+        second = await h.vms.request_local("other", 1)
+        assert len(second.vms) == 1 and second.unplaced == 0
+        await trio.testing.wait_all_tasks_blocked()
+        assert h.warm.get(tid) is None and not h.warm.making(tid)
+        assert not any(p.name.startswith(SAVING) for p in h.warm.dir.iterdir())
+        nursery.cancel_scope.cancel()
+
+
+def test_shape_json_round_trip(tmp_path: Path) -> None:
+    from vmmesh.hypervisor.savedstate import Shape
+
+    shape = Shape.of({"memory_mb": 512, "qemu": "QEMU emulator version 7.2.19"})
+    assert Shape.from_json(json.loads(json.dumps(shape.to_json()))) == shape
+    assert Shape.from_json({"memory_mb": 5}) is None
+    assert shape.differs(Shape.of({"memory_mb": 1024, "qemu": "QEMU emulator version 7.2.19"}))
