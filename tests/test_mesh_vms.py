@@ -254,3 +254,30 @@ def test_host_killed_during_a_request_has_its_share_replaced(mesh: Lab) -> None:
     ]
     assert building == []
     lab.cli(1, "shutdown", "kill")
+
+
+def test_the_second_request_for_the_same_packages_gets_warm_vms(mesh: Lab) -> None:
+    """Once a host holds a template, it saves a booted guest of it in the background;
+    the next VMs of that template resume from it instead of booting."""
+    lab = mesh
+    first = _request(lab, 1, "wa", "1", "vmm-test-a")
+    [vm] = first["vms"]
+    host = vm["host"]
+
+    def all_warm() -> bool:
+        """Every host that holds the template has saved a warm boot of it."""
+        rows = cli_json(lab, 1, "templates")["templates"]
+        mine = [t for t in rows if t["template_id"] == vm["template"]]
+        return bool(mine) and all(t["warm_size"] > 0 for t in mine)
+
+    eventually(all_warm, f"{host} saves a warm boot of the template", patience=PATIENCE)
+    lab.cli(1, "shutdown", "wa")
+    eventually(field_is, f"h1 sees {host} with two free slots", lab, 1, host, SLOTS, 2)
+    second = _request(lab, 1, "wb", "1", "vmm-test-a")
+    [vm2] = second["vms"]
+    assert vm2["start"] == "warm", second
+    assert "vm_resume" in vm2["phases"] and "vm_boot" not in vm2["phases"]
+    rows = [v for v in cli_json(lab, 1, "vms")["vms"] if v["request"] == "wb"]
+    assert [(r["start"], r["state"]) for r in rows] == [("warm", "running")]
+    print(f"warm start: {vm2['phases']['vm_resume']:.2f} s to the guest agent")
+    lab.cli(1, "shutdown", "wb")

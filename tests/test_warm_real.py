@@ -1,0 +1,136 @@
+"""Warm starts with real QEMU guests (TCG): three clones of one saved boot are three
+machines, a state of another shape is not used, a corrupt one is deleted."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.aptrepo import AptRepo, apt_repo
+from vmmesh.host.build import BaseImage
+from vmmesh.host.capacity import CapacityPolicy, probe_host
+from vmmesh.host.images import read_manifest
+from vmmesh.host.store import Store
+from vmmesh.host.templates import TemplateManager
+from vmmesh.host.vms import VmManager
+from vmmesh.host.warm import WarmStore
+from vmmesh.hypervisor.base import BootSpec
+from vmmesh.hypervisor.qemu import QemuGuest, QemuHypervisor
+
+BASE_DIR = Path(os.environ.get("VMMESH_BASE_IMAGE_DIR", "/var/cache/vmmesh-dev/base"))
+__all__ = ["apt_repo"]  # fixture
+
+pytestmark = [
+    pytest.mark.qemu,
+    pytest.mark.skipif(
+        not (BASE_DIR / "manifest.json").is_file() or shutil.which("qemu-system-x86_64") is None,
+        reason=f"needs qemu-system-x86_64 and a base image in {BASE_DIR}",
+    ),
+]
+
+
+class RecordingQemu(QemuHypervisor):
+    def __init__(self) -> None:
+        super().__init__(accel="tcg")
+        self.guests: list[QemuGuest] = []
+
+    async def start(self, spec: BootSpec) -> QemuGuest:
+        guest = await super().start(spec)
+        self.guests.append(guest)
+        return guest
+
+
+@pytest.fixture
+async def mgr(tmp_path: Path, store: Store, apt_repo: AptRepo) -> AsyncIterator[VmManager]:
+    hv = RecordingQemu()
+    data = tmp_path / "data"
+    base = BaseImage(BASE_DIR.resolve(), read_manifest(BASE_DIR).manifest)
+    templates = TemplateManager(
+        store=store,
+        hypervisor=hv,
+        data_dir=data,
+        base=base,
+        apt_sources=[apt_repo.source_line()],
+        agent_timeout=240.0,
+    )
+    vms = VmManager(
+        store=store,
+        hypervisor=hv,
+        templates=templates,
+        data_dir=data,
+        policy=CapacityPolicy(cpu_overcommit=4.0, vm_vcpus=1, vm_memory_mb=512),
+        probe=lambda: probe_host(data),
+        agent_timeout=240.0,
+        warm=WarmStore(data, hv, base, agent_timeout=240.0),
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(vms.run)
+            yield vms
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            for guest in hv.guests:
+                await guest.kill()
+
+
+async def _warmed(mgr: VmManager, tid: str) -> None:
+    assert mgr.warm is not None
+    with trio.fail_after(900):
+        while mgr.warm.get(tid) is None:  # noqa: ASYNC110 - made in the background
+            await trio.sleep(0.5)
+
+
+async def _out(mgr: VmManager, vm: str, script: str) -> bytes:
+    res = await mgr.exec(vm, ["sh", "-c", script])
+    assert res.exit_code == 0, res
+    return res.stdout.strip()
+
+
+async def test_three_warm_clones_are_three_machines(mgr: VmManager) -> None:
+    first = await mgr.request_local("w", 1, ["vmm-test-a"])
+    tid = first.template_id or ""
+    print("cold, from a new template:", {k: round(v, 1) for k, v in first.vms[0].seconds.items()})
+    started = trio.current_time()
+    await _warmed(mgr, tid)
+    assert mgr.warm is not None
+    state = mgr.warm.get(tid)
+    assert state is not None
+    print(
+        f"warm state made in {state.made_seconds:.1f} s, {state.size() / 1e6:.0f} MB "
+        f"(waited {trio.current_time() - started:.1f} s)"
+    )
+    clones = await mgr.request_local("w", 3, ["vmm-test-a"])
+    assert [v.start_kind for v in clones.vms] == ["warm"] * 3, clones
+    for v in clones.vms:
+        print(f"{v.name}: resumed and ready in {v.seconds['vm_resume']:.2f} s")
+    names = [v.name for v in clones.vms]
+    hostnames = {await _out(mgr, n, "hostname") for n in names}
+    machine_ids = {await _out(mgr, n, "cat /etc/machine-id") for n in names}
+    randoms = {await _out(mgr, n, "head -c 16 /dev/urandom | od -An -tx1") for n in names}
+    assert len(hostnames) == len(machine_ids) == len(randoms) == 3
+    assert hostnames == {n.encode() for n in names}
+    await _out(mgr, names[0], "echo mine > /root/only-here && sync")
+    for other in names[1:]:
+        res = await mgr.exec(other, ["cat", "/root/only-here"])
+        assert res.exit_code != 0, "a file written in one clone is not in the others"
+    marker = await _out(mgr, names[1], "cat /usr/share/vmm-test-a/marker")
+    assert marker == b"vmm-test-a"
+
+    # another shape (memory) is not resumed: a cold boot, and why
+    big = await mgr.request_local("big", 1, ["vmm-test-a"], memory_mb=768)
+    [vm] = big.vms
+    assert vm.start_kind == "cold" and "memory_mb 512 != 768" in vm.start_note, vm
+
+    # a corrupt state: the VM still comes up (cold), the state is gone
+    state.state.write_bytes(os.urandom(4096))
+    again = await mgr.request_local("again", 1, ["vmm-test-a"])
+    [vm] = again.vms
+    assert vm.start_kind == "cold" and "did not resume" in vm.start_note, vm
+    assert await _out(mgr, vm.name, "hostname") == vm.name.encode()
+    assert mgr.warm.get(tid) is None or mgr.warm.making(tid)
