@@ -8,6 +8,7 @@ import logging
 import trio
 
 from vmmesh.config import Config, load_config
+from vmmesh.jobs.service import JobService
 from vmmesh.node import Node
 from vmmesh.transfer.service import TransferService
 from vmmesh.vmservice.service import VmService
@@ -24,7 +25,7 @@ def node(args: argparse.Namespace, cfg: Config) -> int:
         return load_config(flags, config_file=args.config)
 
     vms = VmService()
-    n = Node(cfg, reload=reload, extensions=[vms, TransferService(vms)])
+    n = Node(cfg, reload=reload, extensions=[vms, TransferService(vms), JobService(vms)])
     try:
         trio.run(n.run)
     except KeyboardInterrupt:

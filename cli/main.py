@@ -109,6 +109,7 @@ def _vm_commands(add: Adder) -> None:
     p.add_argument("--install", action="store_true", help="install missing packages locally")
     p = add("fetch", "cmd_transfer:fetch", "fetch a template from the peers that hold it")
     p.add_argument("template", help="template id (or its start) as `vmmesh templates` shows")
+    _run_command(add)
     add("vms", "cmd_vm:vms", "list the VMs of the mesh")
     add("templates", "cmd_vm:templates", "list the templates of the mesh")
     p = add("shutdown", "cmd_vm:shutdown", "stop and delete every VM called NAME in the mesh")
@@ -130,6 +131,34 @@ def _vm_commands(add: Adder) -> None:
         metavar="KEY",
         help="private key with KEY.pub beside it (default: ~/.ssh/id_ed25519, id_ecdsa, id_rsa)",
     )
+    p.add_argument("argv", nargs=argparse.REMAINDER)
+
+
+def _run_command(add: Adder) -> None:
+    from vmmesh.jobs.client import EXIT_HELP
+
+    p = add("run", "cmd_run:run", "run a command in a fresh VM with the packages it needs")
+    p.epilog = EXIT_HELP
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("--pkg", dest="packages", action="append", metavar="P", help="package")
+    p.add_argument("--custom", type=Path, metavar="FILE.zip", help="zip extracted to /opt")
+    p.add_argument("--input", dest="inputs", action="append", metavar="F", help="input file")
+    p.add_argument(
+        "--output",
+        dest="outputs",
+        action="append",
+        metavar="F",
+        help="output to bring back (default: whatever the command made)",
+    )
+    p.add_argument("--cpus", type=int)
+    p.add_argument("--memory", type=int, metavar="MB")
+    p.add_argument("--timeout", type=float, metavar="S", help="kill the command after S seconds")
+    p.add_argument("--keep", action="store_true", help="leave the VM running for a look")
+    p.add_argument("--tasks", metavar="DIR", help="a bag of tasks: run once per file of DIR")
+    p.add_argument("--vms", type=int, metavar="N", help="VMs for the bag (1)")
+    p.add_argument("--results", metavar="DIR", help="where each task's results go (results)")
+    p.add_argument("--fetch", action="store_true", help="fetch missing templates from peers")
+    p.add_argument("--install", action="store_true", help="install missing packages locally")
     p.add_argument("argv", nargs=argparse.REMAINDER)
 
 

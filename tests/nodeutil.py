@@ -28,6 +28,7 @@ from vmmesh.host.capacity import count_cores
 from vmmesh.host.vms import VmManager
 from vmmesh.hypervisor.base import BootSpec
 from vmmesh.hypervisor.fake import FakeGuest, FakeHypervisor, make_base_image
+from vmmesh.jobs.service import JobService
 from vmmesh.mesh import pki
 from vmmesh.net.control import connect_control
 from vmmesh.node import Node
@@ -205,7 +206,7 @@ async def mesh(
             )
             base = BaseImage(image_dir, make_base_image(image_dir))
             svc = VmService(hypervisor=hvs[i], base=base)
-            node = Node(cfg, extensions=[svc, TransferService(svc)])
+            node = Node(cfg, extensions=[svc, TransferService(svc), JobService(svc)])
             scope = await nursery.start(run_node, node)
             hosts.append(Host(name, cfg, node, svc, hvs[i], scope))
         free = {h.name: h.mgr.capacity().free_slots for h in hosts}

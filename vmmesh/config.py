@@ -44,6 +44,7 @@ class Config:
     apt_sources: tuple[str, ...] = ()  # guest apt lines; empty: the image's own
     image_autofetch: bool = True  # no base image here: get the mesh's from peers
     warm_start: bool = True  # VMs resume from their template's saved boot where it fits
+    job_lease: float = 60.0  # a job VM whose owner is silent this long is shut down
     # `vmmesh ssh`: each VM's port 22 is forwarded from a host port of this range,
     # listening on ssh_bind (0.0.0.0: reachable from the mesh's other hosts;
     # 127.0.0.1: only from this host).  ssh_port_count = 0 turns forwards off.

@@ -45,6 +45,10 @@ class ErrorCode(enum.StrEnum):
     STATE = "state"
     TRANSFER = "transfer"
     JOB = "job"
+    JOB_INPUT = "job_input"
+    JOB_NO_VM = "job_no_vm"
+    JOB_LOST = "job_lost"
+    JOB_OUTPUT = "job_output"
     INTERNAL = "internal"
 
 
@@ -224,6 +228,30 @@ class JobError(VmmeshError):
     """A job could not be run (not: the job's command failed, which is its exit status)."""
 
     code = ErrorCode.JOB
+
+
+class JobInputError(JobError):
+    """An input the job names does not exist or cannot be sent."""
+
+    code = ErrorCode.JOB_INPUT
+
+
+class NoJobVm(JobError):
+    """No VM could be had for the job (no capacity, no base image, nothing placed)."""
+
+    code = ErrorCode.JOB_NO_VM
+
+
+class JobLost(JobError):
+    """The job's VM, or the host running it, went away while the job used it."""
+
+    code = ErrorCode.JOB_LOST
+
+
+class JobOutputMissing(JobError):
+    """The job asked for an output the command did not make."""
+
+    code = ErrorCode.JOB_OUTPUT
 
 
 def _classes() -> dict[str, type[VmmeshError]]:

@@ -19,6 +19,9 @@ VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 PACKAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9+.-]{0,127}$")
 HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 MAX_PACKAGES = 256
+# Requests named ``job-...`` belong to jobs (`vmmesh run`): their host shuts them down
+# when the job's lease runs out, so a user's request may not take the prefix.
+JOB_PREFIX = "job-"
 
 # Specs of the same rules, for typed bodies.
 HexId = Text(64, HEX_ID.pattern[1:-1], "hex id")

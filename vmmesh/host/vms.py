@@ -648,10 +648,10 @@ class VmManager:
         self, name_or_id: str, argv: list[str], *, input_data: bytes | None = None
     ) -> ExecResult:
         """Run ``argv`` in a running VM through its guest agent (wrap in fail_after)."""
-        _rec, guest = self._running(name_or_id)
+        _rec, guest = self.running(name_or_id)
         return await guest.exec(argv, input_data=input_data)
 
-    def _running(self, name_or_id: str) -> tuple[VmRecord, Guest]:
+    def running(self, name_or_id: str) -> tuple[VmRecord, Guest]:
         """A VM running here and its guest; NotFound otherwise."""
         rec = self.get(name_or_id)
         guest = self.guests.get(rec.vm_id)
@@ -669,7 +669,7 @@ class VmManager:
     async def ssh_access(self, name_or_id: str, public_keys: Sequence[str]) -> SshAccess:
         """Let ``public_keys`` log in as root; returns the forward and the guest's host key."""
         keys = check_public_keys(list(public_keys))
-        rec, guest = self._running(name_or_id)
+        rec, guest = self.running(name_or_id)
         if not rec.ssh_port:
             raise UsageError(
                 f"{rec.name} has no ssh port (ssh forwarding is off on its host, or every "

@@ -109,6 +109,8 @@ class FakeGuest:
     spec: BootSpec
     exec_log: list[list[str]] = field(default_factory=list)
     authorized_keys: list[str] = field(default_factory=list)
+    spawned: list[list[str]] = field(default_factory=list)
+    _ends: dict[int, float] = field(default_factory=dict)  # spawned pid -> when it exits
     exited: trio.Event = field(default_factory=trio.Event)
     exit_status: int = 0
 
@@ -203,9 +205,10 @@ class FakeGuest:
         disk.setdefault("files", {})[guest_path] = base64.b64encode(data).decode()
         _save(self.disk, disk)
 
-    async def write_file(self, guest_path: str, data: bytes) -> None:
+    async def write_file(self, guest_path: str, data: bytes, append: bool = False) -> None:
         self._check_alive()
-        self._store(guest_path, data)
+        before = files_on(self.disk).get(guest_path, b"") if append else b""
+        self._store(guest_path, before + data)
 
     async def read_file(self, guest_path: str, limit: int = 64 << 20) -> bytes:
         self._check_alive()
@@ -213,6 +216,31 @@ class FakeGuest:
         if guest_path not in files:
             raise GuestAgentError(f"no such file in guest: {guest_path}")
         return files[guest_path][:limit]
+
+    async def read_range(self, guest_path: str, offset: int, count: int) -> bytes:
+        return (await self.read_file(guest_path))[offset : offset + count]
+
+    async def spawn(self, argv: list[str]) -> int:
+        """A background process that "runs" ``hv.job_seconds`` and exits ``hv.job_exit``.
+
+        For the job runner's wrapper (``sh -c SCRIPT sh WORK OUT TIMEOUT CMD...``)
+        it writes ``ran CMD...`` to ``OUT/stdout`` at once.
+        """
+        self._check_alive()
+        self.exec_log.append(list(argv))
+        self.spawned.append(list(argv))
+        if argv[:2] == ["sh", "-c"] and len(argv) >= 8:
+            self._store(f"{argv[5]}/stdout", ("ran " + " ".join(argv[7:]) + "\n").encode())
+        self._ends[len(self.spawned)] = trio.current_time() + self.hv.job_seconds
+        return len(self.spawned)
+
+    async def exec_status(self, pid: int) -> ExecResult | None:
+        self._check_alive()
+        if pid not in self._ends:
+            raise GuestAgentError(f"no process {pid} in the guest")
+        if trio.current_time() < self._ends[pid]:
+            return None
+        return ExecResult(self.hv.job_exit, b"", b"")
 
     async def shutdown(self, timeout: float = 60.0) -> int:
         if not self.exited.is_set():
@@ -264,6 +292,8 @@ class FakeHypervisor:
         self.clean_poweroff = clean_poweroff  # False: guests ignore power-off and get killed
         self.update_failures = 0  # so many `apt-get update` runs fail first (a flaky source)
         self.update_output = b""  # what `apt-get update` prints when it "succeeds"
+        self.job_seconds = 0.0  # how long a spawned process runs
+        self.job_exit = 0  # and its exit status
         self.running: dict[str, FakeGuest] = {}
         self.resumed: list[str] = []  # guests started from a saved state
         self.started: list[FakeGuest] = []

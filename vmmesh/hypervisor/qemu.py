@@ -280,9 +280,22 @@ class QemuGuest:
             )
         return ExecResult(st.exit_code, st.stdout, st.stderr, st.truncated)
 
-    async def write_file(self, guest_path: str, data: bytes) -> None:
+    async def write_file(self, guest_path: str, data: bytes, append: bool = False) -> None:
         async with self._qga_lock, open_agent(self.qga_path) as agent:
-            await agent.write_file(guest_path, data)
+            await agent.write_file(guest_path, data, append)
+
+    async def read_range(self, guest_path: str, offset: int, count: int) -> bytes:
+        async with self._qga_lock, open_agent(self.qga_path) as agent:
+            return await agent.read_range(guest_path, offset, count)
+
+    async def spawn(self, argv: list[str]) -> int:
+        async with self._qga_lock, open_agent(self.qga_path) as agent:
+            return await agent.spawn(argv)
+
+    async def exec_status(self, pid: int) -> ExecResult | None:
+        async with self._qga_lock, open_agent(self.qga_path) as agent:
+            st = await agent.exec_status(pid)
+        return ExecResult(st.exit_code, b"", b"") if st.exited else None
 
     async def read_file(self, guest_path: str, limit: int = 64 << 20) -> bytes:
         async with self._qga_lock, open_agent(self.qga_path) as agent:

@@ -448,9 +448,49 @@ class GuestAgentClient:
                 interval = min(interval * 2, 1.0)
         raise GuestAgentError(f"{argv[0]} did not finish within {timeout:g} s")
 
-    async def write_file(self, guest_path: str, data: bytes) -> None:
+    async def spawn(self, argv: list[str], env: Mapping[str, str] | None = None) -> int:
+        """Start ``argv`` in the guest without waiting (output not captured); its pid."""
+        args = exec_arguments(argv, None, env)
+        args["capture-output"] = False
+        started = await self.execute("guest-exec", args)
+        if not isinstance(started, dict) or not isinstance(started.get("pid"), int):
+            raise GuestAgentError("malformed guest-exec answer")
+        return int(started["pid"])
+
+    async def exec_status(self, pid: int) -> ExecStatus:
+        reply = await self.call("guest-exec-status", {"pid": pid})
+        if isinstance(reply, Oversized):
+            return salvage_exec_status(reply, 0)
+        return parse_exec_status(reply.value, 0)
+
+    async def read_range(self, guest_path: str, offset: int, count: int) -> bytes:
+        """Up to ``count`` bytes of a guest file from ``offset`` (b"" at its end)."""
+        handle = await self.execute("guest-file-open", {"path": guest_path, "mode": "rb"})
+        if not isinstance(handle, int):
+            raise GuestAgentError("malformed guest-file-open answer")
+        out = bytearray()
+        try:
+            if offset:
+                await self.execute(
+                    "guest-file-seek", {"handle": handle, "offset": offset, "whence": "set"}
+                )
+            while len(out) < count:
+                want = min(FILE_CHUNK, count - len(out))
+                res = await self.execute("guest-file-read", {"handle": handle, "count": want})
+                if not isinstance(res, dict):
+                    raise GuestAgentError("malformed guest-file-read answer")
+                out += _b64(res.get("buf-b64"))
+                if res.get("eof") or not res.get("count"):
+                    break
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.execute("guest-file-close", {"handle": handle}, timeout=10.0)
+        return bytes(out)
+
+    async def write_file(self, guest_path: str, data: bytes, append: bool = False) -> None:
         """Upload in ``FILE_CHUNK`` pieces; the file is closed even on error."""
-        handle = await self.execute("guest-file-open", {"path": guest_path, "mode": "wb"})
+        mode = "ab" if append else "wb"
+        handle = await self.execute("guest-file-open", {"path": guest_path, "mode": mode})
         if not isinstance(handle, int):
             raise GuestAgentError("malformed guest-file-open answer")
         try:

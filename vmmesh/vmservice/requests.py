@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING
 import trio
 
 from vmmesh.api.common import Progress
-from vmmesh.api.names import next_index
+from vmmesh.api.names import JOB_PREFIX, next_index
 from vmmesh.api.vm import REQUEST, SHARE, RequestReport, RequestVms, ShareRequest
-from vmmesh.errors import PackageInstallError, VmmeshError
+from vmmesh.errors import PackageInstallError, UsageError, VmmeshError
 from vmmesh.extension import NodeContext
-from vmmesh.net.rpc import Context, Handlers
+from vmmesh.net.rpc import Context, Handlers, LocalContext
 from vmmesh.placement.coordinator import Ask, Coordinator, dry_run, placement_seed
 from vmmesh.placement.planner import HostIndex, PlacementRequest
 
@@ -54,6 +54,11 @@ class RequestCoordinator:
         return self._index
 
     async def request(self, ctx: Context, req: RequestVms) -> RequestReport:
+        if req.name.startswith(JOB_PREFIX) and not isinstance(ctx, LocalContext):
+            raise UsageError(
+                f"request names starting with {JOB_PREFIX!r} are for `vmmesh run` jobs "
+                "(their VMs go when the job ends): choose another name"
+            )
         preq = PlacementRequest(
             placement_seed(req.name, req.count, req.packages), req.name, req.count, req.packages
         )
