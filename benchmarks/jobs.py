@@ -122,6 +122,34 @@ def bench_true(lab: Lab, tmp: Path, runs: int) -> dict[str, Any]:
     return out
 
 
+def bench_request4(lab: Lab, runs: int) -> dict[str, Any]:
+    """``vmmesh request r4 4 vmm-test-a`` end to end, warm and cold alternating."""
+    samples: dict[str, list[float]] = {"warm": [], "cold": []}
+    starts: dict[str, set[str]] = {"warm": set(), "cold": set()}
+    for _ in range(runs):
+        for mode in ("warm", "cold"):
+            _set_warm(lab, mode == "warm")
+            argv = [*lab.vmmesh_argv(), "request", "--data-dir", lab.host(1).data_dir, "r4", "4",
+                    "vmm-test-a", "--json"]  # fmt: skip
+            started = time.monotonic()
+            r = lab.lab_exec(1, argv, check=False, timeout=PATIENCE)
+            samples[mode].append(time.monotonic() - started)
+            reply = json.loads(r.stdout) if r.stdout else {}
+            starts[mode] |= {v.get("start", "?") for v in reply.get("vms", [])}
+            lab.cli(1, "shutdown", "r4", check=False)
+            eventually(_all_free, "the four VMs are gone", lab, patience=PATIENCE)
+    _set_warm(lab, True)
+    return {
+        mode: {"seconds_median": round(statistics.median(v), 1), "starts": sorted(starts[mode]),
+               "samples": [round(x, 1) for x in v]}
+        for mode, v in samples.items()
+    }  # fmt: skip
+
+
+def _all_free(lab: Lab) -> bool:
+    return not [v for v in cli_json(lab, 1, "vms")["vms"] if v["request"] == "r4"]
+
+
 def bench_bag(lab: Lab, tmp: Path) -> dict[str, Any]:
     tasks = tmp / "tasks"
     tasks.mkdir()
@@ -205,6 +233,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 eventually(all_up, f"h{i} sees both hosts", running, i, 2)
             out: dict[str, Any] = {"accel": args.accel}
             out["run_true"] = bench_true(running, Path(tmp), args.runs)
+            out["request_4"] = bench_request4(running, max(1, args.runs - 1))
             out["condor"] = bench_condor(running, Path(tmp))
             if not args.skip_bag:
                 out["bag"] = bench_bag(running, Path(tmp))
@@ -230,6 +259,11 @@ def _print(result: dict[str, Any]) -> None:
         )
         print(f"  {mode + ' start (median)':<28}{r['seconds_median']:>10.2f}"
               f"{r['vm_part_median']:>9.2f}  {ref}   runs {r['samples']}")  # fmt: skip
+    r4 = result["request_4"]
+    print("`vmmesh request r4 4 vmm-test-a` across the lab, templates present (median)")
+    for mode in ("warm", "cold"):
+        print(f"  {mode:<28}{r4[mode]['seconds_median']:>10.1f}   starts {r4[mode]['starts']}"
+              f"   runs {r4[mode]['samples']}")  # fmt: skip
     c = result["condor"]
     print('HTCondor wrapper, arguments = "vmm-test-c # sh job.sh in.txt" (43 kB in, 43 kB out)')
     for key, label in (

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job: set up this machine, then a mesh of three lab hosts on it,
-# a request placed across them, the VMs shown, shut down, the lab removed.
+# a request placed across them, the VMs shown, shut down; a template fetched
+# from a peer, a warm VM, a job and a bag of tasks; the lab removed.
 #
 #   sudo bash scripts/demo.sh [--keep]     (--keep leaves the lab up)
 set -euo pipefail
@@ -61,4 +62,32 @@ ip netns exec "$NS3" "$VMMESH" --data-dir "$LAB/hosts/h3" ssh demo-2 -i "$KEY" -
     'echo "logged in to $(hostname) as $(id -un)"; cat /usr/share/vmm-test-b/marker'
 echo "==> vmmesh shutdown demo (from h3)"
 "$VMMESH" --data-dir "$LAB/hosts/h3" shutdown demo
+"$VMMESH" $H1 vms
+
+echo "==> a template fetched from a peer: h3 takes the delta straight from a host that holds it"
+TID=$("$VMMESH" $H1 templates --json | "$PY" -c "import json,sys; print(next(t['template_id'] for t in json.load(sys.stdin)['templates'] if t['packages']==['vmm-test-a','vmm-test-b']))")
+"$VMMESH" --data-dir "$LAB/hosts/h3" fetch "$TID"
+"$VMMESH" $H1 templates
+
+echo "==> a warm VM: hosts keep a saved boot of each template; the next VM resumes from it"
+for _ in $(seq 1 240); do
+    warm=$("$VMMESH" $H1 templates --json | "$PY" -c "import json,sys; print(sum(t['warm_size']>0 for t in json.load(sys.stdin)['templates']))")
+    [ "$warm" -gt 0 ] && break
+    sleep 1
+done
+"$VMMESH" $H1 request again 1 vmm-test-a vmm-test-b
+"$VMMESH" $H1 vms
+"$VMMESH" $H1 shutdown again
+
+echo "==> a job: vmmesh run copies the input in, streams the output, brings the result back"
+JOB="$LAB/job"
+mkdir -p "$JOB" && echo "hello from the demo" > "$JOB/in.txt"
+(cd "$JOB" && "$OLDPWD/$VMMESH" $H1 run --pkg vmm-test-a --input in.txt -- \
+    sh -c 'tr a-z A-Z < in.txt > out.txt; echo "ran on $(hostname)"; cat out.txt')
+echo "    result beside the input: $(cat "$JOB/out.txt")"
+
+echo "==> a bag of 6 tasks over 2 VMs of the mesh, one result folder per task"
+mkdir -p "$JOB/tasks" && for n in 1 2 3 4 5 6; do seq "$n" > "$JOB/tasks/t$n"; done
+(cd "$JOB" && "$OLDPWD/$VMMESH" $H1 run --pkg vmm-test-a --tasks tasks --vms 2 \
+    --results results -- sh -c 'wc -l < {} > {}.lines')
 "$VMMESH" $H1 vms

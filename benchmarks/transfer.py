@@ -1,0 +1,315 @@
+"""Templates between lab hosts: bytes on the wire against the .debs, rate against raw
+TCP, two holders against one, fetch against install to a VM ready.
+
+Brings up a lab of four hosts and serves, on the lab bridge, a proxy of the
+Debian mirror that counts the bytes of every ``.deb`` it passes (what
+installing downloads).  Then:
+
+1. h1 builds templates of real packages (``--packages``, default
+   ``python3`` then ``povray``): each through ``vmmesh request`` on h1, end
+   to end to a VM ready, the proxy counting the ``.deb`` bytes;
+2. every host's uplink is shaped to 1 Gbit/s (``tc tbf`` on its eth0): h2
+   fetches template A from h1 (one holder), then the same file goes from
+   h1 to h2 over a plain TCP socket: the two rates, same run, same link;
+3. uplinks shaped to 100 Mbit/s (the thesis's LAN): h3 fetches template B
+   from h1 alone, then h4 fetches it from h1 and h3 at once: two holders
+   against one;
+4. still at 100 Mbit/s, ``vmmesh request`` on h4 for A's packages with
+   ``--fetch``: a VM ready through a fetch, against h1's build.
+
+Prints, per template: .deb bytes, the delta's size (file and allocated),
+bytes on the wire and the ratios to the targets (<= 1.0x the .debs, <= 0.5x
+the raw delta; thesis: 2.2x the packages, sent twice); the rates against raw
+TCP (>= 80 %) and two holders against one (>= 1.7x); fetch and install to a
+VM ready beside the thesis's 94 s / 184 s and 81 s / 123 s.  Needs root, the
+base image and the Debian mirror reachable from this machine.
+
+    python benchmarks/transfer.py [--packages python3 povray] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.labutil import lab_context  # noqa: E402
+from tests.meshutil import all_up, cli_json, eventually  # noqa: E402
+from vmmesh.lab import Lab  # noqa: E402
+
+BASE_DIR = Path(os.environ.get("VMMESH_BASE_IMAGE_DIR", "/var/cache/vmmesh-dev/base"))
+MIRROR = "http://deb.debian.org"
+PATIENCE = 1800.0
+THESIS = {"fetch": "94 s / 184 s", "install": "81 s / 123 s", "wire": "2.2x the packages, twice"}
+
+
+class CountingProxy(http.server.ThreadingHTTPServer):
+    """GET /debian/... passed to the mirror; counts the bytes of .deb files."""
+
+    def __init__(self, address: str, port: int) -> None:
+        super().__init__((address, port), _ProxyHandler)
+        self.deb_bytes = 0
+        self.debs = 0
+        self.lock = threading.Lock()
+
+
+class _ProxyHandler(http.server.BaseHTTPRequestHandler):
+    server: CountingProxy
+
+    def do_GET(self) -> None:
+        try:
+            upstream = urllib.request.urlopen(MIRROR + self.path, timeout=60)
+        except Exception as exc:  # the mirror's 404 and friends, passed on
+            code = getattr(exc, "code", 502)
+            self.send_error(code if isinstance(code, int) else 502)
+            return
+        with upstream:
+            self.send_response(200)
+            length = upstream.headers.get("Content-Length")
+            if length:
+                self.send_header("Content-Length", length)
+            self.end_headers()
+            total = 0
+            while chunk := upstream.read(1 << 16):
+                self.wfile.write(chunk)
+                total += len(chunk)
+        if self.path.endswith(".deb"):
+            with self.server.lock:
+                self.server.deb_bytes += total
+                self.server.debs += 1
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _shape(lab: Lab, rate: str) -> None:
+    burst = "1mb" if rate.endswith("gbit") else "128kb"
+    for h in lab.hosts:
+        subprocess.run(["ip", "netns", "exec", h.netns, "tc", "qdisc", "replace", "dev", "eth0",
+                        "root", "tbf", "rate", rate, "burst", burst, "latency", "50ms"],
+                       check=True)  # fmt: skip
+
+
+def _json(lab: Lab, i: int, *args: str) -> dict[str, Any]:
+    argv = [*lab.vmmesh_argv(), args[0], "--data-dir", lab.host(i).data_dir, *args[1:], "--json"]
+    r = lab.lab_exec(i, argv, check=False, timeout=PATIENCE)
+    if not r.stdout:
+        raise SystemExit(f"vmmesh {' '.join(args)} on h{i} failed: {r.stderr.strip()}")
+    out: dict[str, Any] = json.loads(r.stdout)
+    return out
+
+
+def _template(lab: Lab, i: int, packages: list[str]) -> dict[str, Any]:
+    for t in cli_json(lab, i, "templates")["templates"]:
+        if t["packages"] == sorted(packages) and t["host"] == f"h{i}":
+            return dict(t)
+    raise SystemExit(f"h{i} holds no template of {packages}")
+
+
+def _delta_file(lab: Lab, i: int, tpl: dict[str, Any]) -> Path:
+    path = lab.host_data_dir(i) / "templates" / f"{tpl['sha256']}.qcow2"
+    if not path.is_file():
+        raise SystemExit(f"no delta file {path.name} on h{i}")
+    return path
+
+
+def _build(lab: Lab, proxy: CountingProxy, packages: list[str], name: str) -> dict[str, Any]:
+    before = proxy.deb_bytes, proxy.debs
+    started = time.monotonic()
+    reply = _json(lab, 1, "request", name, "1", *packages)
+    seconds = time.monotonic() - started
+    if not reply.get("vms"):
+        raise SystemExit(f"no VM of {packages}: {reply}")
+    lab.cli(1, "shutdown", name)
+    tpl = _template(lab, 1, packages)
+    path = _delta_file(lab, 1, tpl)
+    return {
+        "packages": packages,
+        "template_id": tpl["template_id"],
+        "deb_bytes": proxy.deb_bytes - before[0],
+        "debs": proxy.debs - before[1],
+        "delta_bytes": path.stat().st_size,
+        "delta_allocated": path.stat().st_blocks * 512,
+        "install_to_vm_seconds": round(seconds, 1),
+        "path": str(path),
+    }
+
+
+RECEIVER = """
+import socket
+s = socket.create_server(("ADDR", PORT))
+c, _ = s.accept()
+n = 0
+while b := c.recv(1 << 20):
+    n += len(b)
+print(n)
+"""
+SENDER = """
+import socket, sys, time
+for _ in range(200):
+    try:
+        c = socket.create_connection(("ADDR", PORT))
+        break
+    except OSError:
+        time.sleep(0.05)
+with open(sys.argv[1], "rb") as f:
+    c.sendfile(f)
+c.close()
+"""
+
+
+def _raw_copy(lab: Lab, src: int, dst: int, path: Path) -> float:
+    """Seconds to send ``path`` from host ``src`` to host ``dst`` over one TCP socket."""
+    port = _free_port()
+    addr = lab.host_address(dst)
+    recv = RECEIVER.replace("ADDR", addr).replace("PORT", str(port))
+    send = SENDER.replace("ADDR", addr).replace("PORT", str(port))
+    receiver = subprocess.Popen(["ip", "netns", "exec", lab.host_netns(dst), sys.executable, "-c",
+                                 recv], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    started = time.monotonic()
+    subprocess.run(["ip", "netns", "exec", lab.host_netns(src), sys.executable, "-c", send,
+                    str(path)], check=True)  # fmt: skip
+    out, _ = receiver.communicate(timeout=PATIENCE)
+    seconds = time.monotonic() - started
+    if int(out.strip() or 0) != path.stat().st_size:
+        raise SystemExit("the raw copy lost bytes")
+    return seconds
+
+
+def _fetch(lab: Lab, i: int, template_id: str) -> dict[str, Any]:
+    reply = _json(lab, i, "fetch", template_id)
+    reply["rate"] = reply["bytes"] / reply["seconds"] if reply["seconds"] else 0.0
+    return reply
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    port = _free_port()
+    with (
+        tempfile.TemporaryDirectory(dir="/tmp", prefix="vmt-") as tmp,
+        lab_context(Path(tmp), 4, image=BASE_DIR) as lab,
+    ):
+        source = f"--apt-source=deb http://{lab.bridge_address}:{port}/debian bookworm main"
+        running = lab.with_node_args([f"--accel={args.accel}", source]).start_all()
+        proxy = CountingProxy(running.bridge_address, port)
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        try:
+            for i in (1, 2, 3, 4):
+                eventually(all_up, f"h{i} sees four hosts", running, i, 4)
+            return _measure(running, proxy, args)
+        finally:
+            proxy.shutdown()
+
+
+def _configure(lab: Lab, others_full: bool) -> None:
+    """No warm boots in the background (they would share the CPU with the figures);
+    while h1 builds, the other hosts offer no room, so the templates land on h1."""
+    for i in (1, 2, 3, 4):
+        text = "warm_start = false\n"
+        if others_full and i != 1:
+            text += "storage_quota_mb = 0\n"
+        (lab.host_data_dir(i) / "config.toml").write_text(text)
+        lab.kill_host(i, signal.SIGHUP)
+    want = 0 if others_full else None
+    for i in (2, 3, 4):
+        eventually(_slots_are, f"h1 sees h{i}'s room", lab, f"h{i}", want)
+
+
+def _slots_are(lab: Lab, host: str, want: int | None) -> bool:
+    rows = {h["name"]: h for h in cli_json(lab, 1, "peers")["hosts"]}
+    free = rows[host]["capacity"]["free_slots"]
+    return bool(free == 0) if want == 0 else bool(free > 0)
+
+
+def _measure(lab: Lab, proxy: CountingProxy, args: argparse.Namespace) -> dict[str, Any]:
+    a_pkgs, b_pkgs = [args.packages[0]], [args.packages[1]]
+    _configure(lab, others_full=True)
+    a = _build(lab, proxy, a_pkgs, "ta")
+    b = _build(lab, proxy, b_pkgs, "tb")
+    _configure(lab, others_full=False)
+    out: dict[str, Any] = {"accel": args.accel, "templates": [a, b]}
+    _shape(lab, "1gbit")
+    fetch = _fetch(lab, 2, a["template_id"])
+    raw = _raw_copy(lab, 1, 2, Path(a["path"]))
+    a["wire_bytes"] = fetch["wire_bytes"]
+    out["one_holder_1gbit"] = {"fetch_seconds": fetch["seconds"], "raw_seconds": round(raw, 2),
+                               "bytes": fetch["bytes"], "wire_bytes": fetch["wire_bytes"],
+                               "ratio": round(raw / fetch["seconds"], 3)}  # fmt: skip
+    _shape(lab, "100mbit")
+    one = _fetch(lab, 3, b["template_id"])
+    two = _fetch(lab, 4, b["template_id"])
+    b["wire_bytes"] = one["wire_bytes"]
+    out["holders_100mbit"] = {"one_seconds": one["seconds"], "two_seconds": two["seconds"],
+                              "speedup": round(one["seconds"] / two["seconds"], 2),
+                              "two_from": [h["host"] for h in two["holders"]]}  # fmt: skip
+    started = time.monotonic()
+    reply = _json(lab, 4, "request", "tf", "1", *a_pkgs, "--fetch")
+    out["fetch_to_vm_100mbit"] = {"seconds": round(time.monotonic() - started, 1),
+                                  "vm": reply["vms"][0] if reply.get("vms") else reply}  # fmt: skip
+    lab.cli(4, "shutdown", "tf", check=False)
+    return out
+
+
+def _print(r: dict[str, Any]) -> None:
+    print(f"templates between lab hosts ({r['accel'].upper()} guests); thesis: {THESIS['wire']}")
+    print(f"  {'packages':<22}{'.debs':>10}{'delta':>10}{'alloc':>10}{'wire':>10}"
+          f"{'wire/.debs':>11}{'wire/delta':>11}")  # fmt: skip
+    for t in r["templates"]:
+        wire = t.get("wire_bytes", 0)
+        print(f"  {' '.join(t['packages']):<22}{t['deb_bytes'] / 1e6:>9.1f}M"
+              f"{t['delta_bytes'] / 1e6:>9.1f}M{t['delta_allocated'] / 1e6:>9.1f}M"
+              f"{wire / 1e6:>9.1f}M{wire / max(1, t['deb_bytes']):>10.2f}x"
+              f"{wire / max(1, t['delta_bytes']):>10.2f}x")  # fmt: skip
+    print("  targets: wire <= 1.0x the .debs and <= 0.5x the raw delta")
+    o = r["one_holder_1gbit"]
+    print(
+        f"one holder, 1 Gbit/s uplinks: fetch {o['fetch_seconds']:.2f} s, raw TCP of the same "
+        f"file {o['raw_seconds']:.2f} s: {o['ratio'] * 100:.0f} % of raw (target >= 80 %)"
+    )
+    h = r["holders_100mbit"]
+    two_from = ", ".join(h["two_from"])
+    print(f"100 Mbit/s uplinks: one holder {h['one_seconds']:.1f} s, two ({two_from})"
+          f" {h['two_seconds']:.1f} s: {h['speedup']:.2f}x (target >= 1.7x)")  # fmt: skip
+    inst = r["templates"][0]["install_to_vm_seconds"]
+    f = r["fetch_to_vm_100mbit"]["seconds"]
+    print(
+        f"to a VM ready, {' '.join(r['templates'][0]['packages'])}: install {inst:.0f} s "
+        f"(thesis {THESIS['install']}), fetch at 100 Mbit/s {f:.0f} s (thesis {THESIS['fetch']})"
+    )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--packages", nargs=2, default=["python3", "povray"], metavar="PKG")
+    ap.add_argument("--accel", default="tcg", choices=["tcg", "kvm"])
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    result = run(args)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
