@@ -71,10 +71,11 @@ TID=$("$VMMESH" $H1 templates --json | "$PY" -c "import json,sys; print(next(t['
 
 echo "==> a warm VM: hosts keep a saved boot of each template; the next VM resumes from it"
 for _ in $(seq 1 240); do
-    warm=$("$VMMESH" $H1 templates --json | "$PY" -c "import json,sys; print(sum(t['warm_size']>0 for t in json.load(sys.stdin)['templates']))")
-    [ "$warm" -gt 0 ] && break
+    cold=$("$VMMESH" $H1 templates --json | "$PY" -c "import json,sys; print(sum(t['warm_size']==0 for t in json.load(sys.stdin)['templates']))")
+    [ "$cold" = 0 ] && break
     sleep 1
 done
+"$VMMESH" $H1 templates
 "$VMMESH" $H1 request again 1 vmm-test-a vmm-test-b
 "$VMMESH" $H1 vms
 "$VMMESH" $H1 shutdown again

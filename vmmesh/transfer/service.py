@@ -245,7 +245,8 @@ class TransferService(NodeExtension):
             )
         progress(f"fetching from {names}", 0.0)
         await self.make_room(missing_bytes)
-        moved = await self._fetch_chain(info, missing, hosts, _phase_emitter(progress))
+        results = await self._fetch_chain(info, missing, hosts, _phase_emitter(progress))
+        moved = sum(r.wire_bytes for r in results)
         why = (
             "fetching was asked"
             if policy == FETCH_ALWAYS
@@ -297,12 +298,13 @@ class TransferService(NodeExtension):
         missing: Sequence[tuple[str, int]],
         hosts: Sequence[HostView],
         emit: Emit,
-    ) -> int:
-        """Fetch, check and record the deltas of ``info`` this host lacks; wire bytes."""
+    ) -> list[Fetched]:
+        """Fetch, check and record the deltas of ``info`` this host lacks; what each
+        fetch moved, from whom."""
         templates = self.vms.manager().templates
         holders = [Holder(h.node_id, h.name) for h in hosts]
         staged: dict[str, Path] = {}
-        moved = 0
+        results: list[Fetched] = []
         seconds = 0.0
         try:
             for n, (sha, _size) in enumerate(missing):
@@ -316,7 +318,7 @@ class TransferService(NodeExtension):
                 )
                 await self._check_delta(got.path, info, sha)
                 staged[sha] = got.path
-                moved += got.wire_bytes
+                results.append(got)
                 seconds += got.seconds
             templates.record_fetched(info, staged)
         finally:
@@ -326,7 +328,7 @@ class TransferService(NodeExtension):
             TransferSample(bytes=sum(s for _, s in missing), seconds=seconds, holders=len(holders))
         )
         self.vms.publish_now()
-        return moved
+        return results
 
     async def _check_delta(self, path: Path, info: TemplateInfo, sha: str) -> None:
         """A fetched delta must back onto exactly what our layout names: its parent delta,
@@ -402,15 +404,9 @@ class TransferService(NodeExtension):
         started = time.monotonic()
         await self.make_room(sum(size for _, size in missing))
         async with progress_pump(ctx.send_item) as emit:
-            moved = await self._fetch_chain(info, missing, hosts, emit)
-        return FetchReport(
-            what="template",
-            item_id=tid,
-            bytes=sum(size for _, size in missing),
-            wire_bytes=moved,
-            seconds=round(time.monotonic() - started, 2),
-            holders=tuple(HolderFigures(host=h.name) for h in hosts),
-        )
+            results = await self._fetch_chain(info, missing, hosts, emit)
+        holders = [Holder(h.node_id, h.name) for h in hosts]
+        return _report("template", tid, results, holders, time.monotonic() - started)
 
     # --- the base image ----------------------------------------------------------
 
