@@ -29,6 +29,7 @@ cleanup() {
 }
 trap cleanup EXIT
 "$VMMESH" lab down --dir "$LAB" --tag "$TAG" >/dev/null 2>&1 || true
+rm -rf "$LAB/hosts" "$LAB/job"   # a previous run's hosts and job files (this demo's own)
 
 echo "==> lab up: 3 hosts (network namespaces on a bridge), joined by init/invite/join"
 "$VMMESH" lab up 3 --dir "$LAB" --tag "$TAG" --image "$IMAGE" \
@@ -64,9 +65,10 @@ echo "==> vmmesh shutdown demo (from h3)"
 "$VMMESH" --data-dir "$LAB/hosts/h3" shutdown demo
 "$VMMESH" $H1 vms
 
-echo "==> a template fetched from a peer: h3 takes the delta straight from a host that holds it"
+echo "==> a template fetched from a peer: a host without it takes the delta straight from its holders"
 TID=$("$VMMESH" $H1 templates --json | "$PY" -c "import json,sys; print(next(t['template_id'] for t in json.load(sys.stdin)['templates'] if t['packages']==['vmm-test-a','vmm-test-b']))")
-"$VMMESH" --data-dir "$LAB/hosts/h3" fetch "$TID"
+LACKS=$("$VMMESH" $H1 templates --json | "$PY" -c "import json,sys; held={t['host'] for t in json.load(sys.stdin)['templates'] if t['template_id']=='$TID'}; print(next((h for h in ('h1','h2','h3') if h not in held), 'h3'))")
+"$VMMESH" --data-dir "$LAB/hosts/$LACKS" fetch "$TID"
 "$VMMESH" $H1 templates
 
 echo "==> a warm VM: hosts keep a saved boot of each template; the next VM resumes from it"
