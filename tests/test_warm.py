@@ -177,3 +177,21 @@ def test_shape_json_round_trip(tmp_path: Path) -> None:
     assert Shape.from_json(json.loads(json.dumps(shape.to_json()))) == shape
     assert Shape.from_json({"memory_mb": 5}) is None
     assert shape.differs(Shape.of({"memory_mb": 1024, "qemu": "QEMU emulator version 7.2.19"}))
+
+
+async def test_a_warm_boot_put_off_for_want_of_a_slot_is_made_once_one_frees(
+    tmp_path: Path, hv: FakeHypervisor, store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The host was full when its template was made: the warm state comes later, when a
+    slot is free, without another request for the template."""
+    h = Host(tmp_path / "d", hv, store, cores=1)  # two slots (overcommit 2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.vms.run)
+        first = await h.vms.request_local("web", 2, ["a"])  # both slots taken
+        tid = first.template_id or ""
+        await trio.sleep(30.0)
+        assert h.warm.get(tid) is None and not h.warm.making(tid), "no slot: put off"
+        await h.vms.shutdown("web")
+        with trio.fail_after(120.0):  # the autojump clock: virtual seconds
+            await h.warmed(tid)
+        nursery.cancel_scope.cancel()

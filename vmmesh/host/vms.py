@@ -74,6 +74,7 @@ log = logging.getLogger("vmmesh.vms")
 # States whose VMs hold cores and memory.
 ACTIVE = ("creating", "running", "stopping")
 WARM_TIMEOUT = 60.0  # a resumed guest answers in about a second; a stuck one is abandoned
+WARM_RETRY = 10.0  # a warm boot that found no free slot is tried again this often
 
 
 def _can_bind(address: str, port: int) -> bool:
@@ -263,6 +264,8 @@ class VmManager:
         self.warm = warm
         self.warm_enabled = warm is not None
         self._warm_limiter = trio.CapacityLimiter(1)
+        self._warm_later: dict[str, TemplateRecord] = {}  # no free slot when it was asked
+        self._warm_noted: set[str] = set()  # ... and that was logged once
         self._warm_held = False
         self._warm_scope: trio.CancelScope | None = None
         if warm is not None:
@@ -277,7 +280,17 @@ class VmManager:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
-            await trio.sleep_forever()
+            while True:
+                await trio.sleep(WARM_RETRY)
+                self._retry_warm()
+
+    def _retry_warm(self) -> None:
+        """Warm boots put off for want of a slot, tried again (while their template stays)."""
+        later, self._warm_later = self._warm_later, {}
+        held = {t.template_id for t in self.templates.records()}
+        for tid, rec in later.items():
+            if tid in held:
+                self.schedule_warm(rec)
 
     # --- reading ------------------------------------------------------
 
@@ -462,7 +475,10 @@ class VmManager:
         assert self.warm is not None
         async with self._warm_limiter:
             if self.reserve(1) == 0:
-                log.info("no free slot for the warm boot of %s: later", rec.template_id[:12])
+                if rec.template_id not in self._warm_noted:
+                    log.info("no free slot for the warm boot of %s: later", rec.template_id[:12])
+                    self._warm_noted.add(rec.template_id)
+                self._warm_later[rec.template_id] = rec
                 return
             self._warm_held = True
             try:
