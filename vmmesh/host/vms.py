@@ -35,6 +35,7 @@ holds; the request name is recovered by cutting the ``-<n>`` suffix.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import secrets
 import shutil
@@ -332,6 +333,16 @@ class VmManager:
             reserved_vms=self._reserved,
         )
         return compute_capacity(self.probe(), usage, self.policy)
+
+    def offered(self) -> Capacity:
+        """What the mesh is told is free: a slot held by a warm boot counts as free, since
+        the warm boot gives it up to the first request that needs it."""
+        cap = self.capacity()
+        if not self._warm_held:
+            return cap
+        return dataclasses.replace(
+            cap, free_vm_slots=cap.free_vm_slots + 1, free_disk_slots=cap.free_disk_slots + 1
+        )
 
     def reserve(self, count: int) -> int:
         """Hold up to ``count`` default-size slots; returns how many were granted.

@@ -149,7 +149,7 @@ class VmService(NodeExtension):
 
     def capacity(self) -> Capacity:
         if self.mgr is not None:
-            return self.mgr.capacity()
+            return self.mgr.offered()
         assert self._node is not None
         probe = probe_host(self._node.data_dir)
         policy = CapacityPolicy.from_config(self._node.cfg)
