@@ -47,6 +47,7 @@ RelPath = Text(
     1024, r"(?!/)(?!.*(^|/)\.\.?(/|$))[^\x00-\x1f]+", "relative path inside the job directory"
 )
 Stream = Text(6, "stdout|stderr", "stream name")
+WorkDir = Text(200, "[A-Za-z0-9._-]+", "work directory")  # one name, under the job's directory
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ class JobPut(Message):
     data: bytes = wire(Bytes(CHUNK))
     mode: int = wire(Int(0, 0o7777), default=0o644)
     last: bool = wire(Bool(), default=True)
-    workdir: str = wire(Text(200, "[A-Za-z0-9._-]+", "work directory"), default="work")
+    workdir: str = wire(WorkDir, default="work")
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ class JobExec(Message):
     job_id: str = wire(JOB_ID)
     vm: str = wire(VmName)
     argv: tuple[str, ...] = wire(ListOf(Text(MAX_ARG), MAX_ARGV))
-    workdir: str = wire(Text(200, "[A-Za-z0-9._-]+", "work directory"), default="work")
+    workdir: str = wire(WorkDir, default="work")
     timeout: float = wire(Float(0.0, 30 * 86400.0), default=0.0)  # 0: none
 
     def __post_init__(self) -> None:
@@ -141,7 +142,7 @@ class JobGet(Message):
     job_id: str = wire(JOB_ID)
     vm: str = wire(VmName)
     path: str = wire(RelPath)
-    workdir: str = wire(Text(200, "[A-Za-z0-9._-]+", "work directory"), default="work")
+    workdir: str = wire(WorkDir, default="work")
 
 
 @dataclass(frozen=True)
