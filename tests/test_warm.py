@@ -195,3 +195,23 @@ async def test_a_warm_boot_put_off_for_want_of_a_slot_is_made_once_one_frees(
         with trio.fail_after(120.0):  # the autojump clock: virtual seconds
             await h.warmed(tid)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_warm_boot_that_gave_way_to_a_request_is_made_again(
+    tmp_path: Path, hv: FakeHypervisor, store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A request took the warm boot's slot midway: once a slot frees, the warm boot is
+    made again with no other request for its template (a CI run saw one never made)."""
+    h = Host(tmp_path / "d", hv, store, cores=1)  # two slots (overcommit 2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.vms.run)
+        first = await h.vms.request_local("web", 1, ["a"])
+        tid = first.template_id or ""
+        while not h.warm.making(tid):  # noqa: ASYNC110 - started in the background
+            await trio.sleep(0.1)
+        await h.vms.request_local("big", 1, ["b"])  # another template: the warm boot's slot
+        assert h.warm.get(tid) is None and not h.warm.making(tid), "it gave way"
+        await h.vms.shutdown("big")
+        with trio.fail_after(120.0):  # the autojump clock: virtual seconds
+            await h.warmed(tid)
+        nursery.cancel_scope.cancel()

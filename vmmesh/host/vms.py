@@ -500,6 +500,8 @@ class VmManager:
                         self.policy.vm_vcpus,
                         self.policy.vm_memory_mb,
                     )
+                if self._warm_scope.cancelled_caught:  # gave way to a request: again later
+                    self._warm_later[rec.template_id] = rec
             except (VmmeshError, OSError) as exc:
                 log.warning("no warm state for %s: %s", rec.template_id[:12], exc)
             finally:
