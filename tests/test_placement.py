@@ -424,3 +424,37 @@ def test_replan_properties(r: PlacementRequest, hosts: list[HostView], data: st.
             assert s.count == refused[s.node_id]
     assert again.placed + again.unplaced == r.count
     assert again.placed <= r.count
+
+
+# --- warm states ---------------------------------------------------------------
+
+
+def warm(t: TemplateInfo) -> TemplateInfo:
+    return TemplateInfo(
+        template_id=t.template_id, base_image_id=BASE, packages=t.packages, warm=True
+    )
+
+
+def test_a_host_with_a_warm_state_goes_before_an_equal_cold_one() -> None:
+    """Among hosts holding the same template, the one whose VMs resume goes first,
+    even when the cold one has more free slots (load spreading comes after)."""
+    t = tmpl(1, "python3")
+    p = plan(req(2, "python3"), [host(1, 4, t), host(2, 2, warm(t))])
+    assert placed(p) == [("h2", 2)]
+    assert p.shares[0].reason.endswith("; warm start")
+    # a warm state does not lift a host over a better match class
+    p = plan(req(1, "python3"), [host(1, 1, t), host(2, 1, warm(tmpl(2, "python3", "gcc")))])
+    assert placed(p) == [("h1", 1)]
+
+
+def test_of_one_hosts_equal_templates_the_warm_one_is_offered() -> None:
+    a, b = tmpl(1, "povray"), warm(tmpl(2, "povray"))
+    p = plan(req(1, "povray"), [host(1, 1, a, b)])
+    assert p.shares[0].template_id == b.template_id
+
+
+def test_warm_in_gossip_must_be_a_bool() -> None:
+    raw = warm(tmpl(1, "python3")).to_wire()
+    assert TemplateInfo.from_wire(raw).warm is True
+    with pytest.raises(MalformedMessage):
+        TemplateInfo.from_wire({**raw, "warm": 5})

@@ -90,6 +90,29 @@ async def test_request_prefers_the_host_with_the_template(root: Path, port: int)
         assert per_host(hosts)["h2"] == 2
 
 
+async def test_request_prefers_a_holder_with_a_warm_state(root: Path, port: int) -> None:
+    """h2 and h3 hold the template; only h3 saved a warm boot of it (gossiped with its
+    inventory): h3 gets the VM, though h2 has more free slots, and the VM resumes."""
+    async with mesh(root, port, capacity=(2, 3, 2)) as hosts:
+        h1, h2, h3 = hosts
+        h2.mgr.warm_enabled = False
+        for h in (h2, h3):
+            rec = (await h.mgr.templates.ensure_template(["perl"])).record
+            h.mgr.schedule_warm(rec)  # as a request does once its VMs run
+        tid = h3.mgr.templates.records()[0].template_id
+        await eventually(
+            lambda: (
+                [t.warm for t in h1.view()["h3"].templates] == [True]
+                and [t.warm for t in h1.view()["h2"].templates] == [False]
+            ),
+            "h1 learns that h3's template is warm and h2's is not",
+        )
+        reply = await request(h1, "hot", 1, "perl")
+        [vm] = reply.vms
+        assert (vm.host, vm.template, vm.start) == ("h3", tid, "warm"), reply
+        assert reply.plan[0].reason.endswith("; warm start"), reply.plan
+
+
 async def test_fill_then_spill_then_unplaced(root: Path, port: int) -> None:
     async with mesh(root, port) as hosts:
         h1 = hosts[0]

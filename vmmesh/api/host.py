@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vmmesh.api.codec import Float, Int, ListOf, Optional, Record, SetOf, Text, wire
+from vmmesh.api.codec import Bool, Float, Int, ListOf, Optional, Record, SetOf, Text, wire
 from vmmesh.api.names import MAX_PACKAGES, HexId, Package, Sha256
 
 MAX_CHAIN = 16
@@ -60,7 +60,9 @@ class TemplateInfo(Record):
     the delta hashes from the base image outward; ``delta_sizes`` the bytes of
     each, in the same order.  ``parent_id`` is the template this one's last
     delta sits on (None: the base image); a host holding a template holds its
-    parents too, so a fetcher finds them in the same inventory.
+    parents too, so a fetcher finds them in the same inventory.  ``warm`` says
+    the host holds a saved boot of it, so its VMs resume instead of booting:
+    the planner prefers such a host among equals.
     """
 
     template_id: str = wire(HexId)
@@ -69,6 +71,7 @@ class TemplateInfo(Record):
     chain: tuple[str, ...] = wire(ListOf(Sha256, MAX_CHAIN), default=())
     delta_sizes: tuple[int, ...] = wire(ListOf(Int(0, MAX_BYTES), MAX_CHAIN), default=())
     parent_id: str | None = wire(Optional(HexId), default=None)
+    warm: bool = wire(Bool(), default=False)
 
     def __post_init__(self) -> None:
         if len(self.chain) != len(self.delta_sizes):

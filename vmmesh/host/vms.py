@@ -473,6 +473,12 @@ class VmManager:
 
     # --- warm states ---------------------------------------------------
 
+    def warm_held(self) -> set[str]:
+        """Templates whose VMs would resume from a warm state here (none when off)."""
+        if self.warm is None or not self.warm_enabled:
+            return set()
+        return self.warm.held()
+
     def schedule_warm(self, rec: TemplateRecord | None) -> None:
         """Make ``rec``'s warm state in the background, if it has none yet."""
         warm = self.warm
@@ -622,6 +628,7 @@ class VmManager:
                 with trio.CancelScope(shield=True), contextlib.suppress(HypervisorError, OSError):
                     await guest.kill()
             self.warm.discard(tid, f"it did not resume: {reason}")
+            self.templates.on_change()  # the mesh stops counting on it
             return None, "cold", f"warm state did not resume ({reason}): deleted"
 
     def _mark_running(

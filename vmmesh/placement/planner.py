@@ -26,7 +26,9 @@ Order of hosts, best first:
    building from scratch elsewhere);
 3. within the class: more packages in common, then fewer extra packages
    (smallest superset first);
-4. load spreading among equals: more free slots first, then fewer running
+4. a host holding a warm state of that template (``TemplateInfo.warm``)
+   before one that would boot it cold: its VMs resume in about a second;
+5. load spreading among equals: more free slots first, then fewer running
    VMs, then a stable hash (CRC-32, not Python's salted ``hash``) of
    (request id, node id) so that different requests spread over equal hosts
    differently while one request always gets the same plan, in any process;
@@ -258,8 +260,9 @@ class HostIndex:
 
     Distinct package sets are numbered; set 0 is the base image, which every
     usable host holds.  ``holders[j]`` lists (usable host, template) for set
-    ``j``; a host holding several templates with the same packages lists the
-    smallest template id, so the choice does not depend on gossip order.
+    ``j``; a host holding several templates with the same packages lists a warm one
+    first, then the smallest template id, so the choice does not depend on
+    gossip order.
     """
 
     __slots__ = ("_blocked", "_holders", "_pkgsets", "_skipped", "_tiebreak", "_usable")
@@ -291,7 +294,7 @@ class HostIndex:
                     held = by_pkgs.get(t.packages)
                     if held is None:
                         by_pkgs[t.packages] = {i: t}
-                    elif i not in held or t.template_id < held[i].template_id:
+                    elif i not in held or _rank(t) < _rank(held[i]):
                         held[i] = t
         base: list[tuple[int, TemplateInfo | None]] = [(i, None) for i in range(len(usable))]
         self._usable = usable
@@ -360,6 +363,7 @@ class HostIndex:
                         h.status == "suspect",
                         neg_common,
                         extra,
+                        not (t is not None and t.warm),
                         -free,
                         h.capacity.running_vms,
                         zlib.crc32(nid, seed),
@@ -432,7 +436,14 @@ def replan(
 # (class, suspect, -common, extra, -free, running VMs, tie hash, node id,
 #  host, best template, free): a plain tuple sorts fastest, and node ids are
 #  unique, so comparison never reaches the HostView.
-_Candidate = tuple[int, bool, int, int, int, int, int, str, HostView, TemplateInfo | None, int]
+_Candidate = tuple[
+    int, bool, int, int, bool, int, int, int, str, HostView, TemplateInfo | None, int
+]
+
+
+def _rank(t: TemplateInfo) -> tuple[bool, str]:
+    """Of one host's templates with the same packages: a warm one, then the smallest id."""
+    return (not t.warm, t.template_id)
 
 
 def _index(hosts: Sequence[HostView] | HostIndex) -> HostIndex:
@@ -445,7 +456,7 @@ def _take(batch: list[_Candidate], demand: int, wanted: frozenset[str], out: lis
     for c in batch:
         if demand <= 0:
             break
-        host, template, free = c[8], c[9], c[10]
+        host, template, free = c[9], c[10], c[11]
         n = min(free, demand)
         demand -= n
         out.append(
@@ -484,6 +495,8 @@ def _share(
         why = f"build from {what} ({have} of {len(wanted)} packages) + {', '.join(missing)}"
     else:
         why = f"no template in common: build from base image + {', '.join(missing)}"
+    if template is not None and template.warm and match <= MatchClass.SUPERSET:
+        why += "; warm start"
     if suspect:
         why += "; host is suspect"
     return Share(

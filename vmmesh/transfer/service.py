@@ -405,6 +405,8 @@ class TransferService(NodeExtension):
         await self.make_room(sum(size for _, size in missing))
         async with progress_pump(ctx.send_item) as emit:
             results = await self._fetch_chain(info, missing, hosts, emit)
+        mgr = self.vms.manager()
+        mgr.schedule_warm(mgr.templates.get(tid))  # no request waits on it: warm it now
         holders = [Holder(h.node_id, h.name) for h in hosts]
         return _report("template", tid, results, holders, time.monotonic() - started)
 

@@ -15,6 +15,7 @@ the next publish tick, with no restart.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -169,7 +170,12 @@ class VmService(NodeExtension):
                 self._nursery.start_soon(self._retry_image)
             return
         templates = self.mgr.templates
-        node.publish("templates", [t.to_wire() for t in templates.templates_info()])
+        warm = self.mgr.warm_held()
+        inventory = [
+            dataclasses.replace(t, warm=True) if t.template_id in warm else t
+            for t in templates.templates_info()
+        ]
+        node.publish("templates", [t.to_wire() for t in inventory])
         live = sorted(v.name for v in self.mgr.list_vms() if v.state in ("creating", "running"))
         node.publish("vms", live)
         building = [
