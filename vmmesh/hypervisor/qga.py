@@ -423,12 +423,13 @@ class GuestAgentClient:
         env: Mapping[str, str] | None = None,
         timeout: float = 600.0,
         output_limit: int = 1 << 20,
-        poll_interval: float = 0.05,
+        poll_interval: float = 0.02,
     ) -> ExecStatus:
         """Run ``argv`` in the guest and wait for it; output bounded by ``output_limit``.
 
-        Polling starts fast and backs off to one second, so short commands
-        return quickly and long ones cost few round trips.
+        Polling starts fast and backs off by half again each time to one
+        second, so short commands return within about a third of their own
+        time and long ones cost few round trips.
         """
         started = await self.execute("guest-exec", exec_arguments(argv, input_data, env))
         if not isinstance(started, dict) or not isinstance(started.get("pid"), int):
@@ -445,7 +446,7 @@ class GuestAgentClient:
                 if status.exited:
                     return status
                 await trio.sleep(interval)
-                interval = min(interval * 2, 1.0)
+                interval = min(interval * 1.5, 1.0)
         raise GuestAgentError(f"{argv[0]} did not finish within {timeout:g} s")
 
     async def spawn(self, argv: list[str], env: Mapping[str, str] | None = None) -> int:
