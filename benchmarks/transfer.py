@@ -235,6 +235,12 @@ def _configure(lab: Lab, others_full: bool) -> None:
         eventually(_slots_are, f"h1 sees h{i}'s room", lab, f"h{i}", want)
 
 
+def _holds(lab: Lab, i: int, host: str, template_id: str) -> bool:
+    """Host ``i``'s gossip says ``host`` holds the template (so a fetch asks it too)."""
+    rows = {h["name"]: h for h in cli_json(lab, i, "peers")["hosts"]}
+    return template_id in {t["template_id"] for t in rows.get(host, {}).get("templates", [])}
+
+
 def _slots_are(lab: Lab, host: str, want: int | None) -> bool:
     rows = {h["name"]: h for h in cli_json(lab, 1, "peers")["hosts"]}
     free = rows[host]["capacity"]["free_slots"]
@@ -260,6 +266,7 @@ def _measure(lab: Lab, proxy: CountingProxy, args: argparse.Namespace) -> dict[s
                                "ratio": round(raw / fetch["seconds"], 3)}  # fmt: skip
     _shape(lab, "100mbit")
     one = _fetch(lab, 3, b["template_id"])
+    eventually(_holds, "h4 learns that h3 holds template B", lab, 4, "h3", b["template_id"])
     two = _fetch(lab, 4, b["template_id"])
     b["wire_bytes"] = one["wire_bytes"]
     out["holders_100mbit"] = {"one_seconds": one["seconds"], "two_seconds": two["seconds"],
