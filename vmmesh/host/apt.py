@@ -46,11 +46,14 @@ SCRATCH = (
     "done\n"
 )
 # Before power-off: nothing of apt's left on disk, freed blocks handed back to
-# the host (the drive has discard=unmap, so the qcow2 really drops them).
+# the host (the drive has discard=unmap, so the qcow2 really drops them).  The
+# first sync matters: ext4 frees a deleted file's blocks only when the journal
+# commits, and fstrim skips blocks freed since (measured: 75 MB of deleted apt
+# caches stayed in a delta without it, 2 MB with it).
 CLEAN = (
     "apt-get clean; umount /var/lib/apt/lists /var/cache/apt/archives 2>/dev/null; "
     "rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt/* /tmp/* 2>/dev/null; "
-    "fstrim -av >/dev/null 2>&1; sync"
+    "sync; fstrim -av >/dev/null 2>&1; sync"
 )
 REPLACE_SOURCES = "rm -f /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources"
 
