@@ -108,6 +108,9 @@ def _fetch(lab: Lab, i: int) -> dict[str, Any]:
     r = lab.lab_exec(i, argv, check=False, timeout=PATIENCE)
     seconds = time.monotonic() - started
     if r.returncode != 0:
+        log = lab.host_data_dir(i) / "node.log"
+        tail = log.read_text(errors="replace").splitlines()[-40:] if log.exists() else []
+        print(*tail, sep="\n", file=sys.stderr)
         raise SystemExit(f"image fetch on h{i} failed: {r.stderr.strip()}")
     report: dict[str, Any] = json.loads(r.stdout)
     report["cli_seconds"] = round(seconds, 2)

@@ -19,8 +19,8 @@ match its manifest.  So:
   host file;
 * an image is assembled in a temporary directory inside ``images/``, verified
   there, and renamed to its id: a crash or a corrupt transfer leaves at most a
-  ``.partial-*`` directory that the next ``ImageStore`` sweeps, never a
-  half-written image under a valid id.
+  ``.partial-*`` directory that the next node start sweeps
+  (``sweep_unfinished``), never a half-written image under a valid id.
 
 Hashing a base disk (a few hundred MB) takes about a second; callers verify
 when an image is added and at node start, not before every VM.
@@ -257,9 +257,16 @@ class ImageStore:
     def __init__(self, data_dir: Path) -> None:
         self.root = data_dir / "images"
         self.root.mkdir(parents=True, exist_ok=True)
-        for leftover in self.root.glob(f"{_PARTIAL}*"):
-            log.info("removing unfinished image %s", leftover.name)
+
+    def sweep_unfinished(self) -> list[str]:
+        """Remove ``.partial-*`` left by a crash; only at node start, never in passing:
+        an image being added right now (a fetch, verified in a worker thread) is one
+        too, and a sweep in every new ``ImageStore`` once deleted its files midway."""
+        removed = []
+        for leftover in sorted(self.root.glob(f"{_PARTIAL}*")):
             shutil.rmtree(leftover, ignore_errors=True)
+            removed.append(f"unfinished image {leftover.name}")
+        return removed
 
     def path(self, image_id: str) -> Path:
         return self.root / check_image_id(image_id)

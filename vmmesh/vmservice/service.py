@@ -76,6 +76,8 @@ class VmService(NodeExtension):
         self.local.register(peer_handlers)
         MeshVms(self, node).register(control_handlers)
         RequestCoordinator(self, node).register(control_handlers)
+        for what in ImageStore(node.data_dir).sweep_unfinished():
+            log.info("reconcile: %s", what)
         await self._take_up_image()
 
     async def _take_up_image(self) -> bool:
