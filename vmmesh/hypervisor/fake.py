@@ -231,6 +231,8 @@ class FakeGuest:
         self.spawned.append(list(argv))
         if argv[:2] == ["sh", "-c"] and len(argv) >= 8:
             self._store(f"{argv[5]}/stdout", ("ran " + " ".join(argv[7:]) + "\n").encode())
+            for listing in ("before", "after"):  # an empty working directory
+                self._store(f"{argv[5]}/{listing}", b"")
         self._ends[len(self.spawned)] = trio.current_time() + self.hv.job_seconds
         return len(self.spawned)
 
