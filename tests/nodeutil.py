@@ -112,6 +112,11 @@ def _port_free(addr: str, port: int) -> bool:
 
 @pytest.fixture
 def port() -> int:
+    return free_port_pair()
+
+
+def free_port_pair() -> int:
+    """A port ``p`` with ``p`` and ``p + 1`` (the join port) free on 127.0.0.1-3 now."""
     for _ in range(50):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

@@ -4,7 +4,6 @@ run: real TLS, real gossip, the control socket, a fake hypervisor."""
 from __future__ import annotations
 
 import contextlib
-import random
 from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
@@ -23,6 +22,7 @@ from tests.nodeutil import (
     eventually,
     fake,
     fast_publish,
+    free_port_pair,
     identities,
     mesh,
     port,
@@ -210,7 +210,7 @@ def test_fuzzed_peer_calls_break_nothing(
     error of a known class (never an internal error), and the node's read paths
     (peers, status, vms, templates) keep answering."""
     root = tmp_path_factory.mktemp("fuzz", numbered=True)
-    port = random.randint(20000, 60000)
+    port = free_port_pair()  # a random one was sometimes taken (its join port, in CI)
 
     async def main() -> None:
         async with one_node(root, port) as node:
