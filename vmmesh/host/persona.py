@@ -67,9 +67,8 @@ _BECOME_ITSELF = (
     "cat > /dev/urandom\n"
     'date -u -s "@$1" >/dev/null &\n'
     "networkctl renew eth0 >/dev/null 2>&1 &\n"
-    'printf "%s\\n" "$2" > /etc/hostname\n'
-    'hostname "$2" &\n'
-    'sed -i "s/^127\\.0\\.1\\.1[[:space:]].*/127.0.1.1\\t$2/" /etc/hosts\n'
+    'set -- "$2"\n'
+    f"{_SET_HOSTNAME}\n"
     "status=$?\n"
     "wait\n"
     'exit "$status"\n'
