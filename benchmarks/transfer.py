@@ -6,12 +6,15 @@ Debian mirror that counts the bytes of every ``.deb`` it passes (what
 installing downloads).  Then:
 
 1. h1 builds templates of real packages (``--packages``, default
-   ``python3`` then ``povray``): each through ``vmmesh request`` on h1, end
-   to end to a VM ready, the proxy counting the ``.deb`` bytes;
+   ``python3`` then ``povray``; more may follow, e.g. ``default-jdk-headless``):
+   each through ``vmmesh request`` on h1, end to end to a VM ready, the proxy
+   counting the ``.deb`` bytes and everything installing downloads (apt's
+   lists too); then h1 packs each (``transfer.packs``, zstd 19, in the
+   background) and the benchmark waits for the packs;
 2. every host's uplink is shaped to 1 Gbit/s (``tc tbf`` on its eth0): h2
-   fetches template A from h1 (one holder), and the same file goes from
-   h1 to h2 over a plain TCP socket before and after it: the two rates,
-   same run, same link;
+   fetches template A (and every template after B) from h1 (one holder), and
+   the same file goes from h1 to h2 over a plain TCP socket before and after
+   it: the two rates, same run, same link;
 3. uplinks shaped to 100 Mbit/s (the thesis's LAN): h3 fetches template B
    from h1 alone, then h4 fetches it from h1 and h3 at once: two holders
    against one;
@@ -19,13 +22,14 @@ installing downloads).  Then:
    ``--fetch``: a VM ready through a fetch, against h1's build.
 
 Prints, per template: .deb bytes, the delta's size (file and allocated),
-bytes on the wire and the ratios to the targets (<= 1.0x the .debs, <= 0.5x
+bytes on the wire (from the pack, and what compressing on the fly at zstd 3
+would send: the same pieces, counted) and the ratios to the targets (<= 1.0x the .debs, <= 0.5x
 the raw delta; thesis: 2.2x the packages, sent twice); the rates against raw
 TCP (>= 80 %) and two holders against one (>= 1.7x); fetch and install to a
 VM ready beside the thesis's 94 s / 184 s and 81 s / 123 s.  Needs root, the
 base image and the Debian mirror reachable from this machine.
 
-    python benchmarks/transfer.py [--packages python3 povray] [--json]
+    python benchmarks/transfer.py [--packages python3 povray [PKG...]] [--json]
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ sys.path.insert(0, str(REPO))
 from tests.labutil import lab_context  # noqa: E402
 from tests.meshutil import all_up, cli_json, eventually  # noqa: E402
 from vmmesh.lab import Lab  # noqa: E402
+from vmmesh.transfer import blobfile, packs  # noqa: E402
 
 BASE_DIR = Path(os.environ.get("VMMESH_BASE_IMAGE_DIR", "/var/cache/vmmesh-dev/base"))
 MIRROR = "http://deb.debian.org"
@@ -65,6 +70,7 @@ class CountingProxy(http.server.ThreadingHTTPServer):
         super().__init__((address, port), _ProxyHandler)
         self.deb_bytes = 0
         self.debs = 0
+        self.all_bytes = 0  # apt's lists and everything else installing downloads
         self.lock = threading.Lock()
 
 
@@ -88,8 +94,9 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             while chunk := upstream.read(1 << 16):
                 self.wfile.write(chunk)
                 total += len(chunk)
-        if self.path.endswith(".deb"):
-            with self.server.lock:
+        with self.server.lock:
+            self.server.all_bytes += total
+            if self.path.endswith(".deb"):
                 self.server.deb_bytes += total
                 self.server.debs += 1
 
@@ -135,7 +142,7 @@ def _delta_file(lab: Lab, i: int, tpl: dict[str, Any]) -> Path:
 
 
 def _build(lab: Lab, proxy: CountingProxy, packages: list[str], name: str) -> dict[str, Any]:
-    before = proxy.deb_bytes, proxy.debs
+    before = proxy.deb_bytes, proxy.debs, proxy.all_bytes
     started = time.monotonic()
     reply = _json(lab, 1, "request", name, "1", *packages)
     seconds = time.monotonic() - started
@@ -149,11 +156,31 @@ def _build(lab: Lab, proxy: CountingProxy, packages: list[str], name: str) -> di
         "template_id": tpl["template_id"],
         "deb_bytes": proxy.deb_bytes - before[0],
         "debs": proxy.debs - before[1],
+        "download_bytes": proxy.all_bytes - before[2],
         "delta_bytes": path.stat().st_size,
         "delta_allocated": path.stat().st_blocks * 512,
         "install_to_vm_seconds": round(seconds, 1),
         "path": str(path),
+        "sha256": tpl["sha256"],
+        "fly_bytes": _on_the_fly(path, tpl["sha256"]),
     }
+
+
+def _on_the_fly(path: Path, sha: str) -> int:
+    """Bytes the pieces of ``path`` cost when compressed as they are sent (zstd 3)."""
+    info = blobfile.describe(path, sha)
+    return sum(
+        len(c.data)
+        for i in range(len(info.pieces))
+        if i not in info.zero
+        for c in blobfile.read_chunks(path, info, i)
+    )
+
+
+def _packed(lab: Lab, i: int, sha: str) -> int:
+    """The size of host ``i``'s pack of blob ``sha`` once it is made (0 while it is not)."""
+    path = packs.pack_path(lab.host_data_dir(i) / "packs", sha)
+    return path.stat().st_size if path.is_file() else 0
 
 
 RECEIVER = """
@@ -248,32 +275,39 @@ def _slots_are(lab: Lab, host: str, want: int | None) -> bool:
 
 
 def _measure(lab: Lab, proxy: CountingProxy, args: argparse.Namespace) -> dict[str, Any]:
-    a_pkgs, b_pkgs = [args.packages[0]], [args.packages[1]]
     _configure(lab, others_full=True)
-    a = _build(lab, proxy, a_pkgs, "ta")
-    b = _build(lab, proxy, b_pkgs, "tb")
+    built = [_build(lab, proxy, [p], f"t{n}") for n, p in enumerate(args.packages)]
+    a, b = built[0], built[1]
+    for t in built:
+        t["pack_bytes"] = eventually(
+            _packed, f"h1 packs {t['packages']}", lab, 1, t["sha256"], patience=PATIENCE
+        )
     _configure(lab, others_full=False)
-    out: dict[str, Any] = {"accel": args.accel, "templates": [a, b]}
+    out: dict[str, Any] = {"accel": args.accel, "templates": built}
     _shape(lab, "1gbit")
-    raws = [_raw_copy(lab, 1, 2, Path(a["path"]))]  # raw, fetch, raw: drift cancels
-    fetch = _fetch(lab, 2, a["template_id"])
-    raws.append(_raw_copy(lab, 1, 2, Path(a["path"])))
-    raw = sum(raws) / len(raws)
-    a["wire_bytes"] = fetch["wire_bytes"]
-    out["one_holder_1gbit"] = {"fetch_seconds": fetch["seconds"], "raw_seconds": round(raw, 2),
-                               "raw_runs": [round(x, 2) for x in raws],
-                               "bytes": fetch["bytes"], "wire_bytes": fetch["wire_bytes"],
-                               "ratio": round(raw / fetch["seconds"], 3)}  # fmt: skip
+    runs = []
+    for t in [a, *built[2:]]:
+        raws = [_raw_copy(lab, 1, 2, Path(t["path"]))]  # raw, fetch, raw: drift cancels
+        fetch = _fetch(lab, 2, t["template_id"])
+        raws.append(_raw_copy(lab, 1, 2, Path(t["path"])))
+        raw = sum(raws) / len(raws)
+        t["wire_bytes"] = fetch["wire_bytes"]
+        runs.append({"packages": t["packages"], "fetch_seconds": fetch["seconds"],
+                     "raw_seconds": round(raw, 2), "raw_runs": [round(x, 2) for x in raws],
+                     "bytes": fetch["bytes"], "wire_bytes": fetch["wire_bytes"],
+                     "ratio": round(raw / fetch["seconds"], 3)})  # fmt: skip
+    out["one_holder_1gbit"] = runs
     _shape(lab, "100mbit")
     one = _fetch(lab, 3, b["template_id"])
     eventually(_holds, "h4 learns that h3 holds template B", lab, 4, "h3", b["template_id"])
+    eventually(_packed, "h3 packs template B", lab, 3, b["sha256"], patience=PATIENCE)
     two = _fetch(lab, 4, b["template_id"])
     b["wire_bytes"] = one["wire_bytes"]
     out["holders_100mbit"] = {"one_seconds": one["seconds"], "two_seconds": two["seconds"],
                               "speedup": round(one["seconds"] / two["seconds"], 2),
                               "two_from": [h["host"] for h in two["holders"]]}  # fmt: skip
     started = time.monotonic()
-    reply = _json(lab, 4, "request", "tf", "1", *a_pkgs, "--fetch")
+    reply = _json(lab, 4, "request", "tf", "1", *a["packages"], "--fetch")
     out["fetch_to_vm_100mbit"] = {"seconds": round(time.monotonic() - started, 1),
                                   "vm": reply["vms"][0] if reply.get("vms") else reply}  # fmt: skip
     lab.cli(4, "shutdown", "tf", check=False)
@@ -282,20 +316,25 @@ def _measure(lab: Lab, proxy: CountingProxy, args: argparse.Namespace) -> dict[s
 
 def _print(r: dict[str, Any]) -> None:
     print(f"templates between lab hosts ({r['accel'].upper()} guests); thesis: {THESIS['wire']}")
-    print(f"  {'packages':<22}{'.debs':>10}{'delta':>10}{'alloc':>10}{'wire':>10}"
-          f"{'wire/.debs':>11}{'wire/delta':>11}")  # fmt: skip
+    print(f"  {'packages':<22}{'.debs':>9}{'all dl':>9}{'delta':>9}{'alloc':>9}{'wire':>9}"
+          f"{'on fly':>9}{'wire/.debs':>11}{'wire/all':>9}{'wire/delta':>11}")  # fmt: skip
     for t in r["templates"]:
         wire = t.get("wire_bytes", 0)
-        print(f"  {' '.join(t['packages']):<22}{t['deb_bytes'] / 1e6:>9.1f}M"
-              f"{t['delta_bytes'] / 1e6:>9.1f}M{t['delta_allocated'] / 1e6:>9.1f}M"
-              f"{wire / 1e6:>9.1f}M{wire / max(1, t['deb_bytes']):>10.2f}x"
+        print(f"  {' '.join(t['packages']):<22}{t['deb_bytes'] / 1e6:>8.1f}M"
+              f"{t['download_bytes'] / 1e6:>8.1f}M"
+              f"{t['delta_bytes'] / 1e6:>8.1f}M{t['delta_allocated'] / 1e6:>8.1f}M"
+              f"{wire / 1e6:>8.1f}M{t['fly_bytes'] / 1e6:>8.1f}M"
+              f"{wire / max(1, t['deb_bytes']):>10.2f}x"
+              f"{wire / max(1, t['download_bytes']):>8.2f}x"
               f"{wire / max(1, t['delta_bytes']):>10.2f}x")  # fmt: skip
-    print("  targets: wire <= 1.0x the .debs and <= 0.5x the raw delta")
-    o = r["one_holder_1gbit"]
-    print(
-        f"one holder, 1 Gbit/s uplinks: fetch {o['fetch_seconds']:.2f} s, raw TCP of the same "
-        f"file {o['raw_seconds']:.2f} s: {o['ratio'] * 100:.0f} % of raw (target >= 80 %)"
-    )
+    print("  targets: wire <= 1.0x the .debs and <= 0.5x the raw delta; 'all dl' is every byte")
+    print("  installing downloads (apt's lists too); 'on fly': the same pieces at zstd 3, no pack")
+    for o in r["one_holder_1gbit"]:
+        print(
+            f"one holder, 1 Gbit/s uplinks, {' '.join(o['packages'])}: fetch "
+            f"{o['fetch_seconds']:.2f} s, raw TCP of the same file {o['raw_seconds']:.2f} s: "
+            f"{o['ratio'] * 100:.0f} % of raw (target >= 80 %)"
+        )
     h = r["holders_100mbit"]
     two_from = ", ".join(h["two_from"])
     print(f"100 Mbit/s uplinks: one holder {h['one_seconds']:.1f} s, two ({two_from})"
@@ -310,10 +349,12 @@ def _print(r: dict[str, Any]) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--packages", nargs=2, default=["python3", "povray"], metavar="PKG")
+    ap.add_argument("--packages", nargs="+", default=["python3", "povray"], metavar="PKG")
     ap.add_argument("--accel", default="tcg", choices=["tcg", "kvm"])
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if len(args.packages) < 2:
+        ap.error("--packages needs two packages at least (A: one holder, B: two holders)")
     result = run(args)
     if args.json:
         print(json.dumps(result, indent=2))

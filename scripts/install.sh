@@ -128,6 +128,7 @@ if [ ! -f "$ETC/config.toml" ]; then
 # accel = "auto"               # auto (probe), kvm or tcg
 # apt_sources = []             # apt lines for guests; empty: the image's own
 # image_autofetch = true       # no base image here: fetch the mesh's from peers
+# pack_level = 19              # zstd level templates are kept at for peers; 0: compress as sent
 # ssh_bind = "0.0.0.0"         # where VM ssh forwards listen
 # ssh_port_first = 22000
 # ssh_port_count = 1000

@@ -185,8 +185,10 @@ async def mesh(
     *,
     storage_quota_mb: int = 20_000,
     hypervisors: Sequence[FakeHypervisor] | None = None,
+    pack_level: int = 0,
 ) -> AsyncIterator[list[Host]]:
-    """Three running nodes that all see each other up with their free slots."""
+    """Three running nodes that all see each other up with their free slots (templates
+    served as compressed on the fly unless ``pack_level`` is given)."""
     identities(root)
     hvs = list(hypervisors) if hypervisors is not None else [fake(), fake(), fake()]
     async with trio.open_nursery() as nursery:
@@ -208,6 +210,7 @@ async def mesh(
                 cpu_overcommit=overcommit(capacity[i]),
                 vm_memory_mb=64,
                 vm_disk_allowance_mb=ALLOWANCE,
+                pack_level=pack_level,
             )
             base = BaseImage(image_dir, make_base_image(image_dir))
             svc = VmService(hypervisor=hvs[i], base=base)

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import pytest
 import trio
 
 from tests.nodeutil import eventually, fake, fast_publish, mesh, port, request, root
-from vmmesh.api.transfer import BlobInfo, PieceChunk
+from vmmesh.api.transfer import CHUNK, PIECE_SIZE, BlobInfo, PieceChunk
 from vmmesh.errors import IntegrityError, MalformedMessage
 from vmmesh.host.history import BuildSample, TransferSample, fetch_estimate, install_estimate
-from vmmesh.transfer import blobfile
+from vmmesh.transfer import blobfile, packs
 from vmmesh.transfer.blobfile import (
     PieceAssembly,
     Staging,
@@ -190,6 +191,68 @@ def test_estimates_come_from_measurements_and_say_so() -> None:
     assert fetch_estimate(fast, 50 << 20, wait=30).seconds == pytest.approx(31.5)
 
 
+# --- packs ---------------------------------------------------------------------------------
+
+
+def _big_blob(path: Path) -> str:
+    """Two pieces, the second short: random, zeros and text-like chunks."""
+    text = b"".join(b"%d %s\n" % (i, hex(i * 7919).encode()) for i in range(200_000))
+    data = os.urandom(CHUNK) + bytes(CHUNK) + text[: 2 * CHUNK] + text[: CHUNK + CHUNK // 2]
+    path.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_a_pack_serves_every_piece_as_verified_chunks_smaller_than_on_the_fly(
+    tmp_path: Path,
+) -> None:
+    blob = tmp_path / "blob"
+    sha = _big_blob(blob)
+    info = describe(blob, sha)
+    assert len(info.pieces) == 2 and info.piece_length(1) < PIECE_SIZE
+    dest = packs.pack_path(tmp_path / "packs", sha)
+    dest.parent.mkdir()
+    packs.make(blob, sha, dest, 19)
+    pack = packs.Pack.open(dest, info)
+    assert pack is not None
+    packed = fly = 0
+    for index in range(len(info.pieces)):
+        assembly = PieceAssembly(info, index)
+        chunks = pack.chunks(index)
+        assert [c.offset for c in chunks] == list(range(0, info.piece_length(index), CHUNK))
+        assert [assembly.add(c) for c in chunks][-1], "the piece is whole and its hash checks"
+        packed += sum(len(c.data) for c in chunks)
+        fly += sum(len(c.data) for c in read_chunks(blob, info, index))
+    assert not pack.chunks(0)[0].zstd, "random bytes are stored as they are"
+    assert packed < fly, (packed, fly)
+    assert [p.name for p in dest.parent.iterdir()] == [dest.name], "no temporary file left"
+
+
+def test_a_pack_that_does_not_fit_its_blob_is_not_used(tmp_path: Path) -> None:
+    blob, other = tmp_path / "blob", tmp_path / "other"
+    sha, other_sha = _big_blob(blob), _blob(other)
+    info = describe(blob, sha)
+    dest = tmp_path / f"{sha}.zpk"
+    packs.make(blob, sha, dest, 3)
+    assert packs.Pack.open(dest, describe(other, other_sha)) is None, "another blob's table"
+    whole = dest.read_bytes()
+    for broken in (whole[:-3], whole[: len(whole) // 2], b"", os.urandom(4096)):
+        dest.write_bytes(broken)
+        assert packs.Pack.open(dest, info) is None
+    assert packs.Pack.open(tmp_path / "missing.zpk", info) is None
+    with pytest.raises(IntegrityError):
+        packs.make(blob, other_sha, dest, 3)
+    assert packs.main([str(blob), other_sha, str(dest), "3"]) == 1
+    assert packs.main([]) == 2
+
+
+def test_packs_of_blobs_gone_and_unfinished_packs_are_swept(tmp_path: Path) -> None:
+    for name in ("a" * 64 + ".zpk", "b" * 64 + ".zpk", "a" * 64 + ".zpk.tmp", "junk"):
+        (tmp_path / name).write_bytes(b"x")
+    gone = packs.sweep(tmp_path, {"a" * 64})
+    assert sorted(gone) == sorted(["b" * 64 + ".zpk", "a" * 64 + ".zpk.tmp", "junk"])
+    assert [p.name for p in tmp_path.iterdir()] == ["a" * 64 + ".zpk"]
+
+
 # --- between nodes -------------------------------------------------------------------------------
 
 
@@ -254,9 +317,11 @@ async def test_a_corrupt_holder_is_dropped_and_the_piece_fetched_elsewhere(
             lambda: len([h for h in h2.node.hosts() if h.templates]) == 2, "h2 sees two holders"
         )
         real = blobfile.read_chunks
-        h1_staging = h1.node.data_dir
+        h1_staging, h3_staging = h1.node.data_dir, h3.node.data_dir
 
         def corrupting(path: Path, info: BlobInfo, index: int) -> list[PieceChunk]:
+            if h3_staging in path.parents:  # h1 is asked before h3 has sent everything
+                time.sleep(1.0)
             chunks = real(path, info, index)
             if h1_staging in path.parents:  # h1 flips a byte of what it sends
                 c = chunks[0]
@@ -300,3 +365,31 @@ async def test_eviction_takes_the_least_recently_used_unused_template(
         names = {r.template_id for r in tm.records()}
         assert used.template_id in names, "never a template a VM runs on"
         assert old.template_id not in names, "the unused one went first"
+
+
+async def test_a_holder_packs_its_templates_serves_from_the_pack_and_drops_it_with_them(
+    root: Path, port: int
+) -> None:
+    async with mesh(root, port, (0, 2, 0), pack_level=3) as hosts:
+        h1, h2, _h3 = hosts
+        got = (await h1.mgr.templates.ensure_template(["perl"])).record
+        assert got is not None
+        [sha] = got.chain
+        made = packs.pack_path(h1.node.data_dir / "packs", sha)
+        await eventually(made.exists, "h1 packs its new template")
+        served: list[int] = []
+        real = packs.Pack.chunks
+
+        def counting(self: packs.Pack, piece: int) -> list[PieceChunk]:
+            served.append(piece)
+            return real(self, piece)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(packs.Pack, "chunks", counting)
+            await eventually(lambda: bool(h2.view()["h1"].templates), "h2 learns")
+            fetched = await h2.mgr.templates.ensure_template(["perl"], policy="fetch")
+        assert fetched.how == "fetched" and served, "h1 sent its pieces from its pack"
+        assert h2.mgr.templates.get(got.template_id).chain == got.chain
+        await eventually(packs.pack_path(h2.node.data_dir / "packs", sha).exists, "h2 packs too")
+        h1.mgr.templates.remove(got.template_id)
+        await eventually(lambda: not made.exists(), "the pack goes with its template")

@@ -44,6 +44,7 @@ class Config:
     apt_sources: tuple[str, ...] = ()  # guest apt lines; empty: the image's own
     image_autofetch: bool = True  # no base image here: get the mesh's from peers
     warm_start: bool = True  # VMs resume from their template's saved boot where it fits
+    pack_level: int = 19  # zstd level of the packs templates are served from; 0: none
     job_lease: float = 60.0  # a job VM whose owner is silent this long is shut down
     # `vmmesh ssh`: each VM's port 22 is forwarded from a host port of this range,
     # listening on ssh_bind (0.0.0.0: reachable from the mesh's other hosts;
@@ -181,6 +182,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("gossip interval must be > 0 and fanout >= 1")
     if cfg.storage_quota_mb < 0 or cfg.cpu_overcommit <= 0:
         raise ConfigError("storage quota must be >= 0 and cpu overcommit > 0")
+    if not 0 <= cfg.pack_level <= 22:
+        raise ConfigError(f"pack_level must be 0 (no packs) .. 22, not {cfg.pack_level}")
 
 
 __all__ = ["DEFAULT_PORT", "RELOADABLE", "Config", "load_config"]

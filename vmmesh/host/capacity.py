@@ -36,7 +36,7 @@ from vmmesh.config import Config
 from vmmesh.errors import StateError
 
 # Sub-directories of the data dir whose files count against the quota.
-QUOTA_DIRS = ("vms", "templates", "warm")
+QUOTA_DIRS = ("vms", "templates", "warm", "packs")
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ def probe_host(data_dir: Path, meminfo: Path = Path("/proc/meminfo")) -> HostPro
 
 
 def disk_used_mb(data_dir: Path, vm_allowance_mb: int = 0) -> int:
-    """MB taken from the storage quota by templates and VM overlays.
+    """MB taken from the storage quota by templates, their packs and VM overlays.
 
     Files count by the blocks really allocated (sparse files count as used);
     a VM overlay counts at least ``vm_allowance_mb``, because a VM's disk may

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -78,7 +79,7 @@ from vmmesh.host.templates import TemplateRecord, delta_name
 from vmmesh.host.vms import VmManager
 from vmmesh.net.rpc import Context, Handlers
 from vmmesh.progress import progress_pump
-from vmmesh.transfer import blobfile
+from vmmesh.transfer import blobfile, packs
 from vmmesh.transfer.fetcher import Fetched, Holder, fetch_blob
 from vmmesh.transfer.pieces import HolderStats
 
@@ -88,6 +89,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("vmmesh.transfer")
 
 STAGING = "transfer"
+PACKS = "packs"
+PACK_EVERY = 10.0
 STAGING_MAX_AGE = 24 * 3600.0
 AUTO_IMAGE_EVERY = 5.0
 WAIT_POLL = 0.5
@@ -103,6 +106,8 @@ class TransferService(NodeExtension):
         self._infos: dict[tuple[str, int, int], BlobInfo] = {}
         self._describing: dict[str, trio.Lock] = {}
         self._image_lock = trio.Lock()
+        self._packs: dict[str, tuple[int, packs.Pack]] = {}
+        self._unpackable: set[str] = set()
         vms.manager_hooks.append(self._hook_manager)
 
     @property
@@ -113,6 +118,10 @@ class TransferService(NodeExtension):
     @property
     def staging(self) -> Path:
         return self.node.data_dir / STAGING
+
+    @property
+    def packs_dir(self) -> Path:
+        return self.node.data_dir / PACKS
 
     async def start(
         self,
@@ -133,6 +142,8 @@ class TransferService(NodeExtension):
             self._hook_manager(self.vms.mgr)
         if node.cfg.image_autofetch:
             nursery.start_soon(self._auto_image)
+        if node.cfg.pack_level:
+            nursery.start_soon(self._packer, node.cfg.pack_level)
 
     def _hook_manager(self, mgr: VmManager) -> None:
         mgr.templates.fetcher = self
@@ -186,10 +197,76 @@ class TransferService(NodeExtension):
         for index in req.indices:
             if index >= len(info.pieces):
                 raise NotFound(f"blob {req.sha256[:16]} has no piece {index}")
-            chunks = await trio.to_thread.run_sync(blobfile.read_chunks, path, info, index)
+            pack = self._pack_of(info)
+            if pack is not None:
+                chunks = await trio.to_thread.run_sync(pack.chunks, index)
+            else:
+                chunks = await trio.to_thread.run_sync(blobfile.read_chunks, path, info, index)
             for chunk in chunks:
                 await ctx.send_item(chunk)
         return Empty()
+
+    def _pack_of(self, info: BlobInfo) -> packs.Pack | None:
+        """The pack this host made of blob ``info``, if it has one that fits."""
+        path = packs.pack_path(self.packs_dir, info.sha256)
+        try:
+            mtime = path.stat().st_mtime_ns
+        except OSError:
+            return None
+        known = self._packs.get(info.sha256)
+        if known is not None and known[0] == mtime and known[1].info == info:
+            return known[1]
+        pack = packs.Pack.open(path, info)
+        if pack is not None:
+            self._packs[info.sha256] = (mtime, pack)
+        return pack
+
+    def _held_deltas(self) -> set[str]:
+        mgr = self.vms.mgr
+        if mgr is None:
+            return set()
+        templates = mgr.templates
+        return {sha for r in templates.records() for sha in r.chain if templates.has_delta(sha)}
+
+    async def _packer(self, level: int) -> None:
+        """Every template delta held here gets a pack, one at a time, in a niced process;
+        packs of deltas no longer held go (see ``transfer.packs``)."""
+        while True:
+            if self.vms.mgr is not None:
+                held = self._held_deltas()
+                for name in packs.sweep(self.packs_dir, held):
+                    log.debug("pack %s removed", name)
+                for sha in sorted(held - self._unpackable):
+                    if not packs.pack_path(self.packs_dir, sha).exists():
+                        await self._make_pack(sha, level)
+            await trio.sleep(PACK_EVERY)
+
+    async def _make_pack(self, sha: str, level: int) -> None:
+        blob = self.vms.manager().templates.delta_path(sha)
+        dest = packs.pack_path(self.packs_dir, sha)
+        self.packs_dir.mkdir(exist_ok=True)
+        cmd = ["nice", "-n", "19", sys.executable, "-m", "vmmesh.transfer.packs"]
+        started = time.monotonic()
+        res = await trio.run_process(
+            [*cmd, str(blob), sha, str(dest), str(level)],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        if res.returncode != 0:
+            if sha in self._held_deltas():
+                self._unpackable.add(sha)
+                err = res.stderr.decode(errors="replace").strip()[-300:]
+                log.warning("no pack of delta %s: %s", sha[:12], err or res.returncode)
+            return
+        log.info(
+            "packed delta %s: %.1f MB -> %.1f MB in %.0f s (zstd %d)",
+            sha[:12],
+            blob.stat().st_size / 1e6,
+            dest.stat().st_size / 1e6,
+            time.monotonic() - started,
+            level,
+        )
 
     async def _manifest(self, ctx: Context, req: BlobRequest) -> ManifestReply:
         store = ImageStore(self.node.data_dir)
