@@ -19,7 +19,7 @@ from .output import console, print_json, progress_view, rate
 
 
 def fetch(args: argparse.Namespace, cfg: Config) -> int:
-    body = FetchTemplateRequest(template=args.template).checked()
+    body = FetchTemplateRequest(template=args.template, sources=frozenset(args.sources)).checked()
     show = not args.json and sys.stderr.isatty()
     with progress_view(show) as view:
         reply = client.stream(cfg, FETCH_TEMPLATE, body, view.update if view else None)

@@ -109,6 +109,14 @@ def _vm_commands(add: Adder) -> None:
     p.add_argument("--install", action="store_true", help="install missing packages locally")
     p = add("fetch", "cmd_transfer:fetch", "fetch a template from the peers that hold it")
     p.add_argument("template", help="template id (or its start) as `vmmesh templates` shows")
+    p.add_argument(
+        "--from",
+        dest="sources",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="only from this host (repeat for several); default: every holder",
+    )
     _run_command(add)
     add("vms", "cmd_vm:vms", "list the VMs of the mesh")
     add("templates", "cmd_vm:templates", "list the templates of the mesh")

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.nodeutil import eventually, fake, fast_publish, mesh, port, request, root
-from vmmesh.api.transfer import CHUNK, PIECE_SIZE, BlobInfo, PieceChunk
+from tests.nodeutil import Host, eventually, fake, fast_publish, mesh, port, request, root
+from vmmesh.api.transfer import CHUNK, PIECE_SIZE, BlobInfo, FetchReport, PieceChunk
 from vmmesh.errors import IntegrityError, MalformedMessage
 from vmmesh.host.history import BuildSample, TransferSample, fetch_estimate, install_estimate
 from vmmesh.transfer import blobfile, packs
@@ -393,3 +393,34 @@ async def test_a_holder_packs_its_templates_serves_from_the_pack_and_drops_it_wi
         await eventually(packs.pack_path(h2.node.data_dir / "packs", sha).exists, "h2 packs too")
         h1.mgr.templates.remove(got.template_id)
         await eventually(lambda: not made.exists(), "the pack goes with its template")
+
+
+async def test_fetch_by_hand_takes_only_the_holders_named(root: Path, port: int) -> None:
+    from vmmesh.api.transfer import FETCH_TEMPLATE, FetchTemplateRequest
+    from vmmesh.errors import NotFound
+    from vmmesh.net.control import connect_control
+
+    async def fetch(host: Host, tid: str, *sources: str) -> FetchReport:
+        body = FetchTemplateRequest(template=tid, sources=frozenset(sources)).checked()
+        async with (
+            connect_control(host.cfg.socket_path) as conn,
+            conn.stream(FETCH_TEMPLATE, body) as answer,
+        ):
+            async for _ in answer:
+                pass
+        return answer.result()
+
+    async with mesh(root, port) as hosts:
+        h1, h2, h3 = hosts
+        rec = (await h1.mgr.templates.ensure_template(["perl"])).record
+        assert rec is not None
+        await eventually(lambda: bool(h3.view()["h1"].templates), "h3 learns")
+        await h3.mgr.templates.ensure_template(["perl"], policy="fetch")
+        await eventually(
+            lambda: len([h for h in h2.node.hosts() if h.templates]) == 2, "h2 sees two holders"
+        )
+        with pytest.raises(NotFound, match="not held by h9"):
+            await fetch(h2, rec.template_id[:12], "h9")
+        report = await fetch(h2, rec.template_id[:12], "h3")
+        assert [h.host for h in report.holders] == ["h3"], report
+        assert h2.mgr.templates.get(rec.template_id).chain == rec.chain

@@ -28,7 +28,7 @@ from vmmesh.api.codec import (
     wire,
 )
 from vmmesh.api.common import Progress
-from vmmesh.api.names import HexId, Sha256
+from vmmesh.api.names import HexId, HostName, Sha256
 
 PIECE_SIZE = 4 << 20
 """Bytes per piece (Kraken and Dragonfly use about as much)."""
@@ -90,6 +90,7 @@ class ManifestReply(Message):
 @dataclass(frozen=True)
 class FetchTemplateRequest(Message):
     template: str = wire(Text(64, "[0-9a-f]{4,64}", "template id"))
+    sources: frozenset[str] = wire(SetOf(HostName, 64), default=frozenset())  # empty: every holder
 
 
 @dataclass(frozen=True)

@@ -247,12 +247,17 @@ class TransferService(NodeExtension):
         self.packs_dir.mkdir(exist_ok=True)
         cmd = ["nice", "-n", "19", sys.executable, "-m", "vmmesh.transfer.packs"]
         started = time.monotonic()
-        res = await trio.run_process(
-            [*cmd, str(blob), sha, str(dest), str(level)],
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
+        try:
+            res = await trio.run_process(
+                [*cmd, str(blob), sha, str(dest), str(level)],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+        except OSError as exc:  # no `nice`, no room for a process: serve as compressed on the fly
+            self._unpackable.add(sha)
+            log.warning("no pack of delta %s: cannot run %s: %s", sha[:12], cmd[0], exc)
+            return
         if res.returncode != 0:
             if sha in self._held_deltas():
                 self._unpackable.add(sha)
@@ -456,8 +461,8 @@ class TransferService(NodeExtension):
     # --- by hand ---------------------------------------------------------------
 
     async def _ctl_fetch_template(self, ctx: Context, req: FetchTemplateRequest) -> FetchReport:
-        """``vmmesh fetch TEMPLATE``: this template from the peers that hold it (like
-        ``lxc image copy``), whatever the estimates say."""
+        """``vmmesh fetch TEMPLATE [--from HOST]...``: this template from the peers that
+        hold it, or from those named (like ``lxc image copy``), whatever the estimates say."""
         matches = {
             t.template_id
             for h in self._others()
@@ -472,7 +477,13 @@ class TransferService(NodeExtension):
         with contextlib.suppress(NotFound):
             templates.get(tid)
             return FetchReport(what="template", item_id=tid, already_here=True)
-        info, hosts = _best_chain(self.holders_of(tid))
+        held = self.holders_of(tid)
+        if req.sources:
+            held = [(h, t) for h, t in held if h.name in req.sources]
+            if not held:
+                names = ", ".join(sorted(req.sources))
+                raise NotFound(f"template {tid[:12]} is not held by {names}")
+        info, hosts = _best_chain(held)
         missing = [
             (sha, size)
             for sha, size in zip(info.chain, info.delta_sizes, strict=True)
