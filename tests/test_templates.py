@@ -15,7 +15,7 @@ from vmmesh.errors import (
     PackageSourceError,
     UsageError,
 )
-from vmmesh.host.apt import missing_packages, source_problem
+from vmmesh.host.apt import dpkg_errors, missing_packages, source_problem
 from vmmesh.host.build import BaseImage
 from vmmesh.host.store import Store
 from vmmesh.host.templates import (
@@ -344,6 +344,28 @@ UPDATE_OK = """\
 Get:1 http://10.0.2.2:8080 ./ InRelease [1,234 B]
 Reading package lists...
 """
+
+
+JDK_WITHOUT_MAN1 = """\
+Setting up openjdk-17-jre-headless:amd64 (17.0.13+11-1~deb12u1) ...
+update-alternatives: using /usr/lib/jvm/java-17-openjdk-amd64/bin/java to provide /usr/bin/java (java) in auto mode
+update-alternatives: error: error creating symbolic link '/usr/share/man/man1/java.1.gz.dpkg-tmp': No such file or directory
+dpkg: error processing package openjdk-17-jre-headless:amd64 (--configure):
+ installed openjdk-17-jre-headless:amd64 package post-installation script subprocess returned error exit status 2
+dpkg: dependency problems prevent configuration of default-jre-headless:
+Errors were encountered while processing:
+ openjdk-17-jre-headless:amd64
+E: Sub-process /usr/bin/dpkg returned an error code (1)
+"""  # noqa: E501
+
+
+def test_a_failed_maintainer_script_is_named_with_its_reason() -> None:
+    found = dpkg_errors(JDK_WITHOUT_MAN1)
+    assert found is not None
+    assert found.startswith("update-alternatives: error: error creating symbolic link")
+    assert "dpkg: error processing package openjdk-17-jre-headless:amd64" in found
+    assert "post-installation script subprocess returned error exit status 2" in found
+    assert dpkg_errors(UPDATE_OK) is None
 
 
 def test_source_problem_finds_an_unreachable_source() -> None:

@@ -103,6 +103,22 @@ def fetched(apt_output: str) -> tuple[int, float] | None:
     return int(amount * _UNITS[m.group(2)]), seconds
 
 
+_DPKG_ERROR = re.compile(
+    r"^(dpkg: error processing .*|dpkg: error: .*|update-alternatives: error: .*"
+    r"|.*returned error exit status \d+|Errors were encountered while processing:.*)$"
+)
+
+
+def dpkg_errors(apt_output: str, most: int = 4) -> str | None:
+    """What dpkg said went wrong (which package, which script, why), on one line."""
+    found: list[str] = []
+    for raw in apt_output.splitlines():
+        line = raw.strip()
+        if _DPKG_ERROR.match(line) and line not in found:
+            found.append(line)
+    return " | ".join(found[:most])[:600] if found else None
+
+
 def tail(data: bytes, lines: int = 3) -> str:
     """The last lines of a command's output, on one line."""
     text = data.decode("utf-8", "replace").strip().splitlines()

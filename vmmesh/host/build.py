@@ -142,9 +142,9 @@ class Builder:
             problem = apt.source_problem(output)
             if problem:
                 raise PackageSourceError(f"the guest could not download packages: {problem}")
+            why = apt.dpkg_errors(output) or apt.tail(res.stderr or res.stdout)
             raise PackageSourceError(
-                f"installing {' '.join(missing)} failed (apt exit {res.exit_code}): "
-                f"{apt.tail(res.stderr or res.stdout)}"
+                f"installing {' '.join(missing)} failed (apt exit {res.exit_code}): {why}"
             )
         got = apt.fetched(res.stdout.decode("utf-8", "replace"))
         if got is not None:

@@ -405,6 +405,10 @@ def _strip_tree(tree: Path) -> None:
                         copyright_file.write_bytes(keep)
                 else:
                     child.unlink()
+    # Maintainer scripts still link into these (openjdk's update-alternatives
+    # makes /usr/share/man/man1/java.1.gz a slave link and fails without man1).
+    for section in range(1, 9):
+        (tree / f"usr/share/man/man{section}").mkdir(parents=True, exist_ok=True)
     locale = tree / "usr/share/locale"
     if locale.is_dir():
         for child in locale.iterdir():
