@@ -293,6 +293,7 @@ def recipe_key(options: BuildOptions) -> str:
         *ENABLED_UNITS,
         *DISABLED_UNITS,
         SSH_HOST_KEY_GLOB,
+        *KEEP_DIRS,
     ]
     text = "\n".join(str(p) for p in parts)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -390,6 +391,12 @@ def _debootstrap(tree: Path, options: BuildOptions, phases: _Phases) -> None:
         partial.replace(cached)
 
 
+# Stripped, but kept as empty directories: maintainer scripts still link into
+# them (openjdk's update-alternatives makes /usr/share/man/man1/java.1.gz a
+# slave link, and its post-install fails without man1).
+KEEP_DIRS = tuple(f"usr/share/man/man{section}" for section in range(1, 9))
+
+
 def _strip_tree(tree: Path) -> None:
     """Docs, man pages, locales, apt lists and caches, logs: none are needed to run."""
     for rel in ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/lintian"):
@@ -405,10 +412,8 @@ def _strip_tree(tree: Path) -> None:
                         copyright_file.write_bytes(keep)
                 else:
                     child.unlink()
-    # Maintainer scripts still link into these (openjdk's update-alternatives
-    # makes /usr/share/man/man1/java.1.gz a slave link and fails without man1).
-    for section in range(1, 9):
-        (tree / f"usr/share/man/man{section}").mkdir(parents=True, exist_ok=True)
+    for rel in KEEP_DIRS:
+        (tree / rel).mkdir(parents=True, exist_ok=True)
     locale = tree / "usr/share/locale"
     if locale.is_dir():
         for child in locale.iterdir():
