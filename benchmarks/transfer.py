@@ -250,18 +250,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             proxy.shutdown()
 
 
-def _configure(lab: Lab, others_full: bool) -> None:
+def _configure(lab: Lab, room_on: set[int]) -> None:
     """No warm boots in the background (they would share the CPU with the figures);
-    while h1 builds, the other hosts offer no room, so the templates land on h1."""
+    only the hosts ``room_on`` offer room, so a request lands there (h1 builds; h4
+    fetches for a VM)."""
     for i in (1, 2, 3, 4):
         text = "warm_start = false\n"
-        if others_full and i != 1:
+        if i not in room_on:
             text += "storage_quota_mb = 0\n"
         (lab.host_data_dir(i) / "config.toml").write_text(text)
         lab.kill_host(i, signal.SIGHUP)
-    want = 0 if others_full else None
-    for i in (2, 3, 4):
+    for i in (1, 2, 3, 4):
+        want = None if i in room_on else 0
         eventually(_slots_are, f"h1 sees h{i}'s room", lab, f"h{i}", want)
+
+
+def _packs_done(lab: Lab, i: int) -> bool:
+    """Host ``i`` has packed every template it holds (its packer is idle)."""
+    held = [t for t in cli_json(lab, i, "templates")["templates"] if t["host"] == f"h{i}"]
+    return all(_packed(lab, i, t["sha256"]) for t in held)
 
 
 def _holds(lab: Lab, i: int, host: str, template_id: str) -> bool:
@@ -277,14 +284,14 @@ def _slots_are(lab: Lab, host: str, want: int | None) -> bool:
 
 
 def _measure(lab: Lab, proxy: CountingProxy, args: argparse.Namespace) -> dict[str, Any]:
-    _configure(lab, others_full=True)
+    _configure(lab, {1})
     built = [_build(lab, proxy, [p], f"t{n}") for n, p in enumerate(args.packages)]
     a = built[0]
     for t in built:
         t["pack_bytes"] = eventually(
             _packed, f"h1 packs {t['packages']}", lab, 1, t["sha256"], patience=PATIENCE
         )
-    _configure(lab, others_full=False)
+    _configure(lab, {1, 2, 3, 4})
     out: dict[str, Any] = {"accel": args.accel, "templates": built}
     _shape(lab, "1gbit")
     runs = []
@@ -294,6 +301,7 @@ def _measure(lab: Lab, proxy: CountingProxy, args: argparse.Namespace) -> dict[s
         raws.append(_raw_copy(lab, 1, 2, Path(t["path"])))
         raw = sum(raws) / len(raws)
         t["wire_bytes"] = fetch["wire_bytes"]
+        eventually(_packs_done, "h2 packs what it fetched", lab, 2, patience=PATIENCE)
         runs.append({"packages": t["packages"], "fetch_seconds": fetch["seconds"],
                      "raw_seconds": round(raw, 2), "raw_runs": [round(x, 2) for x in raws],
                      "bytes": fetch["bytes"], "wire_bytes": fetch["wire_bytes"],
@@ -305,11 +313,13 @@ def _measure(lab: Lab, proxy: CountingProxy, args: argparse.Namespace) -> dict[s
     eventually(_holds, "h4 learns that h3 holds it", lab, 4, "h3", big["template_id"])
     eventually(_packed, "h3 packs it", lab, 3, big["sha256"], patience=PATIENCE)
     two = _fetch(lab, 4, big["template_id"], 1, 3)
+    eventually(_packs_done, "h4 packs it", lab, 4, patience=PATIENCE)
     out["holders_100mbit"] = {"packages": big["packages"], "one_seconds": one["seconds"],
                               "two_seconds": two["seconds"],
                               "speedup": round(one["seconds"] / two["seconds"], 2),
                               "wire_bytes": two["wire_bytes"],
                               "two_from": [h["host"] for h in two["holders"]]}  # fmt: skip
+    _configure(lab, {4})  # the VM must be made where the template is not
     started = time.monotonic()
     reply = _json(lab, 4, "request", "tf", "1", *a["packages"], "--fetch")
     out["fetch_to_vm_100mbit"] = {"seconds": round(time.monotonic() - started, 1),

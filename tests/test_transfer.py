@@ -117,13 +117,19 @@ def test_pieces_travel_compressed_where_it_pays_and_are_verified(tmp_path: Path)
     assert len(tail_chunks[0].data) < 200, "a run of one byte costs nothing"
     assembly = PieceAssembly(info, 2)
     assert assembly.add(tail_chunks[0])
-    bad = PieceChunk(index=0, offset=0, data=b"y" * PS)
+    assert assembly.piece() == b"x" * (PS // 2)
+    bad = PieceAssembly(info, 0)
+    assert bad.add(PieceChunk(index=0, offset=0, data=b"y" * PS))
     with pytest.raises(IntegrityError, match="does not match its hash"):
-        PieceAssembly(info, 0).add(bad)
+        bad.piece()
+    garbled = PieceAssembly(info, 0)
+    assert garbled.add(PieceChunk(index=0, offset=0, data=b"\x28\xb5\x2f\xfd", zstd=True))
     with pytest.raises(MalformedMessage):
-        PieceAssembly(info, 0).add(
-            PieceChunk(index=0, offset=0, data=b"\x28\xb5\x2f\xfd", zstd=True)
-        )
+        garbled.piece()
+    with pytest.raises(MalformedMessage, match="came twice"):
+        garbled.add(PieceChunk(index=0, offset=0, data=b"z"))
+    with pytest.raises(MalformedMessage, match="does not belong"):
+        PieceAssembly(info, 0).add(PieceChunk(index=1, offset=0, data=b"z"))
 
 
 def test_staging_resumes_and_never_hands_over_a_wrong_file(tmp_path: Path) -> None:
@@ -134,6 +140,9 @@ def test_staging_resumes_and_never_hands_over_a_wrong_file(tmp_path: Path) -> No
     assert staging.open() == {1}, "the zero piece is there from the start"
     piece0 = src.read_bytes()[:PS]
     staging.write(0, piece0)
+    assert Staging(tmp_path / "staging", info).open() == {1}, "not synced yet: not counted"
+    staging.write(0, piece0)
+    staging.sync()  # what the fetcher does at the end of every attempt
     # the receiving node restarts: the verified piece is still there
     again = Staging(tmp_path / "staging", info)
     assert again.open() == {0, 1}
@@ -219,7 +228,8 @@ def test_a_pack_serves_every_piece_as_verified_chunks_smaller_than_on_the_fly(
         assembly = PieceAssembly(info, index)
         chunks = pack.chunks(index)
         assert [c.offset for c in chunks] == list(range(0, info.piece_length(index), CHUNK))
-        assert [assembly.add(c) for c in chunks][-1], "the piece is whole and its hash checks"
+        assert [assembly.add(c) for c in chunks][-1], "the piece is whole"
+        assert hashlib.sha256(assembly.piece()).hexdigest() == info.pieces[index]
         packed += sum(len(c.data) for c in chunks)
         fly += sum(len(c.data) for c in read_chunks(blob, info, index))
     assert not pack.chunks(0)[0].zstd, "random bytes are stored as they are"

@@ -9,8 +9,8 @@ saves at least a tenth.
 
 Receiver side: ``Staging`` keeps one blob under way in ``<dir>/<sha>.part``
 (a sparse file of the blob's size) with ``<sha>.have`` (the verified pieces,
-one index per line, appended as they land) and ``<sha>.info`` (the piece
-table it is working to).  Only a piece whose hash matches the table is
+one index per line, appended after each fsync, every ``SYNC_EVERY`` pieces)
+and ``<sha>.info`` (the piece table it is working to).  Only a piece whose hash matches the table is
 written.  A transfer that stops — a cut link, a killed node — is taken up
 again from the pieces in ``.have``.  ``finish`` hashes the whole file and
 hands it over only if that is the blob's name; otherwise everything goes.
@@ -23,7 +23,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgpack
@@ -34,6 +35,7 @@ from vmmesh.api.transfer import CHUNK, PIECE_SIZE, BlobInfo, PieceChunk
 from vmmesh.errors import IntegrityError, MalformedMessage
 
 ZSTD_LEVEL = 3
+SYNC_EVERY = 8  # pieces written between two fsyncs of a staging file
 _READ = 1 << 20
 
 
@@ -97,50 +99,71 @@ def read_chunks(path: Path, info: BlobInfo, index: int) -> list[PieceChunk]:
 
 
 class PieceAssembly:
-    """The chunks of one piece as they arrive; ``piece()`` when all are in."""
+    """The chunks of one piece as they arrive.
+
+    ``add`` only files a chunk (cheap, in the event loop); ``piece()``
+    decompresses and checks the hash (CPU: the fetcher calls it in a worker
+    thread, so the link keeps being read meanwhile).
+    """
 
     def __init__(self, info: BlobInfo, index: int) -> None:
         self.index = index
         self.length = info.piece_length(index)
         self.expected = info.pieces[index]
-        self._buf = bytearray(self.length)
-        self._got = 0
+        self._chunks: dict[int, PieceChunk] = {}
+        self._count = -(-self.length // CHUNK)
         self.wire = 0
 
     def add(self, chunk: PieceChunk) -> bool:
-        """Put one chunk in; True when the piece is complete (and verified)."""
+        """File one chunk; True when every chunk of the piece is in (not yet checked)."""
         if chunk.index != self.index or chunk.offset % CHUNK or chunk.offset >= self.length:
             raise MalformedMessage(f"chunk at {chunk.offset} does not belong to piece {self.index}")
-        want = min(CHUNK, self.length - chunk.offset)
-        data = chunk.data
-        if chunk.zstd:
-            try:
-                data = zstandard.ZstdDecompressor().decompress(data, max_output_size=want)
-            except zstandard.ZstdError as exc:
-                raise MalformedMessage(f"chunk of piece {self.index} is bad zstd: {exc}") from None
-        if len(data) != want:
-            raise MalformedMessage(
-                f"chunk of piece {self.index} holds {len(data)} bytes, not {want}"
-            )
-        self._buf[chunk.offset : chunk.offset + want] = data
-        self._got += want
+        if chunk.offset in self._chunks:
+            raise MalformedMessage(f"chunk at {chunk.offset} of piece {self.index} came twice")
+        self._chunks[chunk.offset] = chunk
         self.wire += len(chunk.data)
-        if self._got < self.length:
-            return False
-        if hashlib.sha256(self._buf).hexdigest() != self.expected:
-            raise IntegrityError(f"piece {self.index} does not match its hash")
-        return True
+        return len(self._chunks) == self._count
 
     def piece(self) -> bytes:
-        return bytes(self._buf)
+        """The whole piece, decompressed and checked against its hash."""
+        buf = bytearray(self.length)
+        decompressor = zstandard.ZstdDecompressor()
+        for offset, chunk in self._chunks.items():
+            want = min(CHUNK, self.length - offset)
+            data = chunk.data
+            if chunk.zstd:
+                try:
+                    data = decompressor.decompress(data, max_output_size=want)
+                except zstandard.ZstdError as exc:
+                    raise MalformedMessage(
+                        f"chunk of piece {self.index} is bad zstd: {exc}"
+                    ) from None
+            if len(data) != want:
+                raise MalformedMessage(
+                    f"chunk of piece {self.index} holds {len(data)} bytes, not {want}"
+                )
+            buf[offset : offset + want] = data
+        if len(self._chunks) != self._count:
+            raise MalformedMessage(f"piece {self.index} is not complete")
+        if hashlib.sha256(buf).hexdigest() != self.expected:
+            raise IntegrityError(f"piece {self.index} does not match its hash")
+        return bytes(buf)
 
 
 @dataclass
 class Staging:
-    """One blob being received under ``directory`` (see the module docstring)."""
+    """One blob being received under ``directory`` (see the module docstring).
+
+    Pieces are written as they come and made durable ``SYNC_EVERY`` at a time
+    (one fsync, then their numbers go into ``.have``): a node killed midway
+    loses at most those not yet synced; ``sync`` at the end of every attempt
+    keeps the rest for the next.
+    """
 
     directory: Path
     info: BlobInfo
+    _unsynced: list[int] = field(default_factory=list, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     @property
     def part(self) -> Path:
@@ -175,18 +198,35 @@ class Staging:
         return have | set(self.info.zero)
 
     def write(self, index: int, piece: bytes) -> None:
-        """A verified piece: into the file, then into the record of what is here."""
+        """A verified piece into the file; into the record of what is here once synced."""
         fd = os.open(self.part, os.O_WRONLY)
         try:
             os.pwrite(fd, piece, index * self.info.piece_size)
-            os.fsync(fd)
         finally:
             os.close(fd)
-        with self._have_file.open("a") as fh:
-            fh.write(f"{index}\n")
+        with self._lock:
+            self._unsynced.append(index)
+            due = len(self._unsynced) >= SYNC_EVERY
+        if due:
+            self.sync()
+
+    def sync(self) -> None:
+        """Make the pieces written so far durable, then record them in ``.have``."""
+        with self._lock:
+            if not self._unsynced or not self.part.exists():
+                return
+            fd = os.open(self.part, os.O_WRONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            with self._have_file.open("a") as fh:
+                fh.write("".join(f"{i}\n" for i in self._unsynced))
+            self._unsynced.clear()
 
     def finish(self) -> Path:
         """Hash the whole file; the verified file (still ``.part``) or IntegrityError."""
+        self.sync()
         whole = hashlib.sha256()
         with self.part.open("rb") as fh:
             while chunk := fh.read(_READ):
@@ -199,6 +239,8 @@ class Staging:
         return self.part
 
     def discard(self) -> None:
+        with self._lock:
+            self._unsynced.clear()
         for path in (self.part, self._have_file, self._info_file):
             path.unlink(missing_ok=True)
 

@@ -1,11 +1,13 @@
 """Fetching one blob from every holder at once: the trio glue around ``Scheduler``.
 
-One task per holder asks for a batch of pieces (``blob.pieces``), puts each
-arriving piece together, checks its hash, writes it to the staging file and
-asks for the next batch; a holder that breaks off, sends a bad piece or does
+``DEPTH`` tasks per holder each ask for a batch of pieces (``blob.pieces``),
+put each arriving piece together, check its hash and write it to the staging
+file (both in a worker thread), and ask for the next batch: while one batch
+is checked and written, the other is on the wire, so the link is never idle
+waiting for a request.  A holder that breaks off, sends a bad piece or does
 not have the blob is dropped and its pieces go to the others.  Memory stays
-bounded whatever the blob's size: per holder, one piece being assembled and
-the few frames the connection buffers (``BATCH`` pieces asked at a time).
+bounded whatever the blob's size: per holder, ``DEPTH * BATCH`` pieces
+being assembled and the few frames the connection buffers.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from vmmesh.transfer.pieces import HolderStats, Scheduler
 
 log = logging.getLogger("vmmesh.transfer")
 
-BATCH = 2
+BATCH = 1
+DEPTH = 2
 PROGRESS_EVERY = 0.5
 INFO_TIMEOUT = 120.0  # a holder hashes a big file before it answers
 
@@ -86,13 +89,18 @@ async def fetch_blob(
     by_id = {h.node_id: h for h in holders}
     run = _Run(pool, info, staging, sched, by_id, task=task, emit=emit)
     started = time.monotonic()
-    async with trio.open_nursery() as nursery:
-        for h in holders:
-            sched.add_holder(h.node_id)
-            nursery.start_soon(run.holder_loop, h)
-        nursery.start_soon(run.report_loop)
-        await run.done.wait()
-        nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            for h in holders:
+                sched.add_holder(h.node_id)
+                for _ in range(DEPTH):
+                    nursery.start_soon(run.holder_loop, h)
+            nursery.start_soon(run.report_loop)
+            await run.done.wait()
+            nursery.cancel_scope.cancel()
+    finally:  # what arrived is kept for the next attempt, whatever ended this one
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(staging.sync)
     if not sched.complete:
         reasons = "; ".join(
             f"{holders_by(holders, n)}: {s.dropped}" for n, s in sched.holders.items()
@@ -134,8 +142,11 @@ class _Run:
         self.changed = trio.Event()
 
     async def holder_loop(self, holder: Holder) -> None:
+        """One of the ``DEPTH`` loops that keep ``holder`` busy."""
         sched = self.sched
         while not self.done.is_set():
+            if holder.node_id not in sched.live_holders():
+                return  # dropped by its other loop
             batch = sched.next_batch(holder.node_id, BATCH)
             if not batch:
                 await self.changed.wait()  # pieces may come back from a dropped holder
@@ -143,9 +154,12 @@ class _Run:
             try:
                 await self._fetch_batch(holder, batch)
             except (VmmeshError, trio.BrokenResourceError) as exc:
-                reason = describe(exc)
-                log.warning("transfer %s: dropping holder %s: %s", self.task, holder.name, reason)
-                sched.drop(holder.node_id, reason)
+                if holder.node_id in sched.live_holders():
+                    reason = describe(exc)
+                    log.warning(
+                        "transfer %s: dropping holder %s: %s", self.task, holder.name, reason
+                    )
+                    sched.drop(holder.node_id, reason)
                 self._check_done()
                 return
 
@@ -162,7 +176,7 @@ class _Run:
             if not assembly.add(chunk):
                 return
             del pending[chunk.index]
-            piece = assembly.piece()
+            piece = await trio.to_thread.run_sync(assembly.piece)
             seconds, t = time.monotonic() - t, time.monotonic()
             if self.sched.arrived(holder.node_id, chunk.index, len(piece), assembly.wire, seconds):
                 await trio.to_thread.run_sync(self.staging.write, chunk.index, piece)
