@@ -18,17 +18,16 @@ Rules, with their settings (all in ``vmmesh.config.Config``):
   jitter with page cache and is the same before and after a guest touches its
   memory.
 * **VM disks** (thesis §3.1.5, the storage quota given at install): VM
-  overlays, templates (and their packs) and warm states under the data
-  directory count against ``storage_quota_mb``; each new VM is assumed to
-  need ``vm_disk_allowance_mb`` (an overlay grows as the guest writes).  The
-  room is also capped by what the file system really has free.
+  overlays and templates under the data directory count against
+  ``storage_quota_mb``; each new VM is assumed to need
+  ``vm_disk_allowance_mb`` (an overlay grows as the guest writes).  The room is
+  also capped by what the file system really has free.
   ``free_disk_slots = room // vm_disk_allowance_mb``.
 """
 
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -159,7 +158,7 @@ def probe_host(data_dir: Path, meminfo: Path = Path("/proc/meminfo")) -> HostPro
 
 
 def disk_used_mb(data_dir: Path, vm_allowance_mb: int = 0) -> int:
-    """MB taken from the storage quota by templates, their packs, warm states and VM overlays.
+    """MB taken from the storage quota by templates, their packs and VM overlays.
 
     Files count by the blocks really allocated (sparse files count as used);
     a VM overlay counts at least ``vm_allowance_mb``, because a VM's disk may
@@ -172,16 +171,10 @@ def disk_used_mb(data_dir: Path, vm_allowance_mb: int = 0) -> int:
         folder = data_dir / sub
         if not folder.is_dir():
             continue
-        for top, _dirs, names in os.walk(folder):  # a warm state is a directory
-            for name in names:
-                try:
-                    st = os.lstat(os.path.join(top, name))
-                except FileNotFoundError:  # removed while we counted
-                    continue
-                if not stat.S_ISREG(st.st_mode):
-                    continue
-                used = st.st_blocks * 512
-                if sub == "vms" and top == str(folder) and name.endswith(".qcow2"):
+        for entry in os.scandir(folder):
+            if entry.is_file(follow_symlinks=False):
+                used = entry.stat(follow_symlinks=False).st_blocks * 512
+                if sub == "vms" and entry.name.endswith(".qcow2"):
                     used = max(used, floor)
                 total += used
     return -(-total // (1 << 20))
