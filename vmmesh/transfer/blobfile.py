@@ -89,13 +89,15 @@ def read_chunks(path: Path, info: BlobInfo, index: int) -> list[PieceChunk]:
     compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
     out = []
     for offset in range(0, length, CHUNK):
-        raw = data[offset : offset + CHUNK]
-        packed = compressor.compress(raw)
-        if len(packed) < len(raw) * 0.9:
-            out.append(PieceChunk(index=index, offset=offset, data=packed, zstd=True))
-        else:
-            out.append(PieceChunk(index=index, offset=offset, data=raw))
+        packed, zstd = compress_chunk(compressor, data[offset : offset + CHUNK])
+        out.append(PieceChunk(index=index, offset=offset, data=packed, zstd=zstd))
     return out
+
+
+def compress_chunk(compressor: zstandard.ZstdCompressor, raw: bytes) -> tuple[bytes, bool]:
+    """``raw`` compressed if that saves at least a tenth, else as it is; and which."""
+    packed = compressor.compress(raw)
+    return (packed, True) if len(packed) < len(raw) * 0.9 else (raw, False)
 
 
 class PieceAssembly:

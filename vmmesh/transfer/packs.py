@@ -40,7 +40,6 @@ from vmmesh.transfer import blobfile
 MAGIC = b"VMMZPK01"
 _TRAILER = struct.Struct(">Q8s")
 SUFFIX = ".zpk"
-PAYS = 0.9  # a chunk is kept compressed only if that saves a tenth
 
 
 def pack_path(directory: Path, sha: str) -> Path:
@@ -64,8 +63,7 @@ def make(blob: Path, sha: str, dest: Path, level: int) -> int:
                 raw = src.read(CHUNK)
                 if not raw:
                     break
-                packed = compressor.compress(raw)
-                data, zstd = (packed, True) if len(packed) < len(raw) * PAYS else (raw, False)
+                data, zstd = blobfile.compress_chunk(compressor, raw)
                 out.write(data)
                 index.append((offset, len(data), zstd))
                 offset += len(data)
