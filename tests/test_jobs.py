@@ -14,7 +14,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.nodeutil import call, eventually, fast_publish, mesh, port, request, root
+from tests.nodeutil import call, eventually, fake, fast_publish, mesh, port, request, root
 from vmmesh.api.jobs import Changed, JobOpen
 from vmmesh.api.vm import REQUEST, SHUTDOWN, RequestVms, ShutdownRequest
 from vmmesh.errors import (
@@ -265,3 +265,25 @@ async def test_kept_vms_stay_and_lapsed_leases_end_job_vms(
         # A kept VM shut down by hand drops out of the kept list.
         await call(h1, SHUTDOWN, ShutdownRequest(name=vm.name))
         await eventually(lambda: "job-" not in kept_list.read_text(), "the kept list forgets it")
+
+
+async def test_a_boot_slower_than_the_lease_does_not_lose_the_job_vms(
+    root: Path, port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A loaded host (TCG, two cores, other guests) may take longer to boot a job VM
+    # than a lease period. The owner cannot name the VMs before the request answers,
+    # so the slow host must not count the boot against the lease, and the fast host's
+    # VM, made long before, must not lapse while the request waits for the slow one.
+    monkeypatch.setattr(jobservice.JobService, "lease_seconds", property(lambda self: 1.0))
+    monkeypatch.setattr(jobservice, "WATCH_EVERY", 0.1)
+    hvs = [fake(), fake(), fake(agent_seconds=4.0)]
+    async with mesh(root, port, capacity=(0, 1, 1), hypervisors=hvs) as hosts:
+        _h1, h2, h3 = hosts
+        async with (
+            connect_control(hosts[0].cfg.socket_path) as conn,
+            jobs.JobClient(conn).session(JobOpen(count=2)) as session,
+        ):
+            assert sorted(v.host for v in session.vms) == ["h2", "h3"]
+            await trio.sleep(3.0)  # the owner now renews by name
+            assert len(h2.mgr.list_vms()) == 1
+            assert len(h3.mgr.list_vms()) == 1

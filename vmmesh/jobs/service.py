@@ -11,7 +11,7 @@ Host side: ``job.*_local`` do the guest work (``guestjob``); a watchdog shuts
 down the VMs of any job whose lease ran out: the owner crashed, restarted or
 lost its link, and nobody else would ever stop them.  A job VM the host has
 no lease for (created a moment ago, or found at start) gets one lease period
-of grace.
+of grace, counted from when it stopped being made (a slow boot spends none).
 """
 
 from __future__ import annotations
@@ -181,7 +181,21 @@ class JobService(NodeExtension):
         )
         assert self._control is not None
         local = LocalContext(self.node.node_id, forward)
-        return await self._control.local(REQUEST, local, request)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._renew_while_placing, session)
+            report = await self._control.local(REQUEST, local, request)
+            nursery.cancel_scope.cancel()
+        return report
+
+    async def _renew_while_placing(self, session: Session) -> None:
+        """Renew the job's lease on every host that is up until the request answers: a
+        share made early must not lapse while a slower host is still booting its VMs."""
+        while True:
+            async with trio.open_nursery() as nursery:
+                for h in self.node.hosts():
+                    if h.status == "up":
+                        nursery.start_soon(self._lease_on, session, h.node_id, (), False)
+            await trio.sleep(self.lease_seconds / 4)
 
     async def _hold(self, session: Session) -> None:
         """Renew the VMs' leases until the session's call ends."""
@@ -193,20 +207,24 @@ class JobService(NodeExtension):
         by_host: dict[str, list[str]] = {}
         for vm, nid in session.vms.items():
             by_host.setdefault(nid, []).append(vm)
-        for nid, names in by_host.items():
-            lease = JobLease(
-                job_id=session.job_id,
-                vms=tuple(names),
-                seconds=self.lease_seconds,
-                owner=self.node.node_id,
-                keep=keep,
-            )
-            try:
-                await self.node.pool.call(nid, LEASE_LOCAL, lease, timeout=10.0)
-            except VmmeshError as exc:
-                log.warning(
-                    "job %s: cannot renew the lease on %s: %s", session.job_id, nid[:12], exc
-                )
+        async with trio.open_nursery() as nursery:
+            for nid, names in by_host.items():
+                nursery.start_soon(self._lease_on, session, nid, tuple(names), keep)
+
+    async def _lease_on(
+        self, session: Session, nid: str, names: tuple[str, ...], keep: bool
+    ) -> None:
+        lease = JobLease(
+            job_id=session.job_id,
+            vms=names,
+            seconds=self.lease_seconds,
+            owner=self.node.node_id,
+            keep=keep,
+        )
+        try:
+            await self.node.pool.call(nid, LEASE_LOCAL, lease, timeout=10.0)
+        except VmmeshError as exc:
+            log.warning("job %s: cannot renew the lease on %s: %s", session.job_id, nid[:12], exc)
 
     async def _close(self, session: Session) -> None:
         for nid in sorted(set(session.vms.values())):
@@ -313,12 +331,17 @@ class JobService(NodeExtension):
             if mgr is None:
                 continue
             now = trio.current_time()
-            names = {
-                request_name_of(v.name) for v in mgr.list_vms() if v.name.startswith(JOB_PREFIX)
-            }
+            jobvms = [v for v in mgr.list_vms() if v.name.startswith(JOB_PREFIX)]
+            names = {request_name_of(v.name) for v in jobvms}
+            # A VM still being made (booting, resuming) spends no lease: the owner is
+            # waiting for the request to answer and renews only once it has. On a slow
+            # host the boot alone may outlast a lease period.
+            making = {request_name_of(v.name) for v in jobvms if v.state == "creating"}
             kept = self._kept()
             if kept - names:
                 self._set_kept(kept & names)  # shut down by hand since
+            for name in making:
+                self.leases[name] = max(self.leases.get(name, now), now + self.lease_seconds)
             for name in names - kept:
                 expiry = self.leases.setdefault(name, now + self.lease_seconds)  # grace
                 if expiry < now:
