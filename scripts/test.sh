@@ -39,4 +39,4 @@ echo "==> base image for the QEMU tests (built once per recipe; a few minutes)"
 export VMMESH_BASE_IMAGE_DIR="$IMAGE_LINK"
 
 echo "==> pytest"
-exec "$PY" -m pytest -q -p no:cacheprovider "$@"
+exec "$PY" -m pytest -q -p no:cacheprovider --durations=25 "$@"
