@@ -212,6 +212,20 @@ async def test_unknown_package_names_it_and_leaves_nothing(
     assert not hv.running
 
 
+async def test_a_failing_maintainer_script_names_the_package_and_leaves_nothing(
+    store: Store, hv: FakeHypervisor, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Every host boots the same base image, so a postinst that fails here fails
+    # everywhere: an install error (the request ends), not a source error (retried).
+    tm = manager(store, hv, tmp_path)
+    hv.broken_packages = frozenset({"b"})
+    with pytest.raises(PackageInstallError, match=r"error processing package b \(--configure\)"):
+        await tm.ensure_template(["a", "b"])
+    assert tm.records(include_building=True) == []
+    assert list(tm.dir.iterdir()) == []
+    assert not hv.running
+
+
 async def test_a_flaky_package_source_costs_a_retry_not_the_template(
     store: Store, hv: FakeHypervisor, tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -190,7 +190,8 @@ class IntegrityError(VmmeshError):
 
 
 class PackageInstallError(VmmeshError):
-    """A package does not exist in the package source; the message names it.
+    """A package does not exist in the package source, or its maintainer script
+    failed (dpkg's error names it); the message names the package.
 
     The same source serves every host of a mesh, so no other host would do
     better: a request ends with this error instead of trying every host.

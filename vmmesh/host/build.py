@@ -7,7 +7,8 @@ leaves the delta file for ``TemplateManager`` to check, hash and record; on
 any failure it kills the guest and raises, and the manager undoes the rest.
 
 Errors say which kind of failure it was: ``PackageInstallError`` when the
-source lacks a package (no host would do better), ``PackageSourceError``
+source lacks a package or a package's own script fails (every host shares the
+base image, so no host would do better), ``PackageSourceError``
 when the guest could not reach its source or apt failed otherwise (another
 host might), ``HypervisorError`` when the guest did not boot or power off.
 """
@@ -142,9 +143,12 @@ class Builder:
             problem = apt.source_problem(output)
             if problem:
                 raise PackageSourceError(f"the guest could not download packages: {problem}")
-            why = apt.dpkg_errors(output) or apt.tail(res.stderr or res.stdout)
+            broken = apt.dpkg_errors(output)
+            if broken:  # a package's own script failed: it fails on every host alike
+                raise PackageInstallError(f"installing {' '.join(missing)} failed: {broken}")
             raise PackageSourceError(
-                f"installing {' '.join(missing)} failed (apt exit {res.exit_code}): {why}"
+                f"installing {' '.join(missing)} failed (apt exit {res.exit_code}):"
+                f" {apt.tail(res.stderr or res.stdout)}"
             )
         got = apt.fetched(res.stdout.decode("utf-8", "replace"))
         if got is not None:

@@ -182,6 +182,16 @@ class FakeGuest:
         if missing:
             err = "".join(f"E: Unable to locate package {p}\n" for p in missing)
             return ExecResult(100, b"Reading package lists...\n", err.encode())
+        broken = [p for p in wanted if p in self.hv.broken_packages]
+        if broken:
+            out = "".join(
+                f"dpkg: error processing package {p} (--configure):\n"
+                f" installed {p} package post-installation script subprocess returned"
+                " error exit status 1\n"
+                for p in broken
+            )
+            err = "E: Sub-process /usr/bin/dpkg returned an error code (1)\n"
+            return ExecResult(100, out.encode(), err.encode())
         data = _load(self.disk)
         data["packages"] = sorted(set(data.get("packages", [])) | set(wanted))
         files = data.setdefault("files", {})
@@ -294,6 +304,7 @@ class FakeHypervisor:
         self.clean_poweroff = clean_poweroff  # False: guests ignore power-off and get killed
         self.update_failures = 0  # so many `apt-get update` runs fail first (a flaky source)
         self.update_output = b""  # what `apt-get update` prints when it "succeeds"
+        self.broken_packages: frozenset[str] = frozenset()  # their postinst script fails
         self.job_seconds = 0.0  # how long a spawned process runs
         self.job_exit = 0  # and its exit status
         self.running: dict[str, FakeGuest] = {}
