@@ -139,15 +139,16 @@ class Pack:
         return out
 
 
-def sweep(directory: Path, keep: set[str]) -> list[str]:
-    """Remove unfinished packs and packs of blobs not in ``keep``; their names."""
-    gone = []
+def sweep(directory: Path, keep: set[str]) -> dict[str, int]:
+    """Remove unfinished packs and packs of blobs not in ``keep``; name -> bytes freed."""
+    gone: dict[str, int] = {}
     with contextlib.suppress(FileNotFoundError):
         for entry in directory.iterdir():
             sha = entry.name.removesuffix(SUFFIX)
             if entry.name.endswith(".tmp") or sha not in keep:
-                entry.unlink(missing_ok=True)
-                gone.append(entry.name)
+                with contextlib.suppress(FileNotFoundError):
+                    gone[entry.name] = entry.stat().st_blocks * 512
+                    entry.unlink()
     return gone
 
 

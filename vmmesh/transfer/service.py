@@ -445,6 +445,7 @@ class TransferService(NodeExtension):
         )
         for rec in order:
             freed = mgr.templates.remove(rec.template_id)
+            freed += sum(packs.sweep(self.packs_dir, self._held_deltas()).values())
             free += freed
             last = "" if rec.template_id in held_elsewhere else " (the last copy in the mesh)"
             log.info("evicted template %s, %d MB%s", rec.template_id[:12], freed >> 20, last)
