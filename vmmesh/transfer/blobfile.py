@@ -12,8 +12,9 @@ Receiver side: ``Staging`` keeps one blob under way in ``<dir>/<sha>.part``
 one index per line, appended after each fsync, every ``SYNC_EVERY`` pieces)
 and ``<sha>.info`` (the piece table it is working to).  Only a piece whose hash matches the table is
 written.  A transfer that stops — a cut link, a killed node — is taken up
-again from the pieces in ``.have``.  ``finish`` hashes the whole file and
-hands it over only if that is the blob's name; otherwise everything goes.
+again from the pieces in ``.have``.  The whole file's hash is computed in
+order as pieces arrive; ``finish`` hands the file over only if that hash is
+the blob's name; otherwise everything goes.
 Nothing here ever becomes a template or an image: the caller moves a
 finished file into place and records it.
 """
@@ -26,6 +27,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import zstandard
@@ -166,6 +168,13 @@ class Staging:
     info: BlobInfo
     _unsynced: list[int] = field(default_factory=list, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    # The whole file's hash, fed in order while pieces arrive (those behind a gap
+    # are read back from the page cache when it fills), so ``finish`` has little
+    # left to read: receiving a blob hashes it once, not twice.
+    _whole: Any = field(default_factory=hashlib.sha256, init=False)
+    _hashed: int = field(default=0, init=False)  # pieces 0.._hashed-1 are in _whole
+    _present: set[int] = field(default_factory=set, init=False)
+    _hash_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     @property
     def part(self) -> Path:
@@ -197,6 +206,9 @@ class Staging:
             with self.part.open("wb") as fh:
                 fh.truncate(self.info.size)
             self._have_file.write_text("")
+        with self._hash_lock:
+            self._whole, self._hashed = hashlib.sha256(), 0
+            self._present = have | set(self.info.zero)
         return have | set(self.info.zero)
 
     def write(self, index: int, piece: bytes) -> None:
@@ -209,8 +221,32 @@ class Staging:
         with self._lock:
             self._unsynced.append(index)
             due = len(self._unsynced) >= SYNC_EVERY
+        self._hash_along(index, piece)
         if due:
             self.sync()
+
+    def _hash_along(self, index: int | None = None, piece: bytes = b"") -> None:
+        """Feed the whole-file hash every piece from where it stands up to the next gap."""
+        with self._hash_lock:
+            if index is not None:
+                self._present.add(index)
+            count, size = len(self.info.pieces), self.info.piece_size
+            with contextlib.ExitStack() as stack:
+                fh = None
+                while self._hashed < count and self._hashed in self._present:
+                    n = self._hashed
+                    length = min(size, self.info.size - n * size)
+                    if n == index:
+                        data = piece
+                    elif n in self.info.zero:
+                        data = bytes(length)
+                    else:
+                        if fh is None:
+                            fh = stack.enter_context(self.part.open("rb"))
+                        fh.seek(n * size)
+                        data = fh.read(length)
+                    self._whole.update(data)
+                    self._hashed += 1
 
     def sync(self) -> None:
         """Make the pieces written so far durable, then record them in ``.have``."""
@@ -227,12 +263,16 @@ class Staging:
             self._unsynced.clear()
 
     def finish(self) -> Path:
-        """Hash the whole file; the verified file (still ``.part``) or IntegrityError."""
+        """The whole file's hash; the verified file (still ``.part``) or IntegrityError."""
         self.sync()
-        whole = hashlib.sha256()
-        with self.part.open("rb") as fh:
-            while chunk := fh.read(_READ):
-                whole.update(chunk)
+        self._hash_along()
+        with self._hash_lock:
+            whole = self._whole if self._hashed == len(self.info.pieces) else None
+        if whole is None:  # a piece never came: hash what the file holds (it will not match)
+            whole = hashlib.sha256()
+            with self.part.open("rb") as fh:
+                while chunk := fh.read(_READ):
+                    whole.update(chunk)
         if whole.hexdigest() != self.info.sha256:
             self.discard()
             raise IntegrityError(f"blob {self.info.sha256[:16]} does not match its hash")
