@@ -3,7 +3,9 @@ fits, deleted when they fail, never in a request's way (real guests: test_warm_r
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -30,7 +32,14 @@ POLICY = CapacityPolicy(
 
 
 class Host:
-    def __init__(self, data: Path, hv: FakeHypervisor, store: Store, cores: int = 2) -> None:
+    def __init__(
+        self,
+        data: Path,
+        hv: FakeHypervisor,
+        store: Store,
+        cores: int = 2,
+        policy: CapacityPolicy = POLICY,
+    ) -> None:
         image_dir = data / "images" / "base"
         image_dir.mkdir(parents=True, exist_ok=True)
         base = BaseImage(image_dir, make_base_image(image_dir))
@@ -42,7 +51,7 @@ class Host:
             hypervisor=hv,
             templates=self.templates,
             data_dir=data,
-            policy=POLICY,
+            policy=policy,
             probe=lambda: HostProbe(cores=cores, memory_mb=8192, fs_free_mb=50_000),
             warm=self.warm,
         )
@@ -214,4 +223,47 @@ async def test_a_warm_boot_that_gave_way_to_a_request_is_made_again(
         await h.vms.shutdown("big")
         with trio.fail_after(120.0):  # the autojump clock: virtual seconds
             await h.warmed(tid)
+        nursery.cancel_scope.cancel()
+
+
+def _inflate(directory: Path, mb: int) -> None:
+    """Give a fake saved state the size of a real one (allocated, not sparse)."""
+    fd = os.open(directory / "ram.pad", os.O_WRONLY | os.O_CREAT)
+    try:
+        os.posix_fallocate(fd, 0, mb << 20)
+    finally:
+        os.close(fd)
+
+
+async def test_warm_states_live_in_the_quota_but_never_take_a_vms_room(
+    tmp_path: Path, hv: FakeHypervisor, store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Room for three VM disks of 100 MB and a little more.
+    policy = dataclasses.replace(POLICY, storage_quota_mb=350, vm_disk_allowance_mb=100)
+    h = Host(tmp_path / "d", hv, store, policy=policy)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.vms.run)
+        first = await h.vms.request_local("web", 1, ["a"])
+        a = first.template_id or ""
+        await h.warmed(a)
+        state = h.warm.get(a)
+        assert state is not None
+        _inflate(state.directory, 200)
+        # Over the quota now (two VMs' room and 200 MB of state), but a warm state a
+        # VM's disk is made from never goes.
+        second = await h.vms.request_local("web", 1, ["a"])
+        assert [v.start_kind for v in second.vms] == ["warm"]
+        await trio.sleep(30)
+        assert h.warm.get(a) is not None
+        # No VM of it left, and room enough: a cache is kept while it fits.
+        await h.vms.shutdown("web")
+        await trio.sleep(30)
+        assert h.warm.get(a) is not None
+        # Three VMs need all but 50 MB of the quota: the unused state goes, the VMs
+        # get their slots, and no new state is made where it does not fit.
+        big = await h.vms.request_local("big", 3, ["b"])
+        assert len(big.vms) == 3 and big.unplaced == 0
+        assert h.warm.get(a) is None
+        await trio.sleep(60)
+        assert h.warm.sizes() == {}, "no room for a warm state of b"
         nursery.cancel_scope.cancel()

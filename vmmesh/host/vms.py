@@ -283,6 +283,7 @@ class VmManager:
             task_status.started()
             while True:
                 await trio.sleep(WARM_RETRY)
+                self.trim_warm()  # templates fetched or built since take their room
                 self._retry_warm()
 
     def _retry_warm(self) -> None:
@@ -320,19 +321,59 @@ class VmManager:
             f" FROM vms WHERE state IN ({','.join('?' * len(ACTIVE))})",
             ACTIVE,
         ).fetchone()
-        allowance = self.policy.vm_disk_allowance_mb
-        # A VM whose row exists but whose overlay is not written yet still
-        # holds a disk allowance (the reservation was handed over to the row).
-        overlays = sum(1 for _ in self.vm_dir.glob("*.qcow2"))
         usage = Usage(
             running_vms=int(running),
             vcpus=int(vcpus),
             memory_mb=int(memory),
-            disk_used_mb=disk_used_mb(self.data_dir, allowance)
-            + max(0, int(running) - overlays) * allowance,
+            disk_used_mb=self._disk_used_mb(int(running)),
             reserved_vms=self._reserved,
         )
         return compute_capacity(self.probe(), usage, self.policy)
+
+    def _disk_used_mb(self, active: int) -> int:
+        """Templates, packs and VM disks (each at least its allowance) against the quota."""
+        allowance = self.policy.vm_disk_allowance_mb
+        # A VM whose row exists but whose overlay is not written yet still
+        # holds a disk allowance (the reservation was handed over to the row).
+        overlays = sum(1 for _ in self.vm_dir.glob("*.qcow2"))
+        return disk_used_mb(self.data_dir, allowance) + max(0, active - overlays) * allowance
+
+    def trim_warm(self, need_mb: int = 0, keep: str | None = None) -> bool:
+        """Drop warm states until they, with everything else and ``need_mb`` more, fit in
+        the storage quota; True if they do.
+
+        Warm states are a cache: they count against the quota but never cost a VM
+        its slot (capacity leaves them out, since they can always go).  Least
+        recently used templates' states go first, ``keep``'s last; a state a VM's
+        disk is made from (any VM of its template on this host) never goes.
+        """
+        if self.warm is None:
+            return True
+        active = self.store.conn.execute(
+            f"SELECT COUNT(*) FROM vms WHERE state IN ({','.join('?' * len(ACTIVE))})", ACTIVE
+        ).fetchone()[0]
+        committed = self._disk_used_mb(int(active)) + self._reserved * (
+            self.policy.vm_disk_allowance_mb
+        )
+        sizes = self.warm.sizes()
+        over = committed + need_mb + -(-sum(sizes.values()) // (1 << 20))
+        over -= self.policy.storage_quota_mb
+        if over <= 0:
+            return True
+        in_use = {v.template_id for v in self.list_vms() if v.template_id}
+        used = {t.template_id: t.last_used for t in self.templates.records()}
+        order = sorted(
+            (tid for tid in sizes if tid in used and tid not in in_use),
+            key=lambda tid: (tid == keep, used[tid]),
+        )
+        for tid in order:
+            if over <= 0:
+                break
+            self.warm.discard(tid, "the storage quota needs its room")
+            over -= sizes[tid] >> 20
+        if order:
+            self.templates.on_change()
+        return over <= 0
 
     def offered(self) -> Capacity:
         """What the mesh is told is free: a slot held by a warm boot counts as free, since
@@ -406,6 +447,7 @@ class VmManager:
         try:
             got = await self.templates.ensure_template(packages, progress, policy=fetch)
             rec, built, tpl_seconds = got.record, got.built, got.timings
+            self.trim_warm(keep=rec.template_id if rec else None)  # the new disks' room
             start = first_index or next_index(name, (v.name for v in self.list_vms()))
             plans = [
                 _VmPlan(
@@ -491,6 +533,14 @@ class VmManager:
         """One warm boot at a time, in a slot of its own that it gives up to any request."""
         assert self.warm is not None
         async with self._warm_limiter:
+            if not self.trim_warm(self._warm_estimate_mb(), keep=rec.template_id):
+                if rec.template_id not in self._warm_noted:
+                    log.info(
+                        "no room in the storage quota for a warm state of %s: its VMs boot",
+                        rec.template_id[:12],
+                    )
+                    self._warm_noted.add(rec.template_id)
+                return
             if self.reserve(1) == 0:
                 if rec.template_id not in self._warm_noted:
                     log.info("no free slot for the warm boot of %s: later", rec.template_id[:12])
@@ -508,6 +558,7 @@ class VmManager:
                     )
                 if self._warm_scope.cancelled_caught:  # gave way to a request: again later
                     self._warm_later[rec.template_id] = rec
+                self.trim_warm()  # the estimate was short: the quota still holds
             except (VmmeshError, OSError) as exc:
                 log.warning("no warm state for %s: %s", rec.template_id[:12], exc)
             finally:
@@ -516,6 +567,13 @@ class VmManager:
                     self._warm_held = False
                     self.release(1)
             self.templates.on_change()
+
+    def _warm_estimate_mb(self) -> int:
+        """Room a new warm state will take: as much as the largest one here, or a quarter
+        of the guest's memory (a settled Debian guest saves 140-175 MB of 512)."""
+        assert self.warm is not None
+        largest = max(self.warm.sizes().values(), default=0) >> 20
+        return max(largest, self.policy.vm_memory_mb // 4)
 
     def _disk_of(self, template: TemplateRecord | None) -> Path:
         return self.templates.base.disk if template is None else self.templates.disk_path(template)

@@ -28,6 +28,7 @@ Theory of operation (issue 9):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -115,6 +116,21 @@ class WarmStore:
             return {e.name for e in os.scandir(self.dir) if not e.name.startswith(SAVING)}
         except OSError:
             return set()
+
+    def sizes(self) -> dict[str, int]:
+        """Bytes on disk per warm state (allocated blocks), half-saved ones included
+        under their ``SAVING`` name: all of it is storage the quota must see."""
+        out: dict[str, int] = {}
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.dir):
+                if entry.is_dir(follow_symlinks=False):
+                    total = 0
+                    with contextlib.suppress(OSError):
+                        for f in os.scandir(entry.path):
+                            if f.is_file(follow_symlinks=False):
+                                total += f.stat(follow_symlinks=False).st_blocks * 512
+                    out[entry.name] = total
+        return out
 
     def spec(self, name: str, disk: Path, run_dir: Path, vcpus: int, memory_mb: int) -> BootSpec:
         return self.base.boot_spec(name, disk, run_dir, vcpus, memory_mb)
