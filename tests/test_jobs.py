@@ -287,3 +287,19 @@ async def test_a_boot_slower_than_the_lease_does_not_lose_the_job_vms(
             await trio.sleep(3.0)  # the owner now renews by name
             assert len(h2.mgr.list_vms()) == 1
             assert len(h3.mgr.list_vms()) == 1
+
+
+async def test_a_job_for_an_unknown_package_fails_with_the_install_error(
+    root: Path, port: int
+) -> None:
+    # The request runs beside the lease renewer: its error must come out as itself
+    # (exit 65 and one line naming the package), not as a group of errors.
+    async with mesh(root, port) as hosts:
+        with pytest.raises(PackageInstallError, match="no-such-package"):
+            async with (
+                connect_control(hosts[0].cfg.socket_path) as conn,
+                jobs.JobClient(conn).session(
+                    JobOpen(count=1, packages=frozenset({"no-such-package"}))
+                ),
+            ):
+                pass

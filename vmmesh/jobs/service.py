@@ -65,6 +65,7 @@ from vmmesh.extension import NodeContext, NodeExtension
 from vmmesh.hypervisor.base import Guest
 from vmmesh.jobs import guestjob
 from vmmesh.net.rpc import Context, Handlers, LocalContext
+from vmmesh.nurseries import open_nursery
 
 if TYPE_CHECKING:
     from vmmesh.vmservice.service import VmService
@@ -181,7 +182,7 @@ class JobService(NodeExtension):
         )
         assert self._control is not None
         local = LocalContext(self.node.node_id, forward)
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             nursery.start_soon(self._renew_while_placing, session)
             report = await self._control.local(REQUEST, local, request)
             nursery.cancel_scope.cancel()
@@ -191,7 +192,7 @@ class JobService(NodeExtension):
         """Renew the job's lease on every host that is up until the request answers: a
         share made early must not lapse while a slower host is still booting its VMs."""
         while True:
-            async with trio.open_nursery() as nursery:
+            async with open_nursery() as nursery:
                 for h in self.node.hosts():
                     if h.status == "up":
                         nursery.start_soon(self._lease_on, session, h.node_id, (), False)
@@ -207,7 +208,7 @@ class JobService(NodeExtension):
         by_host: dict[str, list[str]] = {}
         for vm, nid in session.vms.items():
             by_host.setdefault(nid, []).append(vm)
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             for nid, names in by_host.items():
                 nursery.start_soon(self._lease_on, session, nid, tuple(names), keep)
 
