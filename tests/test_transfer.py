@@ -239,6 +239,43 @@ def test_a_pack_serves_every_piece_as_verified_chunks_smaller_than_on_the_fly(
     assert [p.name for p in dest.parent.iterdir()] == [dest.name], "no temporary file left"
 
 
+def test_a_receiver_keeps_the_chunks_it_got_from_a_pack_as_its_own_pack(tmp_path: Path) -> None:
+    # Pieces 0 and 2 travel (in any order), piece 1 is zeros and never does.
+    text = b"".join(b"%d %s\n" % (i, hex(i * 7919).encode()) for i in range(100_000))
+    data = os.urandom(PIECE_SIZE) + bytes(PIECE_SIZE) + text[: CHUNK + CHUNK // 2]
+    blob = tmp_path / "blob"
+    blob.write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+    info = describe(blob, sha)
+    assert info.zero == {1}
+    packs.make(blob, sha, tmp_path / "holder.zpk", 19)
+    holder = packs.Pack.open(tmp_path / "holder.zpk", info)
+    assert holder is not None
+    dest = tmp_path / "recv" / f"{sha}.zpk"
+    dest.parent.mkdir()
+    writer = packs.PackWriter(dest, info)
+    for index in (2, 0):
+        writer.add(index, holder.chunks(index))
+    assert writer.finish() == dest
+    kept = packs.Pack.open(dest, info)
+    assert kept is not None, "a pack that fits the blob"
+    for index in range(3):
+        assembly = PieceAssembly(info, index)
+        assert [assembly.add(c) for c in kept.chunks(index)][-1]
+        assert assembly.piece() == data[index * PIECE_SIZE : (index + 1) * PIECE_SIZE]
+    assert [p.name for p in dest.parent.iterdir()] == [dest.name]
+    # Chunks compressed on the fly (not packed) or a piece missing: no pack, nothing left.
+    onthefly = packs.PackWriter(dest.with_name("b.zpk"), info)
+    onthefly.add(0, holder.chunks(0))
+    onthefly.add(2, read_chunks(blob, info, 2))
+    assert onthefly.finish() is None
+    short = packs.PackWriter(dest.with_name("c.zpk"), info)
+    short.add(0, holder.chunks(0))
+    assert short.finish() is None
+    short.close()
+    assert [p.name for p in dest.parent.iterdir()] == [dest.name]
+
+
 def test_a_pack_that_does_not_fit_its_blob_is_not_used(tmp_path: Path) -> None:
     blob, other = tmp_path / "blob", tmp_path / "other"
     sha, other_sha = _big_blob(blob), _blob(other)
@@ -430,7 +467,10 @@ async def test_a_holder_packs_its_templates_serves_from_the_pack_and_drops_it_wi
             fetched = await h2.mgr.templates.ensure_template(["perl"], policy="fetch")
         assert fetched.how == "fetched" and served, "h1 sent its pieces from its pack"
         assert h2.mgr.templates.get(got.template_id).chain == got.chain
-        await eventually(packs.pack_path(h2.node.data_dir / "packs", sha).exists, "h2 packs too")
+        kept = packs.pack_path(h2.node.data_dir / "packs", sha)
+        assert kept.exists(), "h2 kept the pack the pieces came in: nothing to pack again"
+        info = blobfile.describe(h2.mgr.templates.delta_path(sha), sha)
+        assert packs.Pack.open(kept, info) is not None
         h1.mgr.templates.remove(got.template_id)
         await eventually(lambda: not made.exists(), "the pack goes with its template")
 

@@ -72,12 +72,15 @@ class PiecesRequest(Message):
 
 @dataclass(frozen=True)
 class PieceChunk(Message):
-    """``data`` of piece ``index`` from ``offset`` on (zstd-compressed if ``zstd``)."""
+    """``data`` of piece ``index`` from ``offset`` on (zstd-compressed if ``zstd``);
+    ``packed``: as the holder keeps it at rest (its pack), so a receiver may keep it
+    as its own pack instead of compressing the blob again."""
 
     index: int = wire(Int(0, MAX_PIECES))
     offset: int = wire(Int(0, 64 << 20))
     data: bytes = wire(Bytes(CHUNK + (64 << 10)))
     zstd: bool = wire(Bool(), default=False)
+    packed: bool = wire(Bool(), default=False)
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,10 @@ class PieceAssembly:
         self.wire += len(chunk.data)
         return len(self._chunks) == self._count
 
+    def chunks(self) -> list[PieceChunk]:
+        """The chunks as they came, in order (what a receiver may keep as its pack)."""
+        return [self._chunks[o] for o in sorted(self._chunks)]
+
     def piece(self) -> bytes:
         """The whole piece, decompressed and checked against its hash."""
         buf = bytearray(self.length)

@@ -26,6 +26,8 @@ from vmmesh.errors import IntegrityError, ProtocolError, TransferError, VmmeshEr
 from vmmesh.net.peers import PeerPool
 from vmmesh.net.refusals import describe
 from vmmesh.transfer.blobfile import PieceAssembly, Staging, check_info
+from vmmesh.transfer.packs import SUFFIX as PACK_SUFFIX
+from vmmesh.transfer.packs import PackWriter
 from vmmesh.transfer.pieces import HolderStats, Scheduler
 
 log = logging.getLogger("vmmesh.transfer")
@@ -51,6 +53,7 @@ class Fetched:
     wire_bytes: int
     seconds: float
     holders: dict[str, HolderStats]
+    pack: Path | None = None  # the chunks as received, as a pack (see PackWriter)
 
 
 Emit = Callable[[Progress], None]
@@ -77,9 +80,11 @@ async def fetch_blob(
     *,
     task: str,
     emit: Emit | None = None,
+    keep_pack: bool = False,
 ) -> Fetched:
     """Fetch blob ``sha`` from ``holders`` into ``staging_dir``; TransferError if no holder
-    could finish it."""
+    could finish it.  ``keep_pack``: keep the chunks as received as a pack too, when
+    every piece comes in this attempt and from holders' packs (``Fetched.pack``)."""
     if not holders:
         raise TransferError(f"no host holds blob {sha[:16]}")
     info, _ = await blob_info(pool, sha, holders)
@@ -87,8 +92,20 @@ async def fetch_blob(
     have = await trio.to_thread.run_sync(staging.open)
     sched = Scheduler(len(info.pieces), have)
     by_id = {h.node_id: h for h in holders}
-    run = _Run(pool, info, staging, sched, by_id, task=task, emit=emit)
+    fresh = keep_pack and not (have - info.zero)
+    writer = PackWriter(staging_dir / f"{sha}{PACK_SUFFIX}", info) if fresh else None
+    run = _Run(pool, info, staging, sched, by_id, task=task, emit=emit, writer=writer)
     started = time.monotonic()
+    try:
+        return await _finish(run, holders, started)
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+async def _finish(run: _Run, holders: Sequence[Holder], started: float) -> Fetched:
+    """Run the holder loops until the blob is whole (or every holder failed); verify it."""
+    info, staging, sched, sha = run.info, run.staging, run.sched, run.info.sha256
     try:
         async with trio.open_nursery() as nursery:
             for h in holders:
@@ -107,9 +124,11 @@ async def fetch_blob(
         )
         raise TransferError(f"blob {sha[:16]}: every holder failed ({reasons})")
     path = await trio.to_thread.run_sync(staging.finish)
+    pack = None if run.writer is None else await trio.to_thread.run_sync(run.writer.finish)
     wire = sum(s.wire_bytes for s in sched.holders.values())
     run.progress(final=True)
-    return Fetched(path, info.size, wire, time.monotonic() - started, dict(sched.holders))
+    seconds = time.monotonic() - started
+    return Fetched(path, info.size, wire, seconds, dict(sched.holders), pack)
 
 
 def holders_by(holders: Sequence[Holder], node_id: str) -> str:
@@ -127,6 +146,7 @@ class _Run:
     holders: dict[str, Holder]
     task: str
     emit: Emit | None
+    writer: PackWriter | None = None
     done: trio.Event = field(default_factory=trio.Event)
     changed: trio.Event = field(default_factory=trio.Event)
     started: float = field(default_factory=time.monotonic)
@@ -179,7 +199,7 @@ class _Run:
             piece = await trio.to_thread.run_sync(assembly.piece)
             seconds, t = time.monotonic() - t, time.monotonic()
             if self.sched.arrived(holder.node_id, chunk.index, len(piece), assembly.wire, seconds):
-                await trio.to_thread.run_sync(self.staging.write, chunk.index, piece)
+                await trio.to_thread.run_sync(self._keep, chunk.index, piece, assembly)
             self._check_done()
 
         try:
@@ -190,6 +210,12 @@ class _Run:
             self.sched.given_back(holder.node_id, pending)
         if pending:
             raise ProtocolError(f"{holder.name} ended the batch without pieces {sorted(pending)}")
+
+    def _keep(self, index: int, piece: bytes, assembly: PieceAssembly) -> None:
+        """A verified piece into the staging file, and its chunks into the pack (a thread)."""
+        self.staging.write(index, piece)
+        if self.writer is not None:
+            self.writer.add(index, assembly.chunks())
 
     async def report_loop(self) -> None:
         while True:

@@ -264,11 +264,15 @@ class TransferService(NodeExtension):
                 err = res.stderr.decode(errors="replace").strip()[-300:]
                 log.warning("no pack of delta %s: %s", sha[:12], err or res.returncode)
             return
+        try:
+            sizes = blob.stat().st_size / 1e6, dest.stat().st_size / 1e6
+        except OSError:  # the template went while it was packed: so does the pack
+            dest.unlink(missing_ok=True)
+            return
         log.info(
             "packed delta %s: %.1f MB -> %.1f MB in %.0f s (zstd %d)",
             sha[:12],
-            blob.stat().st_size / 1e6,
-            dest.stat().st_size / 1e6,
+            *sizes,
             time.monotonic() - started,
             level,
         )
@@ -397,20 +401,40 @@ class TransferService(NodeExtension):
                     self.staging,
                     task=f"template {info.template_id[:12]} delta {n + 1}/{len(missing)}",
                     emit=emit,
+                    keep_pack=bool(self.node.cfg.pack_level),
                 )
                 await self._check_delta(got.path, info, sha)
                 staged[sha] = got.path
                 results.append(got)
                 seconds += got.seconds
             templates.record_fetched(info, staged)
+            self._keep_packs(results)
         finally:
             for path in staged.values():
                 path.unlink(missing_ok=True)
+            for got in results:
+                if got.pack is not None:
+                    got.pack.unlink(missing_ok=True)
         templates.history.add_transfer(
             TransferSample(bytes=sum(s for _, s in missing), seconds=seconds, holders=len(holders))
         )
         self.vms.publish_now()
         return results
+
+    def _keep_packs(self, results: list[Fetched]) -> None:
+        """Packs put together from what the holders sent become this host's packs (the
+        packer then has nothing to do for those deltas)."""
+        for got in results:
+            if got.pack is None:
+                continue
+            sha = got.pack.name.removesuffix(packs.SUFFIX)
+            self.packs_dir.mkdir(exist_ok=True)
+            try:
+                os.replace(got.pack, packs.pack_path(self.packs_dir, sha))
+            except OSError as exc:
+                log.info("pack of delta %s not kept: %s", sha[:12], exc)
+            else:
+                log.info("delta %s: kept the pack it came in", sha[:12])
 
     async def _check_delta(self, path: Path, info: TemplateInfo, sha: str) -> None:
         """A fetched delta must back onto exactly what our layout names: its parent delta,
