@@ -31,4 +31,6 @@ fi
 echo "==> pip install -e .[dev]"
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e '.[dev]'
+# scripts/test.sh runs this again when pyproject.toml changed since (new dependencies).
+sha256sum pyproject.toml > .venv/.setup-stamp
 echo "==> ready: $(.venv/bin/vmmesh --help >/dev/null && echo vmmesh installed)"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: lint, format, types, then every test (unit, property,
 # real TLS between node processes, mDNS across network namespaces, QEMU guests).
-# Needs root (namespaces, debootstrap) and scripts/setup.sh done once.
+# Needs root (namespaces, debootstrap); runs scripts/setup.sh first when the
+# machine lacks part of the set-up.
 #
 #   bash scripts/test.sh            everything (what CI runs)
 #   bash scripts/test.sh --quick    lint, types and every test that needs no
@@ -10,9 +11,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-if [ ! -x "$PY" ]; then
-    echo "scripts/test.sh: no .venv — run scripts/setup.sh first" >&2
-    exit 2
+# Set up what this machine lacks (a fresh clone, a new dependency, QEMU gone).
+if [ ! -x "$PY" ] || ! sha256sum --status -c .venv/.setup-stamp 2>/dev/null \
+    || ! command -v qemu-system-x86_64 >/dev/null || ! [ -x /usr/sbin/debootstrap ]; then
+    echo "==> scripts/setup.sh (this machine lacks part of the set-up)"
+    bash scripts/setup.sh
 fi
 QUICK=0
 if [ "${1:-}" = "--quick" ]; then
