@@ -178,7 +178,7 @@ class PackWriter:
         with self._lock:
             if self._out is None:
                 return
-            if not all(c.packed for c in chunks):
+            if not all(c.packed and len(c.data) <= CHUNK for c in chunks):
                 self._give_up()
                 return
             try:
