@@ -31,6 +31,7 @@ from vmmesh.hypervisor.qemu import (
     SPEC_FILE,
     QemuGuest,
     QemuHypervisor,
+    boot_gave_up,
     load_spec,
     parse_disk_info,
     qemu_argv,
@@ -277,6 +278,25 @@ async def test_save_state_then_resume_incoming(probe_vm: BootSpec, guests: list[
     assert await resumed.query_status() == "running"
     await resumed.shutdown(timeout=1.0)  # no agent in the payload: falls back to QMP quit
     assert await resumed.wait_exit() == 0
+
+
+@pytest.mark.parametrize(
+    ("waited", "cpu", "gave_up"),
+    [
+        (60.0, 60.0, False),  # a boot alone: well within its time
+        (299.0, 299.0, False),  # never before the timeout
+        (300.0, 200.0, True),  # spinning: two boots' CPU and no agent
+        (300.0, 80.0, False),  # seven guests on two cores: slow, not hung
+        (600.0, 149.0, False),
+        (600.0, 150.0, True),  # it has had half a core on average
+        (900.0, 10.0, True),  # idle and silent for three timeouts: hung
+        (300.0, None, True),  # no CPU figure: the wall clock, as before
+    ],
+)  # fmt: skip
+def test_a_slow_boot_on_a_busy_host_is_not_taken_for_a_hung_one(
+    waited: float, cpu: float | None, gave_up: bool
+) -> None:
+    assert boot_gave_up(waited, cpu, 300.0) is gave_up
 
 
 @needs_qemu_binaries

@@ -177,6 +177,10 @@ class GuestAgentError(HypervisorError):
     code = ErrorCode.GUEST_AGENT
 
 
+class GuestAgentSilent(GuestAgentError):
+    """Nothing answered guest-sync in the time given (the guest may still be booting)."""
+
+
 class ImageError(VmmeshError):
     """A base image is missing, malformed or does not match its manifest."""
 

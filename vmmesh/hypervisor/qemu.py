@@ -43,7 +43,7 @@ from typing import Any
 
 import trio
 
-from vmmesh.errors import HypervisorError, QMPError
+from vmmesh.errors import GuestAgentError, GuestAgentSilent, HypervisorError, QMPError
 from vmmesh.hypervisor.base import BootSpec, DiskInfo, ExecResult
 from vmmesh.hypervisor.qcow2 import qcow2_backing
 from vmmesh.hypervisor.qga import open_agent
@@ -223,6 +223,32 @@ def _is_our_qemu(pid: int, run_dir: Path) -> bool:
     return str(run_dir.absolute() / QMP_SOCKET).encode() in cmdline
 
 
+AGENT_SLICE = 30.0  # a boot's wait is checked against its CPU share this often
+CPU_SHARE = 0.5  # a boot given up on has had at least this share of a core on average
+WALL_CAP = 3.0  # ... or this many times its timeout, whatever it had
+
+
+def boot_gave_up(waited: float, cpu_used: float | None, timeout: float) -> bool:
+    """Pure: whether a guest whose agent has not answered after ``waited`` seconds, in
+    which QEMU used ``cpu_used`` seconds of CPU, is taken for hung.
+
+    A TCG boot of the base image costs 60-75 s of one core, alone or beside
+    three others (measured: alone 58 s wall, 60 s CPU; four at once 131-143 s
+    wall, 66-75 s CPU each).  So the wall clock alone says little on a busy
+    host: seven guests booting on two cores each get under a third of a core
+    and need over 250 s.  A guest is given up on after ``timeout`` only if it
+    has had at least ``CPU_SHARE`` of a core over it (twice a boot's CPU at
+    300 s: a guest that spins without booting); otherwise after ``WALL_CAP``
+    times ``timeout`` whatever it had (one that hangs idle).  Without a CPU
+    figure, after ``timeout``.
+    """
+    if waited >= timeout * WALL_CAP:
+        return True
+    if waited < timeout:
+        return False
+    return cpu_used is None or cpu_used >= timeout * CPU_SHARE
+
+
 class QemuGuest:
     """A running QEMU process, started here or adopted from an earlier node."""
 
@@ -259,11 +285,51 @@ class QemuGuest:
         return str(text).encode(errors="replace")
 
     async def wait_agent(self, timeout: float) -> float:
-        """Retry guest-sync until the agent answers; returns the seconds waited."""
+        """Retry guest-sync until the agent answers; returns the seconds waited.
+
+        ``timeout`` is given up on only once the guest has also had a fair share
+        of a core in it (see ``boot_gave_up``): on a host busy with other guests
+        a boot gets a fraction of a core and is slow, not hung.
+        """
         start = trio.current_time()
-        async with self._qga_lock, open_agent(self.qga_path, sync_timeout=timeout) as agent:
-            await agent.ping()
-        return trio.current_time() - start
+        cpu_start = self.cpu_seconds()
+        while True:
+            waited = trio.current_time() - start
+            left = timeout - waited if waited < timeout else AGENT_SLICE
+            wait = max(1.0, min(AGENT_SLICE, left))
+            try:
+                async with self._qga_lock, open_agent(self.qga_path, sync_timeout=wait) as agent:
+                    await agent.ping()
+                return trio.current_time() - start
+            except GuestAgentSilent:
+                waited = trio.current_time() - start
+                cpu = self.cpu_seconds()
+                used = None if cpu is None or cpu_start is None else cpu - cpu_start
+                if not self._running():
+                    raise GuestAgentError(
+                        f"QEMU exited before the guest agent answered: {_log_tail(self.run_dir)}"
+                    ) from None
+                if boot_gave_up(waited, used, timeout):
+                    had = "" if used is None else f" ({used:.0f} s of CPU)"
+                    raise GuestAgentSilent(
+                        f"guest agent did not answer guest-sync within {waited:.0f} s{had}"
+                    ) from None
+
+    def _running(self) -> bool:
+        """QEMU has not exited (a zombie not yet reaped has)."""
+        try:
+            state = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return False
+        return state not in ("Z", "X") and _is_our_qemu(self.pid, self.run_dir)
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time QEMU has used so far (None if it cannot be read)."""
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return None
 
     async def exec(
         self,

@@ -45,7 +45,7 @@ from typing import Any
 
 import trio
 
-from vmmesh.errors import GuestAgentError
+from vmmesh.errors import GuestAgentError, GuestAgentSilent
 
 DEFAULT_LINE_LIMIT = 1 << 20
 FILE_CHUNK = 48 << 10  # raw bytes per guest-file-read/write: 64 KiB of base64
@@ -356,7 +356,7 @@ class GuestAgentClient:
                                 return
                             if event is None:
                                 await self._receive()
-            raise GuestAgentError(f"guest agent did not answer guest-sync within {timeout:g} s")
+            raise GuestAgentSilent(f"guest agent did not answer guest-sync within {timeout:g} s")
 
     async def call(
         self,
