@@ -126,21 +126,6 @@ def parse(keys: Mapping[str, Any]) -> HostState:
     return HostState(**out)
 
 
-def to_keys(state: HostState) -> dict[str, Any]:
-    """The gossip values a host publishes for ``state`` (the inverse of ``parse``)."""
-    return {
-        "name": state.name,
-        "addr": list(state.addresses),
-        "capacity": state.capacity.to_wire(),
-        "templates": [t.to_wire() for t in state.templates],
-        "vms": list(state.vms),
-        "draining": state.draining,
-        "crl": state.crl,
-        "images": list(state.images),
-        "building": [b.to_wire() for b in state.building],
-    }
-
-
 @dataclass(frozen=True)
 class HostView:
     """One host as the local node's gossip view holds it (placement input)."""

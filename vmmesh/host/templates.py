@@ -547,9 +547,6 @@ class TemplateManager:
 
     # --- the cache --------------------------------------------------------
 
-    def cache_bytes(self) -> int:
-        return sum(e.stat().st_blocks * 512 for e in os.scandir(self.dir) if e.is_file())
-
     def evictable(self, in_use: set[str]) -> list[TemplateRecord]:
         """Templates no VM (and no other template's chain) needs, least recently used first."""
         records = self.records()

@@ -245,14 +245,3 @@ class VmService(NodeExtension):
     def node(self) -> NodeContext:
         assert self._node is not None
         return self._node
-
-
-def _images_held(data_dir: Path) -> list[str]:
-    """Ids of the base images this host holds, its default first (gossip's ``images``)."""
-    images = ImageStore(data_dir)
-    held = [r.image_id for r in images.list_images()]
-    try:
-        default = images.default_image().image_id
-    except (NotFound, ImageError):
-        return held
-    return [default] + [i for i in held if i != default]
