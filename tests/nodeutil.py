@@ -17,6 +17,7 @@ import pytest
 import trio
 
 import vmmesh.node
+from tests.fakehv import FakeGuest, FakeHypervisor, make_base_image
 from vmmesh.api.codec import Method, WireType
 from vmmesh.api.common import Progress
 from vmmesh.api.vm import REQUEST, RequestReport, RequestVms
@@ -27,7 +28,6 @@ from vmmesh.host.build import BaseImage
 from vmmesh.host.capacity import count_cores
 from vmmesh.host.vms import VmManager
 from vmmesh.hypervisor.base import BootSpec
-from vmmesh.hypervisor.fake import FakeGuest, FakeHypervisor, make_base_image
 from vmmesh.jobs.service import JobService
 from vmmesh.mesh import pki
 from vmmesh.net.control import connect_control

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.apistrategies import ANY_VALUE, body
+from tests.fakehv import make_base_image
 from tests.nodeutil import (
     Host,
     call,
@@ -41,7 +42,6 @@ from vmmesh.gossip.driver import ACK2, SYN
 from vmmesh.gossip.hoststate import SCHEMA
 from vmmesh.host.build import BaseImage
 from vmmesh.host.images import ImageStore
-from vmmesh.hypervisor.fake import make_base_image
 from vmmesh.net.refusals import Cause
 from vmmesh.net.rpc import RpcConnection
 from vmmesh.node import Node

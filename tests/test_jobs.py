@@ -14,6 +14,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.fakehv import files_on
 from tests.nodeutil import call, eventually, fake, fast_publish, mesh, port, request, root
 from vmmesh.api.jobs import Changed, JobOpen
 from vmmesh.api.vm import REQUEST, SHUTDOWN, RequestVms, ShutdownRequest
@@ -27,7 +28,6 @@ from vmmesh.errors import (
     UsageError,
     VmmeshError,
 )
-from vmmesh.hypervisor.fake import files_on
 from vmmesh.jobs import client as jobs
 from vmmesh.jobs import service as jobservice
 from vmmesh.jobs.bag import Bag

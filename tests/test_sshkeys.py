@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.fakehv import FAKE_HOST_KEY
 from vmmesh.api.vm import MAX_KEYS
 from vmmesh.errors import UsageError
 from vmmesh.host.sshkeys import (
@@ -18,7 +19,6 @@ from vmmesh.host.sshkeys import (
     known_hosts_line,
     pick_port,
 )
-from vmmesh.hypervisor.fake import FAKE_HOST_KEY
 
 
 def _key(kind: str = "ssh-ed25519", body: bytes = bytes(32), comment: str = "") -> str:

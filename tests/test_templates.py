@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.fakehv import FakeHypervisor, chain_of, make_base_image, packages_on
 from vmmesh.errors import (
     HypervisorError,
     NotFound,
@@ -26,7 +27,6 @@ from vmmesh.host.templates import (
     template_id,
 )
 from vmmesh.hypervisor.base import BootSpec
-from vmmesh.hypervisor.fake import FakeHypervisor, chain_of, make_base_image, packages_on
 
 REPO = frozenset({"vmm-test-a", "vmm-test-b", "vmm-test-c", "vmm-test-d", "a", "b", "c", "d"})
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.fakehv import FakeHypervisor, chain_of, files_on, make_base_image
 from vmmesh.api.names import request_name_of
 from vmmesh.errors import CapacityError, NotFound, PackageInstallError, UsageError
 from vmmesh.host.build import BaseImage
@@ -19,7 +20,6 @@ from vmmesh.host.store import Store
 from vmmesh.host.templates import TemplateManager
 from vmmesh.host.vms import VmManager, VmStopped
 from vmmesh.hypervisor.base import BootSpec
-from vmmesh.hypervisor.fake import FakeHypervisor, chain_of, files_on, make_base_image
 
 POLICY = CapacityPolicy(
     storage_quota_mb=10_000,

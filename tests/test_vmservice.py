@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.fakehv import FAKE_HOST_KEY
 from tests.nodeutil import (
     ALLOWANCE,
     REPO,
@@ -50,7 +51,6 @@ from vmmesh.api.vm import (
     SshRequest,
 )
 from vmmesh.errors import NotFound, PackageInstallError, UsageError
-from vmmesh.hypervisor.fake import FAKE_HOST_KEY
 from vmmesh.net.rpc import LocalContext
 
 __all__ = ["fast_publish", "port", "root"]  # fixtures

@@ -13,13 +13,13 @@ import pytest
 import trio
 import trio.testing
 
+from tests.fakehv import FakeHypervisor, make_base_image
 from vmmesh.host.build import BaseImage
 from vmmesh.host.capacity import CapacityPolicy, HostProbe
 from vmmesh.host.store import Store
 from vmmesh.host.templates import TemplateManager
 from vmmesh.host.vms import VmManager
 from vmmesh.host.warm import SAVING, WarmStore
-from vmmesh.hypervisor.fake import FakeHypervisor, make_base_image
 
 POLICY = CapacityPolicy(
     storage_quota_mb=10_000,

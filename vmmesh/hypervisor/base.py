@@ -3,7 +3,8 @@
 Backends (QEMU here; VirtualBox or libvirt later) implement ``Hypervisor``.
 Disk operations take and return paths inside the node's data directory that
 the *caller* built from validated ids; a backend never builds a path from a
-peer's string.  A fake implementation exists only for unit tests of callers.
+peer's string.  A fake implementation (``tests/fakehv.py``) exists only for
+unit tests of callers, and does not ship.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 Why: the manager layer's logic (parent choice, atomic building, cleanup,
 reconcile, unexpected stops) must be testable in milliseconds with trio's
-autojump clock, without QEMU.
+autojump clock, without QEMU.  It lives under ``tests/`` because nothing in
+the product runs it (lab nodes run QEMU) and because it imports
+``vmmesh.host.sshkeys``, which the hypervisor layer may not.
 
 A "disk" is a small JSON file: ``{"backing": path | null, "packages": [...],
 "files": {guest_path: base64}}``.  What a guest sees is the union along the
