@@ -6,14 +6,58 @@ shared and noisy, so it is off everywhere (a slow example is not a failure).
 
 from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
 
+from tests.bootcensus import BootCensus
 from vmmesh.host.store import Store
 
 settings.register_profile("vmmesh", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("vmmesh")
+
+
+CENSUS = BootCensus()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    CENSUS.start()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None]:
+    """Charge the guests a test (and the fixtures it sets up) starts to that test."""
+    CENSUS.current = item.nodeid
+    try:
+        return (yield)
+    finally:
+        CENSUS.current = "(between tests)"
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    CENSUS.stop()
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: the controller prints the sum
+        workeroutput["boot_census"] = {
+            "totals": dict(CENSUS.totals),
+            "by_test": {t: dict(c) for t, c in CENSUS.by_test.items()},
+        }
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """(xdist controller) add up what a worker counted."""
+    census = getattr(node, "workeroutput", {}).get("boot_census")
+    if census:
+        CENSUS.add(census["totals"], census["by_test"])
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if CENSUS.totals or not terminalreporter.config.getoption("markexpr", ""):
+        terminalreporter.write_sep("=", "boot census")
+        for line in CENSUS.report():
+            terminalreporter.write_line(line)
 
 
 @pytest.hookimpl(wrapper=True)
