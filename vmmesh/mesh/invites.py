@@ -40,6 +40,11 @@ class InviteBook:
             )
 
     def prune(self, now: float, keep_seconds: float = 7 * 86400) -> None:
-        """Forget invites that expired long ago."""
+        """Forget invites that expired over ``keep_seconds`` ago, used or not.
+
+        Called each time an invite is issued, the only place the table grows.
+        A token kept a week past its expiry is still refused as "expired"; one
+        pruned is refused as "unknown".
+        """
         with self._store.transaction() as conn:
             conn.execute("DELETE FROM invites WHERE expires < ?", (now - keep_seconds,))

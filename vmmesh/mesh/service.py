@@ -109,8 +109,12 @@ class MeshService:
                 "that ran `vmmesh init`"
             )
         addresses = [f"{a}:{self.cfg.join_port}" for a in self.addresses]
-        token, secret_hash = pki.generate_invite(self.identity, addresses, ttl=int(req.ttl))
-        self.invites.add(secret_hash, time.time(), float(token.expires))
+        now = time.time()
+        token, secret_hash = pki.generate_invite(
+            self.identity, addresses, ttl=int(req.ttl), now=now
+        )
+        self.invites.prune(now)
+        self.invites.add(secret_hash, now, float(token.expires))
         return InviteReply(
             token=pki.encode_token(token), expires=token.expires, addresses=tuple(addresses)
         )
