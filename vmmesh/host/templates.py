@@ -19,9 +19,9 @@ Theory of operation (SPEC items 5, 9 and 11, thesis §3.1.2-3.1.3):
   beats a superset) and is used as is; otherwise the one holding the most
   wanted packages (fewest extras, then shallowest, on ties) becomes the parent
   and only the missing packages are installed.
-* Before building, a ``TemplateSource`` (the transfer service) may fetch the
+* Before building, a ``TemplateFetcher`` (the transfer service) may fetch the
   template from a peer instead, when its estimate says that is faster; the
-  answer says which way it went and both estimates.
+  answer's ``TemplateSource`` says which way it went and both estimates.
 * Building is crash-safe by construction.  A ``building`` row is committed
   first; the delta is written under ``templates/.building-<id>.qcow2``; the
   guest boots, apt installs, the guest powers off, ``qemu-img check`` passes,

@@ -2,8 +2,9 @@
 
 Theory of operation
 -------------------
-Disks are qcow2 files; a linked clone is an overlay whose backing file is the
-template's absolute path, so a chain survives the node's working directory.
+Disks are qcow2 files; a linked clone is an overlay that names its backing
+file relative to its own directory (``backing_name``), so a chain does not
+depend on the node's working directory or on where the data directory sits.
 Every qemu-img call is one short process whose stderr becomes the
 HypervisorError message.
 

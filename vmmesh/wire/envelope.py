@@ -46,7 +46,7 @@ class Reply:
 
 @dataclass(frozen=True)
 class Fail:
-    """An error answer; ``code`` names the error class (e.g. "TokenError")."""
+    """An error answer; ``code`` is the error's wire name, an ``ErrorCode`` (e.g. "token")."""
 
     id: int
     code: str
