@@ -62,6 +62,7 @@ from vmmesh.api.vm import FETCH_AUTO, TemplateSource
 from vmmesh.errors import HypervisorError, IntegrityError, NotFound, UsageError
 from vmmesh.host.build import BaseImage, Builder, Progress
 from vmmesh.host.history import BuildSample, History, install_estimate
+from vmmesh.host.reconcile import kill_leftovers
 from vmmesh.host.store import Store
 from vmmesh.hypervisor.base import Guest, Hypervisor
 
@@ -586,13 +587,7 @@ class TemplateManager:
         them).  A delta file no ready row's chain holds goes (without a row we
         know neither its packages nor that it was finished).
         """
-        removed: list[str] = []
-        for run_dir in sorted(self.run_root.glob("tpl-*")):
-            guest = await self.hv.adopt(run_dir.name, run_dir)
-            if guest is not None:
-                await guest.kill()
-                removed.append(f"build guest {run_dir.name}")
-            shutil.rmtree(run_dir, ignore_errors=True)
+        removed = await kill_leftovers(self.hv, self.run_root.glob("tpl-*"), "build guest")
         with self.store.transaction() as conn:
             n = conn.execute("DELETE FROM templates WHERE state != 'ready'").rowcount
             if n:

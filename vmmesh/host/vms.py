@@ -63,6 +63,7 @@ from vmmesh.host import customzip, persona
 from vmmesh.host.build import Progress
 from vmmesh.host.capacity import CapacityPolicy, HostProbe, Usage, compute_capacity, disk_used_mb
 from vmmesh.host.customzip import ZipEntry, check_zip
+from vmmesh.host.reconcile import kill_leftovers
 from vmmesh.host.sshkeys import check_public_keys, pick_port
 from vmmesh.host.store import Store
 from vmmesh.host.templates import TemplateManager, TemplateRecord
@@ -847,12 +848,9 @@ class VmManager:
                 entry.unlink()
                 changes.append(f"orphan file vms/{entry.name}")
         live = {v.vm_id for v in rows if v.state == "running"}
-        for run_dir in sorted(self.run_root.glob("*")):
-            if run_dir.name in live or run_dir.name.startswith(("tpl-", "warm-")):
-                continue
-            guest = await self.hv.adopt(run_dir.name, run_dir)
-            if guest is not None:
-                await guest.kill()
-                changes.append(f"killed QEMU {run_dir.name} with no VM row")
-            shutil.rmtree(run_dir, ignore_errors=True)
-        return changes
+        strays = [
+            d
+            for d in self.run_root.glob("*")
+            if d.name not in live and not d.name.startswith(("tpl-", "warm-"))
+        ]
+        return changes + await kill_leftovers(self.hv, strays, "QEMU with no VM row:")

@@ -42,6 +42,7 @@ import trio
 
 from vmmesh.errors import HypervisorError, VmmeshError
 from vmmesh.host.build import BaseImage
+from vmmesh.host.reconcile import kill_leftovers
 from vmmesh.hypervisor.base import BootSpec, Guest, Hypervisor
 from vmmesh.hypervisor.savedstate import Shape
 
@@ -192,13 +193,7 @@ class WarmStore:
 
     async def reconcile(self, templates: set[str]) -> list[str]:
         """Half-saved states, states of templates that are gone, leftover warm boots: removed."""
-        removed: list[str] = []
-        for run_dir in sorted(self.run_root.glob("warm-*")):
-            guest = await self.hv.adopt(run_dir.name, run_dir)
-            if guest is not None:
-                await guest.kill()
-                removed.append(f"warm boot {run_dir.name}")
-            shutil.rmtree(run_dir, ignore_errors=True)
+        removed = await kill_leftovers(self.hv, self.run_root.glob("warm-*"), "warm boot")
         for entry in sorted(self.dir.iterdir()):
             whole = not entry.name.startswith(SAVING) and self.get(entry.name) is not None
             if not whole or entry.name not in templates:
