@@ -47,7 +47,7 @@ def image(args: argparse.Namespace, cfg: Config) -> int:
 
         options = BuildOptions() if args.path is None else BuildOptions(cache_dir=args.path)
         rec = build_base_image(store, options, show)
-        if not _has_default(store):
+        if store.default_id() is None:
             store.set_default(rec.image_id)
         result = {**_row(rec, rec.image_id), "seconds": round(time.monotonic() - start, 1)}
         if args.json:
@@ -61,10 +61,10 @@ def image(args: argparse.Namespace, cfg: Config) -> int:
         if not args.path.exists():
             raise UsageError(f"no such file: {args.path}")
         rec = store.import_image(args.path)
-        if not _has_default(store):
+        if store.default_id() is None:
             store.set_default(rec.image_id)
         if args.json:
-            print_json(_row(rec, _default(store)))
+            print_json(_row(rec, store.default_id()))
         else:
             console.print(f"imported base image {rec.image_id}")
         return 0
@@ -78,7 +78,7 @@ def image(args: argparse.Namespace, cfg: Config) -> int:
         else:
             console.print(f"exported {image_id} to {out}")
         return 0
-    default = _default(store)
+    default = store.default_id()
     rows = [_row(r, default) for r in store.list_images()]
     if args.json:
         print_json({"images": rows})
@@ -98,14 +98,3 @@ def image(args: argparse.Namespace, cfg: Config) -> int:
             ],
         )
     return 0
-
-
-def _default(store: ImageStore) -> str | None:
-    try:
-        return store.default_image().image_id
-    except Exception:
-        return None
-
-
-def _has_default(store: ImageStore) -> bool:
-    return _default(store) is not None

@@ -146,6 +146,20 @@ def test_get_list_default(store: ImageStore, files: dict[str, Path]) -> None:
         store.set_default("0" * 64)
 
 
+def test_default_id_is_none_without_a_readable_default(
+    store: ImageStore, files: dict[str, Path]
+) -> None:
+    assert store.default_id() is None
+    rec = add(store, files)
+    assert store.default_id() == rec.image_id
+    (store.root / "default").write_text("not an id\n")  # a damaged marker
+    with pytest.raises(ImageError, match="names no image id"):
+        store.default_image()
+    assert store.default_id() is None
+    (store.root / "default").write_text("0" * 64)  # names an image that is gone
+    assert store.default_id() is None
+
+
 def test_add_same_content_twice_is_idempotent(store: ImageStore, files: dict[str, Path]) -> None:
     assert add(store, files) == add(store, files)
     assert len(store.list_images()) == 1

@@ -307,7 +307,16 @@ class ImageStore:
             image_id = (self.root / _DEFAULT).read_text().strip()
         except FileNotFoundError:
             raise NotFound("no default base image (build or import one)") from None
+        if not _ID_RE.fullmatch(image_id):
+            raise ImageError(f"{self.root / _DEFAULT} names no image id: {image_id[:80]!r}")
         return self.get(image_id)
+
+    def default_id(self) -> str | None:
+        """The default image's id; None when there is none or its record is unreadable."""
+        try:
+            return self.default_image().image_id
+        except (NotFound, ImageError):
+            return None
 
     def set_default(self, image_id: str) -> None:
         self.get(image_id)

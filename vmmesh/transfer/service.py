@@ -579,7 +579,7 @@ class TransferService(NodeExtension):
         finally:
             for path in files.values():
                 path.unlink(missing_ok=True)
-        if not _has_default(store):
+        if store.default_id() is None:
             store.set_default(rec.image_id)
         self.vms.publish_now()
         return _report("base image", rec.image_id, results, holders, time.monotonic() - started)
@@ -594,7 +594,7 @@ class TransferService(NodeExtension):
             await trio.sleep(AUTO_IMAGE_EVERY)
             if self.vms.mgr is not None or self.vms.fixed_image:
                 return
-            if _has_default(ImageStore(self.node.data_dir)):
+            if ImageStore(self.node.data_dir).default_id() is not None:
                 continue  # the VM service takes it up
             try:
                 image_id, hosts = self.mesh_image()
@@ -609,14 +609,6 @@ class TransferService(NodeExtension):
                 continue
             mb = report.bytes >> 20
             log.info("base image %s fetched: %d MB in %.1f s", image_id[:16], mb, report.seconds)
-
-
-def _has_default(store: ImageStore) -> bool:
-    try:
-        store.default_image()
-    except (NotFound, ImageError):
-        return False
-    return True
 
 
 def _relative(target: Path, start: Path) -> str:
