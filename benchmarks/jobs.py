@@ -47,6 +47,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.report import print_result  # noqa: E402
 from tests.aptrepo import AptRepo  # noqa: E402
 from tests.labutil import lab_context  # noqa: E402
 from tests.meshutil import all_up, cli_json, eventually  # noqa: E402
@@ -299,12 +300,7 @@ def main() -> int:
     ap.add_argument("--skip-bag", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    result = run(args)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        _print(result)
-    return 0
+    return print_result(run(args), args, _print)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.report import print_result  # noqa: E402
 from tests.labutil import lab_context  # noqa: E402
 from tests.meshutil import all_up, cli_json, eventually  # noqa: E402
 from vmmesh.lab import Lab  # noqa: E402
@@ -370,12 +371,7 @@ def main() -> int:
     args = ap.parse_args()
     if len(args.packages) < 2:
         ap.error("--packages needs two packages at least")
-    result = run(args)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        _print(result)
-    return 0
+    return print_result(run(args), args, _print)
 
 
 if __name__ == "__main__":
