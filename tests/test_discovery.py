@@ -25,6 +25,7 @@ from vmmesh.mesh.discovery import (
     DiscoveryCore,
     PeerGone,
     PeerSeen,
+    gossiped_endpoint,
     instance_label,
     parse_seed,
     parse_txt,
@@ -129,6 +130,24 @@ def test_instance_label_fits_a_dns_label() -> None:
 )
 def test_parse_seed(seed: str, expected: tuple[str, int]) -> None:
     assert parse_seed(seed) == expected
+
+
+@pytest.mark.parametrize(
+    ("addrs", "held", "expected"),
+    [
+        (("10.0.0.2:7400", "10.0.0.3:7400"), None, ("10.0.0.2", 7400)),  # the first, best
+        (("10.0.0.2:7400",), "gossip", ("10.0.0.2", 7400)),  # gossip replaces gossip
+        (("10.0.0.2:7400",), "mdns", None),  # never what was seen on the network
+        (("10.0.0.2:7400",), "seed", None),
+        (("10.0.0.2:7400",), "inbound", None),
+        ((), None, None),
+        (("no port",), None, None),  # a bad address is ignored, not an error
+    ],
+)
+def test_gossiped_address_fills_in_only_what_gossip_may(
+    addrs: tuple[str, ...], held: str | None, expected: tuple[str, int] | None
+) -> None:
+    assert gossiped_endpoint("ab" * 16, addrs, held) == expected
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from cryptography.x509.oid import NameOID
 
 from vmmesh.errors import AuthError, NotInitialized, TokenError, UsageError
 from vmmesh.mesh import pki
+from vmmesh.mesh.revocation import crl_to_adopt
 
 
 @pytest.fixture
@@ -103,6 +104,20 @@ def test_revoke_and_install_crl(tmp_path: Path, mesh: pki.Identity) -> None:
     other = pki.init_mesh(tmp_path / "other", "gamma")
     with pytest.raises(AuthError):
         pki.install_crl(member, pki.revoke(other.pki_dir, victim))
+
+
+def test_crl_to_adopt_only_a_newer_one_of_this_mesh(tmp_path: Path, mesh: pki.Identity) -> None:
+    ca_cert = pki.load_ca_cert(mesh.pki_dir)
+    victim = "0123456789abcdef0123456789abcdef"
+    crl2 = pki.revoke(mesh.pki_dir, victim)
+    assert crl_to_adopt(ca_cert, crl2, held=1) == 2
+    assert crl_to_adopt(ca_cert, crl2, held=2) is None  # news this host has
+    assert crl_to_adopt(ca_cert, crl2, held=3) is None
+    other = pki.init_mesh(tmp_path / "other", "gamma")
+    with pytest.raises(AuthError):
+        crl_to_adopt(ca_cert, pki.revoke(other.pki_dir, victim), held=1)
+    with pytest.raises(AuthError):
+        crl_to_adopt(ca_cert, b"-----BEGIN X509 CRL-----\nxx", held=1)
 
 
 def test_revoke_needs_ca_key(tmp_path: Path, mesh: pki.Identity) -> None:

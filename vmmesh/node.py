@@ -2,7 +2,8 @@
 
 Theory of operation
 -------------------
-This is the only module that starts the node's tasks; it decides nothing.
+This is the only module that starts the node's tasks.  It makes no decision
+of its own: it carries what one module learned to the module that decides.
 One trio nursery holds:
 
 * the peer listener (mutual TLS, ``net.tls.serve_peers``) and, on admin
@@ -20,8 +21,15 @@ One trio nursery holds:
 * the control socket, started last, so that a CLI that reaches it finds a
   node that is fully up.
 
-Decisions live in pure modules (gossip core, placement, pki); the node's own
-control methods are ``mesh.service``, the VM methods ``vmservice``.
+Decisions live where they are owned, mostly in pure functions: which gossip
+values to accept (``gossip.hoststate``), whether a gossiped CRL is adopted
+(``mesh.revocation.crl_to_adopt``, through ``Revocations.consider``; the node
+gossips an adopted CRL on as its own), which gossiped address to dial
+(``mesh.discovery.gossiped_endpoint``; the address book's trust order is
+``net.peers``), who is revoked (``Revocations.revoked``, which the node looks
+up before it takes an inbound link or an mDNS sighting), where VMs go
+(``placement``).  The node's own control methods are ``mesh.service``, the VM
+methods ``vmservice``.
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ import trio
 from vmmesh.api.codec import Method, WireType
 from vmmesh.api.host import Capacity
 from vmmesh.config import RELOADABLE, Config
-from vmmesh.errors import AuthError, PeerUnavailable, StateError, UsageError, VmmeshError
+from vmmesh.errors import AuthError, PeerUnavailable, StateError, VmmeshError
 from vmmesh.extension import NodeExtension
 from vmmesh.gossip import hoststate
 from vmmesh.gossip.core import EventKind, GossipConfig, GossipCore, GossipEvent
@@ -54,7 +62,14 @@ from vmmesh.gossip.view import MeshView
 from vmmesh.host.capacity import CapacityPolicy, Usage, compute_capacity, probe_host
 from vmmesh.host.store import Store
 from vmmesh.mesh import pki
-from vmmesh.mesh.discovery import PeerEvent, PeerGone, PeerSeen, parse_seed, run_discovery
+from vmmesh.mesh.discovery import (
+    PeerEvent,
+    PeerGone,
+    PeerSeen,
+    gossiped_endpoint,
+    parse_seed,
+    run_discovery,
+)
 from vmmesh.mesh.invites import InviteBook
 from vmmesh.mesh.join import join_handler, join_server_context
 from vmmesh.mesh.revocation import Revocations
@@ -382,17 +397,10 @@ class Node:
             log.info("host %s is %s", name, ev.kind.value)
 
     def _learn_address(self, node_id: str, addrs: tuple[str, ...]) -> None:
-        if not addrs:
-            return
-        endpoint = self.pool.endpoint(node_id)
-        if endpoint is not None and endpoint.source != "gossip":
-            return
-        try:
-            host, port = parse_seed(addrs[0])
-        except UsageError:
-            log.debug("host %s gossips a bad address %r", node_id, addrs[0])
-            return
-        self.pool.set_endpoint(node_id, host, port, "gossip")
+        held = self.pool.endpoint(node_id)
+        found = gossiped_endpoint(node_id, addrs, held.source if held is not None else None)
+        if found is not None:
+            self.pool.set_endpoint(node_id, *found, "gossip")
 
     # --- revocation -------------------------------------------------------------
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,6 +172,25 @@ def parse_seed(seed: str) -> tuple[str, int]:
     port = int(port_text)
     _check_port(port, UsageError)
     return host, port
+
+
+def gossiped_endpoint(
+    node_id: str, addrs: Sequence[str], held_source: str | None
+) -> tuple[str, int] | None:
+    """Where to dial ``node_id`` by the "addr" key it gossips, or None to keep what is held.
+
+    Gossip is hearsay: it fills in an address the book lacks, or replaces one
+    gossip gave before, never one seen on the network (mDNS, a seed, an inbound
+    connection; ``held_source`` is the held endpoint's source).  The host's first
+    address is its best; one that does not parse is ignored (logged at DEBUG).
+    """
+    if not addrs or (held_source is not None and held_source != "gossip"):
+        return None
+    try:
+        return parse_seed(addrs[0])
+    except UsageError:
+        log.debug("host %s gossips a bad address %r", node_id, addrs[0])
+        return None
 
 
 class DiscoveryCore:

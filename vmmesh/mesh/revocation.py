@@ -15,11 +15,24 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from cryptography import x509
+
 from vmmesh.errors import AuthError
 from vmmesh.host.store import Store
 from vmmesh.mesh import pki
 
 log = logging.getLogger("vmmesh.node")
+
+
+def crl_to_adopt(ca_cert: x509.Certificate, pem: bytes, held: int) -> int | None:
+    """The number of a gossiped CRL this host should adopt, or None to keep its own.
+
+    Adopt only a CRL signed by the mesh CA (else ``AuthError``: a host of another
+    mesh, or a forgery) whose number is above the one held: an older or equal one
+    is news this host already has.  Pure: the caller reads the CA and installs.
+    """
+    number, _ = pki.verify_crl(ca_cert, pem)
+    return number if number > held else None
 
 
 class Revocations:
@@ -47,11 +60,11 @@ class Revocations:
     def consider(self, pem: bytes, source: str) -> bool:
         """A CRL some host gossips: install it if it verifies and is newer."""
         try:
-            number, _ = pki.verify_crl(pki.load_ca_cert(self._pki_dir), pem)
+            number = crl_to_adopt(pki.load_ca_cert(self._pki_dir), pem, self.number)
         except AuthError as exc:
             log.warning("host %s gossips a CRL that does not verify: %s", source, exc)
             return False
-        if number <= self.number:
+        if number is None:
             return False
         pki.install_crl(self._pki_dir, pem)
         self._install(pem)
