@@ -3,9 +3,13 @@
 # a request placed across them, the VMs shown, shut down; a template fetched
 # from a peer, a warm VM, a job and a bag of tasks; the lab removed.
 #
-#   sudo bash scripts/demo.sh [--keep]     (--keep leaves the lab up)
+#   bash scripts/demo.sh [--keep]     (--keep leaves the lab up)
+#
+# As root, or as a user who may use sudo (it runs itself under sudo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/root.sh
+as_root "$PWD/scripts/demo.sh" "$@"
 KEEP=${1:-}
 bash scripts/setup.sh
 PY=.venv/bin/python

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Install vmmesh on this host as a system service, usable by the `vmmesh` group.
 #
-#   sudo bash scripts/install.sh              install (or upgrade) from this checkout
-#   sudo bash scripts/install.sh --uninstall  remove everything it installed but the
-#                                             data directory (/var/lib/vmmesh)
+#   bash scripts/install.sh              install (or upgrade) from this checkout
+#   bash scripts/install.sh --uninstall  remove everything it installed but the
+#                                        data directory (/var/lib/vmmesh)
+#
+# As root, or as a user who may use sudo (it runs itself under sudo).
 #
 # What it puts where:
 #   /opt/vmmesh/                 a virtualenv made with the system's python3, holding
@@ -29,10 +31,8 @@ GROUP=vmmesh
 MANIFEST="$OPT/installed-by-vmmesh"
 COMMANDS=(vmmesh vmmesh-condor)
 
-if [ "$(id -u)" -ne 0 ]; then
-    echo "install.sh: run as root (it installs packages, a service and a group)" >&2
-    exit 2
-fi
+source scripts/root.sh
+as_root "$SRC/scripts/install.sh" "$@"   # it installs packages, a service and a group
 
 # systemctl only for the real unit directory (tests install into a scratch one)
 have_systemd() {

@@ -3,11 +3,8 @@
 # with the package and its test tools, the `vmmesh` group.  Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-if [ "$(id -u)" -ne 0 ]; then
-    echo "scripts/setup.sh: run as root (it installs packages and makes network namespaces)" >&2
-    exit 2
-fi
+source scripts/root.sh
+as_root "$PWD/scripts/setup.sh" "$@"   # it installs packages and makes a group
 
 export DEBIAN_FRONTEND=noninteractive
 need=()

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite: lint, format, types, then every test (unit, property,
 # real TLS between node processes, mDNS across network namespaces, QEMU guests).
-# Needs root (namespaces, debootstrap); runs scripts/setup.sh first when the
-# machine lacks part of the set-up.
+# Needs root (namespaces, debootstrap): run by another user, it runs itself
+# under sudo (with --quick, only when the machine needs setting up).  Runs
+# scripts/setup.sh first when the machine lacks part of the set-up.
 #
 #   bash scripts/test.sh            everything (what CI runs)
 #   bash scripts/test.sh --quick    lint, types and every test that needs no
@@ -10,10 +11,17 @@
 # Further arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/root.sh
 PY=.venv/bin/python
-# Set up what this machine lacks (a fresh clone, a new dependency, QEMU gone).
-if [ ! -x "$PY" ] || ! sha256sum --status -c .venv/.setup-stamp 2>/dev/null \
-    || ! command -v qemu-system-x86_64 >/dev/null || ! [ -x /usr/sbin/debootstrap ]; then
+# What this machine lacks: a fresh clone, a new dependency, QEMU gone.
+lacks_setup() {
+    [ ! -x "$PY" ] || ! sha256sum --status -c .venv/.setup-stamp 2>/dev/null \
+        || ! command -v qemu-system-x86_64 >/dev/null || ! [ -x /usr/sbin/debootstrap ]
+}
+if [ "${1:-}" != "--quick" ] || lacks_setup; then
+    as_root "$PWD/scripts/test.sh" "$@"
+fi
+if lacks_setup; then
     echo "==> scripts/setup.sh (this machine lacks part of the set-up)"
     bash scripts/setup.sh
 fi
