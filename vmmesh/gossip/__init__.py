@@ -1,12 +1,27 @@
 """Gossip: what every host knows of every other, and who is alive.
 
-Owns: the pure Scuttlebutt core (``core``: versioned keys per host,
-digest/delta exchanges, every value checked on arrival), the phi-accrual
-failure detector (``detector``), the schema of a host's keys and its typed
-form (``hoststate``), the typed view placement reads (``view``), a seeded
-simulator of thousands of cores (``sim``) and the thin trio driver
-(``driver``) that runs a core over the node's RPC links.
+Every host is the only author of a few keys about itself (name, addresses,
+capacity, templates, VMs, CRL; ``hoststate`` is their schema).  Each interval
+the trio driver (``driver``) ticks the pure core (``core``): this host's
+heartbeat goes up, and a phi-accrual detector per peer (``detector``) turns
+silence into "suspect", then "down", then "forgotten".  Then the driver opens
+an exchange with a few peers over the node's RPC links: digest out, the deltas
+the other side lacks back, the ones it asked for out again (Syn, Ack, Ack2).
+Deltas travel in version order, so loss, duplication and reordering are all
+safe: what was lost is offered again by the next exchange.
 
-May import: ``api`` and ``errors``; ``driver`` also ``net`` (it is glue).
-The core does no I/O and reads no clock: time is passed in.
+What can fail, and who is told: every value that arrives is untrusted and
+meets ``hoststate.check_value`` before it is stored; a refused value is
+neither stored nor relayed, and the core emits a ``REFUSED`` event naming the
+host, the key, the peer it came through and why.  A message whose sender is
+not the node id of the peer's certificate is refused by the driver with
+``ProtocolError``.  The node drains the core's events (joined, changed, down,
+forgotten, refused) and hands them on: addresses to the address book, CRLs to
+revocation, refusals to the refusal log, all of them to the extensions.
+
+``view`` gives placement and the CLI typed hosts; ``sim`` runs thousands of
+cores with a seeded RNG to measure spread.  The core does no I/O and reads no
+clock: time is passed in.
+
+May import: vmmesh.api, vmmesh.net (from driver).
 """
