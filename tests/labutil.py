@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from vmmesh.errors import UsageError
+from vmmesh.errors import SubnetInUse
 from vmmesh.lab import Lab, lab_down, lab_up
 
 
@@ -83,9 +83,8 @@ def lab_context(
                     image=image,
                 )
                 break
-            except UsageError as exc:
-                if "already in use" not in str(exc):
-                    raise
+            except SubnetInUse:
+                pass  # another lab has it: draw again
         if lab is None:
             pytest.skip("no free 10.213.<k>.0/24 subnet for a lab")
         yield lab

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from vmmesh.errors import GuestAgentError, HypervisorError, QMPError
+from vmmesh.errors import GuestAgentError, HypervisorError, QemuImgFailed, QMPError
 from vmmesh.host.sshkeys import PREPARE_SCRIPT, check_public_key, known_hosts_line, pick_port
 from vmmesh.hypervisor.accel import probe_payload
 from vmmesh.hypervisor.base import BootSpec, Guest, Hypervisor
@@ -166,6 +166,23 @@ async def test_overlay_chain_info_rebase_flatten_check(tmp_path: Path) -> None:
     assert flat.backing_file is None
     assert not (tmp_path / "flat.qcow2.tmp").exists()
     await hv.check_disk(flat.path)
+
+
+@pytest.mark.parametrize(("status", "raises"), [(0, False), (3, False), (2, True), (1, True)])
+async def test_check_disk_reads_qemu_imgs_exit_status(
+    tmp_path: Path, status: int, raises: bool
+) -> None:
+    """Leaked clusters (3) pass, corruption (2) and failure (1) raise with the number."""
+    fake = tmp_path / "qemu-img"
+    fake.write_text(f"#!/bin/sh\necho 'whatever it says' >&2\nexit {status}\n")
+    fake.chmod(0o755)
+    hv = QemuHypervisor(qemu_img=str(fake))
+    if not raises:
+        await hv.check_disk(tmp_path / "disk.qcow2")
+        return
+    with pytest.raises(QemuImgFailed) as info:
+        await hv.check_disk(tmp_path / "disk.qcow2")
+    assert info.value.returncode == status
 
 
 @needs_qemu_binaries

@@ -96,6 +96,10 @@ class NodeNotRunning(VmmeshError):
     code = ErrorCode.NODE_NOT_RUNNING
 
 
+class SubnetInUse(UsageError):
+    """A lab's 10.213.<k>.0/24 is already on an interface of this machine."""
+
+
 # --- peers and the wire ---------------------------------------------------
 
 
@@ -163,6 +167,15 @@ class HypervisorError(VmmeshError):
     """QEMU or qemu-img failed."""
 
     code = ErrorCode.HYPERVISOR
+
+
+class QemuImgFailed(HypervisorError):
+    """qemu-img exited with a non-zero ``returncode`` (``qemu-img check``: 3 is
+    leaked clusters only, 2 corruption, 1 could not check)."""
+
+    def __init__(self, message: str, returncode: int) -> None:
+        super().__init__(message)
+        self.returncode = returncode
 
 
 class QMPError(HypervisorError):

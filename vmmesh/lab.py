@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from vmmesh.errors import StateError, UsageError
+from vmmesh.errors import StateError, SubnetInUse, UsageError
 from vmmesh.host.images import ImageStore
 
 LAB_FILE = "lab.json"
@@ -202,7 +202,7 @@ def lab_up(
     if _link_exists(bridge):
         raise UsageError(f"bridge {bridge} exists: another lab with tag {tag!r} is up")
     if f"10.213.{k}." in _run(["ip", "-o", "addr", "show"]).stdout:
-        raise UsageError(f"10.213.{k}.0/24 is already in use here: choose another subnet")
+        raise SubnetInUse(f"10.213.{k}.0/24 is already in use here: choose another subnet")
     stale = [d for d in (root / "hosts").glob("h*") if start_nodes and any(d.iterdir())]
     if stale:
         raise UsageError(f"{stale[0]} holds a previous host's state: remove {root / 'hosts'}")

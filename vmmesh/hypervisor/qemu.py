@@ -44,7 +44,13 @@ from typing import Any
 
 import trio
 
-from vmmesh.errors import GuestAgentError, GuestAgentSilent, HypervisorError, QMPError
+from vmmesh.errors import (
+    GuestAgentError,
+    GuestAgentSilent,
+    HypervisorError,
+    QemuImgFailed,
+    QMPError,
+)
 from vmmesh.hypervisor.base import BootSpec, DiskInfo, ExecResult
 from vmmesh.hypervisor.qcow2 import qcow2_backing
 from vmmesh.hypervisor.qga import open_agent
@@ -487,6 +493,9 @@ class QemuGuest:
         raise HypervisorError(f"QEMU for {self.name} did not come up within {timeout:g} s")
 
 
+CHECK_LEAKS_ONLY = 3  # `qemu-img check`: leaked clusters, no corruption
+
+
 class QemuHypervisor:
     """``Hypervisor`` on qemu-system-x86_64 and qemu-img."""
 
@@ -524,7 +533,9 @@ class QemuHypervisor:
             raise HypervisorError(f"cannot run {self.qemu_img}: {exc}") from exc
         if res.returncode != 0:
             err = res.stderr.decode(errors="replace").strip()[-_ERROR_TAIL:]
-            raise HypervisorError(f"qemu-img {args[0]} failed ({res.returncode}): {err}")
+            raise QemuImgFailed(
+                f"qemu-img {args[0]} failed ({res.returncode}): {err}", res.returncode
+            )
         return res.stdout
 
     async def create_overlay(self, backing: Path, dest: Path) -> DiskInfo:
@@ -553,8 +564,8 @@ class QemuHypervisor:
         """Leaked clusters (exit 3) only waste space; corruption (2) or failure (1) raise."""
         try:
             await self._img("check", "-q", str(path))
-        except HypervisorError as exc:
-            if "failed (3)" not in str(exc):
+        except QemuImgFailed as exc:
+            if exc.returncode != CHECK_LEAKS_ONLY:
                 raise
 
     async def shape(self, spec: BootSpec) -> Shape:
