@@ -14,7 +14,7 @@ import trio
 
 from vmmesh.api.common import Progress
 from vmmesh.config import Config
-from vmmesh.errors import JobInputError, UsageError, VmmeshError
+from vmmesh.errors import InternalError, JobInputError, UsageError, VmmeshError
 from vmmesh.jobs import client as jobs
 from vmmesh.jobs.bag import Outcome
 from vmmesh.net.control import connect_control
@@ -53,8 +53,8 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         if args.tasks is not None:
             return trio.run(_bag, cfg, spec, args)
         return trio.run(_one, cfg, spec, args)
-    except UsageError:
-        raise
+    except (UsageError, InternalError):
+        raise  # main's one line and status (2; 70 for a bug)
     except VmmeshError as exc:
         error_line(str(exc))
         return jobs.exit_status_of(exc)
@@ -100,7 +100,7 @@ def _finish(result: jobs.JobResult, args: argparse.Namespace) -> int:
     if result.exit_code > 128 and not args.json:
         with contextlib.suppress(ValueError):
             error_line(f"the command was killed by {signal.Signals(result.exit_code - 128).name}")
-    return result.exit_code if 0 <= result.exit_code <= 255 else jobs.EXIT_SOFTWARE
+    return result.exit_code if 0 <= result.exit_code <= 255 else jobs.EXIT_FAILURE
 
 
 async def _bag(cfg: Config, spec: jobs.JobSpec, args: argparse.Namespace) -> int:

@@ -23,12 +23,12 @@ from pathlib import Path
 import trio
 
 from vmmesh.config import load_config
-from vmmesh.errors import UsageError, VmmeshError
+from vmmesh.errors import InternalError, UsageError, VmmeshError
 from vmmesh.jobs import client as jobs
 from vmmesh.jobs.condor import CONDOR_FILES, parse_arguments, split_packages
 from vmmesh.net.control import connect_control
 
-from .output import error_line
+from .output import bug_line, error_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         error_line(f"vmmesh-condor: {exc}")
         return 2
+    except InternalError as exc:
+        bug_line(exc)
+        return jobs.exit_status_of(exc)
     except VmmeshError as exc:
         error_line(f"vmmesh-condor: {exc}")
         return jobs.exit_status_of(exc)
@@ -64,7 +67,7 @@ async def _run(socket: Path, spec: jobs.JobSpec, scratch: Path) -> int:
     report = os.environ.get("VMMESH_CONDOR_REPORT")
     if report:
         Path(report).write_text(json.dumps(jobs.result_json(result)) + "\n")
-    return result.exit_code if 0 <= result.exit_code <= 255 else jobs.EXIT_SOFTWARE
+    return result.exit_code if 0 <= result.exit_code <= 255 else jobs.EXIT_FAILURE
 
 
 def entry() -> None:

@@ -17,11 +17,20 @@ from pathlib import Path
 from typing import Any
 
 from vmmesh.config import Config, load_config
-from vmmesh.errors import UsageError, VmmeshError
+from vmmesh.errors import InternalError, UsageError, VmmeshError
 
-from .output import error_line
+from .output import EXIT_BUG, NODE_LOG, bug_line, error_line
 
 Command = Callable[[argparse.Namespace, Config], int]
+
+EXIT_HELP = f"""\
+exit status (`vmmesh run` has its own: vmmesh run --help):
+   0  done
+   1  a failure (the line on stderr says which)
+   2  bad arguments or input
+  {EXIT_BUG}  a bug in vmmesh: please report it with the node's log
+      ({NODE_LOG})
+"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -175,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="vmmesh",
         description="A peer-to-peer mesh of hosts running on-demand VMs.",
+        epilog=EXIT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[_common_options(suppress=False)],
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -232,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         error_line(str(exc))
         return 2
+    except InternalError as exc:
+        bug_line(exc)
+        return EXIT_BUG
     except VmmeshError as exc:
         error_line(str(exc))
         return 1

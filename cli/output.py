@@ -46,6 +46,18 @@ def error_line(message: str) -> None:
     sys.stderr.write(f"vmmesh: error: {first}\n")
 
 
+EXIT_BUG = 70  # EX_SOFTWARE (sysexits): an InternalError, a bug in vmmesh
+
+NODE_LOG = "journalctl -u vmmesh-node, or the stderr of `vmmesh node`"
+
+
+def bug_line(exc: BaseException) -> None:
+    """The one line for an InternalError: not the user's fault, and where to look."""
+    error_line(
+        f"a bug in vmmesh: {exc} (please report it; the node's log has the details: {NODE_LOG})"
+    )
+
+
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """A table; with all column names empty it is a key/value list without a header."""
     t = Table(title=title, title_justify="left", header_style="bold", show_header=any(columns))

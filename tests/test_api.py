@@ -19,6 +19,7 @@ from vmmesh.api.host import Capacity, TemplateInfo
 from vmmesh.api.vm import RequestVms, ShareRequest
 from vmmesh.errors import (
     ErrorCode,
+    InternalError,
     MalformedMessage,
     PackageInstallError,
     RemoteError,
@@ -121,11 +122,9 @@ def test_every_error_class_travels_as_itself() -> None:
     for code in ErrorCode:
         exc = from_code(code.value, "why")
         assert str(exc) == "why"
-        if code is ErrorCode.INTERNAL:
-            assert isinstance(exc, RemoteError)
-        else:
-            assert error_code(exc) is code, code
+        assert type(exc).code is code and error_code(exc) is code, code
     assert isinstance(from_code("package_install", "x"), PackageInstallError)
+    assert isinstance(from_code("internal", "x"), InternalError)
     unknown = from_code("from_the_future", "new")
     assert isinstance(unknown, RemoteError) and unknown.remote_code == "from_the_future"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vmmesh.errors import UsageError
+from vmmesh.errors import InternalError, StateError, UsageError
 from vmmesh_cli.cmd_vm import _options_then_command, _ssh_identity
 from vmmesh_cli.main import build_parser, main
 
@@ -91,3 +91,31 @@ def test_shutdown_of_nothing_and_bad_names_are_one_line(
     assert main(["--data-dir", str(tmp_path), "request", "web", "0"]) == 2
     assert main(["--data-dir", str(tmp_path), "request", "web", "1", "Bad Pkg"]) == 2
     assert "package name" in capsys.readouterr().err
+
+
+def test_a_bug_says_so_with_its_own_status(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An InternalError is not the user's fault: status 70 (EX_SOFTWARE) and where
+    the log is, from any command and from `run` (whose other failures are 71)."""
+    from vmmesh_cli import cmd_run, cmd_vm
+
+    def broken(*_args: object) -> int:
+        raise InternalError("the wave is not answered yet")
+
+    async def broken_job(*_args: object) -> int:
+        raise InternalError("no open ask")
+
+    async def fails(*_args: object) -> int:
+        raise StateError("cannot write the state")  # another failure, not a bug
+
+    monkeypatch.setattr(cmd_vm, "vms", broken)
+    assert main(["--data-dir", str(tmp_path), "vms"]) == 70
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("vmmesh: error: a bug in vmmesh: ")
+    assert "journalctl -u vmmesh-node" in err
+    monkeypatch.setattr(cmd_run, "_one", broken_job)
+    assert main(["--data-dir", str(tmp_path), "run", "--", "true"]) == 70
+    assert "a bug in vmmesh" in capsys.readouterr().err
+    monkeypatch.setattr(cmd_run, "_one", fails)
+    assert main(["--data-dir", str(tmp_path), "run", "--", "true"]) == 71

@@ -6,7 +6,7 @@ import pytest
 
 from vmmesh.api.host import Capacity, TemplateInfo
 from vmmesh.api.vm import VmMade
-from vmmesh.errors import PackageInstallError
+from vmmesh.errors import InternalError, PackageInstallError
 from vmmesh.gossip.hoststate import HostView
 from vmmesh.placement.coordinator import Ask, Coordinator, dry_run, placement_seed
 from vmmesh.placement.planner import PlacementRequest
@@ -128,6 +128,19 @@ def test_an_unknown_package_ends_the_request() -> None:
         coord.cannot_install(ask, "package not found: no-such-package")
     with pytest.raises(PackageInstallError, match="no-such-package"):
         coord.next_wave(view)
+
+
+def test_driving_it_out_of_order_is_a_bug_not_a_usage_error() -> None:
+    view = [host("a", 2), host("b", 2)]
+    coord = Coordinator(request(4))
+    wave = coord.start(view)
+    with pytest.raises(InternalError, match="already started"):
+        coord.start(view)
+    with pytest.raises(InternalError, match="not answered"):
+        coord.next_wave(view)
+    coord.made(wave[0], wave[0].count, made(wave[0]))
+    with pytest.raises(InternalError, match="no open ask"):
+        coord.failed(wave[0], "answered twice")
 
 
 def test_a_package_one_host_lacks_moves_its_share_when_others_made_vms() -> None:

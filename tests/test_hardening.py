@@ -37,7 +37,7 @@ from vmmesh.api.codec import Empty
 from vmmesh.api.node import PEERS, STATUS
 from vmmesh.api.vm import LIST, TEMPLATES
 from vmmesh.config import Config
-from vmmesh.errors import RemoteError, VmmeshError
+from vmmesh.errors import InternalError, RemoteError, VmmeshError
 from vmmesh.gossip.driver import ACK2, SYN
 from vmmesh.gossip.hoststate import SCHEMA
 from vmmesh.host.build import BaseImage
@@ -223,7 +223,7 @@ def test_fuzzed_peer_calls_break_nothing(
                     with trio.fail_after(30):
                         try:
                             await client.call(method, raw)
-                        except RemoteError as exc:
+                        except (InternalError, RemoteError) as exc:
                             raise AssertionError(f"{method} {raw!r:.300}: {exc}") from exc
                         except VmmeshError:
                             pass  # refused, or a fair answer (NotFound, CapacityError)

@@ -20,6 +20,7 @@ from vmmesh.api.jobs import Changed, JobOpen
 from vmmesh.api.vm import REQUEST, SHUTDOWN, RequestVms, ShutdownRequest
 from vmmesh.errors import (
     CapacityError,
+    InternalError,
     JobInputError,
     JobLost,
     JobOutputMissing,
@@ -180,7 +181,8 @@ def test_each_failure_has_its_own_exit_status() -> None:
         (CapacityError("full"), 69),
         (JobOutputMissing("the job made no 'x'"), 73),
         (JobLost("vm was lost"), 75),
-        (VmmeshError("other"), 70),
+        (InternalError("a broken invariant"), 70),
+        (VmmeshError("other"), 71),
     ]
     for exc, status in cases:
         assert jobs.exit_status_of(exc) == status, exc

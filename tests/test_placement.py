@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vmmesh.api.host import Capacity, TemplateInfo
-from vmmesh.errors import MalformedMessage, UnknownMessage, UsageError
+from vmmesh.errors import InternalError, MalformedMessage, UnknownMessage
 from vmmesh.gossip.hoststate import HostView
 from vmmesh.placement.planner import (
     HostIndex,
@@ -213,12 +213,14 @@ def test_zero_count_places_nothing() -> None:
     assert p.shares == () and p.unplaced == 0
 
 
-def test_bad_input_is_a_usage_error() -> None:
-    with pytest.raises(UsageError):
+def test_input_the_callers_checked_is_a_bug_when_bad() -> None:
+    """Count and name are checked where they enter (CLI, ``from_wire``) and the
+    view has distinct hosts: bad ones here are a bug, not the user's input."""
+    with pytest.raises(InternalError):
         req(-1)
-    with pytest.raises(UsageError):
+    with pytest.raises(InternalError):
         PlacementRequest(request_id="", name="job", count=1)
-    with pytest.raises(UsageError, match="twice"):
+    with pytest.raises(InternalError, match="twice"):
         plan(req(1), [host(1, 1), host(1, 2)])
 
 

@@ -33,14 +33,16 @@ from tests.rpcutil import (
 from vmmesh.api.codec import Empty
 from vmmesh.errors import (
     AuthError,
+    InternalError,
     NotFound,
     PeerUnavailable,
     ProtocolError,
-    RemoteError,
+    Revoked,
     UnknownMessage,
+    VmmeshError,
 )
 from vmmesh.mesh import pki
-from vmmesh.net.peers import connect_rpc
+from vmmesh.net.peers import PeerPool, connect_rpc
 from vmmesh.net.refusals import Cause, Refusals
 from vmmesh.net.rpc import Context, Handlers, RpcConnection, open_rpc
 from vmmesh.net.tls import client_context, open_peer, serve_peers, server_context
@@ -95,13 +97,26 @@ async def test_errors_come_back_as_their_class(caplog: pytest.LogCaptureFixture)
     async with memory_pair() as (client, _):
         with pytest.raises(NotFound, match=r"^no VM named web$"):
             await client.request(MISSING, Empty())
-        with pytest.raises(RemoteError) as info:
+        with pytest.raises(InternalError, match="internal error in"):
             await client.request(BUGGY, Empty())
-        assert info.value.remote_code == "internal"
         assert "ZeroDivisionError" in caplog.text
         with pytest.raises(UnknownMessage, match="unknown method"):
             await client.call("t.nope")
         assert (await client.request(ECHO, Note())).note == Note()  # still open
+
+
+async def test_a_broken_invariant_is_logged_where_it_broke_and_travels_as_itself(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def invariant(ctx: Context, body: Empty) -> Empty:
+        raise InternalError("no open ask")
+
+    served = handlers()
+    served.add(BUGGY, invariant)
+    async with memory_pair(served) as (client, _):
+        with pytest.raises(InternalError, match=r"^no open ask$"):
+            await client.request(BUGGY, Empty())
+    assert "hit a bug" in caplog.text and "Traceback" in caplog.text
 
 
 async def test_a_body_that_does_not_fit_its_method_is_refused() -> None:
@@ -127,9 +142,8 @@ async def test_unsendable_reply_becomes_internal_error(caplog: pytest.LogCapture
         open_rpc(a, "client") as client,
         open_rpc(b, "server", small, max_frame=1024),
     ):
-        with pytest.raises(RemoteError) as info:
+        with pytest.raises(InternalError, match="bad reply"):
             await client.request(BIG, Empty())
-        assert info.value.remote_code == "internal"
         assert (await client.request(ECHO, Note())).peer == "server"
     assert "cannot be sent" in caplog.text
 
@@ -381,15 +395,20 @@ def attacker_context(identity: pki.Identity) -> ssl.SSLContext:
 
 
 async def refused_client(
-    server: Server, identity: pki.Identity, caplog: pytest.LogCaptureFixture, attempts: int = 1
+    server: Server,
+    identity: pki.Identity,
+    caplog: pytest.LogCaptureFixture,
+    attempts: int = 1,
+    refusal: type[VmmeshError] = PeerUnavailable,
 ) -> None:
-    """Connect as ``identity``; the server must refuse it in the handshake."""
+    """Connect as ``identity``; the server must refuse it in the handshake (the
+    client's calls raise ``refusal``)."""
     before = server.refusals.counts[Cause.TLS]
     for _ in range(attempts):
         # TLS 1.3: the client's handshake completes before the server checks it,
         # so the refusal shows on the first read
         stream = await open_peer("127.0.0.1", server.port, None, context=attacker_context(identity))
-        with pytest.raises(PeerUnavailable):
+        with pytest.raises(refusal):
             async with open_rpc(stream, "server") as conn:
                 await conn.request(ECHO, Note())
     await wait_for(lambda: server.refusals.counts[Cause.TLS] == before + attempts)
@@ -422,7 +441,7 @@ async def test_revoked_host_refused_after_crl(mesh: Mesh, caplog: pytest.LogCapt
             await conn.request(ECHO, Note())
         crl = pki.revoke(mesh.alpha.pki_dir, mesh.beta.node_id)
         server.peers.clear()
-        await refused_client(server, mesh.beta, caplog)
+        await refused_client(server, mesh.beta, caplog, refusal=Revoked)
     assert "revoked" in caplog.text
     # beta as a server is refused by a client that installed the CRL
     assert pki.install_crl(mesh.old.pki_dir, crl)
@@ -430,6 +449,22 @@ async def test_revoked_host_refused_after_crl(mesh: Mesh, caplog: pytest.LogCapt
         for client in (mesh.alpha, mesh.old):
             with pytest.raises(AuthError, match="revoked"):
                 await open_peer("127.0.0.1", server.port, client)
+
+
+async def test_a_pool_told_this_host_is_revoked_says_so_once_and_drops_the_link(
+    mesh: Mesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="vmmesh")
+    pki.revoke(mesh.alpha.pki_dir, mesh.beta.node_id)
+    async with tls_server(mesh.alpha) as server, trio.open_nursery() as nursery:
+        pool = PeerPool(lambda: mesh.beta, Handlers(), nursery, self_id=mesh.beta.node_id)
+        pool.set_endpoint(mesh.alpha.node_id, "127.0.0.1", server.port, "static")
+        for _ in range(2):
+            with pytest.raises(Revoked):
+                await pool.call(mesh.alpha.node_id, ECHO, Note())
+        nursery.cancel_scope.cancel()
+    said = [r for r in caplog.records if "this host has been removed" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.WARNING, logging.DEBUG]
 
 
 async def send_violation(port: int, identity: pki.Identity, data: bytes) -> list[object]:

@@ -8,8 +8,13 @@ misbehaved.  Every subclass has one exact meaning; the CLI prints
 Across a connection an error travels as a ``Fail`` carrying an
 ``ErrorCode`` and its message.  The caller turns the code back into the same
 class (``from_code``), so ``except PackageInstallError`` works whether the
-install failed here or on a peer.  A code this version does not know, and
-``internal`` (a bug on the other side), arrive as ``RemoteError``.
+install failed here or on a peer.  A code this version does not know arrives
+as ``RemoteError``.
+
+A third kind is neither: ``InternalError`` is a broken invariant, a bug in
+vmmesh.  It travels as ``internal`` (as does any exception a handler did not
+mean to raise), and the CLI says "a bug in vmmesh, see the node's log" with
+exit status 70 (EX_SOFTWARE) instead of blaming the user.
 """
 
 from __future__ import annotations
@@ -98,6 +103,16 @@ class NodeNotRunning(VmmeshError):
 
 class SubnetInUse(UsageError):
     """A lab's 10.213.<k>.0/24 is already on an interface of this machine."""
+
+
+# --- a bug in vmmesh --------------------------------------------------------
+
+
+class InternalError(VmmeshError):
+    """A broken invariant: code was called in a way it never should be (a bug in
+    vmmesh, not bad input; the traceback is in the log of whoever raised it)."""
+
+    code = ErrorCode.INTERNAL
 
 
 # --- peers and the wire ---------------------------------------------------
@@ -287,7 +302,8 @@ _BY_CODE = _classes()
 
 
 def error_code(exc: VmmeshError) -> ErrorCode:
-    """The code ``exc`` travels as (RemoteError passes on as internal)."""
+    """The code ``exc`` travels as (RemoteError, a code this version does not
+    know, passes on as internal)."""
     return ErrorCode.INTERNAL if isinstance(exc, RemoteError) else exc.code
 
 

@@ -43,6 +43,7 @@ from vmmesh.api.jobs import (
 from vmmesh.errors import (
     CapacityError,
     ImageError,
+    InternalError,
     JobError,
     JobInputError,
     JobLost,
@@ -62,7 +63,8 @@ EXIT_TIMEOUT = 124  # --timeout reached: the command was killed (as timeout(1))
 EXIT_DATAERR = 65  # a package is not in the package source
 EXIT_NOINPUT = 66  # an --input does not exist
 EXIT_UNAVAILABLE = 69  # no VM could be had (no capacity, no base image)
-EXIT_SOFTWARE = 70  # another vmmesh failure
+EXIT_SOFTWARE = 70  # a bug in vmmesh (InternalError; EX_SOFTWARE as sysexits says)
+EXIT_FAILURE = 71  # another vmmesh failure (the node not running, ...: its message says)
 EXIT_NOOUTPUT = 73  # a named --output was not made by the command
 EXIT_LOST = 75  # the VM or its host was lost during the job
 
@@ -74,7 +76,8 @@ exit status:
    65  a package is not in the package source
    66  an --input file does not exist
    69  no VM could be had (no capacity, no base image)
-   70  another vmmesh failure
+   70  a bug in vmmesh (the message says where its log is)
+   71  another vmmesh failure
    73  a named --output was not made by the command
    75  the VM or its host was lost during the job
 with --tasks: 0 when every task exited 0, 1 when some did not.
@@ -95,7 +98,9 @@ def exit_status_of(exc: VmmeshError) -> int:
         return EXIT_NOOUTPUT
     if isinstance(exc, (JobLost, PeerUnavailable)):
         return EXIT_LOST
-    return EXIT_SOFTWARE
+    if isinstance(exc, InternalError):
+        return EXIT_SOFTWARE
+    return EXIT_FAILURE
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from typing import TypeVar
 import trio
 
 from vmmesh.api.codec import Method, StreamMethod, WireType
-from vmmesh.errors import PeerUnavailable
+from vmmesh.errors import PeerUnavailable, Revoked
 from vmmesh.mesh.pki import Identity
 from vmmesh.net.refusals import LogOnce, Refusals
 from vmmesh.net.rpc import Handlers, LocalContext, RpcConnection, open_rpc
@@ -127,22 +127,24 @@ class PeerPool:
             if self._conns.get(node_id) is conn:
                 del self._conns[node_id]
 
-    def _broken(self, node_id: str, exc: PeerUnavailable) -> None:
+    def _revoked(self, node_id: str, exc: Revoked) -> None:
+        """``node_id`` refused this host as removed from the mesh (its certificate in
+        the TLS handshake, which a TLS 1.3 client learns on its first read, or its
+        gossip): said once per peer and period."""
         self.drop(node_id)
-        if "revoked" in str(exc):
-            # TLS 1.3: a client learns of its refusal on its first read.
-            self._revoked_log(
-                ("revoked", node_id),
-                "this host has been removed from the mesh: %s refused its certificate (%s)",
-                node_id[:12],
-                exc,
-            )
+        self._revoked_log(
+            ("revoked", node_id),
+            "this host has been removed from the mesh: %s refused it (%s)",
+            node_id[:12],
+            exc,
+        )
 
     async def call(
         self, node_id: str, method: Method[Req, Rep], request: Req, timeout: float = 30.0
     ) -> Rep:
         """One typed call to a peer (or to this host); PeerUnavailable when it cannot be
-        reached in time, the peer's error as its own class."""
+        reached in time, Revoked when it refused this host as removed, the peer's
+        error as its own class."""
         if node_id == self._self_id:
             return await self.handlers.local(method, LocalContext(node_id), request)
         try:
@@ -154,8 +156,11 @@ class PeerPool:
             raise PeerUnavailable(
                 f"node {node_id[:12]} did not answer {method.name} in time"
             ) from None
-        except PeerUnavailable as exc:
-            self._broken(node_id, exc)
+        except Revoked as exc:
+            self._revoked(node_id, exc)
+            raise
+        except PeerUnavailable:
+            self.drop(node_id)
             raise
 
     async def stream(
@@ -175,8 +180,11 @@ class PeerPool:
                 async for item in answer:
                     await on_item(item)
             return answer.result()
-        except PeerUnavailable as exc:
-            self._broken(node_id, exc)
+        except Revoked as exc:
+            self._revoked(node_id, exc)
+            raise
+        except PeerUnavailable:
+            self.drop(node_id)
             raise
 
     async def dial_seed(self, host: str, port: int) -> str:

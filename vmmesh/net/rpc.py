@@ -21,7 +21,8 @@ handler that takes and returns typed bodies, ``request`` and ``stream`` are
 the caller's side.  A streamed call sends ``Item``s, then the handler's
 return value as the ``Reply``.  A handler's ``VmmeshError`` travels as
 ``Fail(code, message)`` and is raised at the caller as the same class
-(``errors.from_code``).
+(``errors.from_code``).  A bug in a handler (``InternalError``, or any other
+exception) is logged here with its traceback and travels as ``internal``.
 
 What a peer breaks is refused at the edge and recorded (``Refusals``, once
 per peer and kind per period, counted by cause): a bad frame or envelope
@@ -44,15 +45,18 @@ import trio
 from vmmesh.api.codec import Method, StreamMethod, WireType
 from vmmesh.errors import (
     ErrorCode,
+    InternalError,
     MalformedMessage,
     PeerUnavailable,
     ProtocolError,
+    Revoked,
     UnknownMessage,
     VmmeshError,
     error_code,
     from_code,
 )
 from vmmesh.net.refusals import Cause, Refusals, describe
+from vmmesh.net.tls import describe_error, refused_as_revoked
 from vmmesh.wire.envelope import (
     Body,
     Call,
@@ -187,6 +191,7 @@ class RpcConnection:
         self._nursery: trio.Nursery | None = None
         self._closed = False
         self._close_reason = f"connection to {peer_id} closed"
+        self._close_error: type[PeerUnavailable | Revoked] = PeerUnavailable
         self._writer_done = trio.Event()
 
     # --- running ------------------------------------------------------------
@@ -203,7 +208,7 @@ class RpcConnection:
                 except ProtocolError as exc:
                     await self._protocol_error(exc)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    self._close_reason = f"connection to {self.peer_id} broke: {describe(exc)}"
+                    self._broke(exc)
                 nursery.cancel_scope.cancel()
         finally:
             self._closed = True
@@ -249,11 +254,22 @@ class RpcConnection:
             async for frame in self._outbox_recv:
                 await self._stream.send_all(frame)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self._close_reason = f"connection to {self.peer_id} broke: {describe(exc)}"
+            self._broke(exc)
             if self._nursery is not None:
                 self._nursery.cancel_scope.cancel()
         finally:
             self._writer_done.set()
+
+    def _broke(self, exc: BaseException) -> None:
+        """Record why the stream broke: what every call raises from now on."""
+        self._close_reason = f"connection to {self.peer_id} broke: {describe_error(exc)}"
+        if refused_as_revoked(exc):  # the peer refused our certificate: we are removed
+            self._close_error = Revoked
+
+    def gone(self) -> PeerUnavailable | Revoked:
+        """The error for a call on this closed connection (``Revoked`` if the peer
+        refused this host as removed from the mesh, else PeerUnavailable)."""
+        return self._close_error(self._close_reason)
 
     def _refused(self, cause: Cause, exc: BaseException) -> None:
         self._refusals(cause, self.peer_id, describe(exc))
@@ -266,7 +282,7 @@ class RpcConnection:
                 await self._send(Fail(0, exc.code.value, describe(exc)[:_MAX_FAIL_TEXT]))
                 await self._outbox_send.aclose()
                 await self._writer_done.wait()
-            except PeerUnavailable:
+            except (PeerUnavailable, Revoked):
                 pass
 
     def _frame(self, msg: Envelope) -> bytes:
@@ -276,11 +292,11 @@ class RpcConnection:
         await self._queue(self._frame(msg))
 
     async def _queue(self, frame: bytes) -> None:
-        """Hand a frame to the writer; PeerUnavailable once the connection is gone."""
+        """Hand a frame to the writer; ``gone()`` once the connection is gone."""
         try:
             await self._outbox_send.send(frame)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise PeerUnavailable(self._close_reason) from None
+            raise self.gone() from None
 
     # --- incoming -------------------------------------------------------------
 
@@ -323,7 +339,7 @@ class RpcConnection:
                     log.exception("reply to %s from %s cannot be sent", call.method, self.peer_id)
                     text = f"bad reply: {describe(exc)}"[:200]
                     frame = self._frame(Fail(call.id, ErrorCode.INTERNAL.value, text))
-                with suppress(PeerUnavailable):
+                with suppress(PeerUnavailable, Revoked):
                     await self._queue(frame)
         finally:
             del self._serving[call.id]
@@ -342,6 +358,9 @@ class RpcConnection:
             if ctx.streamed and body is None:
                 return End(call.id)
             return Reply(call.id, body or {})
+        except InternalError as exc:  # a bug: its traceback goes where the user is sent
+            log.exception("handler for %s from %s hit a bug", call.method, self.peer_id)
+            return Fail(call.id, error_code(exc).value, describe(exc)[:_MAX_FAIL_TEXT])
         except VmmeshError as exc:
             return Fail(call.id, error_code(exc).value, describe(exc)[:_MAX_FAIL_TEXT])
         except Exception:
@@ -354,8 +373,9 @@ class RpcConnection:
         """Call ``method`` and return its typed reply (items of a stream are skipped).
 
         The peer's error is raised as its own class (``from_code``);
-        PeerUnavailable if the connection closed first; MalformedMessage if
-        the answer does not fit the method's types.
+        PeerUnavailable if the connection closed first (Revoked if the peer
+        refused this host as removed); MalformedMessage if the answer does not
+        fit the method's types.
         """
         async with self.call_raw(method.name, request.to_wire()) as call:
             while True:
@@ -391,7 +411,7 @@ class RpcConnection:
     async def call_raw(self, method: str, body: Body) -> AsyncIterator[OpenCall]:
         check_method(method)
         if self._closed:
-            raise PeerUnavailable(self._close_reason)
+            raise self.gone()
         call_id = next(self._ids)
         send, receive = trio.open_memory_channel[Envelope](REPLY_BUFFER)
         self._pending[call_id] = send
@@ -428,7 +448,7 @@ class OpenCall:
         try:
             msg = await self._receive.receive()
         except trio.EndOfChannel:
-            raise PeerUnavailable(self._conn._close_reason) from None
+            raise self._conn.gone() from None
         if isinstance(msg, Fail):
             self.answered = True
             raise from_code(msg.code, msg.message)

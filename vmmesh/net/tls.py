@@ -15,7 +15,9 @@ SAN, see ``pki``) with the one it expected.
 
 Note on TLS 1.3: the client finishes its handshake before the server has
 checked the client certificate, so a refused client learns it on its first
-read (as PeerUnavailable); the server never hands such a stream on.
+read (as PeerUnavailable; as ``Revoked`` when the server's alert says its
+certificate is on the CRL, ``refused_as_revoked``); the server never hands
+such a stream on.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import suppress
 from typing import Any
 
 import trio
@@ -72,6 +75,22 @@ def peer_node_id(stream: trio.SSLStream[Any]) -> str:
     if not der:
         raise AuthError("peer presented no certificate")
     return cert_node_id(x509.load_der_x509_certificate(der))
+
+
+# OpenSSL's reason code for the TLS alert certificate_revoked (44): the peer
+# found our certificate on its CRL.  A code (``ssl.SSLError.reason``), not text.
+ALERT_CERTIFICATE_REVOKED = "SSLV3_ALERT_CERTIFICATE_REVOKED"
+
+
+def refused_as_revoked(exc: BaseException) -> bool:
+    """Whether ``exc`` (a broken stream) is the peer's TLS alert that this host's
+    certificate is revoked: this host has been removed from the mesh."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLError):
+            return cause.reason == ALERT_CERTIFICATE_REVOKED
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def describe_error(exc: BaseException) -> str:
@@ -135,6 +154,20 @@ async def open_peer(
     return stream
 
 
+async def _send_alert(stream: trio.SSLStream[trio.SocketStream]) -> None:
+    """Send the alert OpenSSL wrote when it refused a client (certificate_revoked,
+    unknown_ca, ...), so the client learns why instead of an EOF.
+
+    A TLS 1.3 client has finished its side of the handshake before the server
+    checks its certificate; trio gives up on the failed handshake without
+    sending what OpenSSL left in the stream's outgoing buffer, so it is sent here.
+    """
+    alert = stream._outgoing.read()  # trio keeps it there (no public way to flush it)
+    if alert:
+        with trio.move_on_after(1.0), suppress(trio.BrokenResourceError, OSError):
+            await stream.transport_stream.send_all(alert)
+
+
 async def serve_peers(
     listeners: int | Sequence[trio.SocketListener],
     context_factory: Callable[[], ssl.SSLContext],
@@ -178,6 +211,7 @@ async def serve_peers(
             except (trio.BrokenResourceError, trio.TooSlowError, AuthError) as exc:
                 reason = describe_error(exc)
                 refused(Cause.TLS, address, f"TLS handshake failed: {reason}")
+                await _send_alert(stream)
                 return
             try:
                 await handler(stream, peer)

@@ -39,7 +39,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from vmmesh.api.vm import PlannedShare, Unplaced, VmMade
-from vmmesh.errors import PackageInstallError, UsageError
+from vmmesh.errors import InternalError, PackageInstallError
 from vmmesh.gossip.hoststate import HostView
 from vmmesh.placement.planner import HostIndex, PlacementRequest, Plan, plan, replan
 
@@ -120,7 +120,7 @@ class Coordinator:
     def start(self, view: Sequence[HostView] | HostIndex) -> list[Ask]:
         """Plan over ``view``; the first wave of asks."""
         if self._plan is not None:
-            raise UsageError("the coordinator has already started")
+            raise InternalError("the coordinator has already started")
         self._plan = self._first_plan = plan(self.request, view)
         self._next = self.first_index
         return self._wave()
@@ -156,7 +156,7 @@ class Coordinator:
         nothing was made at all.
         """
         if self._open:
-            raise UsageError("the wave is not answered yet")
+            raise InternalError("the wave is not answered yet")
         if self._no_package and not self._vms:
             raise PackageInstallError(self._no_package[0][1])
         for ask, reason in self._no_package:
@@ -200,7 +200,7 @@ class Coordinator:
 
     def _answered(self, ask: Ask) -> None:
         if ask not in self._open:
-            raise UsageError(f"no open ask {ask}")
+            raise InternalError(f"no open ask {ask}")
         self._open.discard(ask)
 
     def _wave(self) -> list[Ask]:

@@ -59,7 +59,7 @@ from typing import Any
 
 from vmmesh.api.host import TemplateInfo
 from vmmesh.api.names import check_hex_id, check_package, check_vm_name
-from vmmesh.errors import MalformedMessage, UnknownMessage, UsageError
+from vmmesh.errors import InternalError, MalformedMessage, UnknownMessage
 from vmmesh.gossip.hoststate import HostView
 
 WIRE_VERSION = 1
@@ -113,9 +113,9 @@ class PlacementRequest:
 
     def __post_init__(self) -> None:
         if not self.request_id or len(self.request_id) > MAX_REQUEST_ID:
-            raise UsageError(f"bad request id: {self.request_id!r:.80}")
+            raise InternalError(f"bad request id: {self.request_id!r:.80}")
         if self.count < 0:
-            raise UsageError(f"cannot request a negative number of VMs: {self.count}")
+            raise InternalError(f"cannot request a negative number of VMs: {self.count}")
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -275,7 +275,7 @@ class HostIndex:
         by_pkgs: dict[frozenset[str], dict[int, TemplateInfo]] = {}
         for h in hosts:
             if h.node_id in seen:
-                raise UsageError(f"host {h.node_id} appears twice in the view")
+                raise InternalError(f"host {h.node_id} appears twice in the view")
             seen.add(h.node_id)
             free = h.capacity.free_slots
             if h.status not in ("up", "suspect"):
@@ -386,7 +386,7 @@ def plan(request: PlacementRequest, hosts: Sequence[HostView] | HostIndex) -> Pl
     """Rank ``hosts`` for ``request`` and fill them in order (see module doc).
 
     ``hosts`` must have distinct node ids (a gossip view does); a duplicate is
-    a caller bug and raises ``UsageError``.
+    a caller bug and raises ``InternalError``.
     """
     index = _index(hosts)
     shares, skipped = index.fill(request, request.count)
