@@ -67,8 +67,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _set_warm(lab: Lab, warm: bool) -> None:
-    for i in (1, 2):
+def _set_warm(lab: Lab, warm: bool, hosts: tuple[int, ...] = (1, 2)) -> None:
+    for i in hosts:
         text = CONFIG.format(warm="true" if warm else "false")
         (lab.host_data_dir(i) / "config.toml").write_text(text)
         lab.kill_host(i, signal.SIGHUP)
