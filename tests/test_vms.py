@@ -151,6 +151,23 @@ async def test_shutdown_by_name_deletes_overlay_keeps_template(
         await node.vms.exec("job-1", ["true"])
 
 
+async def test_shutdown_by_order_ends_qemu_without_a_power_off(
+    node: Node, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The VM's disk is thrown away: a power-off inside the guest (5-6 s under TCG)
+    # would only make the caller wait.
+    report = await node.vms.request_local("web", 1)
+    guest = node.hv.running[report.vms[0].vm_id]
+    started = trio.current_time()
+    await node.vms.shutdown("web")
+    assert trio.current_time() - started < node.hv.shutdown_seconds
+    assert guest.exited.is_set() and guest.exit_status == -9
+    assert not any(c[:2] == ["systemctl", "poweroff"] for c in guest.exec_log)
+    assert node.vms.list_vms() == []
+    await trio.testing.wait_all_tasks_blocked()
+    assert node.stopped == [], "an ordered stop is not an unexpected one"
+
+
 async def test_unexpected_exit_is_recorded_and_reported(
     node: Node, autojump_clock: trio.testing.MockClock
 ) -> None:
