@@ -14,7 +14,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.fakehv import files_on
+from tests.fakehv import FakeGuest, files_on
 from tests.nodeutil import call, eventually, fake, fast_publish, mesh, port, request, root
 from vmmesh.api.jobs import Changed, JobOpen
 from vmmesh.api.vm import REQUEST, SHUTDOWN, RequestVms, ShutdownRequest
@@ -204,7 +204,19 @@ def test_missing_inputs_and_clashing_names_are_refused(tmp_path: Path) -> None:
 # --- job sessions through real nodes ------------------------------------------------------------
 
 
-async def test_a_job_session_runs_and_leaves_nothing(root: Path, port: int) -> None:
+async def test_a_job_session_runs_and_leaves_nothing(
+    root: Path, port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The VM's disk is gone when run_job returns: what the guest held is looked at as
+    # the command starts.
+    on_disk: dict[str, bytes] = {}
+    spawn = FakeGuest.spawn
+
+    async def spawn_seen(guest: FakeGuest, argv: list[str]) -> int:
+        on_disk.update(files_on(guest.disk))
+        return await spawn(guest, argv)
+
+    monkeypatch.setattr(FakeGuest, "spawn", spawn_seen)
     async with mesh(root, port, capacity=(0, 1, 0)) as hosts:
         h1, h2, _h3 = hosts
         for h in hosts:
@@ -218,9 +230,20 @@ async def test_a_job_session_runs_and_leaves_nothing(root: Path, port: int) -> N
             result = await jobs.run_job(conn, spec, out=out, err=err, dest=root)
         assert result.exit_code == 3 and result.vm.host == "h2"
         assert out.getvalue() == b"ran cat in.txt\n"
-        [guest] = h2.hv.started[-1:]
-        assert any(p.endswith("/work/in.txt") for p in files_on(guest.disk)), "input sent"
+        assert any(p.endswith("/work/in.txt") for p in on_disk), "input sent"
         await eventually(lambda: h2.mgr.list_vms() == [], "the job's VM is gone")
+
+
+async def test_a_finished_job_returns_with_its_vm_gone(root: Path, port: int) -> None:
+    # The session ends with job.end, which answers once the VM is shut down: nothing
+    # is left listed ("stopping") when `vmmesh run` has returned.
+    async with mesh(root, port, capacity=(0, 1, 0)) as hosts:
+        h1, h2, _h3 = hosts
+        spec = jobs.JobSpec(argv=("true",))
+        async with connect_control(h1.cfg.socket_path) as conn:
+            result = await jobs.run_job(conn, spec, out=io.BytesIO(), err=io.BytesIO(), dest=root)
+        assert result.exit_code == 0 and result.vm.host == "h2"
+        assert h2.mgr.list_vms() == []
 
 
 async def test_no_vm_for_a_job_is_its_own_error(root: Path, port: int) -> None:

@@ -4,7 +4,9 @@ A job session is one long call, ``job.open``: the node places the VMs
 (the same request machinery as ``vmmesh request``), answers with a ``Ready``
 item, and holds them for as long as the call is open; when the call ends
 for any reason (done, Ctrl-C, the CLI killed, its connection lost) the node
-shuts them down, unless the session asked to keep them.  Files go in with
+shuts them down, unless the session asked to keep them.  A caller that is
+done says so with ``job.end``, which answers once the VMs are gone (so a
+finished ``vmmesh run`` leaves nothing listed), and ``job.open`` answers.  Files go in with
 ``job.put`` (chunks appended in order), the command runs with ``job.exec``
 (stdout and stderr streamed as they grow, then the exit), results come back
 with ``job.get``.  Each has a ``_local`` twin that the session's node calls
@@ -171,7 +173,16 @@ class JobLease(Message):
     keep: bool = wire(Bool(), default=False)
 
 
+@dataclass(frozen=True)
+class JobEnd(Message):
+    """The caller is done with job ``job_id``: shut its VMs down (or keep them, as it
+    was opened) and answer when that is done."""
+
+    job_id: str = wire(JOB_ID)
+
+
 OPEN = StreamMethod("job.open", JobOpen, Empty, item=JobEvent)
+END = Method("job.end", JobEnd, Empty)
 PUT = Method("job.put", JobPut, Empty)
 EXEC = StreamMethod("job.exec", JobExec, JobExit, item=Output)
 GET = StreamMethod("job.get", JobGet, FileDone, item=FileChunk)

@@ -3,10 +3,12 @@ bag of tasks (``vmmesh run --tasks``), over the local node's control socket.
 
 The caller holds a ``job.open`` call for as long as it needs the VMs; when it
 leaves the session — finished, interrupted, killed — the call ends and the
-node shuts the VMs down.  Files are read and written here, on the caller's
-side (the node never opens a user's path): inputs go in as chunks, outputs
-come back as files or, for directories, as tars unpacked with the ``data``
-filter (no absolute paths, no ``..``, no links out).
+node shuts the VMs down.  A session left normally says ``job.end`` first and
+waits for its answer, so the VMs are gone when the caller returns.  Files are
+read and written here, on the caller's side (the node never opens a user's
+path): inputs go in as chunks, outputs come back as files or, for
+directories, as tars unpacked with the ``data`` filter (no absolute paths, no
+``..``, no links out).
 
 Exit statuses (``EXIT``) tell vmmesh's own failures apart from the job's.
 """
@@ -28,10 +30,12 @@ import trio
 from vmmesh.api.common import Progress
 from vmmesh.api.jobs import (
     CHUNK,
+    END,
     EXEC,
     GET,
     OPEN,
     PUT,
+    JobEnd,
     JobEvent,
     JobExec,
     JobExit,
@@ -184,8 +188,9 @@ class JobClient:
     @contextlib.asynccontextmanager
     async def session(self, request: JobOpen) -> AsyncIterator[Session]:
         """Hold ``request``'s VMs for the block; leaving it ends the job (the node shuts
-        the VMs down, unless kept).  Should the node end the job first (its link
-        broke, it stopped), the block is cancelled and that error raised."""
+        the VMs down, unless kept; a block left normally waits until they are
+        gone).  Should the node end the job first (its link broke, it stopped),
+        the block is cancelled and that error raised."""
         ready: list[Session] = []
         failed: list[VmmeshError] = []
         got = trio.Event()
@@ -207,12 +212,19 @@ class JobClient:
             if ready:
                 try:
                     yield ready[0]
+                    await self._end(ready[0].job_id)
                 finally:
                     nursery.cancel_scope.cancel()
         if failed:
             raise failed[0]
         if not ready:
             raise JobError("the node ended the job before its VMs were ready")
+
+    async def _end(self, job_id: str) -> None:
+        """Ask the node to end the job; back when its VMs are gone."""
+        # Failing, the VMs still go: the open call's end (next) makes the node shut them down.
+        with contextlib.suppress(VmmeshError):
+            await self.conn.request(END, JobEnd(job_id=job_id))
 
     def _event(self, event: JobEvent, ready: list[Session], got: trio.Event) -> None:
         if event.progress is not None and self.progress is not None:

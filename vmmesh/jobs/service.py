@@ -3,9 +3,11 @@
 Control side (the caller's node): ``job.open`` places the VMs through the
 same request coordinator as ``vmmesh request`` (request name
 ``job-<8 hex>``), answers ``ready``, renews a lease on every host holding one
-of its VMs, and holds them until the call ends; then it shuts them down
-(shielded from the cancellation that ended it), unless the session said
-``keep``.  ``job.put``, ``job.exec`` and ``job.get`` go to the VM's host.
+of its VMs, and holds them until the caller says ``job.end`` or the call
+ends; then it shuts them down (shielded from the cancellation that ended
+it), unless the session said ``keep``.  ``job.end`` answers once that is
+done, so the caller returns with its VMs gone.  ``job.put``, ``job.exec`` and
+``job.get`` go to the VM's host.
 
 Host side: ``job.*_local`` do the guest work (``guestjob``); a watchdog shuts
 down the VMs of any job whose lease ran out: the owner crashed, restarted or
@@ -31,6 +33,7 @@ import trio
 from vmmesh.api.codec import Empty
 from vmmesh.api.common import Progress
 from vmmesh.api.jobs import (
+    END,
     EXEC,
     EXEC_LOCAL,
     GET,
@@ -41,6 +44,7 @@ from vmmesh.api.jobs import (
     PUT_LOCAL,
     FileChunk,
     FileDone,
+    JobEnd,
     JobEvent,
     JobExec,
     JobExit,
@@ -92,6 +96,8 @@ class Session:
     name: str
     keep: bool
     vms: dict[str, str] = field(default_factory=dict)  # VM name -> node id
+    ended: trio.Event = field(default_factory=trio.Event)  # the caller said job.end
+    closed: trio.Event = field(default_factory=trio.Event)  # its VMs are gone (or kept)
 
 
 class JobService(NodeExtension):
@@ -125,6 +131,7 @@ class JobService(NodeExtension):
         peer_handlers.add(GET_LOCAL, self._get_local)
         peer_handlers.add(LEASE_LOCAL, self._lease_local)
         control_handlers.add(OPEN, self._open)
+        control_handlers.add(END, self._end)
         control_handlers.add(PUT, self._put)
         control_handlers.add(EXEC, self._exec)
         control_handlers.add(GET, self._get)
@@ -160,11 +167,23 @@ class JobService(NodeExtension):
         finally:
             del self.sessions[job_id]
             with trio.CancelScope(shield=True):
-                if session.keep:
-                    await self._lease(session, keep=True)
-                    log.info("job %s ended; its VMs stay (--keep): %s", job_id, session.name)
-                else:
-                    await self._close(session)
+                try:
+                    if session.keep:
+                        await self._lease(session, keep=True)
+                        log.info("job %s ended; its VMs stay (--keep): %s", job_id, session.name)
+                    else:
+                        await self._close(session)
+                finally:
+                    session.closed.set()
+
+    async def _end(self, ctx: Context, req: JobEnd) -> Empty:
+        """The caller is done: end the session and answer once its VMs are gone."""
+        session = self.sessions.get(req.job_id)
+        if session is None:
+            raise NotFound(f"no open job {req.job_id}")
+        session.ended.set()
+        await session.closed.wait()
+        return Empty()
 
     async def _place(self, ctx: Context, session: Session, req: JobOpen) -> RequestReport:
         async def forward(item: Progress) -> None:
@@ -199,10 +218,11 @@ class JobService(NodeExtension):
             await trio.sleep(self.lease_seconds / 4)
 
     async def _hold(self, session: Session) -> None:
-        """Renew the VMs' leases until the session's call ends."""
-        while True:
+        """Renew the VMs' leases until the caller ends the job (or its call ends)."""
+        while not session.ended.is_set():
             await self._lease(session)
-            await trio.sleep(self.lease_seconds / 4)
+            with trio.move_on_after(self.lease_seconds / 4):
+                await session.ended.wait()
 
     async def _lease(self, session: Session, keep: bool = False) -> None:
         by_host: dict[str, list[str]] = {}
