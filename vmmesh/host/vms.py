@@ -648,7 +648,9 @@ class VmManager:
         try:
             await guest.wait_agent(self.agent_timeout)
             seconds["vm_boot"] = time.monotonic() - t
+            t = time.monotonic()
             await persona.set_hostname(guest, plan.display)
+            seconds["identity"] = time.monotonic() - t
         except BaseException:
             with trio.CancelScope(shield=True), contextlib.suppress(HypervisorError, OSError):
                 await guest.kill()
@@ -678,7 +680,9 @@ class VmManager:
                 guest = await self.hv.start(replace(spec, incoming=state.state))
                 await guest.wait_agent(WARM_TIMEOUT)
                 seconds["vm_resume"] = time.monotonic() - t
+                t = time.monotonic()
                 await persona.become_itself(guest, plan.display)
+                seconds["identity"] = time.monotonic() - t
             return guest, "warm", ""
         except (VmmeshError, OSError, trio.TooSlowError) as exc:
             reason = warm_error(exc)

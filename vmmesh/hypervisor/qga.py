@@ -427,9 +427,11 @@ class GuestAgentClient:
     ) -> ExecStatus:
         """Run ``argv`` in the guest and wait for it; output bounded by ``output_limit``.
 
-        Polling starts fast and backs off by half again each time to one
-        second, so short commands return within about a third of their own
-        time and long ones cost few round trips.
+        Polling starts fast and backs off by a fifth each time to one second,
+        so a command is seen to end within about a fifth of its own time
+        (0.02 s after a 0.1 s one, 0.07 s after a 0.3 s one: these are on the
+        path of every VM made) and long ones cost about one round trip a
+        second.
         """
         started = await self.execute("guest-exec", exec_arguments(argv, input_data, env))
         if not isinstance(started, dict) or not isinstance(started.get("pid"), int):
@@ -446,7 +448,7 @@ class GuestAgentClient:
                 if status.exited:
                     return status
                 await trio.sleep(interval)
-                interval = min(interval * 1.5, 1.0)
+                interval = min(interval * 1.2, 1.0)
         raise GuestAgentError(f"{argv[0]} did not finish within {timeout:g} s")
 
     async def spawn(self, argv: list[str], env: Mapping[str, str] | None = None) -> int:
