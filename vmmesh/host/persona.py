@@ -64,16 +64,16 @@ async def authorize_ssh(guest: Guest, vm: str, request: str, keys: Sequence[str]
 # Run by a guest resumed from a warm state, before anyone uses it: its own
 # machine id ($3, made on the host), fresh randomness (stdin, kept as fd 3 for a
 # background job; QEMU's new VM generation id already made the kernel reseed),
-# the host's time ($1), a new DHCP lease, its host name ($2).  Under TCG every
-# process costs 0.03-0.1 s, so shell builtins where they do, the rest side by
-# side, and the lease renewal is asked for, not waited on (networkd renews on
+# the host's time ($1), its host name ($2), a new DHCP lease.  Under TCG every
+# process costs 0.03-0.1 s, and more in a guest just resumed (its code is
+# translated again), so shell builtins where they do, the rest side by side,
+# and the lease renewal asked for last and not waited on (networkd renews on
 # its own time either way; its output goes to /dev/null, so the agent does not
 # wait for it).
 _BECOME_ITSELF = (
     "exec 3<&0\n"
     "cat <&3 > /dev/urandom & r=$!\n"
     'date -u -s "@$1" >/dev/null & d=$!\n'
-    "networkctl renew eth0 >/dev/null 2>&1 3<&- &\n"
     'printf "%s\\n" "$3" > /etc/machine-id\n'
     "m=/var/lib/dbus/machine-id\n"
     '[ ! -e "$m" ] || [ -L "$m" ] || rm -f "$m"\n'
@@ -81,6 +81,7 @@ _BECOME_ITSELF = (
     f"{_SET_HOSTNAME}\n"
     "status=$?\n"
     'wait "$r" "$d"\n'
+    "networkctl renew eth0 >/dev/null 2>&1 3<&- &\n"
     'exit "$status"\n'
 )
 

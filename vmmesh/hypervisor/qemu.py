@@ -53,7 +53,7 @@ from vmmesh.errors import (
 )
 from vmmesh.hypervisor.base import BootSpec, DiskInfo, ExecResult
 from vmmesh.hypervisor.qcow2 import qcow2_backing
-from vmmesh.hypervisor.qga import open_agent
+from vmmesh.hypervisor.qga import AgentLink
 from vmmesh.hypervisor.qmp import (
     incoming_from_file_uri,
     migrate_to_file_uri,
@@ -267,7 +267,7 @@ class QemuGuest:
         self.run_dir = run_dir
         self._process = process
         self._qmp_lock = trio.Lock()
-        self._qga_lock = trio.Lock()
+        self._agent = AgentLink(run_dir / QGA_SOCKET)
 
     @property
     def qmp_path(self) -> Path:
@@ -305,7 +305,7 @@ class QemuGuest:
             left = timeout - waited if waited < timeout else AGENT_SLICE
             wait = max(1.0, min(AGENT_SLICE, left))
             try:
-                async with self._qga_lock, open_agent(self.qga_path, sync_timeout=wait) as agent:
+                async with self._agent.use(sync_timeout=wait) as agent:
                     await agent.ping()
                 return trio.current_time() - start
             except GuestAgentSilent:
@@ -347,31 +347,31 @@ class QemuGuest:
         timeout: float = 600.0,
         output_limit: int = 1 << 20,
     ) -> ExecResult:
-        async with self._qga_lock, open_agent(self.qga_path) as agent:
+        async with self._agent.use() as agent:
             st = await agent.exec(
                 argv, input_data=input_data, env=env, timeout=timeout, output_limit=output_limit
             )
         return ExecResult(st.exit_code, st.stdout, st.stderr, st.truncated)
 
     async def write_file(self, guest_path: str, data: bytes, append: bool = False) -> None:
-        async with self._qga_lock, open_agent(self.qga_path) as agent:
+        async with self._agent.use() as agent:
             await agent.write_file(guest_path, data, append)
 
     async def read_range(self, guest_path: str, offset: int, count: int) -> bytes:
-        async with self._qga_lock, open_agent(self.qga_path) as agent:
+        async with self._agent.use() as agent:
             return await agent.read_range(guest_path, offset, count)
 
     async def spawn(self, argv: list[str]) -> int:
-        async with self._qga_lock, open_agent(self.qga_path) as agent:
+        async with self._agent.use() as agent:
             return await agent.spawn(argv)
 
     async def exec_status(self, pid: int) -> ExecResult | None:
-        async with self._qga_lock, open_agent(self.qga_path) as agent:
+        async with self._agent.use() as agent:
             st = await agent.exec_status(pid)
         return ExecResult(st.exit_code, b"", b"") if st.exited else None
 
     async def read_file(self, guest_path: str, limit: int = 64 << 20) -> bytes:
-        async with self._qga_lock, open_agent(self.qga_path) as agent:
+        async with self._agent.use() as agent:
             return await agent.read_file(guest_path, limit)
 
     async def shutdown(self, timeout: float = 60.0) -> int:
@@ -448,10 +448,14 @@ class QemuGuest:
 
     async def wait_exit(self) -> int:
         """Wait for QEMU to exit: its status for a child, -1 for an adopted process.
+        The agent's connection is closed then."""
+        status = await self._wait_process()
+        await self._agent.aclose()
+        return status
 
-        An adopted QEMU is not our child, so its status is not ours to read;
-        a pidfd still tells us the moment it ends, without polling.
-        """
+    async def _wait_process(self) -> int:
+        """An adopted QEMU is not our child, so its status is not ours to read;
+        a pidfd still tells us the moment it ends, without polling."""
         if self._process is not None:
             return await self._process.wait()
         try:
