@@ -56,7 +56,6 @@ from vmmesh.errors import (
     from_code,
 )
 from vmmesh.net.refusals import Cause, Refusals, describe
-from vmmesh.net.tls import describe_error, refused_as_revoked
 from vmmesh.wire.envelope import (
     Body,
     Call,
@@ -262,6 +261,10 @@ class RpcConnection:
 
     def _broke(self, exc: BaseException) -> None:
         """Record why the stream broke: what every call raises from now on."""
+        # Here, not at the top: net.tls imports cryptography, 30 ms of every CLI
+        # command's start (the CLI's control socket has no TLS, so never gets here).
+        from vmmesh.net.tls import describe_error, refused_as_revoked
+
         self._close_reason = f"connection to {self.peer_id} broke: {describe_error(exc)}"
         if refused_as_revoked(exc):  # the peer refused our certificate: we are removed
             self._close_error = Revoked
