@@ -15,6 +15,12 @@ with warm starts off (``warm_start = false``, SIGHUP), alternating with the
 warm ones so that drift cancels.  Cold rounds boot a guest each (60-75
 CPU-seconds under TCG), so there are few of them.
 
+With ``--other TREE`` (another checkout, e.g. ``git worktree add /tmp/old
+HEAD~3``, with ``TREE/vmmesh_cli`` a link to ``cli``) every round runs twice,
+once with this tree's code and once with TREE's (``PYTHONPATH``; the node is
+restarted between, keeping its template and warm state): a before/after on
+one lab, alternating, so a busy machine weighs on both alike.
+
 Each row prints the total beside its phases.  For a request: ``cli`` (the
 CLI's start, imports, control call and printing: total less the
 coordinator's figure), ``coord`` (the coordinator's own figure, plan to
@@ -25,13 +31,14 @@ progress and the share's reply).  For ``run``: the job's parts (``vm``,
 ``inputs``, ``run``, ``outputs``, ``end``) and ``cli`` (the rest).  Medians
 end the table.  ``--json`` prints one object per row, then the medians.
 
-    python benchmarks/request_path.py [--runs 5] [--cold-rounds 1] [--json]
+    python benchmarks/request_path.py [--runs 5] [--cold-rounds 1] [--other TREE] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -144,14 +151,33 @@ def _lab(accel: str) -> Iterator[Lab]:
             yield running
 
 
+def _use_tree(lab: Lab, tree: str | None) -> Lab:
+    """Run the node and the CLI from ``tree`` (None: this one); the node restarts (with
+    warm starts on: a node started without them cannot be told to use them)."""
+    _set_warm(lab, True, hosts=(1,))
+    if tree is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = tree
+    lab = lab.restart_host(1)
+    eventually(all_up, "h1 is up", lab, 1, 1)
+    return lab
+
+
 def bench(args: argparse.Namespace, emit: Any) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
+    trees: tuple[str | None, ...] = (None, args.other) if args.other else (None,)
+    label = {None: "this", args.other: "other"}
 
     def add(row: dict[str, Any]) -> None:
+        if args.other:
+            row = {"tree": label[tree]} | row
         rows.append(row)
         emit(row)
 
-    with _lab(args.accel) as lab, tempfile.TemporaryDirectory(prefix="vmrp-cwd-") as cwd:
+    with _lab(args.accel) as started, tempfile.TemporaryDirectory(prefix="vmrp-cwd-") as cwd:
+        os.chdir(cwd)  # `python -m vmmesh_cli` would import this tree from the cwd first
+        lab = started
         first, r = _timed(lab, "request", "prep", "1", PACKAGE, "--json")
         if r.returncode != 0:
             raise SystemExit(f"the first request failed: {r.stderr.strip()}")
@@ -160,22 +186,29 @@ def bench(args: argparse.Namespace, emit: Any) -> list[dict[str, Any]]:
         eventually(_warm_ready, "a warm state of the template", lab, PACKAGE, patience=PATIENCE)
         for n in range(args.runs):
             modes = ("warm", "cold") if n < args.cold_rounds else ("warm",)
-            for mode in modes:
-                _set_warm(lab, mode == "warm", hosts=(1,))
-                add(_request_row(lab, mode, f"rq{n}{mode[0]}"))
-                add(_shutdown_row(lab, mode, f"rq{n}{mode[0]}"))
-                add(_run_row(lab, mode, Path(cwd)))
-            add(_import_row(lab))
+            for tree in trees if n % 2 == 0 else trees[::-1]:
+                if len(trees) > 1:
+                    lab = _use_tree(lab, tree)
+                for mode in modes:
+                    _set_warm(lab, mode == "warm", hosts=(1,))
+                    add(_request_row(lab, mode, f"rq{n}{mode[0]}"))
+                    add(_shutdown_row(lab, mode, f"rq{n}{mode[0]}"))
+                    add(_run_row(lab, mode, Path(cwd)))
+                add(_import_row(lab))
         _set_warm(lab, True, hosts=(1,))
     return rows
 
 
 def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    keys = sorted({(r["command"], r["mode"]) for r in rows})
-    for command, mode in keys:
-        group = [r for r in rows if (r["command"], r["mode"]) == (command, mode)]
+    keys = sorted({(r.get("tree", ""), r["command"], r["mode"]) for r in rows})
+    for tree, command, mode in keys:
+        group = [
+            r for r in rows if (r.get("tree", ""), r["command"], r["mode"]) == (tree, command, mode)
+        ]
         row: dict[str, Any] = {"command": command, "mode": mode, "median_of": len(group)}
+        if tree:
+            row = {"tree": tree} | row
         for k, v in group[0].items():
             if isinstance(v, float | int) and not isinstance(v, bool):
                 row[k] = round(statistics.median(g.get(k, 0.0) for g in group), 3)
@@ -186,8 +219,8 @@ def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _line(row: dict[str, Any]) -> str:
-    head = f"{row['command']:<11}{row['mode']:<15}{row['total']:>7.2f} s"
-    skip = {"command", "mode", "total", "start", "listed_after", "vm_phases", "median_of"}
+    head = f"{row.get('tree', ''):<6}{row['command']:<11}{row['mode']:<15}{row['total']:>7.2f} s"
+    skip = {"tree", "command", "mode", "total", "start", "listed_after", "vm_phases", "median_of"}
     parts = [f"{k} {v:.2f}" for k, v in row.items() if k not in skip and isinstance(v, float)]
     if row.get("vm_phases"):
         parts.append("VM: " + ", ".join(f"{k} {v:.2f}" for k, v in row["vm_phases"].items()))
@@ -206,6 +239,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--cold-rounds", type=int, default=1)
     ap.add_argument("--accel", default="tcg", choices=["tcg", "kvm"])
+    ap.add_argument("--other", metavar="TREE", help="another checkout to alternate with")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
