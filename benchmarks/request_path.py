@@ -151,14 +151,18 @@ def _lab(accel: str) -> Iterator[Lab]:
             yield running
 
 
+THIS_PATH = os.environ.get("PYTHONPATH")  # this tree's code, as the benchmark was started
+
+
 def _use_tree(lab: Lab, tree: str | None) -> Lab:
     """Run the node and the CLI from ``tree`` (None: this one); the node restarts (with
     warm starts on: a node started without them cannot be told to use them)."""
     _set_warm(lab, True, hosts=(1,))
-    if tree is None:
+    path = THIS_PATH if tree is None else tree
+    if path is None:
         os.environ.pop("PYTHONPATH", None)
     else:
-        os.environ["PYTHONPATH"] = tree
+        os.environ["PYTHONPATH"] = path
     lab = lab.restart_host(1)
     eventually(all_up, "h1 is up", lab, 1, 1)
     return lab
