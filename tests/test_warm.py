@@ -267,3 +267,62 @@ async def test_warm_states_live_in_the_quota_but_never_take_a_vms_room(
         await trio.sleep(60)
         assert h.warm.sizes() == {}, "no room for a warm state of b"
         nursery.cancel_scope.cancel()
+
+
+async def _base_warmed(host: Host) -> str:
+    """Have the base image's warm state made (the node schedules it when it starts)."""
+    key = host.templates.base.image_id
+    host.vms.schedule_warm(None)
+    await host.warmed(key)
+    return key
+
+
+async def test_a_vm_with_no_packages_resumes_the_base_images_state(
+    host: Host, autojump_clock: trio.testing.MockClock
+) -> None:
+    await _base_warmed(host)
+    plain = await host.vms.request_local("plain", 2)
+    assert [v.start_kind for v in plain.vms] == ["warm", "warm"], plain
+    assert sorted(host.hv.resumed) == sorted(v.vm_id for v in plain.vms)
+
+
+async def test_a_build_resumes_its_parents_state_and_leaves_its_own(
+    host: Host, autojump_clock: trio.testing.MockClock
+) -> None:
+    """No boot for a build over a warm parent, and none for the template's first VM:
+    the build guest resumes the base image's state and is saved, not powered off."""
+    await _base_warmed(host)
+    first = await host.vms.request_local("web", 1, ["a"])
+    tid = first.template_id or ""
+    assert first.built
+    [vm] = first.vms
+    assert {"resume", "save"} <= set(first.template_seconds), first.template_seconds
+    assert not {"boot", "shutdown"} & set(first.template_seconds), first.template_seconds
+    assert host.warm.get(tid) is not None, "the build's own state, kept at once"
+    assert vm.start_kind == "warm", vm
+    assert any(name.startswith("tpl-") for name in host.hv.resumed), host.hv.resumed
+    assert not any(p.name.startswith(SAVING) for p in host.warm.dir.iterdir())
+    # the template holds the package and names the base image as its backing file
+    rec = host.templates.get(tid)
+    assert rec.chain and rec.parent_id is None
+    # a template over it resumes the parent template's state in turn
+    child = await host.vms.request_local("more", 1, ["a", "b"])
+    assert "resume" in child.template_seconds and child.vms[0].start_kind == "warm", child
+    assert host.templates.get(child.template_id or "").parent_id == tid
+
+
+async def test_a_parent_state_that_does_not_resume_costs_the_build_only_the_try(
+    host: Host, autojump_clock: trio.testing.MockClock
+) -> None:
+    key = await _base_warmed(host)
+    state = host.warm.get(key)
+    assert state is not None
+    state.state.write_bytes(b"\x00garbage")
+    first = await host.vms.request_local("web", 1, ["a"])
+    assert first.built and "boot" in first.template_seconds, first.template_seconds
+    assert "resume" not in first.template_seconds
+    assert [v.start_kind for v in first.vms] == ["cold"]
+    assert host.vms.get("web-1").state == "running"
+    assert not any(p.name.startswith(SAVING) for p in host.warm.dir.iterdir()) or (
+        host.warm.making(first.template_id or "")
+    ), "no half-kept state of the build"

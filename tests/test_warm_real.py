@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -93,9 +94,26 @@ async def _out(mgr: VmManager, vm: str, script: str) -> bytes:
 
 
 async def test_three_warm_clones_are_three_machines(mgr: VmManager) -> None:
+    # The base image's warm state (one boot): VMs with no packages resume it, and
+    # so does the build of a template, whose guest is then saved as that
+    # template's own warm state instead of being powered off.
+    base = mgr.templates.base.image_id
+    mgr.schedule_warm(None)
+    await _warmed(mgr, base)
+    plain = await mgr.request_local("plain", 1)
+    assert [v.start_kind for v in plain.vms] == ["warm"], plain
+    assert await _out(mgr, plain.vms[0].name, "hostname") == plain.vms[0].name.encode()
     first = await mgr.request_local("w", 1, ["vmm-test-a"])
     tid = first.template_id or ""
-    print("cold, from a new template:", {k: round(v, 1) for k, v in first.vms[0].seconds.items()})
+    print("from a new template:", {k: round(v, 1) for k, v in first.vms[0].seconds.items()})
+    assert first.built and "resume" in first.template_seconds, first.template_seconds
+    assert "boot" not in first.template_seconds, "the build resumed the base image's state"
+    assert [v.start_kind for v in first.vms] == ["warm"], "its first VM resumed the build"
+    name = first.vms[0].name
+    assert await _out(mgr, name, "cat /usr/share/vmm-test-a/marker") == b"vmm-test-a"
+    clock = float(await _out(mgr, name, "date +%s"))
+    assert abs(clock - time.time()) < 120, "the clock was set after the resume"
+    await mgr.shutdown("plain")
     started = trio.current_time()
     await _warmed(mgr, tid)
     assert mgr.warm is not None

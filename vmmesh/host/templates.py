@@ -59,11 +59,12 @@ import trio
 from vmmesh.api.host import TemplateInfo
 from vmmesh.api.names import check_package
 from vmmesh.api.vm import FETCH_AUTO, TemplateSource
-from vmmesh.errors import HypervisorError, IntegrityError, NotFound, UsageError
-from vmmesh.host.build import BaseImage, Builder, Progress
+from vmmesh.errors import HypervisorError, IntegrityError, NotFound, UsageError, VmmeshError
+from vmmesh.host.build import BaseImage, Builder, Progress, WarmBuild
 from vmmesh.host.history import BuildSample, History, install_estimate
 from vmmesh.host.reconcile import kill_leftovers
 from vmmesh.host.store import Store
+from vmmesh.host.warm import STATE, WarmStore
 from vmmesh.hypervisor.base import Guest, Hypervisor
 
 MAX_DEPTH = 4
@@ -267,6 +268,10 @@ class TemplateManager:
         self.building: dict[str, float] = {}  # template id -> expected done (unix time)
         self.on_change: Callable[[], None] = lambda: None
         self.on_remove: list[Callable[[str], None]] = []
+        # Set by the VM manager: while warm starts are on, the warm states and
+        # the VMs' shape (vcpus, memory), so that builds resume their parent's
+        # state (the base image's, or a template's) and leave their own.
+        self.warm_source: Callable[[], tuple[WarmStore, int, int] | None] = lambda: None
         self._locks: dict[str, trio.Lock] = {}
         self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -389,36 +394,88 @@ class TemplateManager:
         self._begin(tid, parent, packages, tmp.name)
         guest: list[Guest | None] = [None]
         done = False
+        source = self.warm_source()
+        warm: WarmBuild | None = None
         try:
             t = time.monotonic()
             progress("clone", None)
             tmp.unlink(missing_ok=True)
-            await self.hv.create_overlay(self.disk_path(parent) if parent else self.base.disk, tmp)
+            warm = await self._warm_build(source, parent, tid, tmp) if source else None
+            if warm is None:
+                await self.hv.create_overlay(self._parent_disk(parent), tmp)
             timings = {"clone": time.monotonic() - t}
             timings |= await self.builder.build(
-                tmp, run_dir, sorted(choice.missing), progress, lambda g: guest.__setitem__(0, g)
-            )
+                tmp, run_dir, sorted(choice.missing), progress, lambda g: guest.__setitem__(0, g),
+                warm=warm,
+            )  # fmt: skip
             t = time.monotonic()
             progress("record", None)
             rec = await self._finish(tid=tid, tmp=tmp, parent=parent, started=started)
             timings["record"] = time.monotonic() - t
             done = True
+            if source is not None and warm is not None and "save" in timings:
+                await self._keep_warm(source[0], rec, warm, timings)
             self._remember(timings, len(choice.missing), rec.size)
             progress("ready", 1.0)
             return rec, {k: v for k, v in timings.items() if not k.startswith("download")}
         finally:
+            if warm is not None and source is not None and source[0].making(tid):
+                source[0].abandon(tid)
             if not done:
                 with trio.CancelScope(shield=True):
                     await self._abandon(tid, guest[0], tmp)
             shutil.rmtree(run_dir, ignore_errors=True)
 
+    def _parent_disk(self, parent: TemplateRecord | None) -> Path:
+        return self.disk_path(parent) if parent else self.base.disk
+
+    async def _warm_build(
+        self,
+        source: tuple[WarmStore, int, int],
+        parent: TemplateRecord | None,
+        tid: str,
+        tmp: Path,
+    ) -> WarmBuild | None:
+        """Start a build from its parent's warm state if there is one of the VMs' shape:
+        ``tmp`` becomes a copy of that state's overlay (the disk its RAM expects)."""
+        warm, vcpus, memory_mb = source
+        state = warm.get(parent.template_id if parent else self.base.image_id)
+        if state is None:
+            return None
+        spec = self.base.boot_spec(tid[:16], tmp, self.run_root / tid[:16], vcpus, memory_mb)
+        why = state.shape.differs(await self.hv.shape(spec))
+        if why:
+            log.info("building %s cold: the parent's warm state has another shape: %s", tid, why)
+            return None
+        try:
+            await trio.to_thread.run_sync(shutil.copyfile, state.disk, tmp)
+        except OSError as exc:  # the state went meanwhile (trimmed, its template evicted)
+            log.info("building %s cold: the parent's warm state went: %s", tid[:12], exc)
+            tmp.unlink(missing_ok=True)
+            return None
+        await self.hv.rebase_unsafe(tmp, self._parent_disk(parent))
+        return WarmBuild(state.state, warm.staging(tid) / STATE, vcpus, memory_mb)
+
+    async def _keep_warm(
+        self, store: WarmStore, rec: TemplateRecord, warm: WarmBuild, timings: Mapping[str, float]
+    ) -> None:
+        """The state a warm build saved becomes the new template's warm state."""
+        spec = self.base.boot_spec("shape", self.disk_path(rec), self.run_root / "shape",
+                                   warm.vcpus, warm.memory_mb)  # fmt: skip
+        seconds = timings["resume"] + timings["save"]
+        try:
+            await store.adopt(rec.template_id, self.disk_path(rec), await self.hv.shape(spec),
+                                  seconds)  # fmt: skip
+        except (VmmeshError, OSError) as exc:  # the template stands; its VMs boot cold
+            log.warning("the warm state of %s was not kept: %s", rec.template_id[:12], exc)
+
     def _remember(self, timings: Mapping[str, float], packages: int, delta_bytes: int) -> None:
         self.history.add_build(
             BuildSample(
-                boot=timings.get("boot", 0.0),
+                boot=timings.get("boot", timings.get("resume", 0.0)),
                 update=timings.get("update", 0.0),
                 install=timings.get("install", 0.0),
-                shutdown=timings.get("shutdown", 0.0),
+                shutdown=timings.get("shutdown", timings.get("save", 0.0)),
                 packages=packages,
                 download_bytes=int(timings.get("download_bytes", 0)),
                 download_seconds=timings.get("download_seconds", 0.0),

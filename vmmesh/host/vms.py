@@ -265,12 +265,14 @@ class VmManager:
         self.warm = warm
         self.warm_enabled = warm is not None
         self._warm_limiter = trio.CapacityLimiter(1)
-        self._warm_later: dict[str, TemplateRecord] = {}  # no free slot when it was asked
+        # no free slot when it was asked (None: the base image's state)
+        self._warm_later: dict[str, TemplateRecord | None] = {}
         self._warm_noted: set[str] = set()  # ... and that was logged once
         self._warm_held = False
         self._warm_scope: trio.CancelScope | None = None
         if warm is not None:
             templates.on_remove.append(lambda tid: warm.discard(tid, "its template went"))
+        templates.warm_source = self._warm_for_builds
         self.guests: dict[str, Guest] = {}
         self._reserved = 0
         self._nursery: trio.Nursery | None = None
@@ -289,7 +291,7 @@ class VmManager:
     def _retry_warm(self) -> None:
         """Warm boots put off for want of a slot, tried again (while their template stays)."""
         later, self._warm_later = self._warm_later, {}
-        held = {t.template_id for t in self.templates.records()}
+        held = {t.template_id for t in self.templates.records()} | {self.templates.base.image_id}
         for tid, rec in later.items():
             if tid in held:
                 self.schedule_warm(rec)
@@ -360,11 +362,14 @@ class VmManager:
         over -= self.policy.storage_quota_mb
         if over <= 0:
             return True
-        in_use = {v.template_id for v in self.list_vms() if v.template_id}
+        in_use = {self._warm_key(v.template_id) for v in self.list_vms()}
         used = {t.template_id: t.last_used for t in self.templates.records()}
+        # the base image's state is used by every build and package-less VM: it goes last
+        base = self.templates.base.image_id
+        used[base] = float("inf")
         order = sorted(
             (tid for tid in sizes if tid in used and tid not in in_use),
-            key=lambda tid: (tid == keep, used[tid]),
+            key=lambda tid: (tid == base, tid == keep, used[tid]),
         )
         for tid in order:
             if over <= 0:
@@ -521,46 +526,60 @@ class VmManager:
             return set()
         return self.warm.held()
 
+    def _warm_key(self, template_id: str | None) -> str:
+        """Whose warm state a VM of ``template_id`` resumes: the template's, or the base
+        image's for a VM with no packages (ids are hex hashes: they never collide)."""
+        return template_id or self.templates.base.image_id
+
+    def _warm_for_builds(self) -> tuple[WarmStore, int, int] | None:
+        """The warm states builds resume and leave, and the VMs' shape; None when off."""
+        if self.warm is None or not self.warm_enabled:
+            return None
+        return self.warm, self.policy.vm_vcpus, self.policy.vm_memory_mb
+
     def schedule_warm(self, rec: TemplateRecord | None) -> None:
-        """Make ``rec``'s warm state in the background, if it has none yet."""
+        """Make the warm state of ``rec`` (None: of the base image) in the background, if
+        it has none yet.  The base image's state serves VMs with no packages, and
+        builds: they resume it instead of booting (``TemplateManager``)."""
         warm = self.warm
-        if rec is None or warm is None or not self.warm_enabled or self._nursery is None:
+        if warm is None or not self.warm_enabled or self._nursery is None:
             return
-        if warm.get(rec.template_id) is None and not warm.making(rec.template_id):
+        key = self._warm_key(rec.template_id if rec else None)
+        if warm.get(key) is None and not warm.making(key):
             self._nursery.start_soon(self._make_warm, rec)
 
-    async def _make_warm(self, rec: TemplateRecord) -> None:
+    async def _make_warm(self, rec: TemplateRecord | None) -> None:
         """One warm boot at a time, in a slot of its own that it gives up to any request."""
         assert self.warm is not None
+        key = self._warm_key(rec.template_id if rec else None)
         async with self._warm_limiter:
-            if not self.trim_warm(self._warm_estimate_mb(), keep=rec.template_id):
-                if rec.template_id not in self._warm_noted:
+            if self.warm.get(key) is not None:  # a warm build left one meanwhile
+                return
+            if not self.trim_warm(self._warm_estimate_mb(), keep=key):
+                if key not in self._warm_noted:
                     log.info(
                         "no room in the storage quota for a warm state of %s: its VMs boot",
-                        rec.template_id[:12],
+                        key[:12],
                     )
-                    self._warm_noted.add(rec.template_id)
+                    self._warm_noted.add(key)
                 return
             if self.reserve(1) == 0:
-                if rec.template_id not in self._warm_noted:
-                    log.info("no free slot for the warm boot of %s: later", rec.template_id[:12])
-                    self._warm_noted.add(rec.template_id)
-                self._warm_later[rec.template_id] = rec
+                if key not in self._warm_noted:
+                    log.info("no free slot for the warm boot of %s: later", key[:12])
+                    self._warm_noted.add(key)
+                self._warm_later[key] = rec
                 return
             self._warm_held = True
             try:
                 with trio.CancelScope() as self._warm_scope:
                     await self.warm.make(
-                        rec.template_id,
-                        self.templates.disk_path(rec),
-                        self.policy.vm_vcpus,
-                        self.policy.vm_memory_mb,
+                        key, self._disk_of(rec), self.policy.vm_vcpus, self.policy.vm_memory_mb
                     )
                 if self._warm_scope.cancelled_caught:  # gave way to a request: again later
-                    self._warm_later[rec.template_id] = rec
+                    self._warm_later[key] = rec
                 self.trim_warm()  # the estimate was short: the quota still holds
             except (VmmeshError, OSError) as exc:
-                log.warning("no warm state for %s: %s", rec.template_id[:12], exc)
+                log.warning("no warm state for %s: %s", key[:12], exc)
             finally:
                 self._warm_scope = None
                 if self._warm_held:
@@ -661,8 +680,8 @@ class VmManager:
         self, plan: _VmPlan, spec: BootSpec, seconds: dict[str, float]
     ) -> tuple[Guest | None, str, str]:
         """Resume the template's warm state as this VM; (None, "cold", why) when it cannot."""
-        tid = plan.template.template_id if plan.template else None
-        if tid is None or self.warm is None or not self.warm_enabled:
+        tid = self._warm_key(plan.template.template_id if plan.template else None)
+        if self.warm is None or not self.warm_enabled:
             return None, "cold", ""
         state = self.warm.get(tid)
         if state is None:
@@ -824,6 +843,7 @@ class VmManager:
         changes = await self.templates.reconcile()
         if self.warm is not None:
             ids = {r.template_id for r in self.templates.records()}
+            ids.add(self.templates.base.image_id)
             changes += await self.warm.reconcile(ids)
         for rec in self.list_vms():
             disk_ok = (self.vm_dir / rec.disk).is_file()

@@ -24,6 +24,15 @@ Theory of operation (issue 9):
   never fails because of a warm state.
 * Warm states count against the storage quota (``warm/`` is a quota
   directory) and go with their template.
+* The base image has a warm state too, under its image id (made when the
+  node takes the image up): VMs with no packages resume it, and so do
+  template builds (``host.build.WarmBuild``): the build's delta starts as a
+  copy of the state's overlay, the guest resumes, installs, and is saved
+  rather than powered off, and that saved guest becomes the new template's
+  state (``staging`` then ``adopt``).  A build over a template resumes that
+  template's state the same way.  So a template made here costs no boot at
+  all, and neither does its first VM; only a template fetched from a peer
+  needs a warm boot of its own.
 """
 
 from __future__ import annotations
@@ -150,14 +159,11 @@ class WarmStore:
         """Boot the template once and save it (None if another make is under way)."""
         if template_id in self._making or self.get(template_id) is not None:
             return None
-        self._making.add(template_id)
-        staging = self.dir / f"{SAVING}{template_id}"
+        staging = self.staging(template_id)
         run_dir = self.run_root / f"warm-{template_id[:16]}"
         guest: Guest | None = None
         started = time.monotonic()
         try:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
             await self.hv.create_overlay(template_disk, staging / DISK)
             spec = self.spec(run_dir.name, staging / DISK, run_dir, vcpus, memory_mb)
             guest = await self.hv.start(spec)
@@ -165,21 +171,8 @@ class WarmStore:
             await guest.exec(["sh", "-c", SETTLE], timeout=120.0)
             await guest.save_state(staging / STATE)
             guest = None
-            seconds = round(time.monotonic() - started, 2)
-            doc = {"shape": (await self.hv.shape(spec)).to_json(), "made_seconds": seconds}
-            (staging / SHAPE).write_text(json.dumps(doc, indent=1) + "\n")
-            target = self.dir / template_id
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(staging, target)
-            state = self.get(template_id)
-            if state is not None:
-                log.info(
-                    "warm state of %s made in %.1f s (%d MB)",
-                    template_id[:12],
-                    seconds,
-                    state.size() >> 20,
-                )
-            return state
+            shape = await self.hv.shape(spec)
+            return self._commit(template_id, staging, shape, time.monotonic() - started)
         finally:
             self._making.discard(template_id)
             if guest is not None:
@@ -190,6 +183,52 @@ class WarmStore:
                         log.debug("killing the warm boot of %s: %s", template_id[:12], exc)
             shutil.rmtree(staging, ignore_errors=True)
             shutil.rmtree(run_dir, ignore_errors=True)
+
+    def _commit(
+        self, template_id: str, staging: Path, shape: Shape, seconds: float
+    ) -> WarmState | None:
+        """Write the shape beside the state and rename the whole into place."""
+        doc = {"shape": shape.to_json(), "made_seconds": round(seconds, 2)}
+        (staging / SHAPE).write_text(json.dumps(doc, indent=1) + "\n")
+        target = self.dir / template_id
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+        state = self.get(template_id)
+        if state is not None:
+            log.info(
+                "warm state of %s made in %.1f s (%d MB)",
+                template_id[:12],
+                seconds,
+                state.size() >> 20,
+            )
+        return state
+
+    def staging(self, template_id: str) -> Path:
+        """An empty directory where ``template_id``'s state is being made (here, or by
+        a warm build); ``making`` says so until ``adopt`` or ``abandon``.  A node
+        killed meanwhile leaves it, and ``reconcile`` removes it."""
+        self._making.add(template_id)
+        staging = self.dir / f"{SAVING}{template_id}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        return staging
+
+    def abandon(self, template_id: str) -> None:
+        """A state that will not be made after ``staging``: its directory goes."""
+        self._making.discard(template_id)
+        shutil.rmtree(self.dir / f"{SAVING}{template_id}", ignore_errors=True)
+
+    async def adopt(
+        self, template_id: str, template_disk: Path, shape: Shape, seconds: float
+    ) -> WarmState | None:
+        """Keep the state a warm build saved in ``staging(template_id)`` as the template's:
+        it was taken when the disk held exactly the template, so its overlay is empty."""
+        staging = self.dir / f"{SAVING}{template_id}"
+        try:
+            await self.hv.create_overlay(template_disk, staging / DISK)
+            return self._commit(template_id, staging, shape, seconds)
+        finally:
+            self.abandon(template_id)
 
     def discard(self, template_id: str, reason: str) -> None:
         if (self.dir / template_id).exists():

@@ -101,6 +101,7 @@ class VmService(NodeExtension):
         await self._nursery.start(mgr.run)
         for what in await mgr.reconcile():
             log.info("reconcile: %s", what)
+        mgr.schedule_warm(None)  # the base image's: builds and package-less VMs resume it
         for rec in mgr.templates.records():
             mgr.schedule_warm(rec)
         self.mgr, self.no_vms_reason = mgr, ""
