@@ -139,6 +139,7 @@ class Builder:
         t = time.monotonic()
         if warm is not None:
             progress("save", None)
+            await guest.exec(["sh", "-c", persona.PRELOAD], timeout=120.0)  # as warm.SETTLE
             await guest.save_state(warm.save_to)
             on_guest(None)
             timings["save"] = time.monotonic() - t

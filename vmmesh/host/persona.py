@@ -61,6 +61,15 @@ async def authorize_ssh(guest: Guest, vm: str, request: str, keys: Sequence[str]
     return check_public_key(res.stdout.decode("utf-8", "replace"))
 
 
+# What a resumed clone runs first - becoming itself (``become_itself``), a job's wrapper
+# (jobs.guestjob) - is run once before the save, so that the programs and their
+# libraries are in the saved page cache: read from the disk after a resume, through
+# virtio under TCG, they cost the first request and the first job.
+PRELOAD = (
+    "date >/dev/null; cat </dev/null; networkctl --version >/dev/null; mkdir -p /; "
+    "find /dev/null -maxdepth 0 -printf '' ; timeout 1 true"
+)
+
 # Run by a guest resumed from a warm state, before anyone uses it: its own
 # machine id ($3, made on the host), fresh randomness (stdin, kept as fd 3 for a
 # background job; QEMU's new VM generation id already made the kernel reseed),

@@ -51,6 +51,7 @@ import trio
 
 from vmmesh.errors import HypervisorError, VmmeshError
 from vmmesh.host.build import BaseImage
+from vmmesh.host.persona import PRELOAD
 from vmmesh.host.reconcile import kill_leftovers
 from vmmesh.hypervisor.base import BootSpec, Guest, Hypervisor
 from vmmesh.hypervisor.savedstate import Shape
@@ -61,14 +62,6 @@ SAVING = ".saving-"
 STATE = "state"
 DISK = "disk.qcow2"
 SHAPE = "shape.json"
-# What a resumed clone runs first - becoming itself (host.persona), a job's wrapper
-# (jobs.guestjob) - is run once before the save, so that the programs and their
-# libraries are in the saved page cache: read from the disk after a resume, through
-# virtio under TCG, they cost the first request and the first job.
-PRELOAD = (
-    "date >/dev/null; cat </dev/null; networkctl --version >/dev/null; mkdir -p /; "
-    "find /dev/null -maxdepth 0 -printf '' ; timeout 1 true"
-)
 SETTLE = f"systemctl is-system-running --wait >/dev/null 2>&1; {PRELOAD}; sync; true"
 
 
