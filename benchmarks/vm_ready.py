@@ -40,10 +40,11 @@ from vmmesh.host.capacity import CapacityPolicy, probe_host
 from vmmesh.host.images import read_manifest
 from vmmesh.host.store import Store
 from vmmesh.host.templates import TemplateManager
-from vmmesh.host.vms import RequestReport, VmManager
 from vmmesh.host.warm import WarmStore
 from vmmesh.hypervisor.accel import probe_accel
 from vmmesh.hypervisor.qemu import QemuHypervisor
+from vmmesh.vm.creation import RequestReport
+from vmmesh.vm.manager import VmManager
 
 BASE_DIR = Path("/var/cache/vmmesh-dev/base")
 SCRATCH_PHASES = ("clone", "boot", "install", "shutdown", "record", "vm_clone", "vm_boot")

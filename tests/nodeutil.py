@@ -26,13 +26,13 @@ from vmmesh.errors import HypervisorError
 from vmmesh.gossip.hoststate import HostView
 from vmmesh.host.build import BaseImage
 from vmmesh.host.capacity import count_cores
-from vmmesh.host.vms import VmManager
 from vmmesh.hypervisor.base import BootSpec
 from vmmesh.jobs.service import JobService
 from vmmesh.mesh import pki
 from vmmesh.net.control import connect_control
 from vmmesh.node import Node
 from vmmesh.transfer.service import TransferService
+from vmmesh.vm.manager import VmManager
 from vmmesh.vmservice.service import VmService
 
 Req = TypeVar("Req", bound=WireType)

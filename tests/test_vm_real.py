@@ -26,9 +26,10 @@ from vmmesh.host.capacity import CapacityPolicy, probe_host
 from vmmesh.host.images import read_manifest
 from vmmesh.host.store import Store
 from vmmesh.host.templates import BUILDING_PREFIX, TemplateManager
-from vmmesh.host.vms import VmManager, VmStopped
 from vmmesh.hypervisor.base import BootSpec
 from vmmesh.hypervisor.qemu import QemuGuest, QemuHypervisor
+from vmmesh.vm.lifecycle import VmStopped
+from vmmesh.vm.manager import VmManager
 
 __all__ = ["apt_repo"]  # fixture used by name
 

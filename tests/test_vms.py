@@ -18,8 +18,9 @@ from vmmesh.host.capacity import CapacityPolicy, HostProbe
 from vmmesh.host.customzip import check_zip
 from vmmesh.host.store import Store
 from vmmesh.host.templates import TemplateManager
-from vmmesh.host.vms import VmManager, VmStopped
 from vmmesh.hypervisor.base import BootSpec
+from vmmesh.vm.lifecycle import VmStopped
+from vmmesh.vm.manager import VmManager
 
 POLICY = CapacityPolicy(
     storage_quota_mb=10_000,

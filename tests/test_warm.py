@@ -18,8 +18,8 @@ from vmmesh.host.build import BaseImage
 from vmmesh.host.capacity import CapacityPolicy, HostProbe
 from vmmesh.host.store import Store
 from vmmesh.host.templates import TemplateManager
-from vmmesh.host.vms import VmManager
 from vmmesh.host.warm import SAVING, WarmStore
+from vmmesh.vm.manager import VmManager
 
 POLICY = CapacityPolicy(
     storage_quota_mb=10_000,

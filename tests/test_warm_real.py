@@ -18,10 +18,10 @@ from vmmesh.host.capacity import CapacityPolicy, probe_host
 from vmmesh.host.images import read_manifest
 from vmmesh.host.store import Store
 from vmmesh.host.templates import TemplateManager
-from vmmesh.host.vms import VmManager
 from vmmesh.host.warm import WarmStore
 from vmmesh.hypervisor.base import BootSpec
 from vmmesh.hypervisor.qemu import QemuGuest, QemuHypervisor
+from vmmesh.vm.manager import VmManager
 
 BASE_DIR = Path(os.environ.get("VMMESH_BASE_IMAGE_DIR", "/var/cache/vmmesh-dev/base"))
 __all__ = ["apt_repo"]  # fixture

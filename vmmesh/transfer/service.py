@@ -76,7 +76,6 @@ from vmmesh.host.images import (
     decode_manifest,
 )
 from vmmesh.host.templates import TemplateRecord, delta_name
-from vmmesh.host.vms import VmManager
 from vmmesh.net.rpc import Context, Handlers
 from vmmesh.progress import progress_pump
 from vmmesh.transfer import blobfile, packs
@@ -84,6 +83,7 @@ from vmmesh.transfer.fetcher import Fetched, Holder, fetch_blob
 from vmmesh.transfer.pieces import HolderStats
 
 if TYPE_CHECKING:
+    from vmmesh.vm.manager import VmManager
     from vmmesh.vmservice.service import VmService
 
 log = logging.getLogger("vmmesh.transfer")

@@ -19,7 +19,7 @@ methods fan out over every host gossip says is not down; a host that does not
 answer is reported as an error line, never silently left out.
 
 May import: vmmesh.api, vmmesh.extension, vmmesh.gossip, vmmesh.host,
-vmmesh.hypervisor, vmmesh.net, vmmesh.placement, vmmesh.progress.
+vmmesh.hypervisor, vmmesh.net, vmmesh.placement, vmmesh.progress, vmmesh.vm.
 """
 
 from vmmesh.vmservice.service import VmService as VmService

@@ -39,9 +39,10 @@ from vmmesh.api.vm import (
 )
 from vmmesh.host.customzip import check_zip
 from vmmesh.host.sshkeys import check_public_keys
-from vmmesh.host.vms import RequestReport, VmManager
 from vmmesh.net.rpc import Context, Handlers
 from vmmesh.progress import phases, progress_pump
+from vmmesh.vm.creation import RequestReport
+from vmmesh.vm.manager import VmManager
 
 if TYPE_CHECKING:
     from vmmesh.vmservice.service import VmService

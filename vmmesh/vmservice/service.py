@@ -29,12 +29,13 @@ from vmmesh.host.build import BaseImage
 from vmmesh.host.capacity import CapacityPolicy, Usage, compute_capacity, probe_host
 from vmmesh.host.images import ImageStore
 from vmmesh.host.templates import TemplateManager
-from vmmesh.host.vms import VmManager, VmStopped
 from vmmesh.host.warm import WarmStore
 from vmmesh.hypervisor.accel import probe_accel
 from vmmesh.hypervisor.base import Hypervisor
 from vmmesh.hypervisor.qemu import QemuHypervisor
 from vmmesh.net.rpc import Handlers
+from vmmesh.vm.lifecycle import VmStopped
+from vmmesh.vm.manager import VmManager
 from vmmesh.vmservice.local import LocalVms
 from vmmesh.vmservice.mesh import MeshVms
 from vmmesh.vmservice.requests import RequestCoordinator

@@ -1,0 +1,90 @@
+"""A VM's states, the events that move it, and the one table of legal transitions.
+
+Pure: no database, no clock, no QEMU.  A state is stored as its value in the
+``vms`` table's ``state`` column and travels as that string in ``api`` records,
+so the values are today's words and the schema and the wire do not change.
+A transition either gives the row its next state or says the row is gone
+(``GONE``: overlay, run directory and row deleted).  ``transition`` is the only
+place that decides; ``rows.VmRows.apply`` is the only place that writes a
+state, and it asks ``transition`` first.  An event a state does not accept is a
+bug in the caller (``errors.InternalError``), never the user's or a peer's
+fault: code that meets a race it expects (a stop ordered while the VM starts)
+checks the state before it applies the event.
+
+Migration, restart after a crash and recovery after a host dies (issue 17)
+attach as rows of ``TRANSITIONS`` (states such as ``migrating``/``restarting``
+and events such as ``migrate-ordered``/``switched-over``/``restart-begun``),
+not as new paths that write states of their own.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Final
+
+from vmmesh.errors import InternalError
+
+
+class VmState(enum.StrEnum):
+    """Where a VM's row stands (the ``state`` column's words)."""
+
+    CREATING = "creating"  # row committed, clone and boot under way; holds its slot
+    RUNNING = "running"  # QEMU runs and is watched
+    STOPPING = "stopping"  # a stop was ordered; the row goes once QEMU and files are gone
+    LOST = "lost"  # QEMU ended without an order; overlay kept, no slot held
+    STOPPED = "stopped"  # in the schema's list, written by no path today
+
+
+class VmEvent(enum.StrEnum):
+    """What happens to a VM."""
+
+    STARTED = "started"  # resumed or booted, became itself, custom zip unpacked
+    FAILED = "failed"  # creation failed half-way, or was found half made at start-up
+    STOP_ORDERED = "stop-ordered"  # ``vmmesh shutdown`` or a job's end
+    STOPPED = "stopped"  # the ordered stop is done: QEMU killed, overlay and run dir gone
+    EXITED = "exited"  # QEMU exited without an order while the VM ran
+    FOUND_GONE = "found-gone"  # at start-up: the QEMU of a running VM, or its disk, is gone
+    DISK_MISSING = "disk-missing"  # at start-up: a VM that does not run has no disk left
+
+
+#: A transition's outcome when the VM's row, overlay and run directory are deleted.
+GONE: Final = None
+
+Outcome = VmState | None
+
+#: Every legal (state, event); anything else is a bug.
+TRANSITIONS: Final[Mapping[tuple[VmState, VmEvent], Outcome]] = {
+    (VmState.CREATING, VmEvent.STARTED): VmState.RUNNING,
+    (VmState.CREATING, VmEvent.FAILED): GONE,
+    (VmState.CREATING, VmEvent.STOP_ORDERED): VmState.STOPPING,
+    (VmState.RUNNING, VmEvent.STOP_ORDERED): VmState.STOPPING,
+    (VmState.RUNNING, VmEvent.EXITED): VmState.LOST,
+    (VmState.RUNNING, VmEvent.FOUND_GONE): VmState.LOST,
+    (VmState.STOPPING, VmEvent.STOP_ORDERED): VmState.STOPPING,  # ordered twice
+    (VmState.STOPPING, VmEvent.STOPPED): GONE,
+    (VmState.STOPPING, VmEvent.FAILED): GONE,  # a stop ordered while it started
+    (VmState.LOST, VmEvent.STOP_ORDERED): VmState.STOPPING,
+    (VmState.LOST, VmEvent.DISK_MISSING): GONE,
+    (VmState.STOPPED, VmEvent.STOP_ORDERED): VmState.STOPPING,
+    (VmState.STOPPED, VmEvent.DISK_MISSING): GONE,
+}
+
+#: States whose VMs hold cores, memory and a disk allowance.
+ACTIVE: Final = (VmState.CREATING, VmState.RUNNING, VmState.STOPPING)
+
+
+def transition(state: VmState, event: VmEvent) -> Outcome:
+    """The state ``event`` moves a VM in ``state`` to (``GONE``: deleted).
+
+    Raises ``InternalError`` for a pair the table does not hold.
+    """
+    try:
+        return TRANSITIONS[(state, event)]
+    except KeyError:
+        raise InternalError(f"a VM that is {state} cannot take the event {event}") from None
+
+
+def ends(event: VmEvent) -> bool:
+    """True if ``event`` deletes the VM from every state that takes it."""
+    return all(out is GONE for (_, e), out in TRANSITIONS.items() if e == event)
