@@ -45,7 +45,8 @@ def test_the_table_is_the_expected_one() -> None:
 def test_state_values_are_the_stored_words() -> None:
     """The sqlite column and the wire keep today's strings."""
     assert [s.value for s in VmState] == ["creating", "running", "stopping", "lost", "stopped"]
-    assert VmState.RUNNING == "running"
+    assert str(VmState.RUNNING) == "running"
+    assert isinstance(VmState.RUNNING, str)
 
 
 def test_events_that_always_delete() -> None:
