@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import zipfile
 from collections.abc import AsyncIterator
@@ -253,6 +254,18 @@ async def test_reserve_is_atomic_and_request_spills(
         await node.vms.request_local("more", 1)
     await node.vms.shutdown("big")
     assert node.vms.capacity().free_slots == 4
+
+
+async def test_a_new_policy_reaches_admission_and_creation(
+    node: Node, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The node sets ``policy`` when it re-reads its config (SIGHUP): a smaller quota
+    leaves no room, a new VM size is what the next VM gets."""
+    node.vms.policy = dataclasses.replace(POLICY, storage_quota_mb=100)
+    assert node.vms.capacity().free_slots == 0
+    node.vms.policy = dataclasses.replace(POLICY, vm_memory_mb=256)
+    report = await node.vms.request_local("small", 1)
+    assert node.vms.get(report.vms[0].name).memory_mb == 256
 
 
 async def test_two_concurrent_requests_never_overbook(

@@ -58,7 +58,6 @@ class VmManager:
         self.data_dir = data_dir
         self.vm_dir = data_dir / "vms"
         self.run_root = data_dir / "run"
-        self.policy = policy
         self.warm = warm
         self.rows = VmRows(
             store, self.vm_dir, self.run_root, now=now, ssh_ports=ssh_ports, ssh_bind=ssh_bind
@@ -88,6 +87,15 @@ class VmManager:
                 await trio.sleep(WARM_RETRY)
                 self.warm_sched.trim()  # templates fetched or built since take their room
                 self.warm_sched.retry()
+
+    @property
+    def policy(self) -> CapacityPolicy:
+        return self.admission.policy
+
+    @policy.setter
+    def policy(self, policy: CapacityPolicy) -> None:
+        """A new policy (the node re-read its config) for every part that reads one."""
+        self.admission.policy = self.warm_sched.policy = self.creator.policy = policy
 
     @property
     def guests(self) -> dict[str, Guest]:
