@@ -40,7 +40,7 @@ from vmmesh.hypervisor.base import BootSpec, Guest, Hypervisor, ImageManifest
 
 log = logging.getLogger("vmmesh.host.build")
 
-Progress = Callable[[str, float | None], None]
+ProgressSink = Callable[[str, float | None], None]
 RESUME_TIMEOUT = 60.0  # a resumed guest answers in about a second; a stuck one is abandoned
 
 
@@ -111,7 +111,7 @@ class Builder:
         delta: Path,
         run_dir: Path,
         missing: Sequence[str],
-        progress: Progress,
+        progress: ProgressSink,
         on_guest: Callable[[Guest | None], None],
         *,
         warm: WarmBuild | None = None,
@@ -158,7 +158,7 @@ class Builder:
         self,
         delta: Path,
         run_dir: Path,
-        progress: Progress,
+        progress: ProgressSink,
         warm: WarmBuild | None,
         on_guest: Callable[[Guest | None], None],
     ) -> tuple[Guest, bool]:
@@ -198,7 +198,7 @@ class Builder:
         return guest, False
 
     async def _install(
-        self, guest: Guest, missing: list[str], progress: Progress
+        self, guest: Guest, missing: list[str], progress: ProgressSink
     ) -> dict[str, float]:
         """apt-get update and install; the update's seconds and what apt downloaded."""
         await self._sources(guest, progress)
@@ -234,7 +234,7 @@ class Builder:
         await guest.exec(["sh", "-c", apt.CLEAN])
         return figures
 
-    async def _sources(self, guest: Guest, progress: Progress) -> None:
+    async def _sources(self, guest: Guest, progress: ProgressSink) -> None:
         progress("sources", None)
         if self.apt_sources:
             text = "\n".join(self.apt_sources) + "\n"
@@ -247,7 +247,7 @@ class Builder:
         if res.exit_code != 0:
             log.info("apt scratch space not on tmpfs: %s", apt.tail(res.stderr))
 
-    async def _update(self, guest: Guest, progress: Progress) -> None:
+    async def _update(self, guest: Guest, progress: ProgressSink) -> None:
         """``apt-get update`` until the source answers (``UPDATE_ATTEMPTS`` tries)."""
         progress("update", None)
         problem = ""

@@ -49,7 +49,7 @@ from pathlib import Path
 from vmmesh.errors import HypervisorError, ImageError, UsageError
 from vmmesh.host.images import ImageRecord, ImageStore
 
-Progress = Callable[[str, float | None], None]
+ProgressSink = Callable[[str, float | None], None]
 """``progress(phase, None)`` when a phase starts, ``progress(phase, seconds)`` when it ends."""
 
 DEFAULT_CACHE_DIR = Path("/var/cache/vmmesh-dev")
@@ -309,7 +309,7 @@ def cache_key(options: BuildOptions) -> str:
 
 
 class _Phases:
-    def __init__(self, progress: Progress) -> None:
+    def __init__(self, progress: ProgressSink) -> None:
         self._progress = progress
 
     @contextmanager
@@ -508,7 +508,7 @@ def _tree_bytes(tree: Path) -> int:
 def build_base_image(
     store: ImageStore,
     options: BuildOptions = BuildOptions(),
-    progress: Progress = lambda phase, seconds: None,
+    progress: ProgressSink = lambda phase, seconds: None,
 ) -> ImageRecord:
     """Build the base image and add it to ``store``; returns its record.
 

@@ -60,7 +60,7 @@ from vmmesh.api.host import TemplateInfo
 from vmmesh.api.names import check_package
 from vmmesh.api.vm import FETCH_AUTO, TemplateSource
 from vmmesh.errors import HypervisorError, IntegrityError, NotFound, UsageError, VmmeshError
-from vmmesh.host.build import BaseImage, Builder, Progress, WarmBuild
+from vmmesh.host.build import BaseImage, Builder, ProgressSink, WarmBuild
 from vmmesh.host.history import BuildSample, History, install_estimate
 from vmmesh.host.reconcile import kill_leftovers
 from vmmesh.host.store import Store
@@ -163,7 +163,7 @@ class TemplateFetcher(Protocol):
         wanted: frozenset[str],
         install_estimate: float,
         policy: str,
-        progress: Progress,
+        progress: ProgressSink,
     ) -> tuple[TemplateRecord | None, TemplateSource]:
         """The fetched and recorded template, or None (build it), and why."""
         ...
@@ -341,7 +341,7 @@ class TemplateManager:
     async def ensure_template(
         self,
         packages: Iterable[str],
-        progress: Progress = _no_progress,
+        progress: ProgressSink = _no_progress,
         *,
         policy: str = FETCH_AUTO,
     ) -> Ensured:
@@ -383,7 +383,7 @@ class TemplateManager:
     # --- building -----------------------------------------------------
 
     async def _build(
-        self, choice: Choice, progress: Progress
+        self, choice: Choice, progress: ProgressSink
     ) -> tuple[TemplateRecord, dict[str, float]]:
         parent = choice.parent
         packages = choice.missing | (parent.packages if parent else frozenset())

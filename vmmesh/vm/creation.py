@@ -27,7 +27,7 @@ from vmmesh.api.names import check_vm_name, next_index
 from vmmesh.api.vm import FETCH_AUTO, TemplateSource
 from vmmesh.errors import CapacityError, HypervisorError, NotFound, UsageError, VmmeshError
 from vmmesh.host import customzip, persona
-from vmmesh.host.build import Progress
+from vmmesh.host.build import ProgressSink
 from vmmesh.host.capacity import CapacityPolicy, HostProbe
 from vmmesh.host.customzip import ZipEntry, check_zip
 from vmmesh.host.templates import TemplateManager, TemplateRecord
@@ -136,7 +136,7 @@ class Creator:
         count: int,
         packages: Iterable[str] = (),
         custom_zip: bytes | None = None,
-        progress: Progress = no_progress,
+        progress: ProgressSink = no_progress,
         *,
         reserved: int = 0,
         first_index: int | None = None,
@@ -208,7 +208,9 @@ class Creator:
             source=got.source,
         )
 
-    async def _create_many(self, plans: list[_VmPlan], batch: _Batch, progress: Progress) -> None:
+    async def _create_many(
+        self, plans: list[_VmPlan], batch: _Batch, progress: ProgressSink
+    ) -> None:
         """Boot ``plans`` side by side, at most one per host core (boots are CPU-bound)."""
         limiter = trio.CapacityLimiter(max(1, min(len(plans), self.probe().cores)))
 

@@ -15,7 +15,7 @@ import trio
 
 from vmmesh.api.host import Capacity
 from vmmesh.api.vm import FETCH_AUTO
-from vmmesh.host.build import Progress
+from vmmesh.host.build import ProgressSink
 from vmmesh.host.capacity import CapacityPolicy, HostProbe
 from vmmesh.host.store import Store
 from vmmesh.host.templates import TemplateManager, TemplateRecord
@@ -142,7 +142,7 @@ class VmManager:
         count: int,
         packages: Iterable[str] = (),
         custom_zip: bytes | None = None,
-        progress: Progress = no_progress,
+        progress: ProgressSink = no_progress,
         *,
         reserved: int = 0,
         first_index: int | None = None,
