@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.plancodec import plan_from_wire, plan_to_wire, request_from_wire
 from vmmesh.api.host import Capacity, TemplateInfo
 from vmmesh.errors import InternalError, MalformedMessage, UnknownMessage
 from vmmesh.gossip.hoststate import HostView
@@ -290,11 +291,11 @@ def test_replan_tries_what_was_unplaced_before() -> None:
 def test_plan_wire_round_trip_through_msgpack() -> None:
     p = plan(req(3, "povray", "perl"), [host(1, 2, tmpl(1, "perl")), host(2, 2)])
     p = replan(p, ["00000002"], {}, [host(1, 2, tmpl(1, "perl")), host(2, 2)])
-    wire = msgpack.unpackb(msgpack.packb(p.to_wire()))
-    assert Plan.from_wire(wire) == p
+    wire = msgpack.unpackb(msgpack.packb(plan_to_wire(p)))
+    assert plan_from_wire(wire) == p
     share = wire["shares"][0]  # what `vmmesh request --dry-run` shows
     assert {"host", "count", "reason", "node_id", "match", "template"} <= share.keys()
-    assert PlacementRequest.from_wire(wire["request"]) == p.request
+    assert request_from_wire(wire["request"]) == p.request
 
 
 @pytest.mark.parametrize(
@@ -315,15 +316,15 @@ def test_plan_wire_round_trip_through_msgpack() -> None:
 def test_plan_from_wire_rejects_bad_input(
     mutate: Callable[[dict[str, Any]], object], error: type[Exception]
 ) -> None:
-    wire = plan(req(2, "perl"), [host(1, 2)]).to_wire()
+    wire = plan_to_wire(plan(req(2, "perl"), [host(1, 2)]))
     mutate(wire)
     with pytest.raises(error):
-        Plan.from_wire(wire)
+        plan_from_wire(wire)
 
 
 def test_plan_from_wire_rejects_non_map() -> None:
     with pytest.raises(MalformedMessage):
-        Plan.from_wire([1, 2])
+        plan_from_wire([1, 2])
 
 
 # --- properties ------------------------------------------------------------------
@@ -401,7 +402,7 @@ def test_plan_properties(r: PlacementRequest, hosts: list[HostView]) -> None:
     assert plan(r, hosts) == p
     assert plan(r, list(reversed(hosts))) == p
     assert plan(r, HostIndex(hosts)) == p
-    assert Plan.from_wire(msgpack.unpackb(msgpack.packb(p.to_wire()))) == p
+    assert plan_from_wire(msgpack.unpackb(msgpack.packb(plan_to_wire(p)))) == p
 
 
 @settings(max_examples=200, deadline=None)

@@ -55,15 +55,10 @@ import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
-from typing import Any
 
 from vmmesh.api.host import TemplateInfo
-from vmmesh.api.names import check_hex_id, check_package, check_vm_name
-from vmmesh.errors import InternalError, MalformedMessage, UnknownMessage
+from vmmesh.errors import InternalError
 from vmmesh.gossip.hoststate import HostView
-
-WIRE_VERSION = 1
-"""Version of the ``to_wire`` form of requests and plans."""
 
 MAX_REQUEST_ID = 64
 
@@ -117,30 +112,6 @@ class PlacementRequest:
         if self.count < 0:
             raise InternalError(f"cannot request a negative number of VMs: {self.count}")
 
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "v": WIRE_VERSION,
-            "id": self.request_id,
-            "name": self.name,
-            "count": self.count,
-            "pkgs": sorted(self.packages),
-        }
-
-    @classmethod
-    def from_wire(cls, d: object) -> PlacementRequest:
-        d = _versioned(d, "placement request")
-        rid, count, pkgs = d.get("id"), d.get("count"), d.get("pkgs")
-        if not isinstance(rid, str) or not rid or len(rid) > MAX_REQUEST_ID:
-            raise MalformedMessage(f"bad request id: {rid!r:.80}")
-        if not isinstance(pkgs, list):
-            raise MalformedMessage("request packages are not a list")
-        return cls(
-            request_id=rid,
-            name=check_vm_name(d.get("name")),
-            count=_count(count, "count"),
-            packages=frozenset(check_package(p) for p in pkgs),
-        )
-
 
 @dataclass(frozen=True)
 class Share:
@@ -167,43 +138,6 @@ class Share:
         """True when the host must build a template before cloning."""
         return bool(self.missing)
 
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "node_id": self.node_id,
-            "host": self.host,
-            "count": self.count,
-            "match": self.match.name.lower(),
-            "template": self.template_id,
-            "missing": list(self.missing),
-            "room": self.room,
-            "suspect": self.suspect,
-            "reason": self.reason,
-        }
-
-    @classmethod
-    def from_wire(cls, d: object) -> Share:
-        if not isinstance(d, dict):
-            raise MalformedMessage("share is not a map")
-        host, match, template = d.get("host"), d.get("match"), d.get("template")
-        missing, suspect, reason = d.get("missing"), d.get("suspect"), d.get("reason")
-        if not isinstance(host, str) or not isinstance(reason, str):
-            raise MalformedMessage("share host or reason is not a string")
-        if not isinstance(match, str) or match.upper() not in MatchClass.__members__:
-            raise MalformedMessage(f"bad match class: {match!r:.80}")
-        if not isinstance(missing, list) or not isinstance(suspect, bool):
-            raise MalformedMessage("share fields have the wrong type")
-        return cls(
-            node_id=check_hex_id(d.get("node_id"), "node id"),
-            host=host,
-            count=_count(d.get("count"), "share count"),
-            match=MatchClass[match.upper()],
-            template_id=None if template is None else check_hex_id(template, "template id"),
-            missing=tuple(check_package(p) for p in missing),
-            room=_count(d.get("room"), "share room"),
-            suspect=suspect,
-            reason=reason,
-        )
-
 
 @dataclass(frozen=True)
 class Plan:
@@ -222,32 +156,6 @@ class Plan:
     @property
     def placed(self) -> int:
         return sum(s.count for s in self.shares)
-
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "v": WIRE_VERSION,
-            "request": self.request.to_wire(),
-            "shares": [s.to_wire() for s in self.shares],
-            "unplaced": self.unplaced,
-            "unplaced_reason": self.unplaced_reason,
-            "failed": sorted(self.failed),
-        }
-
-    @classmethod
-    def from_wire(cls, d: object) -> Plan:
-        d = _versioned(d, "plan")
-        shares, failed, why = d.get("shares"), d.get("failed"), d.get("unplaced_reason")
-        if not isinstance(shares, list) or not isinstance(failed, list):
-            raise MalformedMessage("plan shares or failed hosts are not a list")
-        if not isinstance(why, str):
-            raise MalformedMessage("plan unplaced reason is not a string")
-        return cls(
-            request=PlacementRequest.from_wire(d.get("request")),
-            shares=tuple(Share.from_wire(s) for s in shares),
-            unplaced=_count(d.get("unplaced"), "unplaced count"),
-            unplaced_reason=why,
-            failed=frozenset(check_hex_id(n, "node id") for n in failed),
-        )
 
 
 class HostIndex:
@@ -530,17 +438,3 @@ def _finish(
         if blocked:
             why += "; " + "; ".join(blocked[:8])
     return Plan(request, tuple(shares), unplaced, why, failed)
-
-
-def _versioned(d: object, what: str) -> dict[str, Any]:
-    if not isinstance(d, dict):
-        raise MalformedMessage(f"{what} is not a map")
-    if d.get("v") != WIRE_VERSION:
-        raise UnknownMessage(f"{what} version {d.get('v')!r:.20} is not {WIRE_VERSION}")
-    return d
-
-
-def _count(v: object, what: str) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise MalformedMessage(f"bad {what}: {v!r:.80}")
-    return v
