@@ -246,8 +246,7 @@ async def test_reserve_is_atomic_and_request_spills(
     assert node.vms.reserve(3) == 1
     assert node.vms.reserve(1) == 0
     node.vms.release(4)
-    held = node.vms.reserve(2)
-    report = await node.vms.request_local("big", 6, reserved=held)
+    report = await node.vms.request_local("big", 6)
     assert len(report.vms) == 4 and report.unplaced == 2
     assert node.vms.capacity().free_slots == 0
     with pytest.raises(CapacityError):

@@ -19,11 +19,16 @@ from pathlib import Path
 import trio
 
 from vmmesh.api.host import Capacity
-from vmmesh.errors import UsageError
+from vmmesh.errors import CapacityError, UsageError
 from vmmesh.host.capacity import CapacityPolicy, HostProbe, Usage, compute_capacity, disk_used_mb
 from vmmesh.vm.rows import VmRows
 
 log = logging.getLogger("vmmesh.vms")
+
+
+class NoFreeSlot(CapacityError):
+    """A request found no free slot here at all (travels as ``CapacityError``; the host's
+    own share handler answers "0 granted" instead)."""
 
 
 class Admission:

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field, replace
 
 import trio
 
-from vmmesh.api.names import check_vm_name, next_index
+from vmmesh.api.names import next_index
 from vmmesh.api.vm import FETCH_AUTO, TemplateSource
-from vmmesh.errors import CapacityError, HypervisorError, NotFound, UsageError, VmmeshError
+from vmmesh.errors import HypervisorError, NotFound, VmmeshError
 from vmmesh.host import customzip, persona
 from vmmesh.host.build import ProgressSink
 from vmmesh.host.capacity import CapacityPolicy, HostProbe
@@ -34,7 +34,7 @@ from vmmesh.host.templates import TemplateManager, TemplateRecord
 from vmmesh.host.warm import warm_error
 from vmmesh.hypervisor.base import BootSpec, Guest, Hypervisor
 from vmmesh.nurseries import open_nursery
-from vmmesh.vm.admission import Admission
+from vmmesh.vm.admission import Admission, NoFreeSlot
 from vmmesh.vm.lifecycle import Lifecycle
 from vmmesh.vm.rows import NewVm, VmRows
 from vmmesh.vm.state import VmEvent, VmState
@@ -72,6 +72,7 @@ class RequestReport:
 
     name: str
     requested: int
+    granted: int  # admitted here; the rest was unplaced at once
     vms: tuple[VmReport, ...]
     template_id: str | None
     built: bool
@@ -138,7 +139,6 @@ class Creator:
         custom_zip: bytes | None = None,
         progress: ProgressSink = no_progress,
         *,
-        reserved: int = 0,
         first_index: int | None = None,
         vcpus: int | None = None,
         memory_mb: int | None = None,
@@ -147,19 +147,17 @@ class Creator:
     ) -> RequestReport:
         """Make up to ``count`` VMs named ``name-<n>`` here.
 
-        ``reserved`` slots already taken with ``reserve`` are used first; the
-        rest are reserved now.  VMs that do not fit are reported as
-        ``unplaced`` (the node spills them to peers).  ``first_index`` numbers
-        the VMs (default: after the highest local one), so a node spreading a
-        request over hosts can keep names unique.
+        Admits them here (the one place a request reserves its slots): VMs
+        that do not fit are reported as ``unplaced`` (the node spills them to
+        peers), none fitting is ``NoFreeSlot``.  ``name``, ``count`` and the
+        other fields were checked where they entered (the CLI, ``from_wire``).
+        ``first_index`` numbers the VMs (default: after the highest local one),
+        so a node spreading a request over hosts can keep names unique.
         """
-        check_vm_name(name)
-        if count < 1:
-            raise UsageError("COUNT must be at least 1")
         entries = check_zip(custom_zip) if custom_zip is not None else None
-        held = min(reserved, count) + self.admission.reserve(max(0, count - reserved))
+        held = self.admission.reserve(count)
         if held == 0:
-            raise CapacityError(f"no free VM slot on this host for {name}")
+            raise NoFreeSlot(f"no free VM slot on this host for {name}")
         batch = _Batch(held=held, unplaced=count - held)
         try:
             got = await self.templates.ensure_template(packages, progress, policy=fetch)
@@ -199,6 +197,7 @@ class Creator:
         return RequestReport(
             name=name,
             requested=count,
+            granted=held,
             vms=made,
             template_id=rec.template_id if rec else None,
             built=built,

@@ -37,10 +37,10 @@ from vmmesh.api.vm import (
     VmMade,
     VmRow,
 )
-from vmmesh.host.customzip import check_zip
 from vmmesh.host.sshkeys import check_public_keys
 from vmmesh.net.rpc import Context, Handlers
 from vmmesh.progress import phases, progress_pump
+from vmmesh.vm.admission import NoFreeSlot
 from vmmesh.vm.creation import RequestReport
 from vmmesh.vm.manager import VmManager
 
@@ -71,34 +71,34 @@ class LocalVms:
     async def share(self, ctx: Context, req: ShareRequest) -> ShareReply:
         """Admit and make up to ``count`` VMs here; the answer says how many."""
         mgr = self.svc.manager()
-        if req.custom_zip is not None:
-            check_zip(req.custom_zip)  # before reserving: request_local releases what it holds
-        granted = mgr.reserve(req.count)
-        log.info("share of request %s: %d VM(s) asked, %d admitted", req.name, req.count, granted)
-        if granted == 0:
-            return ShareReply(host=self._host, granted=0)
 
         async def send(item: Progress) -> None:
             await ctx.send_item(item)
 
-        async with progress_pump(send) as emit:
-            report = await mgr.request_local(
-                req.name,
-                granted,
-                req.packages,
-                req.custom_zip,
-                phases(self._host, emit),
-                reserved=granted,
-                first_index=req.first_index,
-                vcpus=req.vcpus,
-                memory_mb=req.memory_mb,
-                request_id=req.request_id,
-                fetch=req.fetch,
-            )
+        try:
+            async with progress_pump(send) as emit:
+                report = await mgr.request_local(
+                    req.name,
+                    req.count,
+                    req.packages,
+                    req.custom_zip,
+                    phases(self._host, emit),
+                    first_index=req.first_index,
+                    vcpus=req.vcpus,
+                    memory_mb=req.memory_mb,
+                    request_id=req.request_id,
+                    fetch=req.fetch,
+                )
+        except NoFreeSlot:
+            log.info("share of request %s: %d VM(s) asked, none admitted", req.name, req.count)
+            return ShareReply(host=self._host, granted=0)
+        log.info(
+            "share of request %s: %d VM(s) asked, %d admitted", req.name, req.count, report.granted
+        )
         self.svc.publish_now()
         return ShareReply(
             host=self._host,
-            granted=granted,
+            granted=report.granted,
             vms=self._made(report),
             errors=report.errors,
             template=report.template_id or "",
