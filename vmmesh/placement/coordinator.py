@@ -28,8 +28,10 @@ request with ``PackageInstallError`` (the same package source serves every
 host, so asking more hosts would only repeat the error); if some host made
 VMs, the others' shares are re-placed instead.
 
-``report`` gives the VMs made, what was not placed and why, and notes on
-every host that failed or admitted less than asked.
+``report`` gives the request's answer as the CLI reads it
+(``api.vm.RequestReport``: the hosts' own ``VmMade`` records, what was not
+placed and why, notes on every host that failed or admitted less than asked,
+the first plan); the glue adds only the request id and the time it took.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from vmmesh.api.vm import PlannedShare, Unplaced, VmMade
+from vmmesh.api.vm import PlannedShare, RequestReport, Unplaced, VmMade
 from vmmesh.errors import InternalError, PackageInstallError
 from vmmesh.gossip.hoststate import HostView
 from vmmesh.placement.planner import HostIndex, PlacementRequest, Plan, plan, replan
@@ -63,15 +65,6 @@ class Ask:
     first_index: int
 
 
-@dataclass(frozen=True)
-class Report:
-    vms: tuple[VmMade, ...]
-    unplaced: tuple[Unplaced, ...]
-    errors: tuple[str, ...]
-    notes: tuple[str, ...]
-    plan: tuple[PlannedShare, ...]
-
-
 def planned_shares(p: Plan) -> tuple[PlannedShare, ...]:
     """A plan as the request's answer shows it."""
     return tuple(
@@ -88,11 +81,17 @@ def planned_shares(p: Plan) -> tuple[PlannedShare, ...]:
     )
 
 
-def dry_run(request: PlacementRequest, view: Sequence[HostView] | HostIndex) -> Report:
+def dry_run(request: PlacementRequest, view: Sequence[HostView] | HostIndex) -> RequestReport:
     """What ``start`` would do, as a report with nothing made."""
     p = plan(request, view)
     unplaced = (Unplaced(p.unplaced, p.unplaced_reason),) if p.unplaced else ()
-    return Report((), unplaced, (), (), planned_shares(p))
+    return RequestReport(
+        name=request.name,
+        requested=request.count,
+        dry_run=True,
+        plan=planned_shares(p),
+        unplaced=unplaced,
+    )
 
 
 @dataclass
@@ -181,14 +180,17 @@ class Coordinator:
     def done(self) -> bool:
         return not self._open
 
-    def report(self) -> Report:
+    def report(self) -> RequestReport:
         assert self._plan is not None and self._first_plan is not None
         unplaced: tuple[Unplaced, ...] = ()
         missing = self.request.count - len(self._vms)
         if missing > 0:
             reason = self._plan.unplaced_reason or "no host could take them"
             unplaced = (Unplaced(missing, reason),)
-        return Report(
+        return RequestReport(
+            name=self.request.name,
+            requested=self.request.count,
+            placed=len(self._vms),
             vms=tuple(self._vms),
             unplaced=unplaced,
             errors=tuple(self._errors),

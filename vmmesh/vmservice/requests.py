@@ -63,14 +63,7 @@ class RequestCoordinator:
             placement_seed(req.name, req.count, req.packages), req.name, req.count, req.packages
         )
         if req.dry_run:
-            plan = dry_run(preq, self.index())
-            return RequestReport(
-                name=req.name,
-                requested=req.count,
-                dry_run=True,
-                plan=plan.plan,
-                unplaced=plan.unplaced,
-            )
+            return dry_run(preq, self.index())
         existing = (v for h in self.node.hosts() for v in h.vms)
         coord = Coordinator(preq, first_index=next_index(req.name, existing))
         run = _Run(self, ctx, req, coord, request_id=uuid.uuid4().hex, started=time.monotonic())
@@ -80,17 +73,9 @@ class RequestCoordinator:
                 for ask in asks:
                     nursery.start_soon(run.ask, ask)
             asks = coord.next_wave(self.index())
-        report = coord.report()
-        return RequestReport(
-            name=req.name,
-            requested=req.count,
+        return replace(
+            coord.report(),
             request_id=run.request_id,
-            placed=len(report.vms),
-            vms=report.vms,
-            unplaced=report.unplaced,
-            errors=report.errors,
-            notes=report.notes,
-            plan=report.plan,
             seconds=round(time.monotonic() - run.started, 2),
         )
 
