@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import io
 import math
+import zipfile
 from typing import Any
 
 from hypothesis import assume
@@ -13,6 +15,7 @@ from hypothesis import strategies as st
 
 from vmmesh.api import codec
 from vmmesh.api.codec import Record
+from vmmesh.api.customzip import CustomZip
 
 API_MODULES = ("common", "host", "node", "vm", "join", "transfer", "jobs")
 
@@ -50,6 +53,17 @@ def body_classes() -> list[type[Record]]:
     return out
 
 
+def _zip(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+_ZIPS = [_zip({}), _zip({"tool/run.sh": b"echo hi\n"}), _zip({"a": b"", "d/b": b"x" * 100})]
+
+
 def for_spec(spec: codec.Spec[Any]) -> st.SearchStrategy[Any]:
     if isinstance(spec, codec.Int):
         return st.integers(spec.lo, spec.hi)
@@ -65,6 +79,8 @@ def for_spec(spec: codec.Spec[Any]) -> st.SearchStrategy[Any]:
                 lambda s: len(s) <= spec.max_len
             )
         return st.text(max_size=min(spec.max_len, 40))
+    if isinstance(spec, CustomZip):  # random bytes are no zip: from_wire refuses them
+        return st.sampled_from(_ZIPS)
     if isinstance(spec, codec.Bytes):
         return st.binary(min_size=spec.min_len, max_size=max(spec.min_len, min(spec.max_len, 64)))
     if isinstance(spec, codec.Choice):

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import zipfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +98,19 @@ def test_checked_turns_the_peer_error_into_a_usage_error() -> None:
         RequestVms(name="web", count=0).checked()
     with pytest.raises(UsageError, match="package name"):
         RequestVms(name="web", count=1, packages=frozenset({"../x"})).checked()
+
+
+def test_a_custom_zip_is_checked_where_it_enters() -> None:
+    """A peer's unsafe zip is the peer's fault (``from_wire``); the user's is refused by
+    the CLI's ``.checked()`` with the same words, before anything is placed."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("../etc/passwd", b"x")
+    bad = ShareRequest(request_id="ab", name="web", count=1, custom_zip=buf.getvalue())
+    with pytest.raises(MalformedMessage, match=r"ShareRequest\.custom_zip: .*unsafe member name"):
+        ShareRequest.from_wire(bad.to_wire())
+    with pytest.raises(UsageError, match=r"RequestVms\.custom_zip: custom zip is not a zip"):
+        RequestVms(name="web", count=1, custom_zip=b"PK nonsense").checked()
 
 
 def test_unknown_keys_are_ignored_for_newer_peers() -> None:

@@ -12,11 +12,11 @@ import pytest
 import trio
 
 from tests.fakehv import FakeHypervisor, chain_of, files_on, make_base_image
+from vmmesh.api.customzip import check_zip
 from vmmesh.api.names import request_name_of
 from vmmesh.errors import CapacityError, NotFound, PackageInstallError, UsageError
 from vmmesh.host.build import BaseImage
 from vmmesh.host.capacity import CapacityPolicy, HostProbe
-from vmmesh.host.customzip import check_zip
 from vmmesh.host.store import Store
 from vmmesh.host.templates import TemplateManager
 from vmmesh.hypervisor.base import BootSpec

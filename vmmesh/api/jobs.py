@@ -38,6 +38,7 @@ from vmmesh.api.codec import (
     wire,
 )
 from vmmesh.api.common import Progress
+from vmmesh.api.customzip import CustomZip
 from vmmesh.api.names import MAX_PACKAGES, HexId, Package, VmName
 from vmmesh.api.vm import FETCH_AUTO, MAX_ARG, MAX_ARGV, MAX_CUSTOM_ZIP, FetchPolicy, Phases
 
@@ -58,7 +59,7 @@ class JobOpen(Message):
 
     count: int = wire(Int(1, MAX_JOB_VMS), default=1)
     packages: frozenset[str] = wire(SetOf(Package, MAX_PACKAGES), default=frozenset())
-    custom_zip: bytes | None = wire(Optional(Bytes(MAX_CUSTOM_ZIP)), default=None)
+    custom_zip: bytes | None = wire(Optional(CustomZip(MAX_CUSTOM_ZIP)), default=None)
     vcpus: int | None = wire(Optional(Int(1, 64)), default=None)
     memory_mb: int | None = wire(Optional(Int(64, 1 << 20)), default=None)
     fetch: str = wire(FetchPolicy, default=FETCH_AUTO)

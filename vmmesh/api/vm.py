@@ -32,6 +32,7 @@ from vmmesh.api.codec import (
     wire,
 )
 from vmmesh.api.common import MAX_ERRORS, ErrorText, Progress
+from vmmesh.api.customzip import CustomZip
 from vmmesh.api.names import MAX_PACKAGES, HexId, Package, VmName
 
 MAX_COUNT = 1000
@@ -66,7 +67,7 @@ class RequestVms(Message):
     name: str = wire(VmName)
     count: int = wire(Int(1, MAX_COUNT))
     packages: frozenset[str] = wire(Packages, default=frozenset())
-    custom_zip: bytes | None = wire(Optional(Bytes(MAX_CUSTOM_ZIP)), default=None)
+    custom_zip: bytes | None = wire(Optional(CustomZip(MAX_CUSTOM_ZIP)), default=None)
     dry_run: bool = wire(Bool(), default=False)
     vcpus: int | None = wire(Optional(Int(1, 64)), default=None)
     memory_mb: int | None = wire(Optional(Int(64, 1 << 20)), default=None)
@@ -150,7 +151,7 @@ class ShareRequest(Message):
     name: str = wire(VmName)
     count: int = wire(Int(1, MAX_COUNT))
     packages: frozenset[str] = wire(Packages, default=frozenset())
-    custom_zip: bytes | None = wire(Optional(Bytes(MAX_CUSTOM_ZIP)), default=None)
+    custom_zip: bytes | None = wire(Optional(CustomZip(MAX_CUSTOM_ZIP)), default=None)
     first_index: int | None = wire(Optional(Int(1, 1 << 30)), default=None)
     vcpus: int | None = wire(Optional(Int(1, 64)), default=None)
     memory_mb: int | None = wire(Optional(Int(64, 1 << 20)), default=None)

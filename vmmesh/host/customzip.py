@@ -1,24 +1,21 @@
-"""A custom zip (``--custom FILE.zip``, thesis §4.2): checked here, unpacked into ``/opt``.
+"""A custom zip (``--custom FILE.zip``, thesis §4.2): unpacked into ``/opt``.
 
-Why checked on the host: the guest may have no python3, and even when it
-has, a name like ``../../etc/passwd`` or an absolute path must never be
-written outside ``/opt``; a zip bomb must not fill the VM's disk allowance.
+It was checked where it entered (``api.customzip``: ``from_wire`` for a peer's,
+the CLI for the user's); the entries ``check_zip`` lists are what the host
+writes when the guest has no python3 to unzip it itself.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import stat
 import zipfile
-from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from vmmesh.errors import HypervisorError, UsageError
+from vmmesh.api.customzip import ZipEntry
+from vmmesh.errors import HypervisorError
 from vmmesh.hypervisor.base import Guest
 
-MAX_ZIP_ENTRIES = 10_000
-MAX_ZIP_BYTES = 1 << 30
 GUEST_ZIP = "/tmp/vmmesh-custom.zip"
 # Extract in the guest with its own python3; modes are kept, which extractall does not.
 _PY_UNZIP = (
@@ -31,47 +28,6 @@ _PY_UNZIP = (
     "        os.chmod(p, m)\n"
     "os.unlink(sys.argv[1])\n"
 )
-
-
-@dataclass(frozen=True)
-class ZipEntry:
-    """A checked member of a custom zip."""
-
-    path: str  # relative, POSIX, no '..'
-    is_dir: bool
-    mode: int
-
-
-def check_zip(data: bytes) -> list[ZipEntry]:
-    """Validate a custom zip: names, symlinks, size; raise UsageError if bad."""
-    try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile as exc:
-        raise UsageError(f"custom zip is not a zip file: {exc}") from None
-    infos = zf.infolist()
-    if len(infos) > MAX_ZIP_ENTRIES:
-        raise UsageError(f"custom zip has over {MAX_ZIP_ENTRIES} entries")
-    if sum(i.file_size for i in infos) > MAX_ZIP_BYTES:
-        raise UsageError(f"custom zip unpacks to over {MAX_ZIP_BYTES >> 20} MB")
-    out: list[ZipEntry] = []
-    for info in infos:
-        name = info.filename
-        parts = PurePosixPath(name).parts
-        bad = (
-            not name
-            or "\\" in name
-            or "\x00" in name
-            or name.startswith("/")
-            or ":" in parts[0]
-            or any(p in ("..", ".") for p in parts)
-        )
-        mode = (info.external_attr >> 16) & 0o177777
-        if bad:
-            raise UsageError(f"custom zip: unsafe member name {name!r:.80}")
-        if stat.S_ISLNK(mode):
-            raise UsageError(f"custom zip: symbolic link not allowed: {name!r:.80}")
-        out.append(ZipEntry("/".join(parts), info.is_dir(), mode & 0o777))
-    return out
 
 
 async def unpack(guest: Guest, data: bytes, entries: list[ZipEntry]) -> None:

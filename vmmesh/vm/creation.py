@@ -23,13 +23,13 @@ from dataclasses import dataclass, field, replace
 
 import trio
 
+from vmmesh.api.customzip import ZipEntry, check_zip
 from vmmesh.api.names import next_index
 from vmmesh.api.vm import FETCH_AUTO, TemplateSource
 from vmmesh.errors import HypervisorError, NotFound, VmmeshError
 from vmmesh.host import customzip, persona
 from vmmesh.host.build import ProgressSink
 from vmmesh.host.capacity import CapacityPolicy, HostProbe
-from vmmesh.host.customzip import ZipEntry, check_zip
 from vmmesh.host.templates import TemplateManager, TemplateRecord
 from vmmesh.host.warm import warm_error
 from vmmesh.hypervisor.base import BootSpec, Guest, Hypervisor
@@ -154,6 +154,8 @@ class Creator:
         ``first_index`` numbers the VMs (default: after the highest local one),
         so a node spreading a request over hosts can keep names unique.
         """
+        # the entries to write if the guest has no python3 (the zip was checked where
+        # it entered: from_wire or the CLI)
         entries = check_zip(custom_zip) if custom_zip is not None else None
         held = self.admission.reserve(count)
         if held == 0:
