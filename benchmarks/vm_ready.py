@@ -43,7 +43,7 @@ from vmmesh.host.templates import TemplateManager
 from vmmesh.host.warm import WarmStore
 from vmmesh.hypervisor.accel import probe_accel
 from vmmesh.hypervisor.qemu import QemuHypervisor
-from vmmesh.vm.creation import RequestReport
+from vmmesh.vm.creation import MadeHere
 from vmmesh.vm.manager import VmManager
 
 BASE_DIR = Path("/var/cache/vmmesh-dev/base")
@@ -74,7 +74,7 @@ async def bench(args: argparse.Namespace, data: Path, sources: list[str]) -> Non
         probe=lambda: probe_host(data),
         warm=WarmStore(data, hv, base),
     )
-    runs: dict[str, list[tuple[RequestReport, float]]] = {"warm": [], "cold": []}
+    runs: dict[str, list[tuple[MadeHere, float]]] = {"warm": [], "cold": []}
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(vms.run)
@@ -93,7 +93,7 @@ async def bench(args: argparse.Namespace, data: Path, sources: list[str]) -> Non
     _print(accel, args, scratch, made, runs)
 
 
-async def _one(vms: VmManager, args: argparse.Namespace) -> tuple[RequestReport, float]:
+async def _one(vms: VmManager, args: argparse.Namespace) -> tuple[MadeHere, float]:
     started = time.monotonic()
     report = await vms.request_local(
         "bench", 1, args.packages, vcpus=args.vcpus, memory_mb=args.memory
@@ -118,9 +118,9 @@ async def _warmed(vms: VmManager, tid: str) -> tuple[float, int]:
 def _print(
     accel: str,
     args: argparse.Namespace,
-    scratch: RequestReport,
+    scratch: MadeHere,
     made: tuple[float, int],
-    runs: dict[str, list[tuple[RequestReport, float]]],
+    runs: dict[str, list[tuple[MadeHere, float]]],
 ) -> None:
     s = scratch.vms[0].seconds
     print(

@@ -67,8 +67,13 @@ class VmReport:
 
 
 @dataclass(frozen=True)
-class RequestReport:
-    """The answer to ``request_local``: made VMs, and what could not be."""
+class MadeHere:
+    """The answer to ``request_local``: made VMs, and what could not be.
+
+    The host's own account; the share handler turns it into the ``api.vm.VmMade``
+    records that travel unchanged from there to the CLI (``api.vm.RequestReport``
+    is the request's answer).
+    """
 
     name: str
     requested: int
@@ -144,7 +149,7 @@ class Creator:
         memory_mb: int | None = None,
         request_id: str = "",
         fetch: str = FETCH_AUTO,
-    ) -> RequestReport:
+    ) -> MadeHere:
         """Make up to ``count`` VMs named ``name-<n>`` here.
 
         Admits them here (the one place a request reserves its slots): VMs
@@ -196,7 +201,7 @@ class Creator:
             )
             for n, (i, (vm_id, seconds, kind, note)) in enumerate(sorted(batch.made.items()))
         )
-        return RequestReport(
+        return MadeHere(
             name=name,
             requested=count,
             granted=held,

@@ -22,7 +22,7 @@ from vmmesh.host.templates import TemplateManager, TemplateRecord
 from vmmesh.host.warm import WarmStore
 from vmmesh.hypervisor.base import ExecResult, Guest, Hypervisor
 from vmmesh.vm.admission import Admission
-from vmmesh.vm.creation import Creator, RequestReport, no_progress
+from vmmesh.vm.creation import Creator, MadeHere, no_progress
 from vmmesh.vm.lifecycle import Lifecycle, SshAccess, VmStopped
 from vmmesh.vm.reconcile import reconcile
 from vmmesh.vm.rows import VmRecord, VmRows
@@ -149,7 +149,7 @@ class VmManager:
         memory_mb: int | None = None,
         request_id: str = "",
         fetch: str = FETCH_AUTO,
-    ) -> RequestReport:
+    ) -> MadeHere:
         return await self.creator.request_local(
             name,
             count,

@@ -41,7 +41,7 @@ from vmmesh.host.sshkeys import check_public_keys
 from vmmesh.net.rpc import Context, Handlers
 from vmmesh.progress import phases, progress_pump
 from vmmesh.vm.admission import NoFreeSlot
-from vmmesh.vm.creation import RequestReport
+from vmmesh.vm.creation import MadeHere
 from vmmesh.vm.manager import VmManager
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ class LocalVms:
             source=report.source,
         )
 
-    def _made(self, report: RequestReport) -> tuple[VmMade, ...]:
+    def _made(self, report: MadeHere) -> tuple[VmMade, ...]:
         node_id = self.svc.node.node_id
         return tuple(
             VmMade(
