@@ -67,3 +67,14 @@ def failed(request: pytest.FixtureRequest) -> bool:
     """Whether the test of ``request`` failed (conftest keeps each phase's report)."""
     report = getattr(request.node, "report_call", None)
     return report is not None and bool(report.failed)
+
+
+def base_warm(lab: Lab, i: int) -> bool:
+    """Host ``i`` holds a whole warm state of its default base image (a node makes it
+    when it takes the image up; builds and package-less VMs resume it)."""
+    data = lab.host_data_dir(i)
+    try:
+        image_id = (data / "images" / "default").read_text().strip()
+    except OSError:
+        return False
+    return bool(image_id) and (data / "warm" / image_id / "shape.json").is_file()

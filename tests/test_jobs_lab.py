@@ -20,7 +20,7 @@ import pytest
 
 from tests.aptrepo import AptRepo
 from tests.labutil import lab_context
-from tests.meshutil import all_up, cli_json, eventually, failed
+from tests.meshutil import all_up, base_warm, cli_json, eventually, failed
 from vmmesh.jobs.condor import parse_arguments
 from vmmesh.lab import Lab
 
@@ -61,6 +61,11 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         try:
             for i in (1, 2):
                 eventually(all_up, f"h{i} sees two hosts up", running, i, 2)
+            # Each host's one slot is free once its base image's warm state is made
+            # (a warm boot gives its slot to a job, and is cut short and made again).
+            for i in (1, 2):
+                eventually(base_warm, f"h{i} has its base image's warm state", running, i,
+                           patience=PATIENCE)  # fmt: skip
             yield running
         finally:
             repo.stop()

@@ -22,7 +22,7 @@ import pytest
 
 from tests.aptrepo import AptRepo
 from tests.labutil import lab_context
-from tests.meshutil import all_up, cli_json, eventually, failed, field_is, peers
+from tests.meshutil import all_up, base_warm, cli_json, eventually, failed, field_is, peers
 from vmmesh.lab import Lab
 
 BASE_DIR = Path(os.environ.get("VMMESH_BASE_IMAGE_DIR", "/var/cache/vmmesh-dev/base"))
@@ -67,6 +67,11 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         try:
             for i in (1, 2, 3):
                 eventually(all_up, f"h{i} sees three hosts up", running, i)
+            # Builds resume the base image's warm state: have it before the tests
+            # (and before one sets a quota that leaves it no room).
+            for i in (1, 2, 3):
+                eventually(base_warm, f"h{i} has its base image's warm state", running, i,
+                           patience=PATIENCE)  # fmt: skip
             yield running
         finally:
             repo.stop()
