@@ -357,7 +357,7 @@ class JobService(NodeExtension):
             # A VM still being made (booting, resuming) spends no lease: the owner is
             # waiting for the request to answer and renews only once it has. On a slow
             # host the boot alone may outlast a lease period.
-            making = {request_name_of(v.name) for v in jobvms if v.state == "creating"}
+            making = {request_name_of(n) for n in self.vms.being_made() if n.startswith(JOB_PREFIX)}
             kept = self._kept()
             if kept - names:
                 self._set_kept(kept & names)  # shut down by hand since

@@ -36,6 +36,7 @@ from vmmesh.hypervisor.qemu import QemuHypervisor
 from vmmesh.net.rpc import Handlers
 from vmmesh.vm.lifecycle import VmStopped
 from vmmesh.vm.manager import VmManager
+from vmmesh.vm.state import VmState
 from vmmesh.vmservice.local import LocalVms
 from vmmesh.vmservice.mesh import MeshVms
 from vmmesh.vmservice.requests import RequestCoordinator
@@ -180,7 +181,9 @@ class VmService(NodeExtension):
             for t in templates.templates_info()
         ]
         node.publish("templates", [t.to_wire() for t in inventory])
-        live = sorted(v.name for v in self.mgr.list_vms() if v.state in ("creating", "running"))
+        live = sorted(
+            v.name for v in self.mgr.list_vms() if v.state in (VmState.CREATING, VmState.RUNNING)
+        )
         node.publish("vms", live)
         building = [
             Building(template_id=t, done_at=d) for t, d in sorted(templates.building.items())
@@ -232,6 +235,13 @@ class VmService(NodeExtension):
         log.warning("VM %s stopped without an order (exit %s)", ev.name, ev.exit_status)
         if self._node is not None:
             self.publish_now()
+
+    def being_made(self) -> set[str]:
+        """The names of this host's VMs still being made (``VmState.CREATING``: cloned,
+        resuming or booting, not yet running)."""
+        if self.mgr is None:
+            return set()
+        return {v.name for v in self.mgr.list_vms() if v.state == VmState.CREATING}
 
     def manager(self) -> VmManager:
         if self.mgr is None:
