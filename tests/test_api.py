@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from tests.apistrategies import ANY_VALUE, body, body_classes
 from vmmesh.api import codec
 from vmmesh.api.codec import Empty, Int, Message, Record, Text, wire
+from vmmesh.api.customzip import CheckedZip, checked_zip
 from vmmesh.api.host import Capacity, TemplateInfo
 from vmmesh.api.vm import RequestVms, ShareRequest
 from vmmesh.errors import (
@@ -111,6 +112,25 @@ def test_a_custom_zip_is_checked_where_it_enters() -> None:
         ShareRequest.from_wire(bad.to_wire())
     with pytest.raises(UsageError, match=r"RequestVms\.custom_zip: custom zip is not a zip"):
         RequestVms(name="web", count=1, custom_zip=b"PK nonsense").checked()
+
+
+def test_a_checked_zip_carries_its_entries_past_the_edge() -> None:
+    """The entries the check listed travel with the zip; nothing checks it again, and a
+    zip that skipped its edge is a bug, not something to check late."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("tool/run.sh", b"echo hi\n")
+    body = RequestVms(name="web", count=1, custom_zip=buf.getvalue()).checked()
+    assert isinstance(body.custom_zip, CheckedZip)
+    assert [e.path for e in body.custom_zip.entries] == ["tool/run.sh"]
+    assert body.checked().custom_zip is body.custom_zip, "checked once"
+    share = ShareRequest.from_wire(
+        ShareRequest(request_id="ab", name="web", count=1, custom_zip=buf.getvalue()).to_wire()
+    )
+    assert share.custom_zip is not None
+    assert checked_zip(share.custom_zip).entries == body.custom_zip.entries
+    with pytest.raises(InternalError):
+        checked_zip(buf.getvalue())
 
 
 def test_unknown_keys_are_ignored_for_newer_peers() -> None:

@@ -20,6 +20,7 @@ import pytest
 import trio
 
 from tests.aptrepo import AptRepo, apt_repo
+from vmmesh.api.customzip import check_zip
 from vmmesh.errors import PackageInstallError
 from vmmesh.host.build import BaseImage
 from vmmesh.host.capacity import CapacityPolicy, probe_host
@@ -149,7 +150,7 @@ async def test_build_reuse_zip_kill_and_shutdown(host: Host) -> None:
     assert not [p for p in host.templates.dir.iterdir() if p.name.startswith(BUILDING_PREFIX)]
 
     second = await host.vms.request_local(
-        "web", 1, ["vmm-test-c", "vmm-test-a"], _zip(), vcpus=2, memory_mb=1024
+        "web", 1, ["vmm-test-c", "vmm-test-a"], check_zip(_zip()), vcpus=2, memory_mb=1024
     )
     assert not second.built and second.vms[0].seconds["install"] == 0.0, second
     assert second.vms[0].template_id == template.template_id

@@ -197,7 +197,7 @@ async def test_failed_template_leaves_no_vm(
 
 async def test_custom_zip_with_python(node: Node, autojump_clock: trio.testing.MockClock) -> None:
     z = make_zip({"app/run.sh": b"#!/bin/sh\necho hi\n", "data.txt": b"x"}, 0o755)
-    report = await node.vms.request_local("c", 1, custom_zip=z)
+    report = await node.vms.request_local("c", 1, custom_zip=check_zip(z))
     disk = node.vms.vm_dir / f"{report.vms[0].vm_id}.qcow2"
     files = files_on(disk)
     assert files["/opt/app/run.sh"].startswith(b"#!/bin/sh")
@@ -210,7 +210,7 @@ async def test_custom_zip_without_python_goes_file_by_file(
 ) -> None:
     node.hv.guest_has_python = False
     z = make_zip({"app/bin/tool": b"T"}, 0o755)
-    report = await node.vms.request_local("c", 1, custom_zip=z)
+    report = await node.vms.request_local("c", 1, custom_zip=check_zip(z))
     vm_id = report.vms[0].vm_id
     assert files_on(node.vms.vm_dir / f"{vm_id}.qcow2")["/opt/app/bin/tool"] == b"T"
     log = node.hv.running[vm_id].exec_log

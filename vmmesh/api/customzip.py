@@ -5,8 +5,14 @@ the ``custom_zip`` fields, so ``from_wire`` refuses a bad zip from a peer (the
 peer misbehaved) and the CLI's ``.checked()`` refuses the user's with the same
 words before anything is placed.  A name like ``../../etc/passwd`` or an
 absolute path must never be written outside ``/opt``, a symbolic link could
-point anywhere, and a zip bomb must not fill the VM's disk allowance.  The host
-unpacks it (``host.customzip``) by the entries ``check_zip`` lists.
+point anywhere, and a zip bomb must not fill the VM's disk allowance.
+
+``check_zip`` makes a ``CheckedZip``: the zip's bytes with the entries the
+check listed, so the entries travel with the value from where it was checked
+(the CLI's ``.checked()``, a node's ``from_wire``) to the host that unpacks it
+(``host.customzip``), which reads them and checks nothing again.  A
+``CheckedZip`` is made only by ``check_zip`` (a peer's body decodes to plain
+bytes), so one already checked is not checked twice.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from vmmesh.api.codec import Bytes
-from vmmesh.errors import MalformedMessage, UsageError
+from vmmesh.errors import InternalError, MalformedMessage, UsageError
 
 MAX_ZIP_ENTRIES = 10_000
 MAX_ZIP_BYTES = 1 << 30
@@ -33,8 +39,24 @@ class ZipEntry:
     mode: int
 
 
-def check_zip(data: bytes) -> list[ZipEntry]:
-    """Validate a custom zip: names, symlinks, size; raise UsageError if bad."""
+class CheckedZip(bytes):
+    """A custom zip that ``check_zip`` passed: its bytes, and the entries it listed."""
+
+    entries: tuple[ZipEntry, ...]
+
+    def __new__(cls, data: bytes, entries: tuple[ZipEntry, ...]) -> CheckedZip:
+        made = super().__new__(cls, data)
+        made.entries = entries
+        return made
+
+
+def check_zip(data: bytes) -> CheckedZip:
+    """Validate a custom zip: names, symlinks, size; raise UsageError if bad.
+
+    A ``CheckedZip`` passed already and is returned as it is.
+    """
+    if isinstance(data, CheckedZip):
+        return data
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile as exc:
@@ -62,7 +84,17 @@ def check_zip(data: bytes) -> list[ZipEntry]:
         if stat.S_ISLNK(mode):
             raise UsageError(f"custom zip: symbolic link not allowed: {name!r:.80}")
         out.append(ZipEntry("/".join(parts), info.is_dir(), mode & 0o777))
-    return out
+    return CheckedZip(data, tuple(out))
+
+
+def checked_zip(data: bytes) -> CheckedZip:
+    """The zip a body carries past its edge, as ``from_wire`` or ``.checked()`` made it.
+
+    ``InternalError`` if it is plain bytes: a body that skipped its edge is a bug.
+    """
+    if not isinstance(data, CheckedZip):
+        raise InternalError("a custom zip went past its edge unchecked")
+    return data
 
 
 class CustomZip(Bytes):
@@ -71,7 +103,6 @@ class CustomZip(Bytes):
     def load(self, value: object, where: str) -> bytes:
         data = super().load(value, where)
         try:
-            check_zip(data)
+            return check_zip(data)
         except UsageError as exc:
             raise MalformedMessage(f"{where}: {exc}") from None
-        return data

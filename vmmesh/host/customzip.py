@@ -1,8 +1,8 @@
 """A custom zip (``--custom FILE.zip``, thesis §4.2): unpacked into ``/opt``.
 
 It was checked where it entered (``api.customzip``: ``from_wire`` for a peer's,
-the CLI for the user's); the entries ``check_zip`` lists are what the host
-writes when the guest has no python3 to unzip it itself.
+the CLI for the user's), and carries the entries that check listed: what the
+host writes when the guest has no python3 to unzip it itself.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import io
 import zipfile
 from pathlib import PurePosixPath
 
-from vmmesh.api.customzip import ZipEntry
+from vmmesh.api.customzip import CheckedZip
 from vmmesh.errors import HypervisorError
 from vmmesh.hypervisor.base import Guest
 
@@ -30,7 +30,7 @@ _PY_UNZIP = (
 )
 
 
-async def unpack(guest: Guest, data: bytes, entries: list[ZipEntry]) -> None:
+async def unpack(guest: Guest, data: CheckedZip) -> None:
     """Extract to /opt: with the guest's python3 if it has one, else file by file."""
     probe = None
     with contextlib.suppress(HypervisorError):
@@ -41,6 +41,7 @@ async def unpack(guest: Guest, data: bytes, entries: list[ZipEntry]) -> None:
         if res.exit_code != 0:
             raise HypervisorError(f"unpacking the custom zip failed: {res.stderr[-300:]!r}")
         return
+    entries = data.entries
     dirs = sorted(
         {f"/opt/{e.path}" for e in entries if e.is_dir}
         | {f"/opt/{PurePosixPath(e.path).parent}" for e in entries if not e.is_dir}

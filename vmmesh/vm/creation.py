@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 
 import trio
 
-from vmmesh.api.customzip import ZipEntry, check_zip
+from vmmesh.api.customzip import CheckedZip
 from vmmesh.api.names import next_index
 from vmmesh.api.vm import FETCH_AUTO, TemplateSource
 from vmmesh.errors import HypervisorError, NotFound, VmmeshError
@@ -93,8 +93,7 @@ class _VmPlan:
 
     display: str
     template: TemplateRecord | None
-    custom_zip: bytes | None
-    entries: list[ZipEntry] | None
+    custom_zip: CheckedZip | None
     vcpus: int
     memory_mb: int
     request_id: str
@@ -141,7 +140,7 @@ class Creator:
         name: str,
         count: int,
         packages: Iterable[str] = (),
-        custom_zip: bytes | None = None,
+        custom_zip: CheckedZip | None = None,
         progress: ProgressSink = no_progress,
         *,
         first_index: int | None = None,
@@ -157,11 +156,9 @@ class Creator:
         peers), none fitting is ``NoFreeSlot``.  ``name``, ``count`` and the
         other fields were checked where they entered (the CLI, ``from_wire``).
         ``first_index`` numbers the VMs (default: after the highest local one),
-        so a node spreading a request over hosts can keep names unique.
+        so a node spreading a request over hosts can keep names unique.  The
+        custom zip carries the entries its check listed where it entered.
         """
-        # the entries to write if the guest has no python3 (the zip was checked where
-        # it entered: from_wire or the CLI)
-        entries = check_zip(custom_zip) if custom_zip is not None else None
         held = self.admission.reserve(count)
         if held == 0:
             raise NoFreeSlot(f"no free VM slot on this host for {name}")
@@ -176,7 +173,6 @@ class Creator:
                     display=f"{name}-{start + i}",
                     template=rec,
                     custom_zip=custom_zip,
-                    entries=entries,
                     vcpus=vcpus or self.policy.vm_vcpus,
                     memory_mb=memory_mb or self.policy.vm_memory_mb,
                     request_id=request_id,
@@ -262,9 +258,9 @@ class Creator:
             guest, kind, why = await self._start_warm(plan, spec, seconds)
             if guest is None:
                 guest = await self._start_cold(plan, spec, seconds)
-            if plan.custom_zip is not None and plan.entries is not None:
+            if plan.custom_zip is not None:
                 t = time.monotonic()
-                await customzip.unpack(guest, plan.custom_zip, plan.entries)
+                await customzip.unpack(guest, plan.custom_zip)
                 seconds["custom"] = time.monotonic() - t
             ready = seconds.get("vm_resume", 0.0) + seconds.get("vm_boot", 0.0)
             self._mark_running(vm_id, plan.display, guest, kind, ready)

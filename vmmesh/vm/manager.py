@@ -13,6 +13,7 @@ from pathlib import Path
 
 import trio
 
+from vmmesh.api.customzip import CheckedZip
 from vmmesh.api.host import Capacity
 from vmmesh.api.vm import FETCH_AUTO
 from vmmesh.host.build import ProgressSink
@@ -141,7 +142,7 @@ class VmManager:
         name: str,
         count: int,
         packages: Iterable[str] = (),
-        custom_zip: bytes | None = None,
+        custom_zip: CheckedZip | None = None,
         progress: ProgressSink = no_progress,
         *,
         first_index: int | None = None,

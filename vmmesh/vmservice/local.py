@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from vmmesh.api.codec import Empty
 from vmmesh.api.common import Progress
+from vmmesh.api.customzip import checked_zip
 from vmmesh.api.vm import (
     EXEC_LOCAL,
     LIST_LOCAL,
@@ -71,6 +72,7 @@ class LocalVms:
     async def share(self, ctx: Context, req: ShareRequest) -> ShareReply:
         """Admit and make up to ``count`` VMs here; the answer says how many."""
         mgr = self.svc.manager()
+        custom_zip = None if req.custom_zip is None else checked_zip(req.custom_zip)
 
         async def send(item: Progress) -> None:
             await ctx.send_item(item)
@@ -81,7 +83,7 @@ class LocalVms:
                     req.name,
                     req.count,
                     req.packages,
-                    req.custom_zip,
+                    custom_zip,
                     phases(self._host, emit),
                     first_index=req.first_index,
                     vcpus=req.vcpus,
