@@ -39,7 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ import trio
 
 from benchmarks.report import print_result
 from tests.aptrepo import AptRepo
+from vmmesh.api.vm import ShareReply
 from vmmesh.host.build import BaseImage
 from vmmesh.host.capacity import CapacityPolicy, probe_host
 from vmmesh.host.images import read_manifest
@@ -55,7 +56,6 @@ from vmmesh.host.templates import TemplateManager
 from vmmesh.host.warm import WarmStore
 from vmmesh.hypervisor.accel import probe_accel
 from vmmesh.hypervisor.qemu import QemuHypervisor
-from vmmesh.vm.creation import MadeHere
 from vmmesh.vm.manager import VmManager
 
 BASE_DIR = Path("/var/cache/vmmesh-dev/base")
@@ -67,7 +67,7 @@ BUILD_PHASES = (("clone",), ("boot", "resume"), ("update",), ("install",),
 VM_PHASES = (("vm_clone",), ("vm_boot", "vm_resume"), ("identity",))
 THESIS_SCRATCH = "thesis: 81 s (python) / 123 s (openjdk)"
 
-Sample = tuple[MadeHere, float]  # the report and the whole request's seconds
+Sample = tuple[ShareReply, float]  # the report and the whole request's seconds
 
 
 async def bench(args: argparse.Namespace, tmp: Path, sources: list[str]) -> dict[str, Any]:
@@ -85,7 +85,7 @@ async def bench(args: argparse.Namespace, tmp: Path, sources: list[str]) -> dict
                     base_states.append(await _warmed(vms, vms.templates.base.image_id))
                 scratch[mode].append(await _one(vms, args))
                 if mode == "warm" and i == args.runs - 1:
-                    tid = scratch["warm"][-1][0].template_id or ""
+                    tid = scratch["warm"][-1][0].template
                     template_state, runs = await _from_template(vms, args, tid)
             shutil.rmtree(data, ignore_errors=True)
     return {
@@ -138,6 +138,8 @@ async def _host(
         data_dir=data,
         policy=CapacityPolicy(cpu_overcommit=8.0, vm_vcpus=args.vcpus, vm_memory_mb=args.memory),
         probe=lambda: probe_host(data),
+        host="bench",  # the name and node id its VmMade records carry (no mesh here)
+        node_id="0123456789abcdef",
         warm=WarmStore(data, hv, base),
     )
     try:
@@ -190,7 +192,7 @@ async def _warmed(vms: VmManager, key: str) -> tuple[float, int]:
 
 def _row(label: str, samples: list[Sample], reference: str) -> dict[str, Any]:
     """One row of the table: medians of the whole request, the VM's start and each phase."""
-    secs = [r.vms[0].seconds for r, _ in samples]
+    secs = [r.vms[0].phases for r, _ in samples]
     groups = (BUILD_PHASES if samples[0][0].built else ()) + VM_PHASES
     phases = {}
     for group in groups:
@@ -208,13 +210,13 @@ def _row(label: str, samples: list[Sample], reference: str) -> dict[str, Any]:
     }
 
 
-def _vm_start(seconds: dict[str, float]) -> float:
+def _vm_start(seconds: Mapping[str, float]) -> float:
     return sum(seconds.get(k, 0.0) for k in ("vm_clone", "vm_boot", "vm_resume"))
 
 
-def _started(report: MadeHere) -> str:
+def _started(report: ShareReply) -> str:
     """How the build (if any) and the VM started: a warm state that did not resume shows."""
-    vm = f"VM {report.vms[0].start_kind}"
+    vm = f"VM {report.vms[0].start}"
     if not report.built:
         return vm
     return f"build {'resumed' if 'resume' in report.template_seconds else 'booted'}, {vm}"

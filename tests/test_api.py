@@ -19,7 +19,7 @@ from vmmesh.api import codec
 from vmmesh.api.codec import Empty, Int, Message, Record, Text, wire
 from vmmesh.api.customzip import CheckedZip, checked_zip
 from vmmesh.api.host import Capacity, TemplateInfo
-from vmmesh.api.vm import RequestVms, ShareRequest
+from vmmesh.api.vm import RequestVms, ShareReply, ShareRequest
 from vmmesh.errors import (
     ErrorCode,
     InternalError,
@@ -131,6 +131,13 @@ def test_a_checked_zip_carries_its_entries_past_the_edge() -> None:
     assert checked_zip(share.custom_zip).entries == body.custom_zip.entries
     with pytest.raises(InternalError):
         checked_zip(buf.getvalue())
+
+
+def test_an_old_peers_share_reply_still_decodes() -> None:
+    """Fields added to a body have defaults, so a peer that does not send them is read."""
+    old = {"v": ShareReply.VERSION, "host": "h2", "granted": 1}
+    reply = ShareReply.from_wire(old)
+    assert reply.unplaced == 0 and reply.template_seconds == {}
 
 
 def test_unknown_keys_are_ignored_for_newer_peers() -> None:

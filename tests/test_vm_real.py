@@ -88,6 +88,8 @@ class Host:
             data_dir=data,
             policy=CapacityPolicy(cpu_overcommit=4.0, vm_vcpus=2, vm_memory_mb=1024),
             probe=lambda: probe_host(data),
+            host="h1",
+            node_id="0123456789abcdef",
             on_unexpected_stop=self._stopped,
             agent_timeout=240.0,
         )
@@ -138,13 +140,13 @@ async def test_build_reuse_zip_kill_and_shutdown(host: Host) -> None:
     )
     assert first.built and first.vms and not first.errors, first
     vm1 = first.vms[0]
-    print("from scratch:", {k: round(v, 1) for k, v in vm1.seconds.items()})
+    print("from scratch:", {k: round(v, 1) for k, v in vm1.phases.items()})
     for pkg in ("vmm-test-a", "vmm-test-c"):
         res = await host.vms.exec("web-1", ["cat", f"/usr/share/{pkg}/marker"])
         assert res.exit_code == 0 and res.stdout.strip() == pkg.encode()
     res = await host.vms.exec("web-1", ["sh", "-c", "hostname; cat /etc/hostname; hostname -f"])
     assert res.stdout.split() == [b"web-1"] * 3, res
-    template = host.templates.get(vm1.template_id or "")
+    template = host.templates.get(vm1.template)
     template_disk = host.templates.disk_path(template)
     assert template_disk.is_file()
     assert not [p for p in host.templates.dir.iterdir() if p.name.startswith(BUILDING_PREFIX)]
@@ -152,9 +154,9 @@ async def test_build_reuse_zip_kill_and_shutdown(host: Host) -> None:
     second = await host.vms.request_local(
         "web", 1, ["vmm-test-c", "vmm-test-a"], check_zip(_zip()), vcpus=2, memory_mb=1024
     )
-    assert not second.built and second.vms[0].seconds["install"] == 0.0, second
-    assert second.vms[0].template_id == template.template_id
-    print("from template:", {k: round(v, 1) for k, v in second.vms[0].seconds.items()})
+    assert not second.built and second.vms[0].phases["install"] == 0.0, second
+    assert second.vms[0].template == template.template_id
+    print("from template:", {k: round(v, 1) for k, v in second.vms[0].phases.items()})
     res = await host.vms.exec("web-2", ["sh", "/opt/tool/hello.sh"])
     assert res.stdout == b"hello from opt\n"
     res = await host.vms.exec("web-2", ["stat", "-c", "%a", "/opt/tool/hello.sh"])

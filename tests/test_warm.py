@@ -53,6 +53,8 @@ class Host:
             data_dir=data,
             policy=policy,
             probe=lambda: HostProbe(cores=cores, memory_mb=8192, fs_free_mb=50_000),
+            host="h1",
+            node_id="0123456789abcdef",
             warm=self.warm,
         )
 
@@ -81,12 +83,12 @@ async def test_the_second_request_gets_warm_vms(
     host: Host, autojump_clock: trio.testing.MockClock
 ) -> None:
     first = await host.vms.request_local("web", 1, ["a"])
-    assert [v.start_kind for v in first.vms] == ["cold"]
-    tid = first.template_id or ""
+    assert [v.start for v in first.vms] == ["cold"]
+    tid = first.template
     await host.warmed(tid)  # made after the request, in the background
     second = await host.vms.request_local("web", 2, ["a"])
-    assert [v.start_kind for v in second.vms] == ["warm", "warm"]
-    assert "vm_resume" in second.vms[0].seconds and "vm_boot" not in second.vms[0].seconds
+    assert [v.start for v in second.vms] == ["warm", "warm"]
+    assert "vm_resume" in second.vms[0].phases and "vm_boot" not in second.vms[0].phases
     assert sorted(host.hv.resumed) == sorted(v.vm_id for v in second.vms)
     rows = {v.name: v for v in host.vms.list_vms()}
     assert rows["web-2"].start_kind == "warm" and rows["web-1"].start_kind == "cold"
@@ -99,26 +101,26 @@ async def test_another_shape_boots_cold_and_says_why(
     host: Host, autojump_clock: trio.testing.MockClock
 ) -> None:
     first = await host.vms.request_local("web", 1, ["a"])
-    await host.warmed(first.template_id or "")
+    await host.warmed(first.template)
     big = await host.vms.request_local("big", 1, ["a"], memory_mb=1024)
     [vm] = big.vms
-    assert vm.start_kind == "cold"
+    assert vm.start == "cold"
     assert vm.start_note == "warm state has another shape: memory_mb 512 != 1024"
-    assert host.warm.get(first.template_id or "") is not None, "kept for VMs it fits"
+    assert host.warm.get(first.template) is not None, "kept for VMs it fits"
 
 
 async def test_a_corrupt_state_is_deleted_and_the_vm_boots_cold(
     host: Host, autojump_clock: trio.testing.MockClock
 ) -> None:
     first = await host.vms.request_local("web", 1, ["a"])
-    tid = first.template_id or ""
+    tid = first.template
     await host.warmed(tid)
     state = host.warm.get(tid)
     assert state is not None
     state.state.write_bytes(b"\x00garbage")
     again = await host.vms.request_local("web", 1, ["a"])
     [vm] = again.vms
-    assert vm.start_kind == "cold" and "did not resume" in vm.start_note, vm
+    assert vm.start == "cold" and "did not resume" in vm.start_note, vm
     assert host.vms.get(vm.name).state == "running"
     assert not (host.warm.dir / tid).exists() or host.warm.making(tid), "the bad state is gone"
 
@@ -127,7 +129,7 @@ async def test_a_half_saved_state_is_removed_at_start(
     host: Host, autojump_clock: trio.testing.MockClock
 ) -> None:
     first = await host.vms.request_local("web", 1, ["a"])
-    tid = first.template_id or ""
+    tid = first.template
     await host.warmed(tid)
     (host.warm.dir / f"{SAVING}{tid}").mkdir()  # the node was killed while saving
     (host.warm.dir / f"{SAVING}{tid}" / "state.tmp").write_bytes(b"half")
@@ -142,17 +144,17 @@ async def test_warm_starts_can_be_turned_off(
     host: Host, autojump_clock: trio.testing.MockClock
 ) -> None:
     first = await host.vms.request_local("web", 1, ["a"])
-    await host.warmed(first.template_id or "")
+    await host.warmed(first.template)
     host.vms.warm_enabled = False
     again = await host.vms.request_local("web", 1, ["a"])
-    assert [v.start_kind for v in again.vms] == ["cold"]
+    assert [v.start for v in again.vms] == ["cold"]
 
 
 async def test_the_warm_state_goes_with_its_template(
     host: Host, autojump_clock: trio.testing.MockClock
 ) -> None:
     first = await host.vms.request_local("web", 1, ["a"])
-    tid = first.template_id or ""
+    tid = first.template
     await host.warmed(tid)
     await host.vms.shutdown("web")
     host.templates.remove(tid)
@@ -167,7 +169,7 @@ async def test_a_warm_boot_gives_way_to_a_request(
     async with trio.open_nursery() as nursery:
         await nursery.start(h.vms.run)
         first = await h.vms.request_local("web", 1, ["a"])
-        tid = first.template_id or ""
+        tid = first.template
         while not h.warm.making(tid):  # noqa: ASYNC110
             await trio.sleep(0.01)
         assert h.vms.capacity().free_slots == 0, "the warm boot holds the last slot"
@@ -197,7 +199,7 @@ async def test_a_warm_boot_put_off_for_want_of_a_slot_is_made_once_one_frees(
     async with trio.open_nursery() as nursery:
         await nursery.start(h.vms.run)
         first = await h.vms.request_local("web", 2, ["a"])  # both slots taken
-        tid = first.template_id or ""
+        tid = first.template
         await trio.sleep(30.0)
         assert h.warm.get(tid) is None and not h.warm.making(tid), "no slot: put off"
         await h.vms.shutdown("web")
@@ -215,7 +217,7 @@ async def test_a_warm_boot_that_gave_way_to_a_request_is_made_again(
     async with trio.open_nursery() as nursery:
         await nursery.start(h.vms.run)
         first = await h.vms.request_local("web", 1, ["a"])
-        tid = first.template_id or ""
+        tid = first.template
         while not h.warm.making(tid):  # noqa: ASYNC110 - started in the background
             await trio.sleep(0.1)
         await h.vms.request_local("big", 1, ["b"])  # another template: the warm boot's slot
@@ -244,7 +246,7 @@ async def test_warm_states_live_in_the_quota_but_never_take_a_vms_room(
     async with trio.open_nursery() as nursery:
         await nursery.start(h.vms.run)
         first = await h.vms.request_local("web", 1, ["a"])
-        a = first.template_id or ""
+        a = first.template
         await h.warmed(a)
         state = h.warm.get(a)
         assert state is not None
@@ -252,7 +254,7 @@ async def test_warm_states_live_in_the_quota_but_never_take_a_vms_room(
         # Over the quota now (two VMs' room and 200 MB of state), but a warm state a
         # VM's disk is made from never goes.
         second = await h.vms.request_local("web", 1, ["a"])
-        assert [v.start_kind for v in second.vms] == ["warm"]
+        assert [v.start for v in second.vms] == ["warm"]
         await trio.sleep(30)
         assert h.warm.get(a) is not None
         # No VM of it left, and room enough: a cache is kept while it fits.
@@ -282,7 +284,7 @@ async def test_a_vm_with_no_packages_resumes_the_base_images_state(
 ) -> None:
     await _base_warmed(host)
     plain = await host.vms.request_local("plain", 2)
-    assert [v.start_kind for v in plain.vms] == ["warm", "warm"], plain
+    assert [v.start for v in plain.vms] == ["warm", "warm"], plain
     assert sorted(host.hv.resumed) == sorted(v.vm_id for v in plain.vms)
 
 
@@ -293,13 +295,13 @@ async def test_a_build_resumes_its_parents_state_and_leaves_its_own(
     the build guest resumes the base image's state and is saved, not powered off."""
     await _base_warmed(host)
     first = await host.vms.request_local("web", 1, ["a"])
-    tid = first.template_id or ""
+    tid = first.template
     assert first.built
     [vm] = first.vms
     assert {"resume", "save"} <= set(first.template_seconds), first.template_seconds
     assert not {"boot", "shutdown"} & set(first.template_seconds), first.template_seconds
     assert host.warm.get(tid) is not None, "the build's own state, kept at once"
-    assert vm.start_kind == "warm", vm
+    assert vm.start == "warm", vm
     assert any(name.startswith("tpl-") for name in host.hv.resumed), host.hv.resumed
     assert not any(p.name.startswith(SAVING) for p in host.warm.dir.iterdir())
     # the template holds the package and names the base image as its backing file
@@ -307,8 +309,8 @@ async def test_a_build_resumes_its_parents_state_and_leaves_its_own(
     assert rec.chain and rec.parent_id is None
     # a template over it resumes the parent template's state in turn
     child = await host.vms.request_local("more", 1, ["a", "b"])
-    assert "resume" in child.template_seconds and child.vms[0].start_kind == "warm", child
-    assert host.templates.get(child.template_id or "").parent_id == tid
+    assert "resume" in child.template_seconds and child.vms[0].start == "warm", child
+    assert host.templates.get(child.template).parent_id == tid
 
 
 async def test_a_parent_state_that_does_not_resume_costs_the_build_only_the_try(
@@ -321,8 +323,8 @@ async def test_a_parent_state_that_does_not_resume_costs_the_build_only_the_try(
     first = await host.vms.request_local("web", 1, ["a"])
     assert first.built and "boot" in first.template_seconds, first.template_seconds
     assert "resume" not in first.template_seconds
-    assert [v.start_kind for v in first.vms] == ["cold"]
+    assert [v.start for v in first.vms] == ["cold"]
     assert host.vms.get("web-1").state == "running"
     assert not any(p.name.startswith(SAVING) for p in host.warm.dir.iterdir()) or (
-        host.warm.making(first.template_id or "")
+        host.warm.making(first.template)
     ), "no half-kept state of the build"

@@ -66,6 +66,8 @@ async def mgr(tmp_path: Path, store: Store, apt_repo: AptRepo) -> AsyncIterator[
         data_dir=data,
         policy=CapacityPolicy(cpu_overcommit=4.0, vm_vcpus=1, vm_memory_mb=512),
         probe=lambda: probe_host(data),
+        host="h1",
+        node_id="0123456789abcdef",
         agent_timeout=240.0,
         warm=WarmStore(data, hv, base, agent_timeout=240.0),
     )
@@ -101,14 +103,14 @@ async def test_three_warm_clones_are_three_machines(mgr: VmManager) -> None:
     mgr.schedule_warm(None)
     await _warmed(mgr, base)
     plain = await mgr.request_local("plain", 1)
-    assert [v.start_kind for v in plain.vms] == ["warm"], plain
+    assert [v.start for v in plain.vms] == ["warm"], plain
     assert await _out(mgr, plain.vms[0].name, "hostname") == plain.vms[0].name.encode()
     first = await mgr.request_local("w", 1, ["vmm-test-a"])
-    tid = first.template_id or ""
-    print("from a new template:", {k: round(v, 1) for k, v in first.vms[0].seconds.items()})
+    tid = first.template
+    print("from a new template:", {k: round(v, 1) for k, v in first.vms[0].phases.items()})
     assert first.built and "resume" in first.template_seconds, first.template_seconds
     assert "boot" not in first.template_seconds, "the build resumed the base image's state"
-    assert [v.start_kind for v in first.vms] == ["warm"], "its first VM resumed the build"
+    assert [v.start for v in first.vms] == ["warm"], "its first VM resumed the build"
     name = first.vms[0].name
     assert await _out(mgr, name, "cat /usr/share/vmm-test-a/marker") == b"vmm-test-a"
     clock = float(await _out(mgr, name, "date +%s"))
@@ -124,9 +126,9 @@ async def test_three_warm_clones_are_three_machines(mgr: VmManager) -> None:
         f"(waited {trio.current_time() - started:.1f} s)"
     )
     clones = await mgr.request_local("w", 3, ["vmm-test-a"])
-    assert [v.start_kind for v in clones.vms] == ["warm"] * 3, clones
+    assert [v.start for v in clones.vms] == ["warm"] * 3, clones
     for v in clones.vms:
-        print(f"{v.name}: resumed and ready in {v.seconds['vm_resume']:.2f} s")
+        print(f"{v.name}: resumed and ready in {v.phases['vm_resume']:.2f} s")
     names = [v.name for v in clones.vms]
     hostnames = {await _out(mgr, n, "hostname") for n in names}
     machine_ids = {await _out(mgr, n, "cat /etc/machine-id") for n in names}
@@ -143,12 +145,12 @@ async def test_three_warm_clones_are_three_machines(mgr: VmManager) -> None:
     # another shape (memory) is not resumed: a cold boot, and why
     big = await mgr.request_local("big", 1, ["vmm-test-a"], memory_mb=768)
     [vm] = big.vms
-    assert vm.start_kind == "cold" and "memory_mb 512 != 768" in vm.start_note, vm
+    assert vm.start == "cold" and "memory_mb 512 != 768" in vm.start_note, vm
 
     # a corrupt state: the VM still comes up (cold), the state is gone
     state.state.write_bytes(os.urandom(4096))
     again = await mgr.request_local("again", 1, ["vmm-test-a"])
     [vm] = again.vms
-    assert vm.start_kind == "cold" and "did not resume" in vm.start_note, vm
+    assert vm.start == "cold" and "did not resume" in vm.start_note, vm
     assert await _out(mgr, vm.name, "hostname") == vm.name.encode()
     assert mgr.warm.get(tid) is None or mgr.warm.making(tid)

@@ -160,7 +160,15 @@ class ShareRequest(Message):
 
 @dataclass(frozen=True)
 class ShareReply(Message):
-    """What a host made of its share (``granted`` may be less than asked)."""
+    """What a host made of its share (``granted`` may be less than asked).
+
+    The host's own answer (``VmManager.request_local`` makes it), passed on as
+    it is: ``unplaced`` counts the VMs asked for and not made here (not
+    admitted, or failed half-way); ``template`` is ``""`` when the base image
+    served; ``template_seconds`` are the phases of getting the template
+    (build or fetch; ``install`` 0 when it was there), which the first VM's
+    ``phases`` also carry.
+    """
 
     host: str = wire(Text(63))
     granted: int = wire(Int(0, MAX_COUNT))
@@ -169,6 +177,8 @@ class ShareReply(Message):
     template: str = wire(Text(64), default="")
     built: bool = wire(Bool(), default=False)
     source: TemplateSource = wire(Nested(TemplateSource), default=TemplateSource())
+    unplaced: int = wire(Int(0, MAX_COUNT), default=0)
+    template_seconds: Mapping[str, float] = wire(Phases, default_factory=dict)
 
 
 # --- shutdown ----------------------------------------------------------------

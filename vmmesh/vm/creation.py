@@ -10,6 +10,9 @@ guest agent, gives it its own identity (``persona``), unpacks the optional
 custom zip into ``/opt`` and moves the row to ``running`` (``STARTED``); the
 lifecycle watches it from then on.  A VM that fails half-way is killed and its
 overlay and row removed (``FAILED``); the request reports it as not made.
+
+The answer is the wire's own ``api.vm.ShareReply`` with one ``api.vm.VmMade``
+per VM, made here and passed unchanged to the coordinator and the CLI.
 """
 
 from __future__ import annotations
@@ -18,14 +21,14 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 import trio
 
 from vmmesh.api.customzip import CheckedZip
 from vmmesh.api.names import next_index
-from vmmesh.api.vm import FETCH_AUTO, TemplateSource
+from vmmesh.api.vm import FETCH_AUTO, ShareReply, TemplateSource, VmMade
 from vmmesh.errors import HypervisorError, NotFound, VmmeshError
 from vmmesh.host import customzip, persona
 from vmmesh.host.build import ProgressSink
@@ -49,42 +52,8 @@ def no_progress(phase: str, fraction: float | None) -> None:
     """Default progress sink."""
 
 
-@dataclass(frozen=True)
-class VmReport:
-    """How one VM of a request came to be."""
-
-    name: str
-    vm_id: str
-    template_id: str | None
-    built: bool
-    seconds: dict[str, float]
-    start_kind: str = "cold"
-    start_note: str = ""  # why cold although the template has a warm state
-
-    @property
-    def total_seconds(self) -> float:
-        return sum(self.seconds.values())
-
-
-@dataclass(frozen=True)
-class MadeHere:
-    """The answer to ``request_local``: made VMs, and what could not be.
-
-    The host's own account; the share handler turns it into the ``api.vm.VmMade``
-    records that travel unchanged from there to the CLI (``api.vm.RequestReport``
-    is the request's answer).
-    """
-
-    name: str
-    requested: int
-    granted: int  # admitted here; the rest was unplaced at once
-    vms: tuple[VmReport, ...]
-    template_id: str | None
-    built: bool
-    template_seconds: dict[str, float]
-    unplaced: int = 0
-    errors: tuple[str, ...] = ()
-    source: TemplateSource = field(default_factory=TemplateSource)
+def _rounded(seconds: Mapping[str, float]) -> dict[str, float]:
+    return {k: round(s, 2) for k, s in seconds.items()}
 
 
 @dataclass(frozen=True)
@@ -124,7 +93,11 @@ class Creator:
         policy: CapacityPolicy,
         probe: Callable[[], HostProbe],
         agent_timeout: float,
+        host: str,
+        node_id: str,
     ) -> None:
+        self.host = host  # this host's name and node id, for its VmMade records
+        self.node_id = node_id
         self.rows = rows
         self.admission = admission
         self.warm = warm
@@ -148,7 +121,7 @@ class Creator:
         memory_mb: int | None = None,
         request_id: str = "",
         fetch: str = FETCH_AUTO,
-    ) -> MadeHere:
+    ) -> ShareReply:
         """Make up to ``count`` VMs named ``name-<n>`` here.
 
         Admits them here (the one place a request reserves its slots): VMs
@@ -184,30 +157,36 @@ class Creator:
             self.admission.release(batch.held)
         progress("done", 1.0)
         self.warm.schedule(rec)  # after this request's VMs: never in its way
-        # The first VM carries the template's phases; the others reused it.
-        made = tuple(
-            VmReport(
-                name=plans[i].display,
-                vm_id=vm_id,
-                template_id=rec.template_id if rec else None,
-                built=built and n == 0,
-                seconds={**(tpl_seconds if n == 0 else {"install": 0.0}), **seconds},
-                start_kind=kind,
-                start_note=note,
+        template = rec.template_id if rec else ""
+        made: list[VmMade] = []
+        for i, (vm_id, seconds, kind, note) in sorted(batch.made.items()):
+            first = not made  # carries the template's phases and source; the others reused it
+            phases = {**(tpl_seconds if first else {"install": 0.0}), **seconds}
+            made.append(
+                VmMade(
+                    name=plans[i].display,
+                    vm_id=vm_id,
+                    host=self.host,
+                    node_id=self.node_id,
+                    template=template,
+                    built=built and first,
+                    start=kind,
+                    start_note=note,
+                    seconds=round(sum(phases.values()), 2),
+                    phases=_rounded(phases),
+                    source=got.source if first else TemplateSource(),
+                )
             )
-            for n, (i, (vm_id, seconds, kind, note)) in enumerate(sorted(batch.made.items()))
-        )
-        return MadeHere(
-            name=name,
-            requested=count,
+        return ShareReply(
+            host=self.host,
             granted=held,
-            vms=made,
-            template_id=rec.template_id if rec else None,
-            built=built,
-            template_seconds=tpl_seconds,
-            unplaced=batch.unplaced,
+            vms=tuple(made),
             errors=tuple(batch.errors),
+            template=template,
+            built=built,
             source=got.source,
+            unplaced=batch.unplaced,
+            template_seconds=_rounded(tpl_seconds),
         )
 
     async def _create_many(

@@ -15,7 +15,7 @@ import trio
 
 from vmmesh.api.customzip import CheckedZip
 from vmmesh.api.host import Capacity
-from vmmesh.api.vm import FETCH_AUTO
+from vmmesh.api.vm import FETCH_AUTO, ShareReply
 from vmmesh.host.build import ProgressSink
 from vmmesh.host.capacity import CapacityPolicy, HostProbe
 from vmmesh.host.store import Store
@@ -23,7 +23,7 @@ from vmmesh.host.templates import TemplateManager, TemplateRecord
 from vmmesh.host.warm import WarmStore
 from vmmesh.hypervisor.base import ExecResult, Guest, Hypervisor
 from vmmesh.vm.admission import Admission
-from vmmesh.vm.creation import Creator, MadeHere, no_progress
+from vmmesh.vm.creation import Creator, no_progress
 from vmmesh.vm.lifecycle import Lifecycle, SshAccess, VmStopped
 from vmmesh.vm.reconcile import reconcile
 from vmmesh.vm.rows import VmRecord, VmRows
@@ -35,6 +35,8 @@ class VmManager:
 
     Start ``run`` in the node's nursery (``await nursery.start(mgr.run)``)
     before anything else: it hosts the watchers.  Then call ``reconcile``.
+    ``host`` and ``node_id`` are this host's name and node id, which the
+    ``api.vm.VmMade`` records of ``request_local`` carry.
     """
 
     def __init__(
@@ -46,6 +48,8 @@ class VmManager:
         data_dir: Path,
         policy: CapacityPolicy,
         probe: Callable[[], HostProbe],
+        host: str,
+        node_id: str,
         on_unexpected_stop: Callable[[VmStopped], None] | None = None,
         agent_timeout: float = 300.0,
         now: Callable[[], float] = time.time,
@@ -76,6 +80,8 @@ class VmManager:
             policy=policy,
             probe=probe,
             agent_timeout=agent_timeout,
+            host=host,
+            node_id=node_id,
         )
         self.vm_dir.mkdir(parents=True, exist_ok=True)
 
@@ -150,7 +156,7 @@ class VmManager:
         memory_mb: int | None = None,
         request_id: str = "",
         fetch: str = FETCH_AUTO,
-    ) -> MadeHere:
+    ) -> ShareReply:
         return await self.creator.request_local(
             name,
             count,

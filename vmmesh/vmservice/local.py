@@ -33,16 +33,13 @@ from vmmesh.api.vm import (
     SshRequest,
     TemplateList,
     TemplateRow,
-    TemplateSource,
     VmList,
-    VmMade,
     VmRow,
 )
 from vmmesh.host.sshkeys import check_public_keys
 from vmmesh.net.rpc import Context, Handlers
 from vmmesh.progress import phases, progress_pump
 from vmmesh.vm.admission import NoFreeSlot
-from vmmesh.vm.creation import MadeHere
 from vmmesh.vm.manager import VmManager
 
 if TYPE_CHECKING:
@@ -70,7 +67,7 @@ class LocalVms:
         return self.svc.node.identity.name
 
     async def share(self, ctx: Context, req: ShareRequest) -> ShareReply:
-        """Admit and make up to ``count`` VMs here; the answer says how many."""
+        """Admit and make up to ``count`` VMs here; the host's answer goes back as it is."""
         mgr = self.svc.manager()
         custom_zip = None if req.custom_zip is None else checked_zip(req.custom_zip)
 
@@ -79,7 +76,7 @@ class LocalVms:
 
         try:
             async with progress_pump(send) as emit:
-                report = await mgr.request_local(
+                reply = await mgr.request_local(
                     req.name,
                     req.count,
                     req.packages,
@@ -93,39 +90,12 @@ class LocalVms:
                 )
         except NoFreeSlot:
             log.info("share of request %s: %d VM(s) asked, none admitted", req.name, req.count)
-            return ShareReply(host=self._host, granted=0)
+            return ShareReply(host=self._host, granted=0, unplaced=req.count)
         log.info(
-            "share of request %s: %d VM(s) asked, %d admitted", req.name, req.count, report.granted
+            "share of request %s: %d VM(s) asked, %d admitted", req.name, req.count, reply.granted
         )
         self.svc.publish_now()
-        return ShareReply(
-            host=self._host,
-            granted=report.granted,
-            vms=self._made(report),
-            errors=report.errors,
-            template=report.template_id or "",
-            built=report.built,
-            source=report.source,
-        )
-
-    def _made(self, report: MadeHere) -> tuple[VmMade, ...]:
-        node_id = self.svc.node.node_id
-        return tuple(
-            VmMade(
-                name=v.name,
-                vm_id=v.vm_id,
-                host=self._host,
-                node_id=node_id,
-                template=v.template_id or "",
-                built=v.built,
-                start=v.start_kind,
-                start_note=v.start_note,
-                seconds=round(v.total_seconds, 2),
-                phases={k: round(s, 2) for k, s in v.seconds.items()},
-                source=report.source if i == 0 else TemplateSource(),
-            )
-            for i, v in enumerate(report.vms)
-        )
+        return reply
 
     async def shutdown(self, ctx: Context, req: ShutdownRequest) -> ShutdownLocalReply:
         if self.svc.mgr is None:

@@ -146,6 +146,8 @@ class VmService(NodeExtension):
             data_dir=data_dir,
             policy=CapacityPolicy.from_config(cfg),
             probe=lambda: probe_host(data_dir),
+            host=node.identity.name,
+            node_id=node.node_id,
             on_unexpected_stop=self._on_unexpected_stop,
             ssh_ports=range(cfg.ssh_port_first, cfg.ssh_port_first + max(cfg.ssh_port_count, 0)),
             ssh_bind=cfg.ssh_bind,
