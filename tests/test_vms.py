@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from tests.fakehv import FakeHypervisor, chain_of, files_on, make_base_image
+from vmmesh.api.common import Progress
 from vmmesh.api.customzip import check_zip
 from vmmesh.api.names import request_name_of
 from vmmesh.errors import CapacityError, NotFound, PackageInstallError, UsageError
@@ -115,6 +116,20 @@ async def test_request_builds_then_reuses(
     assert len(node.vms.list_templates()) == 1
     res = await node.vms.exec("web-3", ["cat", "/usr/share/vmm-test/a"])
     assert res.exit_code == 0 and res.stdout == b"a"
+
+
+async def test_the_host_makes_the_progress_items_the_cli_shows(
+    node: Node, autojump_clock: trio.testing.MockClock
+) -> None:
+    """One record from the host to the CLI: the build's steps and the VMs' are
+    ``Progress`` items of this host's name, made here and streamed as they are."""
+    items: list[Progress] = []
+    await node.vms.request_local("web", 1, ["a"], progress=items.append)
+    assert {i.task for i in items} == {"h1"}
+    phases = [i.phase for i in items]
+    assert "vm web-1" in phases and phases[-1] == "done", phases
+    assert items[-1].fraction == 1.0
+    assert any(p not in ("vm web-1", "done") for p in phases), "the build's steps too"
 
 
 async def test_vms_of_one_request_boot_side_by_side_up_to_the_cores(

@@ -1,7 +1,8 @@
 """Progress from synchronous code to a streamed reply, without blocking the work.
 
-Long work (a build, a transfer) reports progress through a plain callback;
-the caller streams it to the CLI over a connection that may be slow or gone.
+Long work (a request's VMs, a transfer) makes ``api.common.Progress`` items
+and hands them to a plain callback (``api.common.Emit``); the caller streams
+them, as they are, to the CLI over a connection that may be slow or gone.
 ``progress_pump`` gives the work a callback that never blocks and forwards
 the items from a task of its own; when the consumer lags, items are dropped
 (progress is a view, the final reply is what counts), and a consumer that is
@@ -16,13 +17,11 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from vmmesh.api.common import Progress
+from vmmesh.api.common import Emit, Progress
 from vmmesh.errors import VmmeshError
 from vmmesh.nurseries import open_nursery
 
 BUFFER = 256
-
-Emit = Callable[[Progress], None]
 
 
 @asynccontextmanager
@@ -45,12 +44,3 @@ async def progress_pump(send: Callable[[Progress], Awaitable[None]]) -> AsyncIte
             yield emit
         finally:
             tx.close()
-
-
-def phases(task: str, emit: Emit) -> Callable[[str, float | None], None]:
-    """The ``progress(phase, fraction)`` callback of the host layer, as items of ``task``."""
-
-    def report(phase: str, fraction: float | None) -> None:
-        emit(Progress(task=task[:128], phase=phase[:200], fraction=fraction))
-
-    return report

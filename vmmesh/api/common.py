@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmmesh.api.codec import Float, Int, Message, Optional, Text, wire
@@ -27,3 +28,8 @@ class Progress(Message):
     total: int = wire(Int(), default=0)
     rate: float = wire(Float(0.0), default=0.0)
     note: str = wire(Text(200), default="")
+
+
+Emit = Callable[[Progress], None]
+"""Where long work tells its ``Progress``: a callback that must not block (the node's
+``progress.progress_pump`` gives one that streams the items, as they are, to the caller)."""

@@ -12,7 +12,9 @@ lifecycle watches it from then on.  A VM that fails half-way is killed and its
 overlay and row removed (``FAILED``); the request reports it as not made.
 
 The answer is the wire's own ``api.vm.ShareReply`` with one ``api.vm.VmMade``
-per VM, made here and passed unchanged to the coordinator and the CLI.
+per VM, made here and passed unchanged to the coordinator and the CLI; the
+progress items (``api.common.Progress``, this host's name as their task) are
+made here too and streamed as they are.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field, replace
 
 import trio
 
+from vmmesh.api.common import Emit, Progress
 from vmmesh.api.customzip import CheckedZip
 from vmmesh.api.names import next_index
 from vmmesh.api.vm import FETCH_AUTO, ShareReply, TemplateSource, VmMade
@@ -48,7 +51,7 @@ log = logging.getLogger("vmmesh.vms")
 WARM_TIMEOUT = 60.0  # a resumed guest answers in about a second; a stuck one is abandoned
 
 
-def no_progress(phase: str, fraction: float | None) -> None:
+def no_progress(item: Progress) -> None:
     """Default progress sink."""
 
 
@@ -114,7 +117,7 @@ class Creator:
         count: int,
         packages: Iterable[str] = (),
         custom_zip: CheckedZip | None = None,
-        progress: ProgressSink = no_progress,
+        progress: Emit = no_progress,
         *,
         first_index: int | None = None,
         vcpus: int | None = None,
@@ -132,12 +135,13 @@ class Creator:
         so a node spreading a request over hosts can keep names unique.  The
         custom zip carries the entries its check listed where it entered.
         """
+        step = self._steps(progress)
         held = self.admission.reserve(count)
         if held == 0:
             raise NoFreeSlot(f"no free VM slot on this host for {name}")
         batch = _Batch(held=held, unplaced=count - held)
         try:
-            got = await self.templates.ensure_template(packages, progress, policy=fetch)
+            got = await self.templates.ensure_template(packages, step, policy=fetch)
             rec, built, tpl_seconds = got.record, got.built, got.timings
             self.warm.trim(keep=rec.template_id if rec else None)  # the new disks' room
             start = first_index or next_index(name, (v.name for v in self.rows.list()))
@@ -152,10 +156,10 @@ class Creator:
                 )
                 for i in range(held)
             ]
-            await self._create_many(plans, batch, progress)
+            await self._create_many(plans, batch, step)
         finally:
             self.admission.release(batch.held)
-        progress("done", 1.0)
+        step("done", 1.0)
         self.warm.schedule(rec)  # after this request's VMs: never in its way
         template = rec.template_id if rec else ""
         made: list[VmMade] = []
@@ -188,6 +192,14 @@ class Creator:
             unplaced=batch.unplaced,
             template_seconds=_rounded(tpl_seconds),
         )
+
+    def _steps(self, emit: Emit) -> ProgressSink:
+        """The host layer's ``progress(phase, fraction)`` as this host's ``Progress`` items."""
+
+        def step(phase: str, fraction: float | None) -> None:
+            emit(Progress(task=self.host[:128], phase=phase[:200], fraction=fraction))
+
+        return step
 
     async def _create_many(
         self, plans: list[_VmPlan], batch: _Batch, progress: ProgressSink

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import trio
 
+from vmmesh.api.common import Emit
 from vmmesh.api.customzip import CheckedZip
 from vmmesh.api.host import Capacity
 from vmmesh.api.vm import FETCH_AUTO, ShareReply
-from vmmesh.host.build import ProgressSink
 from vmmesh.host.capacity import CapacityPolicy, HostProbe
 from vmmesh.host.store import Store
 from vmmesh.host.templates import TemplateManager, TemplateRecord
@@ -149,7 +149,7 @@ class VmManager:
         count: int,
         packages: Iterable[str] = (),
         custom_zip: CheckedZip | None = None,
-        progress: ProgressSink = no_progress,
+        progress: Emit = no_progress,
         *,
         first_index: int | None = None,
         vcpus: int | None = None,

@@ -13,7 +13,6 @@ import logging
 from typing import TYPE_CHECKING
 
 from vmmesh.api.codec import Empty
-from vmmesh.api.common import Progress
 from vmmesh.api.customzip import checked_zip
 from vmmesh.api.vm import (
     EXEC_LOCAL,
@@ -38,7 +37,7 @@ from vmmesh.api.vm import (
 )
 from vmmesh.host.sshkeys import check_public_keys
 from vmmesh.net.rpc import Context, Handlers
-from vmmesh.progress import phases, progress_pump
+from vmmesh.progress import progress_pump
 from vmmesh.vm.admission import NoFreeSlot
 from vmmesh.vm.manager import VmManager
 
@@ -70,18 +69,14 @@ class LocalVms:
         """Admit and make up to ``count`` VMs here; the host's answer goes back as it is."""
         mgr = self.svc.manager()
         custom_zip = None if req.custom_zip is None else checked_zip(req.custom_zip)
-
-        async def send(item: Progress) -> None:
-            await ctx.send_item(item)
-
         try:
-            async with progress_pump(send) as emit:
+            async with progress_pump(ctx.send_item) as emit:
                 reply = await mgr.request_local(
                     req.name,
                     req.count,
                     req.packages,
                     custom_zip,
-                    phases(self._host, emit),
+                    emit,
                     first_index=req.first_index,
                     vcpus=req.vcpus,
                     memory_mb=req.memory_mb,
