@@ -9,6 +9,7 @@ import trio
 
 from vmmesh.config import Config, load_config
 from vmmesh.jobs.service import JobService
+from vmmesh.migrate.service import MigrateService
 from vmmesh.node import Node
 from vmmesh.transfer.service import TransferService
 from vmmesh.vmservice.service import VmService
@@ -25,7 +26,8 @@ def node(args: argparse.Namespace, cfg: Config) -> int:
         return load_config(flags, config_file=args.config)
 
     vms = VmService()
-    n = Node(cfg, reload=reload, extensions=[vms, TransferService(vms), JobService(vms)])
+    extensions = [vms, TransferService(vms), JobService(vms), MigrateService(vms)]
+    n = Node(cfg, reload=reload, extensions=extensions)
     try:
         trio.run(n.run)
     except KeyboardInterrupt:

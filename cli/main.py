@@ -127,6 +127,12 @@ def _vm_commands(add: Adder) -> None:
         help="only from this host (repeat for several); default: every holder",
     )
     _run_command(add)
+    p = add("migrate", "cmd_migrate:migrate", "move a running VM to another host (live)")
+    p.add_argument("vm", help="the VM's full name, as `vmmesh vms` shows it (NAME-<n>)")
+    p.add_argument("--to", default="", metavar="HOST", help="the target host (default: picked)")
+    p.add_argument(
+        "--offline", action="store_true", help="pause, save and send the state, resume there"
+    )
     add("vms", "cmd_vm:vms", "list the VMs of the mesh")
     add("templates", "cmd_vm:templates", "list the templates of the mesh")
     p = add("shutdown", "cmd_vm:shutdown", "stop and delete every VM called NAME in the mesh")

@@ -26,6 +26,17 @@ EXPECTED: dict[tuple[VmState, VmEvent], Outcome] = {
     (S.LOST, E.DISK_MISSING): GONE,
     (S.STOPPED, E.STOP_ORDERED): S.STOPPING,
     (S.STOPPED, E.DISK_MISSING): GONE,
+    # migration: the source's row
+    (S.RUNNING, E.MIGRATE_BEGUN): S.MIGRATING,
+    (S.MIGRATING, E.MIGRATE_FAILED): S.RUNNING,
+    (S.MIGRATING, E.MIGRATED_AWAY): GONE,
+    (S.MIGRATING, E.STOP_ORDERED): S.STOPPING,
+    (S.MIGRATING, E.EXITED): S.LOST,
+    (S.MIGRATING, E.FOUND_GONE): S.LOST,
+    # migration: the target's row
+    (S.INCOMING, E.STARTED): S.RUNNING,
+    (S.INCOMING, E.FAILED): GONE,
+    (S.INCOMING, E.STOP_ORDERED): S.STOPPING,
 }
 
 
@@ -44,10 +55,23 @@ def test_the_table_is_the_expected_one() -> None:
 
 def test_state_values_are_the_stored_words() -> None:
     """The sqlite column and the wire keep today's strings."""
-    assert [s.value for s in VmState] == ["creating", "running", "stopping", "lost", "stopped"]
+    assert [s.value for s in VmState] == [
+        "creating",
+        "running",
+        "stopping",
+        "lost",
+        "stopped",
+        "migrating",
+        "incoming",
+    ]
     assert str(VmState.RUNNING) == "running"
     assert isinstance(VmState.RUNNING, str)
 
 
 def test_events_that_always_delete() -> None:
-    assert {e for e in VmEvent if ends(e)} == {E.FAILED, E.STOPPED, E.DISK_MISSING}
+    assert {e for e in VmEvent if ends(e)} == {
+        E.FAILED,
+        E.STOPPED,
+        E.DISK_MISSING,
+        E.MIGRATED_AWAY,
+    }

@@ -33,7 +33,8 @@ class BootSpec:
     ``kernel``/``initrd``/``cmdline`` are for direct kernel boot (the base
     image manifest carries them).  ``run_dir`` holds the QMP and guest-agent
     sockets, the pid file and the console log.  ``incoming`` resumes from a
-    saved-state file instead of booting.
+    saved-state file instead of booting; ``defer_incoming`` starts QEMU waiting
+    for a live migration stream (``-incoming defer``).
     """
 
     name: str
@@ -48,6 +49,7 @@ class BootSpec:
     ssh_port: int | None = None  # host port forwarded to guest port 22 (user mode)
     ssh_bind: str = "127.0.0.1"  # host address that forward listens on
     incoming: Path | None = None
+    defer_incoming: bool = False  # wait for a migration stream (``migrate-incoming``)
 
     def with_ssh(self, port: int | None, bind: str) -> BootSpec:
         """The same guest with its port 22 forwarded from ``bind:port`` (user mode)."""

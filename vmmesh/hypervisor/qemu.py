@@ -37,7 +37,8 @@ import logging
 import os
 import signal
 import subprocess
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ from vmmesh.hypervisor.base import BootSpec, DiskInfo, ExecResult
 from vmmesh.hypervisor.qcow2 import qcow2_backing
 from vmmesh.hypervisor.qga import AgentLink
 from vmmesh.hypervisor.qmp import (
+    QMPClient,
     incoming_from_file_uri,
     migrate_to_file_uri,
     migration_finished,
@@ -123,6 +125,8 @@ def qemu_argv(
     argv += _net_argv(spec)
     if spec.incoming is not None:
         argv += ["-incoming", incoming_from_file_uri(spec.incoming.absolute())]
+    elif spec.defer_incoming:
+        argv += ["-incoming", "defer"]
     return argv
 
 
@@ -190,6 +194,7 @@ def spec_from_json(text: str) -> BootSpec:
             ssh_port=None if raw["ssh_port"] is None else int(raw["ssh_port"]),
             ssh_bind=str(raw.get("ssh_bind", "127.0.0.1")),
             incoming=None if raw["incoming"] is None else Path(raw["incoming"]),
+            defer_incoming=bool(raw.get("defer_incoming", False)),
         )
     except (ValueError, TypeError, KeyError) as exc:
         raise HypervisorError(f"unreadable {SPEC_FILE}: {exc}") from exc
@@ -281,6 +286,13 @@ class QemuGuest:
         """One monitor command on a fresh connection."""
         async with self._qmp_lock, open_qmp(self.qmp_path) as client:
             return await client.execute(execute, arguments)
+
+    @asynccontextmanager
+    async def monitor(self) -> AsyncIterator[QMPClient]:
+        """One monitor connection held for several commands (a migration's steps;
+        a descriptor passed with ``getfd`` belongs to the connection's monitor)."""
+        async with self._qmp_lock, open_qmp(self.qmp_path) as client:
+            yield client
 
     async def query_status(self) -> str:
         status = await self.qmp("query-status")
@@ -471,11 +483,12 @@ class QemuGuest:
             os.close(pidfd)
         return -1
 
-    async def _await_running(self, incoming: bool, timeout: float) -> None:
+    async def _await_running(self, incoming: bool, timeout: float, deferred: bool = False) -> None:
         """Wait until the monitor answers; after an incoming migration, resume the guest.
 
         A state saved from a paused guest arrives paused, so ``cont`` is
-        needed for the resumed VM to run.
+        needed for the resumed VM to run.  A ``deferred`` QEMU waits for its
+        migration stream: its monitor answering is all there is to wait for.
         """
         with trio.move_on_after(timeout):
             while True:
@@ -491,7 +504,7 @@ class QemuGuest:
                 if status == "paused" and incoming:
                     await self.qmp("cont")
                     return
-                if status == "running":
+                if status == "running" or (status == "inmigrate" and deferred):
                     return
                 await trio.sleep(0.05)
         raise HypervisorError(f"QEMU for {self.name} did not come up within {timeout:g} s")
@@ -650,7 +663,9 @@ class QemuHypervisor:
                 raise HypervisorError(f"cannot run {self.qemu_binary}: {exc}") from exc
         guest = QemuGuest(spec.name, process.pid, run_dir, process)
         try:
-            await guest._await_running(spec.incoming is not None, self.start_timeout)
+            await guest._await_running(
+                spec.incoming is not None, self.start_timeout, spec.defer_incoming
+            )
         except BaseException:
             with trio.CancelScope(shield=True):
                 await guest.kill()

@@ -19,9 +19,11 @@ operations and a restarted node can attach to the same socket).
 
 from __future__ import annotations
 
+import array
 import itertools
 import json
 import shlex
+import socket
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -251,6 +253,31 @@ class QMPClient:
                 elif isinstance(msg, ErrorReply) and msg.id == ident:
                     raise QMPError(f"{execute}: {msg.error_class}: {msg.desc}")
 
+    async def execute_with_fd(self, execute: str, arguments: dict[str, Any], fd: int) -> Any:
+        """Run one command with ``fd`` passed beside it (``getfd``: SCM_RIGHTS).
+
+        The descriptor is QEMU's from then on (a duplicate; the caller still
+        closes its own).  Needs a Unix socket stream.
+        """
+        sock = getattr(self._stream, "socket", None)
+        if sock is None:
+            raise QMPError(f"{execute}: the monitor connection cannot pass descriptors")
+        async with self._lock:
+            ident, data = self._codec.command(execute, arguments)
+            rights = array.array("i", [fd]).tobytes()
+            try:
+                await sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+            except OSError as exc:
+                raise QMPError(f"{execute}: monitor connection broke: {exc}") from exc
+            while True:
+                msg = await self._next()
+                if isinstance(msg, Event):
+                    self.events.append(msg)
+                elif isinstance(msg, Return) and msg.id == ident:
+                    return msg.value
+                elif isinstance(msg, ErrorReply) and msg.id == ident:
+                    raise QMPError(f"{execute}: {msg.error_class}: {msg.desc}")
+
 
 @asynccontextmanager
 async def open_qmp(path: Path, line_limit: int = DEFAULT_LINE_LIMIT) -> AsyncIterator[QMPClient]:
@@ -285,3 +312,81 @@ def migration_finished(query_migrate: Any) -> bool:
     if status in {"failed", "cancelled"}:
         raise QMPError(f"migration {status}: {query_migrate.get('error-desc', '')}")
     return False
+
+
+@dataclass(frozen=True)
+class MigrationStats:
+    """What ``query-migrate`` says about a migration, in bytes and milliseconds."""
+
+    status: str
+    total_ms: int = 0
+    downtime_ms: int | None = None  # set once completed
+    expected_downtime_ms: int | None = None
+    setup_ms: int = 0
+    ram_transferred: int = 0
+    ram_remaining: int = 0
+    ram_total: int = 0
+    dirty_pages_rate: int = 0  # pages per second
+    mbps: float = 0.0
+    error: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.status in {"failed", "cancelled"}
+
+
+def _int(raw: Any, key: str) -> int:
+    value = raw.get(key) if isinstance(raw, dict) else None
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
+
+
+def migration_stats(answer: Any) -> MigrationStats:
+    """``query-migrate``'s answer as ``MigrationStats``; QMPError when it is not one."""
+    if not isinstance(answer, dict):
+        raise QMPError("malformed query-migrate answer")
+    ram = answer.get("ram", {})
+    mbps = ram.get("mbps", 0.0) if isinstance(ram, dict) else 0.0
+    return MigrationStats(
+        status=str(answer.get("status", "none")),
+        total_ms=_int(answer, "total-time"),
+        downtime_ms=_int(answer, "downtime") if "downtime" in answer else None,
+        expected_downtime_ms=(
+            _int(answer, "expected-downtime") if "expected-downtime" in answer else None
+        ),
+        setup_ms=_int(answer, "setup-time"),
+        ram_transferred=_int(ram, "transferred"),
+        ram_remaining=_int(ram, "remaining"),
+        ram_total=_int(ram, "total"),
+        dirty_pages_rate=_int(ram, "dirty-pages-rate"),
+        mbps=float(mbps) if isinstance(mbps, int | float) else 0.0,
+        error=str(answer.get("error-desc", "")),
+    )
+
+
+@dataclass(frozen=True)
+class MirrorJob:
+    """One ``query-block-jobs`` entry: bytes copied of the bytes known to copy."""
+
+    job_id: str
+    ready: bool
+    offset: int
+    length: int
+    status: str
+
+
+def block_jobs(answer: Any) -> dict[str, MirrorJob]:
+    """``query-block-jobs``'s answer by job id; QMPError when it is not one."""
+    if not isinstance(answer, list):
+        raise QMPError("malformed query-block-jobs answer")
+    jobs = {}
+    for raw in answer:
+        if not isinstance(raw, dict) or not isinstance(raw.get("device"), str):
+            raise QMPError("malformed block job")
+        jobs[raw["device"]] = MirrorJob(
+            job_id=raw["device"],
+            ready=bool(raw.get("ready", False)),
+            offset=_int(raw, "offset"),
+            length=_int(raw, "len"),
+            status=str(raw.get("status", "")),
+        )
+    return jobs

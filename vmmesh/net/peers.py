@@ -187,6 +187,18 @@ class PeerPool:
             self.drop(node_id)
             raise
 
+    @asynccontextmanager
+    async def dedicated(self, node_id: str) -> AsyncIterator[RpcConnection]:
+        """A connection of its own to ``node_id`` (same port, same mutual TLS), serving
+        this node's handlers, for the length of the block: bulk bytes that a slow
+        reader holds back (a migration) never stall the gossip of the shared one."""
+        ep = self._endpoints.get(node_id)
+        if ep is None:
+            raise PeerUnavailable(f"no known address for node {node_id}")
+        stream = await open_peer(ep.host, ep.port, self._identity(), node_id)
+        async with open_rpc(stream, node_id, self.handlers) as conn:
+            yield conn
+
     async def dial_seed(self, host: str, port: int) -> str:
         """Connect to a seed whose node id we do not know yet; returns it."""
         stream = await open_peer(host, port, self._identity())

@@ -114,6 +114,11 @@ class CallContext:
         self.streamed = True
         await self._conn._send(Item(self._id, item.to_wire()))
 
+    @property
+    def connection(self) -> RpcConnection:
+        """The connection the call came on, to call the caller back over it."""
+        return self._conn
+
 
 @dataclass
 class LocalContext:

@@ -4,6 +4,12 @@
   is gone, the VM is ``lost`` (``FOUND_GONE``; ``on_unexpected_stop`` told).
 * ``creating`` rows were half made: kill any QEMU, delete disk and row (``FAILED``).
 * ``stopping`` rows were ordered down: finish the order (``STOPPED``).
+* ``incoming`` rows (a migration to here that was not committed): kill the
+  QEMU, delete (``FAILED``); the source still holds the VM.
+* ``migrating`` rows (a migration from here the node did not see end): a
+  guest still running goes back to ``running`` (``MIGRATE_FAILED``); a paused
+  one may run on the target already, so it is left paused and ``migrating``
+  for the user to decide (``vmmesh vms`` shows it), never resumed here.
 * A row whose disk is missing cannot run again: ``running`` becomes lost,
   ``lost``/``stopped`` rows are deleted (``DISK_MISSING``).  A disk in ``vms/``
   with no row is deleted (nothing refers to it), and so is a run directory
@@ -14,16 +20,21 @@
 
 from __future__ import annotations
 
+from vmmesh.errors import VmmeshError
 from vmmesh.host.reconcile import kill_leftovers
 from vmmesh.host.templates import TemplateManager
 from vmmesh.host.warm import WarmStore
-from vmmesh.hypervisor.base import Hypervisor
+from vmmesh.hypervisor.base import Guest, Hypervisor
 from vmmesh.vm.lifecycle import Lifecycle
 from vmmesh.vm.rows import VmRows
 from vmmesh.vm.state import ACTIVE, VmEvent, VmState
 
 #: The event that ends a row found at start-up in a state that is not ``running``.
-_LEFT_OVER = {VmState.CREATING: VmEvent.FAILED, VmState.STOPPING: VmEvent.STOPPED}
+_LEFT_OVER = {
+    VmState.CREATING: VmEvent.FAILED,
+    VmState.STOPPING: VmEvent.STOPPED,
+    VmState.INCOMING: VmEvent.FAILED,
+}
 
 
 async def reconcile(
@@ -47,7 +58,15 @@ async def reconcile(
                 lifecycle.watch(rec.vm_id, guest)
                 changes.append(f"re-adopted {rec.name}")
                 continue
-            if rec.state == VmState.RUNNING:
+            if rec.state == VmState.MIGRATING and guest is not None and disk_ok:
+                if await _still_running(guest):
+                    rows.apply(rec.vm_id, VmEvent.MIGRATE_FAILED)
+                    lifecycle.watch(rec.vm_id, guest)
+                    changes.append(f"{rec.name}: its migration did not end; it runs on here")
+                else:
+                    changes.append(f"{rec.name}: paused by a migration that did not end; left")
+                continue
+            if rec.state in (VmState.RUNNING, VmState.MIGRATING):
                 if guest is not None:
                     await guest.kill()
                 lifecycle.mark_lost(rec.vm_id, None, VmEvent.FOUND_GONE)
@@ -61,15 +80,26 @@ async def reconcile(
             rows.apply(rec.vm_id, VmEvent.DISK_MISSING)
             changes.append(f"removed {rec.state} VM {rec.name} (disk missing)")
     listed = rows.list()
-    known = {v.disk for v in listed}
+    known = {v.disk for v in listed} | {rows.layer_path(v.vm_id).name for v in listed}
     for entry in sorted(rows.vm_dir.iterdir()):
         if entry.is_file() and entry.name not in known:
             entry.unlink()
             changes.append(f"orphan file vms/{entry.name}")
-    live = {v.vm_id for v in listed if v.state == VmState.RUNNING}
+    live = {v.vm_id for v in listed if v.state in (VmState.RUNNING, VmState.MIGRATING)}
     strays = [
         d
         for d in rows.run_root.glob("*")
         if d.name not in live and not d.name.startswith(("tpl-", "warm-"))
     ]
     return changes + await kill_leftovers(hv, strays, "QEMU with no VM row:")
+
+
+async def _still_running(guest: Guest) -> bool:
+    """Does the guest run (not paused by a migration)?  False when it cannot be asked."""
+    query = getattr(guest, "query_status", None)
+    if query is None:
+        return True  # a hypervisor without a monitor never pauses for a migration
+    try:
+        return bool(await query() == "running")
+    except VmmeshError:
+        return False

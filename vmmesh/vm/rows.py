@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vmmesh.api.names import request_name_of
-from vmmesh.errors import NotFound
+from vmmesh.errors import InternalError, NotFound
 from vmmesh.host.sshkeys import pick_port
 from vmmesh.host.store import Store
 from vmmesh.vm.state import ACTIVE, GONE, VmEvent, VmState, ends, transition
@@ -140,8 +140,11 @@ class VmRows:
         ).fetchone()
         return int(vcpus), int(memory), int(count)
 
-    def insert(self, vm: NewVm) -> int:
-        """The ``creating`` row, with its ssh port; returns the port (0: none)."""
+    def insert(self, vm: NewVm, state: VmState = VmState.CREATING) -> int:
+        """The row of a VM being made (``creating``) or arriving from another host
+        (``incoming``), with its ssh port; returns the port (0: none)."""
+        if state not in (VmState.CREATING, VmState.INCOMING):
+            raise InternalError(f"a VM's row is not born {state}")
         with self.store.transaction() as conn:
             # chosen and recorded with no await between: two VMs never share a port
             ssh_port = self._free_ssh_port(conn)
@@ -152,7 +155,7 @@ class VmRows:
                     vm.vm_id,
                     vm.display,
                     vm.template_id,
-                    VmState.CREATING.value,
+                    state.value,
                     vm.disk.name,
                     vm.vcpus,
                     vm.memory_mb,
@@ -195,7 +198,13 @@ class VmRows:
             )
         return new
 
+    def layer_path(self, vm_id: str) -> Path:
+        """Where a VM that arrived from another host keeps the layer its overlay sits
+        on, when that was the sender's own (a warm state's disk), not a template."""
+        return self.vm_dir / f"{vm_id}.layer.qcow2"
+
     def delete_files(self, vm_id: str) -> None:
-        """The VM's overlay and run directory."""
+        """The VM's overlay, its own layer (if it came with one) and run directory."""
         (self.vm_dir / f"{vm_id}.qcow2").unlink(missing_ok=True)
+        self.layer_path(vm_id).unlink(missing_ok=True)
         shutil.rmtree(self.run_root / vm_id, ignore_errors=True)

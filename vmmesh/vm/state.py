@@ -11,10 +11,14 @@ bug in the caller (``errors.InternalError``), never the user's or a peer's
 fault: code that meets a race it expects (a stop ordered while the VM starts)
 checks the state before it applies the event.
 
-Migration, restart after a crash and recovery after a host dies (issue 17)
-attach as rows of ``TRANSITIONS`` (states such as ``migrating``/``restarting``
-and events such as ``migrate-ordered``/``switched-over``/``restart-begun``),
-not as new paths that write states of their own.
+Migration (``vmmesh.migrate``) is rows of this table, not a path beside it:
+on the source a running VM becomes ``migrating`` (``MIGRATE_BEGUN``) and
+either goes back to ``running`` (``MIGRATE_FAILED``: anything that failed
+before the target ran it) or is gone (``MIGRATED_AWAY``: the target runs
+it).  On the target the VM's row is born ``incoming`` (``VmRows.insert``)
+and becomes ``running`` (``STARTED``) once its QEMU runs the guest, or is
+gone (``FAILED``).  Restart after a crash and recovery after a host dies
+attach the same way.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ class VmState(enum.StrEnum):
     STOPPING = "stopping"  # a stop was ordered; the row goes once QEMU and files are gone
     LOST = "lost"  # QEMU ended without an order; overlay kept, no slot held
     STOPPED = "stopped"  # in the schema's list, written by no path today
+    MIGRATING = "migrating"  # running here while it is copied to another host
+    INCOMING = "incoming"  # arriving from another host; QEMU waits for the stream
 
 
 class VmEvent(enum.StrEnum):
@@ -46,6 +52,9 @@ class VmEvent(enum.StrEnum):
     EXITED = "exited"  # QEMU exited without an order while the VM ran
     FOUND_GONE = "found-gone"  # at start-up: the QEMU of a running VM, or its disk, is gone
     DISK_MISSING = "disk-missing"  # at start-up: a VM that does not run has no disk left
+    MIGRATE_BEGUN = "migrate-begun"  # the target is ready; copying starts
+    MIGRATE_FAILED = "migrate-failed"  # it failed before the target ran the VM: it runs on here
+    MIGRATED_AWAY = "migrated-away"  # the target runs the VM: this copy goes
 
 
 #: A transition's outcome when the VM's row, overlay and run directory are deleted.
@@ -68,10 +77,25 @@ TRANSITIONS: Final[Mapping[tuple[VmState, VmEvent], Outcome]] = {
     (VmState.LOST, VmEvent.DISK_MISSING): GONE,
     (VmState.STOPPED, VmEvent.STOP_ORDERED): VmState.STOPPING,
     (VmState.STOPPED, VmEvent.DISK_MISSING): GONE,
+    (VmState.RUNNING, VmEvent.MIGRATE_BEGUN): VmState.MIGRATING,
+    (VmState.MIGRATING, VmEvent.MIGRATE_FAILED): VmState.RUNNING,
+    (VmState.MIGRATING, VmEvent.MIGRATED_AWAY): GONE,
+    (VmState.MIGRATING, VmEvent.STOP_ORDERED): VmState.STOPPING,
+    (VmState.MIGRATING, VmEvent.EXITED): VmState.LOST,
+    (VmState.MIGRATING, VmEvent.FOUND_GONE): VmState.LOST,
+    (VmState.INCOMING, VmEvent.STARTED): VmState.RUNNING,
+    (VmState.INCOMING, VmEvent.FAILED): GONE,
+    (VmState.INCOMING, VmEvent.STOP_ORDERED): VmState.STOPPING,
 }
 
 #: States whose VMs hold cores, memory and a disk allowance.
-ACTIVE: Final = (VmState.CREATING, VmState.RUNNING, VmState.STOPPING)
+ACTIVE: Final = (
+    VmState.CREATING,
+    VmState.RUNNING,
+    VmState.STOPPING,
+    VmState.MIGRATING,
+    VmState.INCOMING,
+)
 
 
 def transition(state: VmState, event: VmEvent) -> Outcome:

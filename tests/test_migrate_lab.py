@@ -1,0 +1,134 @@
+"""Migration between lab hosts: real nodes (network namespaces, mDNS, mutual TLS),
+real QEMU guests (TCG), a guest process that must survive the move.
+
+One lab of two hosts serves the module.  Each VM has no packages, so it
+resumes the base image's warm state (no cold boot): the VM's overlay sits on
+that warm state's disk, a layer of its host's own, which the migration must
+carry too.  The guest runs a counter that writes a number to a file every
+100 ms; after a move the same process (same PID, same start time) goes on
+counting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.labutil import lab_context
+from tests.meshutil import all_up, base_warm, cli_json, eventually, failed
+from vmmesh.lab import Lab
+
+BASE_DIR = Path(os.environ.get("VMMESH_BASE_IMAGE_DIR", "/var/cache/vmmesh-dev/base"))
+
+pytestmark = [
+    pytest.mark.lab,
+    pytest.mark.qemu,
+    pytest.mark.skipif(
+        not (BASE_DIR / "manifest.json").is_file(),
+        reason=f"needs a base image in {BASE_DIR}",
+    ),
+]
+
+PATIENCE = 600.0
+COUNTER = (
+    "setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /run/count; sleep 0.1; done' "
+    "</dev/null >/dev/null 2>&1 & echo $!"
+)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    base = tmp_path_factory.mktemp("miglab")
+    with lab_context(base, 2, start_nodes=True, node_args=["--accel=tcg"], image=BASE_DIR) as lab:
+        for i in (1, 2):
+            eventually(all_up, f"h{i} sees two hosts up", lab, i, 2)
+        for i in (1, 2):
+            eventually(base_warm, f"h{i} has its base image's warm state", lab, i,
+                       patience=PATIENCE)  # fmt: skip
+        yield lab
+
+
+@pytest.fixture(autouse=True)
+def node_logs_if_failed(request: pytest.FixtureRequest, lab: Lab) -> Iterator[None]:
+    yield
+    if failed(request):
+        for i in (1, 2):
+            log = Path(lab.host(i).data_dir) / "node.log"
+            lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+            print(f"--- h{i} node.log (last 60 lines)", *lines[-60:], sep="\n")
+
+
+def _run(lab: Lab, i: int, cmd: str, *args: str) -> Any:
+    argv = [*lab.vmmesh_argv(), cmd, "--data-dir", str(lab.host_data_dir(i)), "--json", *args]
+    r = lab.lab_exec(i, argv, check=False, timeout=PATIENCE)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def _sh(lab: Lab, i: int, vm: str, script: str) -> str:
+    reply = _run(lab, i, "exec", vm, "--", "sh", "-c", script)
+    assert reply["exit_code"] == 0, reply
+    return str(reply["stdout"])
+
+
+def _where(lab: Lab, i: int, vm: str) -> list[tuple[str, str]]:
+    return [(v["host"], v["state"]) for v in cli_json(lab, i, "vms")["vms"] if v["name"] == vm]
+
+
+def _process(lab: Lab, i: int, vm: str, pid: int) -> tuple[str, int]:
+    """The counter's start time (ticks since boot, from /proc) and its last count."""
+    out = _sh(lab, i, vm, f"cut -d' ' -f22 /proc/{pid}/stat; cat /run/count")
+    start, count = out.split()
+    return start, int(count)
+
+
+def _counting(lab: Lab, i: int, vm: str, pid: int, after: int) -> tuple[str, int] | None:
+    seen = _process(lab, i, vm, pid)
+    return seen if seen[1] > after else None
+
+
+@pytest.mark.parametrize("mode", ["live", "offline"])
+def test_a_guest_process_goes_on_counting_on_the_other_host(lab: Lab, mode: str) -> None:
+    name = f"mig{mode[:3]}"
+    made = _run(lab, 1, "request", name, "1")
+    vm = f"{name}-1"
+    assert made["placed"] == 1, made
+    [(src, state)] = _where(lab, 1, vm)  # the planner's pick
+    assert state == "running"
+    dst = "h2" if src == "h1" else "h1"
+    pid = int(_sh(lab, 1, vm, COUNTER).strip())
+    start, count = eventually(_counting, "the counter counts", lab, 1, vm, pid, 0)
+
+    args = ["migrate", vm, "--to", dst] + (["--offline"] if mode == "offline" else [])
+    report = _run(lab, 1, *args)  # any host may ask, the VM's or another
+    print(json.dumps(report, indent=1))
+    assert (report["source"], report["target"], report["mode"]) == (src, dst, mode)
+    phases = [p["name"] for p in report["phases"]]
+    if mode == "live":
+        assert phases[:2] == ["prepare", "layer"] and "switchover" in phases
+        assert report["downtime_ms"] is not None and report["ram_bytes"] > 0
+    else:
+        assert "save" in phases and "send" in phases
+    assert report["wire_bytes"] > 0
+
+    assert _where(lab, 1, vm) == [(dst, "running")]
+    later_start, later = eventually(_counting, "the counter goes on", lab, 1, vm, pid, count)
+    assert later_start == start  # the same process, not a new one with the same PID
+    assert later > count
+    left = lab.host_data_dir(int(src[1:])) / "vms"
+    assert not list(left.glob("*.qcow2"))  # nothing left behind on the source
+    _run(lab, 1, "shutdown", name)
+
+
+def test_migrating_a_vm_no_host_runs_says_so(lab: Lab) -> None:
+    argv = [*lab.vmmesh_argv(), "migrate", "nosuch-1", "--data-dir", str(lab.host_data_dir(1))]
+    r = lab.lab_exec(1, argv, check=False, timeout=60)
+    assert r.returncode != 0
+    assert "no host of the mesh runs a VM nosuch-1" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, shlex.quote(r.stderr)

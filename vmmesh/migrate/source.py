@@ -1,0 +1,380 @@
+"""The source's side: one VM moved from here, live or offline.
+
+Steps, each named in the report's phases:
+
+1. ``prepare``: the VM's row becomes ``migrating`` here; the target checks it
+   can run the VM, fetches the template chain and writes an ``incoming`` row.
+2. ``layer``: if the VM's overlay sits on a layer of this host's own (the
+   warm state's disk it was resumed from), that file goes first, whole.
+3. Live: ``listen`` (the target's QEMU waits), then ``mirror`` (the overlay's
+   own clusters over NBD until the job is ready) and ``ram`` (QEMU's stream,
+   iterating until it pauses before the switchover), then ``switchover``
+   (the mirror completes while the guest is paused, then the devices' state).
+   Offline: ``save`` (the guest paused, its state to a file), then the
+   overlay and the state as files.
+4. ``commit``: the target runs the guest.  Only then is this copy deleted
+   (``MIGRATED_AWAY``).
+
+Anything that fails before the commit aborts the target (nothing is left
+there) and resumes the guest here (``MIGRATE_FAILED``).  When the commit's
+answer is lost, the source asks the target to abort: if it already runs the
+VM the abort says so and this copy goes; if the target cannot be reached
+the guest stays paused here (``migrating``): it may run there, and running
+it twice is worse than waiting for a person.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from vmmesh.api.common import Progress
+from vmmesh.api.migrate import (
+    ABORT,
+    COMMIT,
+    LISTEN,
+    PREPARE,
+    Channel,
+    MigrateReport,
+    Mode,
+    Phase,
+    PrepareRequest,
+    SessionRequest,
+)
+from vmmesh.errors import HypervisorError, QMPError, StateError, VmmeshError
+from vmmesh.hypervisor import migration as qm
+from vmmesh.hypervisor.qemu import QemuGuest
+from vmmesh.hypervisor.qmp import MigrationStats, migrate_to_file_uri
+from vmmesh.migrate.pipes import FileSource, PipeSession, StreamEnd, join
+from vmmesh.net.peers import PeerPool
+from vmmesh.net.rpc import RpcConnection
+from vmmesh.nurseries import open_nursery
+from vmmesh.vm.manager import VmManager
+from vmmesh.vm.rows import VmRecord
+from vmmesh.vm.state import VmEvent, VmState
+
+log = logging.getLogger("vmmesh.migrate")
+
+POLL = 0.05
+MIRROR_BRIDGE = "mirror.sock"
+SAVED_STATE = "outgoing.state"
+
+Emit = Callable[[Progress], Awaitable[None]]
+
+
+@dataclass
+class Outgoing:
+    """One VM leaving this host."""
+
+    rec: VmRecord
+    guest: QemuGuest
+    target_id: str
+    target_name: str
+    mode: Mode
+    session: str = field(default_factory=lambda: secrets.token_hex(16))
+    phases: list[Phase] = field(default_factory=list)
+    stats: MigrationStats | None = None
+    disk_bytes: int = 0
+    fetched: bool = False
+
+    def phase(self, name: str, since: float) -> float:
+        now = time.monotonic()
+        self.phases.append(Phase(name=name, seconds=round(now - since, 3)))
+        return now
+
+
+class Source:
+    def __init__(self, mgr: VmManager, pool: PeerPool, host_name: str) -> None:
+        self.mgr = mgr
+        self.pool = pool
+        self.host_name = host_name
+        self.sessions: dict[str, PipeSession] = {}
+
+    async def migrate(
+        self, rec: VmRecord, target_id: str, target_name: str, mode: Mode, emit: Emit
+    ) -> MigrateReport:
+        guest = self.mgr.guests.get(rec.vm_id)
+        if rec.state != VmState.RUNNING or guest is None:
+            raise StateError(f"{rec.name} is {rec.state}, not running: it cannot migrate")
+        if not isinstance(guest, QemuGuest):
+            raise HypervisorError("this host's hypervisor cannot migrate VMs")
+        out = Outgoing(rec, guest, target_id, target_name, mode)
+        t_start = time.monotonic()
+        layer = await self._layer(rec)
+        disk = self.mgr.rows.vm_dir / rec.disk
+        pipes = PipeSession(out.session, target_id)
+        self.sessions[out.session] = pipes
+        self.mgr.rows.apply(rec.vm_id, VmEvent.MIGRATE_BEGUN)
+        committed = False
+        try:
+            async with self.pool.dedicated(target_id) as conn:
+                t = time.monotonic()
+                await emit(Progress(task=rec.name, phase=f"preparing {target_name}"))
+                prepared = await conn.request(PREPARE, await self._prepare(out, layer))
+                out.fetched = prepared.fetched_template
+                t = out.phase("prepare", t)
+                if layer is not None:
+                    await emit(Progress(task=rec.name, phase="sending the disk's layer"))
+                    pipes.put(Channel.LAYER, FileSource(layer))
+                    await join(conn, pipes, Channel.LAYER)
+                    t = out.phase("layer", t)
+                if mode is Mode.LIVE:
+                    await self._live(out, conn, pipes, emit)
+                else:
+                    await self._offline(out, conn, pipes, disk, emit)
+                t = time.monotonic()
+                await emit(Progress(task=rec.name, phase=f"starting on {target_name}"))
+                committed = await self._commit(out, conn)
+                out.phase("commit", t)
+        except BaseException as exc:
+            if not committed:
+                with trio.CancelScope(shield=True):
+                    await self._give_up(out, exc)
+            raise
+        finally:
+            self.sessions.pop(out.session, None)
+            with trio.CancelScope(shield=True):
+                await pipes.aclose()
+        # the target runs the VM: this copy goes (row and files first, so the
+        # watcher does not take QEMU's end for a crash)
+        self.mgr.rows.apply(rec.vm_id, VmEvent.MIGRATED_AWAY)
+        self.mgr.guests.pop(rec.vm_id, None)
+        await guest.kill()
+        stats = out.stats
+        return MigrateReport(
+            vm=rec.name,
+            source=self.host_name,
+            target=target_name,
+            mode=mode,
+            seconds=round(time.monotonic() - t_start, 3),
+            phases=tuple(out.phases),
+            downtime_ms=stats.downtime_ms if stats else None,
+            total_time_ms=stats.total_ms if stats else 0,
+            ram_bytes=stats.ram_transferred if stats else 0,
+            disk_bytes=out.disk_bytes,
+            wire_bytes=pipes.counts.total,
+            fetched_template=out.fetched,
+        )
+
+    async def _layer(self, rec: VmRecord) -> Path | None:
+        """The file between the overlay and the template, if the VM has one (a warm
+        state's disk); None when the overlay sits on the template or base image."""
+        disk = self.mgr.rows.vm_dir / rec.disk
+        name = await self.mgr.hv.backing_of(disk)
+        if name is None:
+            raise StateError(f"{rec.name}'s disk has no backing file")
+        backing = (disk.parent / name).resolve()
+        templates = self.mgr.templates
+        chain = {templates.base.disk.resolve()}
+        if rec.template_id is not None:
+            chain.add(templates.disk_path(templates.get(rec.template_id)).resolve())
+        if backing in chain:
+            return None
+        below = await self.mgr.hv.backing_of(backing)
+        if below is None or (backing.parent / below).resolve() not in chain:
+            raise StateError(f"{rec.name}'s disk sits on a chain this host cannot send")
+        return backing
+
+    async def _prepare(self, out: Outgoing, layer: Path | None) -> PrepareRequest:
+        rec = out.rec
+        spec = self.mgr.templates.base.boot_spec(
+            rec.vm_id, Path(rec.disk), Path("."), rec.vcpus, rec.memory_mb
+        )
+        shape = await self.mgr.hv.shape(spec)
+        return PrepareRequest(
+            session=out.session,
+            mode=out.mode,
+            vm_id=rec.vm_id,
+            name=rec.name,
+            template_id=rec.template_id,
+            image_id=self.mgr.templates.base.image_id,
+            request_id=rec.request_id,
+            vcpus=rec.vcpus,
+            memory_mb=rec.memory_mb,
+            shape=shape.to_json(),
+            layer_bytes=layer.stat().st_size if layer is not None else 0,
+        )
+
+    async def _live(
+        self, out: Outgoing, conn: RpcConnection, pipes: PipeSession, emit: Emit
+    ) -> None:
+        guest, name = out.guest, out.rec.name
+        t = time.monotonic()
+        await conn.request(LISTEN, SessionRequest(session=out.session))
+        t = out.phase("listen", t)
+        bridge = guest.run_dir / MIRROR_BRIDGE
+        bridge.unlink(missing_ok=True)
+        mine, theirs = socket.socketpair()
+        async with open_nursery() as pumps, _listener(bridge) as listener:
+            pumps.start_soon(_accept_nbd, listener, pipes, conn)
+            try:
+                async with guest.monitor() as qmp:
+                    await emit(Progress(task=name, phase="mirroring the disk"))
+                    await qm.start_mirror(qmp, bridge)
+                    while not (job := await qm.mirror(qmp)).ready:
+                        frac = job.offset / job.length if job.length else None
+                        await emit(Progress(task=name, phase="mirroring the disk", fraction=frac,
+                                      done=job.offset, total=job.length))  # fmt: skip
+                        await trio.sleep(POLL)
+                    t = out.phase("mirror", t)
+                    pipes.put(Channel.RAM, _stream_end(theirs))
+                    pumps.start_soon(join, conn, pipes, Channel.RAM)
+                    await qm.start_ram(qmp, mine.fileno())
+                    mine.close()
+                    while (stats := await qm.ram(qmp)).status != "pre-switchover":
+                        if stats.failed:
+                            raise QMPError(f"migration {stats.status}: {stats.error}")
+                        await _emit_ram(emit, name, stats)
+                        await trio.sleep(POLL)
+                    t = out.phase("ram", t)
+                    await qm.finish_mirror(qmp)
+                    while not await qm.mirror_gone(qmp):  # noqa: ASYNC110 - QMP is polled
+                        await trio.sleep(0.01)
+                    job_bytes = job.length
+                    await qm.drop_mirror_node(qmp)
+                    await qm.switchover(qmp)
+                    while (stats := await qm.ram(qmp)).status != "completed":
+                        if stats.failed:
+                            raise QMPError(f"migration {stats.status}: {stats.error}")
+                        await trio.sleep(0.01)
+                    out.stats = stats
+                    out.disk_bytes = job_bytes
+                    out.phase("switchover", t)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    async with guest.monitor() as qmp:
+                        await qm.abort_source(qmp)
+                raise
+            finally:
+                mine.close()
+
+    async def _offline(
+        self,
+        out: Outgoing,
+        conn: RpcConnection,
+        pipes: PipeSession,
+        disk: Path,
+        emit: Emit,
+    ) -> None:
+        guest, name = out.guest, out.rec.name
+        state = guest.run_dir / SAVED_STATE
+        t = time.monotonic()
+        await emit(Progress(task=name, phase="saving the guest's state"))
+        try:
+            async with guest.monitor() as qmp:
+                await qm.save_paused(qmp, migrate_to_file_uri(state.absolute()))
+                while (stats := await qm.ram(qmp)).status != "completed":
+                    if stats.failed:
+                        raise QMPError(f"saving {name} {stats.status}: {stats.error}")
+                    await trio.sleep(POLL)
+            out.stats = stats
+            t = out.phase("save", t)
+            await emit(Progress(task=name, phase="sending disk and state"))
+            pipes.put(Channel.OVERLAY, FileSource(disk))
+            pipes.put(Channel.STATE, FileSource(state))
+            await join(conn, pipes, Channel.OVERLAY)
+            await join(conn, pipes, Channel.STATE)
+            out.disk_bytes = disk.stat().st_size
+            out.phase("send", t)
+        finally:
+            state.unlink(missing_ok=True)
+
+    async def _commit(self, out: Outgoing, conn: RpcConnection) -> bool:
+        """True once the target runs the VM (or says it already does)."""
+        try:
+            await conn.request(COMMIT, SessionRequest(session=out.session))
+            return True
+        except VmmeshError as exc:
+            log.warning("commit of %s on %s failed: %s", out.rec.name, out.target_name, exc)
+            raise
+
+    async def _give_up(self, out: Outgoing, exc: BaseException) -> None:
+        """Abort the target; resume here unless the target may run the VM."""
+        reason = str(exc)[:200] or type(exc).__name__
+        try:
+            with trio.fail_after(30):
+                await self.pool.call(
+                    out.target_id, ABORT, SessionRequest(session=out.session, reason=reason)
+                )
+        except (VmmeshError, trio.TooSlowError) as abort_exc:
+            if isinstance(abort_exc, StateError):  # "it runs here": the target has it
+                log.warning("%s: the target already runs it", out.rec.name)
+                self.mgr.rows.apply(out.rec.vm_id, VmEvent.MIGRATED_AWAY)
+                self.mgr.guests.pop(out.rec.vm_id, None)
+                await out.guest.kill()
+                return
+            if await _paused_for_good(out.guest):
+                log.error(
+                    "%s: the migration to %s did not end and %s cannot be reached (%s): "
+                    "the guest stays paused here, it may run there",
+                    out.rec.name, out.target_name, out.target_name, abort_exc,
+                )  # fmt: skip
+                return
+        async with out.guest.monitor() as qmp:
+            await qm.abort_source(qmp)
+        self.mgr.rows.apply(out.rec.vm_id, VmEvent.MIGRATE_FAILED)
+        log.warning("migration of %s to %s failed: %s", out.rec.name, out.target_name, reason)
+
+
+async def _paused_for_good(guest: QemuGuest) -> bool:
+    """Did the RAM stream complete (the target may have started the guest)?"""
+    try:
+        async with guest.monitor() as qmp:
+            return (await qm.ram(qmp)).status == "completed"
+    except VmmeshError:
+        return True
+
+
+async def _emit_ram(emit: Emit, name: str, stats: MigrationStats) -> None:
+    total = stats.ram_total or 1
+    done = total - stats.ram_remaining
+    expect = stats.expected_downtime_ms
+    note = f"dirty {stats.dirty_pages_rate} pages/s"
+    if expect is not None:
+        note += f", expected downtime {expect} ms"
+    await emit(
+        Progress(
+            task=name,
+            phase="copying memory",
+            fraction=min(1.0, max(0.0, done / total)),
+            done=stats.ram_transferred,
+            total=stats.ram_total,
+            rate=stats.mbps * 1e6 / 8,
+            note=note,
+        )
+    )
+
+
+def _stream_end(sock: socket.socket) -> StreamEnd:
+    return StreamEnd(trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
+
+
+@asynccontextmanager
+async def _listener(path: Path) -> AsyncIterator[trio.socket.SocketType]:
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    try:
+        await sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(1)
+        yield sock
+    finally:
+        sock.close()
+        path.unlink(missing_ok=True)
+
+
+async def _accept_nbd(
+    listener: trio.socket.SocketType, pipes: PipeSession, conn: RpcConnection
+) -> None:
+    """QEMU's NBD client connects here; its bytes go to the target's export."""
+    sock, _ = await listener.accept()
+    pipes.put(Channel.NBD, StreamEnd(trio.SocketStream(sock)))
+    await join(conn, pipes, Channel.NBD)
