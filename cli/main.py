@@ -133,6 +133,13 @@ def _vm_commands(add: Adder) -> None:
     p.add_argument(
         "--offline", action="store_true", help="pause, save and send the state, resume there"
     )
+    p = add("drain", "cmd_migrate:drain", "move HOST's VMs away; it takes no new VM")
+    p.add_argument("host", nargs="?", default="", help="host name or node id (default: this)")
+    p = add("undrain", "cmd_migrate:undrain", "let HOST take VMs again")
+    p.add_argument("host", nargs="?", default="", help="host name or node id (default: this)")
+    p.add_argument(
+        "--bring-back", action="store_true", help="move back the VMs that left it while draining"
+    )
     add("vms", "cmd_vm:vms", "list the VMs of the mesh")
     add("templates", "cmd_vm:templates", "list the templates of the mesh")
     p = add("shutdown", "cmd_vm:shutdown", "stop and delete every VM called NAME in the mesh")

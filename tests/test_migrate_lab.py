@@ -132,3 +132,43 @@ def test_migrating_a_vm_no_host_runs_says_so(lab: Lab) -> None:
     assert r.returncode != 0
     assert "no host of the mesh runs a VM nosuch-1" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, shlex.quote(r.stderr)
+
+
+def _draining(lab: Lab, viewer: int, host: str) -> bool:
+    hosts = {h["name"]: h for h in cli_json(lab, viewer, "peers")["hosts"]}
+    return bool(hosts[host]["draining"])
+
+
+def test_a_drained_host_moves_its_vms_away_and_takes_no_new_one(lab: Lab) -> None:
+    _run(lab, 1, "request", "drn", "2")
+    for vm in ("drn-1", "drn-2"):  # both on h1, whatever the planner chose
+        [(host, _)] = _where(lab, 1, vm)
+        if host != "h1":
+            _run(lab, 1, "migrate", vm, "--to", "h1")
+    assert sorted(_where(lab, 1, vm)[0][0] for vm in ("drn-1", "drn-2")) == ["h1", "h1"]
+    pid = int(_sh(lab, 1, "drn-1", COUNTER).strip())
+    start, count = eventually(_counting, "the counter counts", lab, 1, "drn-1", pid, 0)
+
+    report = _run(lab, 2, "drain", "h1")  # from another host
+    assert report["draining"] is True and report["errors"] == []
+    assert sorted(m["vm"] for m in report["moved"]) == ["drn-1", "drn-2"]
+    assert {(m["source"], m["target"]) for m in report["moved"]} == {("h1", "h2")}
+    assert [_where(lab, 2, vm) for vm in ("drn-1", "drn-2")] == [[("h2", "running")]] * 2
+    later_start, _ = eventually(_counting, "the counter goes on", lab, 2, "drn-1", pid, count)
+    assert later_start == start
+    eventually(_draining, "h2 sees h1 draining", lab, 2, "h1")
+
+    made = _run(lab, 2, "request", "fresh", "1")  # a new request made on another host
+    assert made["placed"] == 1 and _where(lab, 2, "fresh-1")[0][0] == "h2"
+    data = str(lab.host_data_dir(2))
+    argv = [*lab.vmmesh_argv(), "migrate", "--data-dir", data, "fresh-1", "--to", "h1"]
+    refused = lab.lab_exec(2, argv, check=False)
+    assert refused.returncode != 0 and "h1 is draining" in refused.stderr
+
+    back = _run(lab, 2, "undrain", "h1", "--bring-back")
+    assert back["draining"] is False and back["errors"] == []
+    assert sorted(m["vm"] for m in back["moved"]) == ["drn-1", "drn-2"]
+    assert [_where(lab, 1, vm) for vm in ("drn-1", "drn-2")] == [[("h1", "running")]] * 2
+    eventually(lambda: not _draining(lab, 2, "h1"), "h2 sees h1 take VMs again")
+    for name in ("drn", "fresh"):
+        _run(lab, 1, "shutdown", name)

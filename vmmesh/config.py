@@ -46,6 +46,7 @@ class Config:
     warm_start: bool = True  # VMs resume from their template's saved boot where it fits
     pack_level: int = 19  # zstd level of the packs templates are served from; 0: none
     job_lease: float = 60.0  # a job VM whose owner is silent this long is shut down
+    drain_on_stop: bool = False  # SIGTERM: move this host's VMs away before the node ends
     # `vmmesh ssh`: each VM's port 22 is forwarded from a host port of this range,
     # listening on ssh_bind (0.0.0.0: reachable from the mesh's other hosts;
     # 127.0.0.1: only from this host).  ssh_port_count = 0 turns forwards off.

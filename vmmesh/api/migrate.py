@@ -153,6 +153,38 @@ class CommitReply(Message):
     resume_seconds: float = wire(Float(0.0), default=0.0)
 
 
+# --- drain and undrain ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DrainRequest(Message):
+    """Drain (or undrain) host ``host`` (name or node id; empty: the host asked)."""
+
+    host: str = wire(Text(64, "[A-Za-z0-9._-]*", "host"), default="")
+    bring_back: bool = wire(Bool(), default=False)  # undrain: move back the VMs that left
+
+
+@dataclass(frozen=True)
+class Moved(Record):
+    vm: str = wire(VmName)
+    source: str = wire(HostName)
+    target: str = wire(HostName)
+    seconds: float = wire(Float(0.0), default=0.0)
+    downtime_ms: int | None = wire(Optional(Int()), default=None)
+
+
+@dataclass(frozen=True)
+class DrainReport(Message):
+    """What a drain or undrain did: the VMs moved, those left and why, the errors."""
+
+    host: str = wire(HostName)
+    draining: bool = wire(Bool())
+    moved: tuple[Moved, ...] = wire(ListOf(Nested(Moved), 4096), default=())
+    left: tuple[str, ...] = wire(ListOf(Text(400), 4096), default=())
+    errors: tuple[str, ...] = wire(ListOf(Text(400), 4096), default=())
+    seconds: float = wire(Float(0.0), default=0.0)
+
+
 MIGRATE = StreamMethod("migrate", MigrateRequest, MigrateReport, item=Progress)
 RUN = StreamMethod("migrate.run", MigrateRequest, MigrateReport, item=Progress)
 PREPARE = Method("migrate.prepare", PrepareRequest, PrepareReply)
@@ -160,3 +192,7 @@ LISTEN = Method("migrate.listen", SessionRequest, Empty)
 PIPE = StreamMethod("migrate.pipe", PipeRequest, PipeEnd, item=Chunk)
 COMMIT = Method("migrate.commit", SessionRequest, CommitReply)
 ABORT = Method("migrate.abort", SessionRequest, Empty)
+DRAIN = StreamMethod("drain", DrainRequest, DrainReport, item=Progress)
+UNDRAIN = StreamMethod("undrain", DrainRequest, DrainReport, item=Progress)
+DRAIN_RUN = StreamMethod("drain.run", DrainRequest, DrainReport, item=Progress)
+UNDRAIN_RUN = StreamMethod("undrain.run", DrainRequest, DrainReport, item=Progress)

@@ -12,6 +12,8 @@ the source (``migrate.run``), streaming its progress back.  The source runs
 from __future__ import annotations
 
 import logging
+import signal
+import time
 from collections.abc import Mapping
 
 import trio
@@ -21,27 +23,36 @@ from vmmesh.api.common import Progress
 from vmmesh.api.migrate import (
     ABORT,
     COMMIT,
+    DRAIN,
+    DRAIN_RUN,
     LISTEN,
     MIGRATE,
     PIPE,
     PREPARE,
     RUN,
+    UNDRAIN,
+    UNDRAIN_RUN,
     CommitReply,
+    DrainReport,
+    DrainRequest,
     MigrateReport,
     MigrateRequest,
+    Mode,
+    Moved,
     PipeEnd,
     PipeRequest,
     PrepareReply,
     PrepareRequest,
     SessionRequest,
 )
-from vmmesh.errors import CapacityError, NotFound, StateError, UsageError
+from vmmesh.errors import CapacityError, NotFound, StateError, UsageError, VmmeshError
 from vmmesh.extension import NodeContext, NodeExtension
 from vmmesh.gossip.hoststate import HostView
-from vmmesh.migrate import pipes
+from vmmesh.migrate import drain, pipes
 from vmmesh.migrate.source import Source
 from vmmesh.migrate.target import Incoming, Target
 from vmmesh.net.rpc import Context, Handlers
+from vmmesh.vm.rows import VmRecord
 from vmmesh.vmservice.service import VmService
 
 log = logging.getLogger("vmmesh.migrate")
@@ -76,9 +87,21 @@ class MigrateService(NodeExtension):
         peer_handlers.add(PIPE, self._pipe)
         peer_handlers.add(COMMIT, self._commit)
         peer_handlers.add(ABORT, self._abort)
+        control_handlers.add(DRAIN, self._ctl_drain)
+        control_handlers.add(UNDRAIN, self._ctl_undrain)
+        peer_handlers.add(DRAIN_RUN, self._drain)
+        peer_handlers.add(UNDRAIN_RUN, self._undrain)
+        if node.cfg.drain_on_stop:
+            nursery.start_soon(self._drain_on_stop)
+
+    def publish(self, node: NodeContext) -> None:
+        node.publish("draining", drain.is_draining(node.store))
 
     def facts(self) -> Mapping[str, str]:
-        return {"migrations": f"{self.migrated} done, {self.failed} failed"}
+        facts = {"migrations": f"{self.migrated} done, {self.failed} failed"}
+        if self._node is not None and drain.is_draining(self._node.store):
+            facts["draining"] = "yes: no new VMs here (`vmmesh undrain` ends it)"
+        return facts
 
     @property
     def node(self) -> NodeContext:
@@ -138,17 +161,17 @@ class MigrateService(NodeExtension):
         )  # fmt: skip
         return _with_why(report, why)
 
-    def _pick_target(self, req: MigrateRequest, template_id: str | None) -> tuple[HostView, str]:
+    def _pick_target(
+        self, req: MigrateRequest, template_id: str | None, avoid: frozenset[str] = frozenset()
+    ) -> tuple[HostView, str]:
         me = self.node.node_id
-        hosts = [h for h in self.node.hosts() if h.node_id != me]
+        hosts = [h for h in self.node.hosts() if h.node_id != me and h.node_id not in avoid]
         if req.to:
             for h in hosts:
                 if req.to in (h.name, h.node_id):
                     if h.status != "up":
                         raise StateError(f"{h.name} is {h.status}: it cannot take a VM")
-                    if h.draining:
-                        raise StateError(f"{h.name} is draining: it takes no VM")
-                    return h, "asked for"
+                    return h, "asked for"  # a draining target refuses in prepare
             if req.to in (self._name(me), me):
                 raise UsageError(f"{req.vm} runs on {req.to} already")
             raise NotFound(f"no host {req.to} in the mesh (`vmmesh peers` lists them)")
@@ -173,9 +196,119 @@ class MigrateService(NodeExtension):
         why = f"{'holds the template, ' if holds else ''}{best.capacity.free_slots} free slots"
         return best, why
 
+    # --- drain and undrain -------------------------------------------------------
+
+    def _host(self, name: str) -> HostView:
+        """A host by name or node id (empty: this one)."""
+        me = self.node.node_id
+        for h in self.node.hosts():
+            if (not name and h.node_id == me) or name in (h.name, h.node_id):
+                return h
+        raise NotFound(f"no host {name} in the mesh (`vmmesh peers` lists them)")
+
+    async def _ctl_drain(self, ctx: Context, req: DrainRequest) -> DrainReport:
+        host = self._host(req.host)
+        return await self.node.pool.stream(host.node_id, DRAIN_RUN, req, ctx.send_item)
+
+    async def _ctl_undrain(self, ctx: Context, req: DrainRequest) -> DrainReport:
+        host = self._host(req.host)
+        return await self.node.pool.stream(host.node_id, UNDRAIN_RUN, req, ctx.send_item)
+
+    async def _drain(self, ctx: Context, req: DrainRequest) -> DrainReport:
+        return await self.drain_here(ctx.send_item)
+
+    async def drain_here(self, emit: drain.Emit) -> DrainReport:
+        node = self.node
+        drain.set_draining(node.store, True)
+        self.publish(node)
+        mgr = self.vms.manager()
+
+        async def move(rec: VmRecord) -> MigrateReport:
+            return await self._move_away(rec.vm_id, emit)
+
+        return await drain.drain(self._name(node.node_id), mgr.list_vms(), move, node.store, emit)
+
+    async def _move_away(self, vm_id: str, emit: drain.Emit) -> MigrateReport:
+        """Live-migrate one VM to the best other host; a target found full is replaced once."""
+        avoid: frozenset[str] = frozenset()
+        while True:
+            rec = self.vms.manager().get(vm_id)
+            target, why = self._pick_target(MigrateRequest(vm=rec.name), rec.template_id, avoid)
+            try:
+                report = await self.source().migrate(
+                    rec, target.node_id, target.name, Mode.LIVE, emit
+                )
+            except CapacityError:
+                if avoid:
+                    raise
+                avoid = frozenset({target.node_id})
+                continue
+            finally:
+                self.vms.publish_now()
+            self.migrated += 1
+            return _with_why(report, why)
+
+    async def _undrain(self, ctx: Context, req: DrainRequest) -> DrainReport:
+        t0 = time.monotonic()
+        node = self.node
+        drain.set_draining(node.store, False)
+        self.publish(node)
+        me = self._name(node.node_id)
+        moved: list[Moved] = []
+        left: list[str] = []
+        errors: list[str] = []
+        if req.bring_back:
+            where = drain.departed(node.store)
+            for name in sorted(where):
+                holders = [h for h in node.hosts() if name in h.vms and h.status == "up"]
+                if not holders:
+                    left.append(f"{name}: no host runs it now")
+                    del where[name]
+                    continue
+                if holders[0].node_id == node.node_id:
+                    del where[name]
+                    continue
+                back = MigrateRequest(vm=name, to=node.node_id)
+                try:
+                    r = await node.pool.stream(holders[0].node_id, RUN, back, ctx.send_item)
+                except VmmeshError as exc:
+                    errors.append(f"{name}: {exc}")
+                    continue
+                moved.append(Moved(vm=r.vm, source=r.source, target=r.target,
+                                   seconds=r.seconds, downtime_ms=r.downtime_ms))  # fmt: skip
+                del where[name]
+            drain.set_departed(node.store, where)
+        return DrainReport(
+            host=me,
+            draining=False,
+            moved=tuple(moved),
+            left=tuple(left),
+            errors=tuple(errors),
+            seconds=round(time.monotonic() - t0, 3),
+        )
+
+    async def _drain_on_stop(self) -> None:
+        """``drain_on_stop``: SIGTERM drains this host, then the node ends."""
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            async for _ in signals:
+                log.info("SIGTERM: draining before the node stops")
+
+                async def quiet(item: Progress) -> None:
+                    return None
+
+                try:
+                    report = await self.drain_here(quiet)
+                    log.info("drained: %d moved, %d errors", len(report.moved), len(report.errors))
+                except VmmeshError as exc:
+                    log.warning("drain before stop failed: %s", exc)
+                raise SystemExit(0)
+
     # --- the target --------------------------------------------------------------
 
     async def _prepare(self, ctx: Context, req: PrepareRequest) -> PrepareReply:
+        if drain.is_draining(self.node.store):
+            me = self._name(self.node.node_id)
+            raise StateError(f"{me} is draining: it takes no VM (`vmmesh undrain {me}`)")
         target = self.target()
         reply = await target.prepare(ctx.peer_id, req, lambda phase, frac: None)
         assert self._nursery is not None
