@@ -49,7 +49,7 @@ from vmmesh.errors import CapacityError, NotFound, StateError, UsageError, Vmmes
 from vmmesh.extension import NodeContext, NodeExtension
 from vmmesh.gossip.hoststate import HostView
 from vmmesh.migrate import drain, pipes
-from vmmesh.migrate.source import Source
+from vmmesh.migrate.source import Source, settle_forever
 from vmmesh.migrate.target import Incoming, Target
 from vmmesh.net.rpc import Context, Handlers
 from vmmesh.vm.rows import VmRecord
@@ -91,6 +91,7 @@ class MigrateService(NodeExtension):
         control_handlers.add(UNDRAIN, self._ctl_undrain)
         peer_handlers.add(DRAIN_RUN, self._drain)
         peer_handlers.add(UNDRAIN_RUN, self._undrain)
+        nursery.start_soon(settle_forever, self.source)  # what a restart left
         if node.cfg.drain_on_stop:
             nursery.start_soon(self._drain_on_stop)
 

@@ -8,8 +8,10 @@
   QEMU, delete (``FAILED``); the source still holds the VM.
 * ``migrating`` rows (a migration from here the node did not see end): a
   guest still running goes back to ``running`` (``MIGRATE_FAILED``); a paused
-  one may run on the target already, so it is left paused and ``migrating``
-  for the user to decide (``vmmesh vms`` shows it), never resumed here.
+  one may run on the target already, so it is left paused and ``migrating``,
+  never resumed here: the migration service settles it with the target
+  (``migrate.source``: this copy goes if the target runs the VM, resumes if
+  the target does not and never will; paused while it cannot be asked).
 * A row whose disk is missing cannot run again: ``running`` becomes lost,
   ``lost``/``stopped`` rows are deleted (``DISK_MISSING``).  A disk in ``vms/``
   with no row is deleted (nothing refers to it), and so is a run directory
