@@ -504,10 +504,14 @@ async def settle_forever(source: Callable[[], Source]) -> None:
 
 
 async def _paused_for_good(guest: QemuGuest) -> bool:
-    """Did the RAM stream complete (the target may have started the guest)?"""
+    """Has the guest left this QEMU (its state sent whole: the target may run it)?
+
+    QEMU's run state says so (``postmigrate``), not ``query-migrate``: a guest
+    resumed from a saved state (a warm start) reports that incoming stream as
+    ``completed`` long before any migration from here.  True when QEMU cannot
+    be asked."""
     try:
-        async with guest.monitor() as qmp:
-            return (await qm.ram(qmp)).status == "completed"
+        return await guest.query_status() == "postmigrate"
     except VmmeshError:
         return True
 
