@@ -1,18 +1,19 @@
 """A live migration cut at each of its steps ends with exactly one copy of the VM.
 
 Lab hosts (real nodes, mutual TLS) and real QEMU guests (TCG) running a
-counter.  The source node is held at a named step (``migrate.faults``: the
-whole node stands still there) and the test cuts the migration there: it
-kills the source's node, kills the target's node, takes the source's link
-down (the carrier lost: connections fail at once) or, for the steps where
-bytes stream, cuts it silently (the source's veth leaves the bridge: bytes
-go unanswered, the source notices by its beat); then it restarts the killed
-node (its QEMUs were not killed: they run in sessions of their own) or
-brings the link back.  After the dust
-settles exactly one host lists the VM, running; the counter process goes on
-there (same PID, same start time: the same process, not a new one); the
-other host holds no overlay, layer, run directory or QEMU of it; and the
-source holds no note of a migration that did not end.
+counter.  The source's node (for ``committed``, the target's) is held at a
+named step (``migrate.faults``: the whole node stands still there) and the
+test cuts the migration there: it kills the source's node, kills the
+target's node, takes the source's link down (the carrier lost: connections
+fail at once) or, where bytes stream or an answer is awaited, cuts it
+silently (the source's veth leaves the bridge: bytes go unanswered, the
+source notices by its beat); then it restarts the killed node (its QEMUs
+were not killed: they run in sessions of their own) or brings the link
+back.  After the dust settles exactly one host lists the VM, running; the
+counter process goes on there (same PID, same start time: the same
+process, not a new one); the other host holds no overlay, layer, run
+directory or QEMU of it; and the source holds no note of a migration that
+did not end.
 
 Which copy survives, by step (the source resumes when the target never ran
 the guest or has dropped it; the target keeps it once it has committed):
@@ -26,6 +27,10 @@ the guest or has dropped it; the target keeps it once it has committed):
   may be the one (a commit sent on the cut link may still arrive).
 * ``resumed`` (committed, the source not yet deleted): the target's; a source
   killed there finds its paused copy at its restart and deletes it.
+* ``committed`` (the target held this time: its guest runs and its row says
+  so, the commit not answered yet): the target's; the source's copy stays
+  paused until the target can tell (after its restart it has no session but
+  lists the VM running).
 
 One lab of two hosts serves the module; VMs have no packages (they resume the
 base image's warm state, no boot).
@@ -68,8 +73,8 @@ COUNTER = (
 CUTS = ("source", "target", "link")
 #: A link cut without losing carrier: the host's veth leaves the bridge, so established
 #: connections go silent (no error, only unanswered bytes) instead of failing at once.
-SILENT_STEPS = ("mirror", "ram", "paused", "switchover")
-CASES = [(step, cut) for step in faults.STEPS for cut in CUTS] + [
+SILENT_STEPS = ("ram", "paused", "switchover")
+CASES = [(step, cut) for step in (*faults.STEPS, *faults.TARGET_STEPS) for cut in CUTS] + [
     (step, "silent") for step in SILENT_STEPS
 ]
 
@@ -209,8 +214,9 @@ def test_a_migration_cut_at_a_step_ends_with_one_copy(cut_lab: CutLab, step: str
     pid = int(_sh(lab, 1, vm, COUNTER).strip())
     start, count = eventually(_counting, "the counter counts", lab, vm, pid, 0)
 
-    (cut_lab.faults / f"source-{step}").write_text("")
-    held = cut_lab.faults / f"source-{step}.held"
+    side = "target" if step in faults.TARGET_STEPS else "source"
+    (cut_lab.faults / f"{side}-{step}").write_text("")
+    held = cut_lab.faults / f"{side}-{step}.held"
     argv = [*lab.vmmesh_argv(), "migrate", "--data-dir", str(lab.host_data_dir(src)),
             "--json", vm, "--to", f"h{dst}"]  # fmt: skip
     answer: dict[str, subprocess.CompletedProcess[str]] = {}
@@ -221,7 +227,7 @@ def test_a_migration_cut_at_a_step_ends_with_one_copy(cut_lab: CutLab, step: str
     cli = threading.Thread(target=migrate)
     cli.start()
     try:
-        eventually(lambda: held.exists() or not cli.is_alive(), f"the source is held at {step}")
+        eventually(lambda: held.exists() or not cli.is_alive(), f"the {side} is held at {step}")
         assert held.exists(), f"the migration ended before {step}"
         if cut == "link":
             _link(lab, src, "down")
@@ -247,7 +253,7 @@ def test_a_migration_cut_at_a_step_ends_with_one_copy(cut_lab: CutLab, step: str
 
     host = eventually(_one_copy, f"one copy of {vm}, cut at {step} ({cut})", lab, vm, vm_id)
     print(f"{vm} runs on h{host}")
-    if step == "resumed":
+    if step in ("resumed", "committed"):
         assert host == dst  # committed: the target's
     elif step != "switchover" or cut not in ("link", "silent"):
         assert host == src  # the target never ran it, or dropped its uncommitted copy

@@ -8,7 +8,8 @@ stands still (a blocking sleep: no task of this node runs, no byte of the
 migration moves, QEMU's stream stalls) until the test removes that file.
 Meanwhile the test kills a node or takes a host's link down; a node killed
 while held never returns from here.  ``tests/test_migrate_cuts.py`` names
-the steps it cuts; ``STEPS`` lists where ``source.py`` calls ``hit``.
+the steps it cuts; ``STEPS`` lists where ``source.py`` calls ``hit``,
+``TARGET_STEPS`` where ``target.py`` does.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ STEPS = (
     "paused",  # the guest is paused before the switchover; the mirror not completed yet
     "switchover",  # the RAM stream has completed (the target runs the guest); no commit yet
     "resumed",  # the target has committed (runs the VM); this copy is not deleted yet
+)
+#: Where the target calls ``hit(step, side="target")``.
+TARGET_STEPS = (
+    "committed",  # the guest runs here and its row says so; the source not yet told
 )
 
 _DIR = os.environ.get(ENV, "")

@@ -34,6 +34,7 @@ from vmmesh.hypervisor.base import BootSpec
 from vmmesh.hypervisor.migration import target_done, target_listen
 from vmmesh.hypervisor.qemu import QemuGuest
 from vmmesh.hypervisor.savedstate import Shape
+from vmmesh.migrate import faults
 from vmmesh.migrate.pipes import End, FileSink, PipeSession, StreamEnd
 from vmmesh.vm.manager import VmManager
 from vmmesh.vm.rows import NewVm
@@ -224,6 +225,7 @@ class Target:
             start_seconds=time.monotonic() - t0,
         )
         self.mgr.lifecycle.watch(inc.req.vm_id, guest)
+        faults.hit("committed", side="target")
         inc.committed = True
         inc.finished.set()
         self.sessions.pop(inc.req.session, None)
