@@ -9,6 +9,7 @@ import trio
 
 from vmmesh.config import Config, load_config
 from vmmesh.jobs.service import JobService
+from vmmesh.keepalive.service import KeepAliveService
 from vmmesh.migrate.service import MigrateService
 from vmmesh.node import Node
 from vmmesh.transfer.service import TransferService
@@ -26,7 +27,13 @@ def node(args: argparse.Namespace, cfg: Config) -> int:
         return load_config(flags, config_file=args.config)
 
     vms = VmService()
-    extensions = [vms, TransferService(vms), JobService(vms), MigrateService(vms)]
+    extensions = [
+        vms,
+        TransferService(vms),
+        JobService(vms),
+        MigrateService(vms),
+        KeepAliveService(vms),
+    ]
     n = Node(cfg, reload=reload, extensions=extensions)
     try:
         trio.run(n.run)

@@ -22,6 +22,7 @@ from vmmesh.api.vm import (
     SSH,
     TEMPLATES,
     ExecRequest,
+    Lineage,
     RequestReport,
     RequestVms,
     ShutdownRequest,
@@ -71,6 +72,7 @@ def request(args: argparse.Namespace, cfg: Config) -> int:
         vcpus=args.vcpus,
         memory_mb=args.memory,
         fetch=_fetch_policy(args),
+        keep_alive=args.keep_alive,
     ).checked()
     show = not args.json and sys.stderr.isatty()
     with progress_view(show) as view:
@@ -137,14 +139,25 @@ def vms(args: argparse.Namespace, cfg: Config) -> int:
             v.vcpus,
             v.memory_mb,
             f"{v.start} {v.start_seconds:.1f}s" if v.state == "running" else "",
+            _lineage(v.lineage),
             v.vm_id[:12],
         )
         for v in reply.vms
     ]
-    table("VMs", ["name", "host", "state", "packages", "vCPUs", "MB", "start", "id"], rows)
+    columns = ["name", "host", "state", "packages", "vCPUs", "MB", "start", "kept", "id"]
+    table("VMs", columns, rows)
     for err in reply.errors:
         console.print(f"[yellow]not answered[/]: {err}")
     return 0
+
+
+def _lineage(lineage: Lineage) -> str:
+    """Keep-alive, generation and origin, for the table ("" for a plain VM)."""
+    if not lineage.keep_alive and lineage.origin in ("", "requested"):
+        return ""
+    kept = f"gen {lineage.generation}" if lineage.keep_alive else ""
+    origin = "" if lineage.origin == "requested" else lineage.origin
+    return "; ".join(part for part in (kept, origin) if part)
 
 
 def templates(args: argparse.Namespace, cfg: Config) -> int:

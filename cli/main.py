@@ -116,6 +116,12 @@ def _vm_commands(add: Adder) -> None:
     p.add_argument("--memory", type=int, metavar="MB")
     p.add_argument("--fetch", action="store_true", help="fetch missing templates from peers")
     p.add_argument("--install", action="store_true", help="install missing packages locally")
+    p.add_argument(
+        "--keep-alive",
+        action="store_true",
+        help="restart the VMs if QEMU ends without an order; recover them elsewhere if "
+        "their host dies (needs 3+ hosts)",
+    )
     p = add("fetch", "cmd_transfer:fetch", "fetch a template from the peers that hold it")
     p.add_argument("template", help="template id (or its start) as `vmmesh templates` shows")
     p.add_argument(

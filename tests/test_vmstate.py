@@ -37,6 +37,12 @@ EXPECTED: dict[tuple[VmState, VmEvent], Outcome] = {
     (S.INCOMING, E.STARTED): S.RUNNING,
     (S.INCOMING, E.FAILED): GONE,
     (S.INCOMING, E.STOP_ORDERED): S.STOPPING,
+    # keep-alive
+    (S.LOST, E.RESTART_BEGUN): S.RESTARTING,
+    (S.RESTARTING, E.STARTED): S.RUNNING,
+    (S.RESTARTING, E.RESTART_FAILED): S.LOST,
+    (S.RESTARTING, E.STOP_ORDERED): S.STOPPING,
+    (S.LOST, E.SUPERSEDED): GONE,
 }
 
 
@@ -63,6 +69,7 @@ def test_state_values_are_the_stored_words() -> None:
         "stopped",
         "migrating",
         "incoming",
+        "restarting",
     ]
     assert str(VmState.RUNNING) == "running"
     assert isinstance(VmState.RUNNING, str)
@@ -74,4 +81,5 @@ def test_events_that_always_delete() -> None:
         E.STOPPED,
         E.DISK_MISSING,
         E.MIGRATED_AWAY,
+        E.SUPERSEDED,
     }

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmmesh.api.codec import Bool, Float, Int, ListOf, Optional, Record, SetOf, Text, wire
-from vmmesh.api.names import MAX_PACKAGES, HexId, Package, Sha256
+from vmmesh.api.names import MAX_PACKAGES, HexId, Package, Sha256, VmName
 
 MAX_CHAIN = 16
 MAX_BYTES = 1 << 50  # a petabyte: any real size fits, nonsense does not
@@ -86,3 +86,16 @@ class Building(Record):
 
     template_id: str = wire(HexId)
     done_at: float = wire(Float(0.0))
+
+
+@dataclass(frozen=True)
+class KeptVm(Record):
+    """A VM its host keeps alive, as gossip carries it: enough for another host to
+    make it again from its template (with the next generation) if the host dies."""
+
+    name: str = wire(VmName)
+    template: str = wire(Text(64, "[0-9a-f]{0,64}", "template id"), default="")
+    packages: frozenset[str] = wire(SetOf(Package, MAX_PACKAGES), default=frozenset())
+    generation: int = wire(Int(1, 1 << 30), default=1)
+    vcpus: int = wire(Int(1, 1024), default=1)
+    memory_mb: int = wire(Int(64, 1 << 22), default=512)

@@ -36,6 +36,7 @@ from vmmesh.api.codec import (
 )
 from vmmesh.api.common import Progress
 from vmmesh.api.names import HexId, HostName, VmName
+from vmmesh.api.vm import PLAIN, Lineage
 
 CHUNK = 256 << 10
 """Bytes per pipe item: small enough that the NBD traffic is not held back."""
@@ -95,6 +96,8 @@ class MigrateReport(Message):
     wire_bytes: int = wire(Int(), default=0)  # every pipe's bytes
     fetched_template: bool = wire(Bool(), default=False)
     why_target: str = wire(Text(300), default="")
+    restarted: bool = wire(Bool(), default=False)  # drain: made afresh there, not moved
+    decision: str = wire(Text(1000), default="")  # drain: migrate or restart, and why
 
 
 # --- source and target -------------------------------------------------------
@@ -114,6 +117,7 @@ class PrepareRequest(Message):
     memory_mb: int = wire(Int(64, 1 << 22))
     shape: Mapping[str, str] = wire(ShapeFields)
     request_id: str = wire(Text(64, r"[0-9a-f]{0,64}", "request id"), default="")
+    lineage: Lineage = wire(Nested(Lineage), default=PLAIN)
     layer_bytes: int = wire(Int(0), default=0)  # 0: the overlay sits on the template
     disk_limit: int = wire(Int(0), default=64 << 30)  # offline: the overlay's bytes at most
 
@@ -171,6 +175,8 @@ class Moved(Record):
     target: str = wire(HostName)
     seconds: float = wire(Float(0.0), default=0.0)
     downtime_ms: int | None = wire(Optional(Int()), default=None)
+    how: str = wire(Text(16), default="migrated")  # migrated | restarted
+    why: str = wire(Text(1000), default="")  # the migrate-or-restart rule's figures
 
 
 @dataclass(frozen=True)

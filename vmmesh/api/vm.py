@@ -61,6 +61,21 @@ FetchPolicy = Text(8, "auto|fetch|install", "fetch policy")
 
 
 @dataclass(frozen=True)
+class Lineage(Record):
+    """Whether the mesh keeps a VM alive, which generation of it this is, and where
+    it came from (``vmmesh vms`` shows it).  A VM recovered on another host is the
+    next generation: a host that finds an older one of the same name never runs it."""
+
+    keep_alive: bool = wire(Bool(), default=False)
+    generation: int = wire(Int(1, 1 << 30), default=1)
+    origin: str = wire(Reason, default="")
+
+
+PLAIN = Lineage()
+"""A VM nobody keeps alive (the default)."""
+
+
+@dataclass(frozen=True)
 class RequestVms(Message):
     """``vmmesh request NAME COUNT PKG...``."""
 
@@ -72,6 +87,7 @@ class RequestVms(Message):
     vcpus: int | None = wire(Optional(Int(1, 64)), default=None)
     memory_mb: int | None = wire(Optional(Int(64, 1 << 20)), default=None)
     fetch: str = wire(FetchPolicy, default=FETCH_AUTO)
+    keep_alive: bool = wire(Bool(), default=False)
 
 
 @dataclass(frozen=True)
@@ -156,6 +172,7 @@ class ShareRequest(Message):
     vcpus: int | None = wire(Optional(Int(1, 64)), default=None)
     memory_mb: int | None = wire(Optional(Int(64, 1 << 20)), default=None)
     fetch: str = wire(FetchPolicy, default=FETCH_AUTO)
+    lineage: Lineage = wire(Nested(Lineage), default=Lineage())
 
 
 @dataclass(frozen=True)
@@ -234,6 +251,7 @@ class VmRow(Record):
     ssh_port: int = wire(Int(0, 65535), default=0)
     start: str = wire(Text(8), default="cold")
     start_seconds: float = wire(Float(0.0), default=0.0)
+    lineage: Lineage = wire(Nested(Lineage), default=Lineage())
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ key            value
 ``images``     ids of the base images the host holds, its default first
 ``building``   up to 64 ``Building``: templates it is making now, and when
                it expects them done
+``keepalive``  up to 4096 ``KeptVm``: the VMs it keeps alive, with generation
 =============  ==========================================================
 """
 
@@ -43,7 +44,7 @@ from typing import Any
 import msgpack
 
 from vmmesh.api.codec import Bool, Bytes, ListOf, Nested, Spec, Text
-from vmmesh.api.host import NO_CAPACITY, Building, Capacity, TemplateInfo
+from vmmesh.api.host import NO_CAPACITY, Building, Capacity, KeptVm, TemplateInfo
 from vmmesh.api.names import HostName, Sha256, VmName
 from vmmesh.errors import MalformedMessage
 
@@ -63,6 +64,7 @@ SCHEMA: dict[str, Spec[Any]] = {
     "crl": Bytes(256 << 10),
     "images": ListOf(Sha256, 16),
     "building": ListOf(Nested(Building), 64),
+    "keepalive": ListOf(Nested(KeptVm), MAX_VMS),
 }
 
 
@@ -98,6 +100,7 @@ class HostState:
     crl: bytes = b""
     images: tuple[str, ...] = ()
     building: tuple[Building, ...] = ()
+    keepalive: tuple[KeptVm, ...] = ()
 
 
 def parse(keys: Mapping[str, Any]) -> HostState:
@@ -117,6 +120,7 @@ def parse(keys: Mapping[str, Any]) -> HostState:
         ("crl", "crl"),
         ("images", "images"),
         ("building", "building"),
+        ("keepalive", "keepalive"),
     ):
         if key in keys:
             try:
@@ -141,3 +145,4 @@ class HostView:
     last_heard: float = 0.0
     images: tuple[str, ...] = ()
     building: tuple[Building, ...] = ()
+    keepalive: tuple[KeptVm, ...] = ()

@@ -47,6 +47,7 @@ class MeshView:
                     last_heard=self._wall(m.last_heard),
                     images=st.images,
                     building=st.building,
+                    keepalive=st.keepalive,
                 )
             )
         if len(self._parsed) > 2 * len(out) + 16:

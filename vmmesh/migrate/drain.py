@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import time
 from collections.abc import Awaitable, Callable
 
@@ -24,6 +25,7 @@ from vmmesh.api.migrate import DrainReport, MigrateReport, Moved
 from vmmesh.api.names import JOB_PREFIX
 from vmmesh.errors import VmmeshError
 from vmmesh.host.store import Store
+from vmmesh.migrate.rule import Figures
 from vmmesh.vm.rows import VmRecord
 from vmmesh.vm.state import VmState
 
@@ -32,6 +34,9 @@ log = logging.getLogger("vmmesh.migrate")
 PARALLEL = 2
 DRAINING_KEY = "draining"
 DEPARTED_KEY = "departed"
+MIGRATIONS_KEY = "migration_history"
+KEEP = 20
+DEFAULT_RESUME = 0.5  # seconds, until a migration from here was measured
 
 Emit = Callable[[Progress], Awaitable[None]]
 #: Move one VM away (the target picked, a full one replaced) -> report.
@@ -62,6 +67,35 @@ def set_departed(store: Store, where: dict[str, str]) -> None:
     store.set_meta(DEPARTED_KEY, json.dumps(where, sort_keys=True))
 
 
+def record_migration(store: Store, report: MigrateReport) -> None:
+    """Keep a migration's measured figures for the migrate-or-restart rule."""
+    commit = sum(p.seconds for p in report.phases if p.name == "commit")
+    sample = {"bytes": report.wire_bytes, "seconds": report.seconds, "resume": commit}
+    history = list(store.get_meta(MIGRATIONS_KEY, []) or [])
+    store.set_meta(MIGRATIONS_KEY, [*history, sample][-KEEP:])
+
+
+def figures(
+    store: Store, rec: VmRecord, overlay_bytes: int, starts: list[float], now: float
+) -> Figures:
+    """The rule's inputs for moving ``rec`` away, all measured here.
+
+    The rate and the resume time are the medians of this host's migrations
+    (none yet: no rate, so the rule keeps the work); the bytes are the VM's
+    memory and overlay; a fresh start is the median start of this host's VMs
+    (warm or cold, as they came)."""
+    history = [h for h in store.get_meta(MIGRATIONS_KEY, []) or [] if isinstance(h, dict)]
+    rates = [h["bytes"] / h["seconds"] for h in history if h.get("seconds", 0) > 0]
+    resumes = [h["resume"] for h in history if h.get("resume", 0) > 0]
+    return Figures(
+        run_seconds=max(0.0, now - rec.started),
+        bytes_to_move=rec.memory_mb * (1 << 20) + overlay_bytes,
+        rate=statistics.median(rates) if rates else None,
+        resume_seconds=statistics.median(resumes) if resumes else DEFAULT_RESUME,
+        start_seconds=statistics.median(starts) if starts else rec.start_seconds,
+    )
+
+
 async def drain(
     host: str, vms: list[VmRecord], move: Mover, store: Store, emit: Emit
 ) -> DrainReport:
@@ -89,8 +123,9 @@ async def drain(
             except VmmeshError as exc:
                 errors.append(f"{rec.name}: {exc}")
                 return
-            moved.append(Moved(vm=r.vm, source=r.source, target=r.target,
-                               seconds=r.seconds, downtime_ms=r.downtime_ms))  # fmt: skip
+            moved.append(Moved(vm=r.vm, source=r.source, target=r.target, seconds=r.seconds,
+                               downtime_ms=r.downtime_ms, how="restarted" if r.restarted
+                               else "migrated", why=r.decision))  # fmt: skip
             where[rec.name] = r.target
             set_departed(store, where)
             await emit(Progress(task=rec.name, phase=f"moved to {r.target}", fraction=1.0))

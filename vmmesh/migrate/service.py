@@ -12,9 +12,11 @@ the source (``migrate.run``), streaming its progress back.  The source runs
 from __future__ import annotations
 
 import logging
+import secrets
 import signal
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 
 import trio
 
@@ -45,10 +47,12 @@ from vmmesh.api.migrate import (
     PrepareRequest,
     SessionRequest,
 )
+from vmmesh.api.vm import SHARE, ShareRequest
 from vmmesh.errors import CapacityError, NotFound, StateError, UsageError, VmmeshError
 from vmmesh.extension import NodeContext, NodeExtension
 from vmmesh.gossip.hoststate import HostView
 from vmmesh.migrate import drain, pipes
+from vmmesh.migrate.rule import Decision, decide
 from vmmesh.migrate.source import Source, settle_forever
 from vmmesh.migrate.target import Incoming, Target
 from vmmesh.net.rpc import Context, Handlers
@@ -229,16 +233,39 @@ class MigrateService(NodeExtension):
 
         return await drain.drain(self._name(node.node_id), mgr.list_vms(), move, node.store, emit)
 
+    def _decide(self, rec: VmRecord) -> Decision:
+        """Migrate or restart (thesis §5.4), from this host's measured figures."""
+        mgr = self.vms.manager()
+        disk = mgr.rows.vm_dir / rec.disk
+        overlay = disk.stat().st_size if disk.is_file() else 0
+        starts = [
+            v.start_seconds
+            for v in mgr.list_vms()
+            if v.template_id == rec.template_id
+            and v.start_kind in ("warm", "cold")
+            and v.start_seconds > 0
+        ]
+        fig = drain.figures(self.node.store, rec, overlay, starts, time.time())
+        decision = decide(fig)
+        log.info("%s: %s (inputs: %s)", rec.name, decision.why, fig)
+        return decision
+
     async def _move_away(self, vm_id: str, emit: drain.Emit) -> MigrateReport:
-        """Live-migrate one VM to the best other host; a target found full is replaced once."""
+        """Move one VM to the best other host, or make it afresh there when the rule says
+        a restart costs less; a target found full is replaced once."""
         avoid: frozenset[str] = frozenset()
         while True:
             rec = self.vms.manager().get(vm_id)
             target, why = self._pick_target(MigrateRequest(vm=rec.name), rec.template_id, avoid)
+            decision = self._decide(rec)
             try:
-                report = await self.source().migrate(
-                    rec, target.node_id, target.name, Mode.LIVE, emit
-                )
+                if decision.migrate:
+                    report = await self.source().migrate(
+                        rec, target.node_id, target.name, Mode.LIVE, emit
+                    )
+                    drain.record_migration(self.node.store, report)
+                else:
+                    report = await self._restart_on(rec, target, decision.why)
             except CapacityError:
                 if avoid:
                     raise
@@ -247,7 +274,45 @@ class MigrateService(NodeExtension):
             finally:
                 self.vms.publish_now()
             self.migrated += 1
-            return _with_why(report, why)
+            return replace(_with_why(report, why), decision=decision.why[:1000])
+
+    async def _restart_on(self, rec: VmRecord, target: HostView, why: str) -> MigrateReport:
+        """Make ``rec`` afresh on ``target`` from its template (same name, next generation),
+        then delete it here."""
+        t0 = time.monotonic()
+        mgr = self.vms.manager()
+        packages = mgr.templates.get(rec.template_id).packages if rec.template_id else frozenset()
+        me = self._name(self.node.node_id)
+        index = rec.name.rpartition("-")[2]
+        origin = f"restarted on {target.name} instead of moved from {me}: {why}"
+        share = ShareRequest(
+            request_id=secrets.token_hex(8),
+            name=rec.request_name,
+            count=1,
+            packages=packages,
+            first_index=int(index) if index.isdigit() and int(index) > 0 else None,
+            vcpus=rec.vcpus,
+            memory_mb=rec.memory_mb,
+            lineage=replace(
+                rec.lineage, generation=rec.lineage.generation + 1, origin=origin[:1000]
+            ),
+        )
+
+        async def quiet(item: Progress) -> None:
+            return None
+
+        reply = await self.node.pool.stream(target.node_id, SHARE, share, quiet)
+        if reply.granted < 1:
+            raise CapacityError(f"{target.name} did not make {rec.name}: {reply.errors}")
+        await mgr.shutdown_vm(rec.vm_id)
+        return MigrateReport(
+            vm=rec.name,
+            source=me,
+            target=target.name,
+            mode=Mode.OFFLINE,
+            seconds=round(time.monotonic() - t0, 3),
+            restarted=True,
+        )
 
     async def _undrain(self, ctx: Context, req: DrainRequest) -> DrainReport:
         t0 = time.monotonic()

@@ -48,7 +48,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import trio
@@ -227,6 +227,7 @@ class Source:
             template_id=rec.template_id,
             image_id=self.mgr.templates.base.image_id,
             request_id=rec.request_id,
+            lineage=replace(rec.lineage, origin=f"migrated from {self.host_name}"),
             vcpus=rec.vcpus,
             memory_mb=rec.memory_mb,
             shape=shape.to_json(),

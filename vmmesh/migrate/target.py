@@ -110,6 +110,7 @@ class Target:
                     req.vcpus,
                     req.memory_mb,
                     req.request_id,
+                    req.lineage,
                 ),
                 VmState.INCOMING,
             )
@@ -216,7 +217,7 @@ class Target:
         guest = inc.guest
         assert guest is not None
         await _set_clock(guest)
-        self.mgr.rows.apply(
+        now = self.mgr.rows.apply(
             inc.req.vm_id,
             VmEvent.STARTED,
             pid=guest.pid,
@@ -224,6 +225,10 @@ class Target:
             start_kind="migrated",
             start_seconds=time.monotonic() - t0,
         )
+        if now != VmState.RUNNING:  # aborted while it started (a late commit): no row
+            with contextlib.suppress(VmmeshError, OSError):
+                await guest.kill()
+            raise StateError(f"the migration of {inc.req.name} was aborted as it started")
         self.mgr.lifecycle.watch(inc.req.vm_id, guest)
         faults.hit("committed", side="target")
         inc.committed = True
@@ -240,8 +245,9 @@ class Target:
         return guest
 
     async def abort(self, inc: Incoming, reason: str) -> None:
-        """Nothing of the VM stays here."""
-        if inc.committed:
+        """Nothing of the VM stays here (once: a second abort, or one after the commit,
+        does nothing)."""
+        if inc.committed or inc.finished.is_set():
             return
         self.sessions.pop(inc.req.session, None)
         with trio.CancelScope(shield=True):

@@ -27,8 +27,10 @@ caller; a VM that fails half-way is killed, its overlay and row go
 (``PackageInstallError``, ``PackageSourceError``, ``HypervisorError``), to the
 coordinating node, which spills it to another host.  A failed warm resume makes
 the VM boot cold and deletes the state; a failed warm boot is only logged.
-Migration, restart after a crash and recovery after a host dies attach as new
-states and events in ``state.TRANSITIONS``, not as paths beside it.
+Migration (``migrating`` on the source, ``incoming`` on the target), the
+keep-alive restart of a lost VM from its own disk (``restart``: ``restarting``)
+and the deletion of a copy superseded by a newer generation elsewhere are
+states and events of ``state.TRANSITIONS``, not paths beside it.
 
 May import: vmmesh.api, vmmesh.host, vmmesh.hypervisor.
 """

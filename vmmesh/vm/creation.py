@@ -31,7 +31,7 @@ import trio
 from vmmesh.api.common import Emit, Progress
 from vmmesh.api.customzip import CheckedZip
 from vmmesh.api.names import next_index
-from vmmesh.api.vm import FETCH_AUTO, ShareReply, TemplateSource, VmMade
+from vmmesh.api.vm import FETCH_AUTO, PLAIN, Lineage, ShareReply, TemplateSource, VmMade
 from vmmesh.errors import HypervisorError, NotFound, VmmeshError
 from vmmesh.host import customzip, persona
 from vmmesh.host.build import ProgressSink
@@ -69,6 +69,7 @@ class _VmPlan:
     vcpus: int
     memory_mb: int
     request_id: str
+    lineage: Lineage = PLAIN
 
 
 @dataclass
@@ -124,6 +125,7 @@ class Creator:
         memory_mb: int | None = None,
         request_id: str = "",
         fetch: str = FETCH_AUTO,
+        lineage: Lineage = PLAIN,
     ) -> ShareReply:
         """Make up to ``count`` VMs named ``name-<n>`` here.
 
@@ -153,6 +155,7 @@ class Creator:
                     vcpus=vcpus or self.policy.vm_vcpus,
                     memory_mb=memory_mb or self.policy.vm_memory_mb,
                     request_id=request_id,
+                    lineage=lineage,
                 )
                 for i in range(held)
             ]
@@ -236,7 +239,14 @@ class Creator:
         template_id = plan.template.template_id if plan.template else None
         ssh_port = self.rows.insert(
             NewVm(
-                vm_id, plan.display, template_id, disk, plan.vcpus, plan.memory_mb, plan.request_id
+                vm_id,
+                plan.display,
+                template_id,
+                disk,
+                plan.vcpus,
+                plan.memory_mb,
+                plan.request_id,
+                plan.lineage,
             )
         )
         seconds: dict[str, float] = {}

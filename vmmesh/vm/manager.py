@@ -16,7 +16,7 @@ import trio
 from vmmesh.api.common import Emit
 from vmmesh.api.customzip import CheckedZip
 from vmmesh.api.host import Capacity
-from vmmesh.api.vm import FETCH_AUTO, ShareReply
+from vmmesh.api.vm import FETCH_AUTO, PLAIN, Lineage, ShareReply
 from vmmesh.host.capacity import CapacityPolicy, HostProbe
 from vmmesh.host.store import Store
 from vmmesh.host.templates import TemplateManager, TemplateRecord
@@ -26,7 +26,9 @@ from vmmesh.vm.admission import Admission
 from vmmesh.vm.creation import Creator, no_progress
 from vmmesh.vm.lifecycle import Lifecycle, SshAccess, VmStopped
 from vmmesh.vm.reconcile import reconcile
+from vmmesh.vm.restart import restart
 from vmmesh.vm.rows import VmRecord, VmRows
+from vmmesh.vm.state import VmEvent
 from vmmesh.vm.warmsched import WARM_RETRY, WarmScheduler
 
 
@@ -156,6 +158,7 @@ class VmManager:
         memory_mb: int | None = None,
         request_id: str = "",
         fetch: str = FETCH_AUTO,
+        lineage: Lineage = PLAIN,
     ) -> ShareReply:
         return await self.creator.request_local(
             name,
@@ -168,6 +171,7 @@ class VmManager:
             memory_mb=memory_mb,
             request_id=request_id,
             fetch=fetch,
+            lineage=lineage,
         )
 
     def warm_held(self) -> set[str]:
@@ -197,6 +201,23 @@ class VmManager:
 
     async def shutdown_vm(self, vm_id: str) -> None:
         await self.lifecycle.shutdown_vm(vm_id)
+
+    async def restart(self, vm_id: str, why: str) -> float:
+        """Boot a lost VM again from its own disk (keep-alive); seconds it took."""
+        return await restart(
+            rows=self.rows,
+            admission=self.admission,
+            lifecycle=self.lifecycle,
+            hv=self.hv,
+            base=self.templates.base,
+            vm_id=vm_id,
+            why=why,
+            agent_timeout=self.creator.agent_timeout,
+        )
+
+    def supersede(self, vm_id: str) -> None:
+        """A lost VM's next generation runs on another host: delete this copy."""
+        self.rows.apply(vm_id, VmEvent.SUPERSEDED)
 
     async def reconcile(self) -> list[str]:
         return await reconcile(self.rows, self.lifecycle, self.hv, self.templates, self.warm)

@@ -36,6 +36,7 @@ _LEFT_OVER = {
     VmState.CREATING: VmEvent.FAILED,
     VmState.STOPPING: VmEvent.STOPPED,
     VmState.INCOMING: VmEvent.FAILED,
+    VmState.RESTARTING: VmEvent.RESTART_FAILED,  # lost again: keep-alive decides
 }
 
 

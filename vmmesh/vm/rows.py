@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vmmesh.api.names import request_name_of
+from vmmesh.api.vm import PLAIN, Lineage
 from vmmesh.errors import InternalError, NotFound
 from vmmesh.host.sshkeys import pick_port
 from vmmesh.host.store import Store
@@ -43,6 +44,7 @@ class VmRecord:
     ssh_port: int = 0  # host port forwarded to the guest's port 22; 0: none
     start_kind: str = "cold"  # cold: booted; warm: resumed from a saved boot
     start_seconds: float = 0.0
+    lineage: Lineage = PLAIN
 
     @property
     def request_name(self) -> str:
@@ -67,6 +69,11 @@ class VmRecord:
             ssh_port=int(row["ssh_port"]),
             start_kind=row["start_kind"],
             start_seconds=float(row["start_seconds"]),
+            lineage=Lineage(
+                keep_alive=bool(row["keep_alive"]),
+                generation=int(row["generation"]),
+                origin=row["origin"],
+            ),
         )
 
 
@@ -81,6 +88,7 @@ class NewVm:
     vcpus: int
     memory_mb: int
     request_id: str
+    lineage: Lineage = PLAIN
 
 
 def _can_bind(address: str, port: int) -> bool:
@@ -150,7 +158,8 @@ class VmRows:
             ssh_port = self._free_ssh_port(conn)
             conn.execute(
                 "INSERT INTO vms (vm_id, name, template_id, state, disk, vcpus, memory_mb,"
-                " created, request_id, ssh_port) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " created, request_id, ssh_port, keep_alive, generation, origin)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     vm.vm_id,
                     vm.display,
@@ -162,6 +171,9 @@ class VmRows:
                     self.now(),
                     vm.request_id,
                     ssh_port,
+                    int(vm.lineage.keep_alive),
+                    vm.lineage.generation,
+                    vm.lineage.origin,
                 ),
             )
         return ssh_port

@@ -17,8 +17,11 @@ either goes back to ``running`` (``MIGRATE_FAILED``: anything that failed
 before the target ran it) or is gone (``MIGRATED_AWAY``: the target runs
 it).  On the target the VM's row is born ``incoming`` (``VmRows.insert``)
 and becomes ``running`` (``STARTED``) once its QEMU runs the guest, or is
-gone (``FAILED``).  Restart after a crash and recovery after a host dies
-attach the same way.
+gone (``FAILED``).  Keep-alive (``vmmesh.keepalive``) adds two paths: a
+``lost`` keep-alive VM is started again from its own disk (``RESTART_BEGUN``
+to ``restarting``, then ``STARTED`` or ``RESTART_FAILED`` back to ``lost``),
+and a lost VM whose next generation runs on another host is deleted here
+(``SUPERSEDED``), so an old copy never runs again.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class VmState(enum.StrEnum):
     STOPPED = "stopped"  # in the schema's list, written by no path today
     MIGRATING = "migrating"  # running here while it is copied to another host
     INCOMING = "incoming"  # arriving from another host; QEMU waits for the stream
+    RESTARTING = "restarting"  # keep-alive: started again from its own disk
 
 
 class VmEvent(enum.StrEnum):
@@ -55,6 +59,9 @@ class VmEvent(enum.StrEnum):
     MIGRATE_BEGUN = "migrate-begun"  # the target is ready; copying starts
     MIGRATE_FAILED = "migrate-failed"  # it failed before the target ran the VM: it runs on here
     MIGRATED_AWAY = "migrated-away"  # the target runs the VM: this copy goes
+    RESTART_BEGUN = "restart-begun"  # keep-alive: a lost VM is started again here
+    RESTART_FAILED = "restart-failed"  # it did not come up: lost again
+    SUPERSEDED = "superseded"  # a newer generation runs on another host: this copy goes
 
 
 #: A transition's outcome when the VM's row, overlay and run directory are deleted.
@@ -86,6 +93,11 @@ TRANSITIONS: Final[Mapping[tuple[VmState, VmEvent], Outcome]] = {
     (VmState.INCOMING, VmEvent.STARTED): VmState.RUNNING,
     (VmState.INCOMING, VmEvent.FAILED): GONE,
     (VmState.INCOMING, VmEvent.STOP_ORDERED): VmState.STOPPING,
+    (VmState.LOST, VmEvent.RESTART_BEGUN): VmState.RESTARTING,
+    (VmState.RESTARTING, VmEvent.STARTED): VmState.RUNNING,
+    (VmState.RESTARTING, VmEvent.RESTART_FAILED): VmState.LOST,
+    (VmState.RESTARTING, VmEvent.STOP_ORDERED): VmState.STOPPING,
+    (VmState.LOST, VmEvent.SUPERSEDED): GONE,
 }
 
 #: States whose VMs hold cores, memory and a disk allowance.
@@ -95,6 +107,7 @@ ACTIVE: Final = (
     VmState.STOPPING,
     VmState.MIGRATING,
     VmState.INCOMING,
+    VmState.RESTARTING,
 )
 
 

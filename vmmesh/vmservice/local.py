@@ -82,6 +82,7 @@ class LocalVms:
                     memory_mb=req.memory_mb,
                     request_id=req.request_id,
                     fetch=req.fetch,
+                    lineage=req.lineage,
                 )
         except NoFreeSlot:
             log.info("share of request %s: %d VM(s) asked, none admitted", req.name, req.count)
@@ -124,6 +125,7 @@ class LocalVms:
                 ssh_port=v.ssh_port,
                 start=v.start_kind,
                 start_seconds=round(v.start_seconds, 2),
+                lineage=v.lineage,
             )
             for v in mgr.list_vms()
         )

@@ -19,7 +19,7 @@ import trio
 
 from vmmesh.api.common import Progress
 from vmmesh.api.names import JOB_PREFIX, next_index
-from vmmesh.api.vm import REQUEST, SHARE, RequestReport, RequestVms, ShareRequest
+from vmmesh.api.vm import REQUEST, SHARE, Lineage, RequestReport, RequestVms, ShareRequest
 from vmmesh.errors import PackageInstallError, UsageError, VmmeshError
 from vmmesh.extension import NodeContext
 from vmmesh.net.rpc import Context, Handlers, LocalContext
@@ -107,6 +107,7 @@ class _Run:
             vcpus=req.vcpus,
             memory_mb=req.memory_mb,
             fetch=req.fetch,
+            lineage=Lineage(keep_alive=req.keep_alive, origin="requested"),
         )
         await self.forward(Progress(task=ask.host, phase=f"asking for {ask.count} VM(s)"))
         try:

@@ -63,6 +63,7 @@ class VmService(NodeExtension):
         self._image_stamp: object = None
         self.local = LocalVms(self)
         self.manager_hooks: list[Callable[[VmManager], None]] = []
+        self.stop_hooks: list[Callable[[VmStopped], None]] = []  # keep-alive's
 
     # --- start ------------------------------------------------------------------
 
@@ -237,6 +238,8 @@ class VmService(NodeExtension):
         log.warning("VM %s stopped without an order (exit %s)", ev.name, ev.exit_status)
         if self._node is not None:
             self.publish_now()
+        for hook in self.stop_hooks:
+            hook(ev)
 
     def being_made(self) -> set[str]:
         """The names of this host's VMs still being made (``VmState.CREATING``: cloned,
