@@ -32,18 +32,20 @@ key            value
 ``building``   up to 64 ``Building``: templates it is making now, and when
                it expects them done
 ``keepalive``  up to 4096 ``KeptVm``: the VMs it keeps alive, with generation
+``vmshape``    what its guests' saved states need of a host (QEMU version,
+               machine type, accelerator, CPU model, devices, kernel)
 =============  ==========================================================
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 
-from vmmesh.api.codec import Bool, Bytes, ListOf, Nested, Spec, Text
+from vmmesh.api.codec import Bool, Bytes, ListOf, MapOf, Nested, Spec, Text
 from vmmesh.api.host import NO_CAPACITY, Building, Capacity, KeptVm, TemplateInfo
 from vmmesh.api.names import HostName, Sha256, VmName
 from vmmesh.errors import MalformedMessage
@@ -65,6 +67,7 @@ SCHEMA: dict[str, Spec[Any]] = {
     "images": ListOf(Sha256, 16),
     "building": ListOf(Nested(Building), 64),
     "keepalive": ListOf(Nested(KeptVm), MAX_VMS),
+    "vmshape": MapOf(Text(32), Text(300), 16),
 }
 
 
@@ -101,6 +104,7 @@ class HostState:
     images: tuple[str, ...] = ()
     building: tuple[Building, ...] = ()
     keepalive: tuple[KeptVm, ...] = ()
+    vmshape: Mapping[str, str] = field(default_factory=dict)
 
 
 def parse(keys: Mapping[str, Any]) -> HostState:
@@ -121,6 +125,7 @@ def parse(keys: Mapping[str, Any]) -> HostState:
         ("images", "images"),
         ("building", "building"),
         ("keepalive", "keepalive"),
+        ("vmshape", "vmshape"),
     ):
         if key in keys:
             try:
@@ -146,3 +151,4 @@ class HostView:
     images: tuple[str, ...] = ()
     building: tuple[Building, ...] = ()
     keepalive: tuple[KeptVm, ...] = ()
+    vmshape: Mapping[str, str] = field(default_factory=dict)

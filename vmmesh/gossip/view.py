@@ -48,6 +48,7 @@ class MeshView:
                     images=st.images,
                     building=st.building,
                     keepalive=st.keepalive,
+                    vmshape=st.vmshape,
                 )
             )
         if len(self._parsed) > 2 * len(out) + 16:

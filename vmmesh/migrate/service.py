@@ -51,6 +51,7 @@ from vmmesh.api.vm import SHARE, ShareRequest
 from vmmesh.errors import CapacityError, NotFound, StateError, UsageError, VmmeshError
 from vmmesh.extension import NodeContext, NodeExtension
 from vmmesh.gossip.hoststate import HostView
+from vmmesh.hypervisor.savedstate import Shape
 from vmmesh.migrate import drain, pipes
 from vmmesh.migrate.rule import Decision, decide
 from vmmesh.migrate.source import Source, settle_forever
@@ -176,6 +177,8 @@ class MigrateService(NodeExtension):
                 if req.to in (h.name, h.node_id):
                     if h.status != "up":
                         raise StateError(f"{h.name} is {h.status}: it cannot take a VM")
+                    if why := self._shape_differs(h):
+                        raise StateError(f"{h.name} cannot run this host's guests: {why}")
                     return h, "asked for"  # a draining target refuses in prepare
             if req.to in (self._name(me), me):
                 raise UsageError(f"{req.vm} runs on {req.to} already")
@@ -188,6 +191,7 @@ class MigrateService(NodeExtension):
             and not h.draining
             and h.capacity.free_slots > 0
             and (not h.images or image in h.images)
+            and not self._shape_differs(h)
         ]
         if not fit:
             raise CapacityError(f"no other host can take {req.vm}: none is up with a free slot")
@@ -200,6 +204,13 @@ class MigrateService(NodeExtension):
         holds = score(best)[0]
         why = f"{'holds the template, ' if holds else ''}{best.capacity.free_slots} free slots"
         return best, why
+
+    def _shape_differs(self, h: HostView) -> str:
+        """Why ``h`` cannot resume this host's guests ("" when it can, or has not said)."""
+        mine = self.vms.vm_shape
+        if not mine or not h.vmshape:
+            return ""
+        return Shape.of(h.vmshape).differs(Shape.of(mine))
 
     # --- drain and undrain -------------------------------------------------------
 

@@ -44,6 +44,7 @@ from vmmesh.vmservice.requests import RequestCoordinator
 log = logging.getLogger("vmmesh.vms")
 
 ACCEL_CACHE = "accel.json"
+PER_VM_SHAPE = ("memory_mb", "vcpus")  # a shape's fields each VM sets for itself
 
 
 class VmService(NodeExtension):
@@ -64,6 +65,10 @@ class VmService(NodeExtension):
         self.local = LocalVms(self)
         self.manager_hooks: list[Callable[[VmManager], None]] = []
         self.stop_hooks: list[Callable[[VmStopped], None]] = []  # keep-alive's
+        # what a saved state needs of any host that resumes it (QEMU, machine,
+        # accelerator, CPU, devices, kernel), gossiped so migrations pick hosts
+        # that can run this host's guests
+        self.vm_shape: dict[str, str] = {}
 
     # --- start ------------------------------------------------------------------
 
@@ -102,6 +107,9 @@ class VmService(NodeExtension):
         for hook in self.manager_hooks:
             hook(mgr)
         await self._nursery.start(mgr.run)
+        probe = base.boot_spec("shape", base.disk, self._node.data_dir / "run", 1, 512)
+        shape = (await hv.shape(probe)).to_json()
+        self.vm_shape = {k: v for k, v in shape.items() if k not in PER_VM_SHAPE}
         for what in await mgr.reconcile():
             log.info("reconcile: %s", what)
         mgr.schedule_warm(None)  # the base image's: builds and package-less VMs resume it
@@ -172,6 +180,8 @@ class VmService(NodeExtension):
             node.publish(
                 "images", ([default] if default else []) + [i for i in held if i != default]
             )
+        if self.vm_shape:
+            node.publish("vmshape", self.vm_shape)
         if self.mgr is None:
             if self._base is None and self._image_changed(node.data_dir):
                 assert self._nursery is not None
