@@ -48,6 +48,11 @@ IMAGE_LINK=${VMMESH_BASE_IMAGE_DIR:-/var/cache/vmmesh-dev/base}
 echo "==> base image for the QEMU tests (built once per recipe; a few minutes)"
 "$PY" -m vmmesh.host.imagebuild --publish "$IMAGE_LINK" --if-stale
 export VMMESH_BASE_IMAGE_DIR="$IMAGE_LINK"
+# Every lab host would boot the image once to save the same warm state: made
+# once here instead (again when the image or QEMU changed), linked into labs.
+echo "==> the base image's warm state for the labs (made once per image and QEMU)"
+"$PY" -m tests.warmseed "$IMAGE_LINK" "$IMAGE_LINK.warm"
+export VMMESH_WARM_SEED="$IMAGE_LINK.warm"
 
 echo "==> pytest"
 exec "$PY" -m pytest -q -p no:cacheprovider --durations=25 "$@"

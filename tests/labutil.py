@@ -51,6 +51,13 @@ def unique_tag() -> str:
     return "t" + secrets.token_hex(3)
 
 
+def _warm_seed(image: Path | None) -> Path | None:
+    if image is None:
+        return None
+    seed = Path(os.environ.get("VMMESH_WARM_SEED", f"{image}.warm"))
+    return seed if seed.is_dir() else None
+
+
 @contextmanager
 def lab_context(
     base_dir: Path,
@@ -62,8 +69,13 @@ def lab_context(
     tag: str | None = None,
     cli_argv: Sequence[str] = (),
     image: Path | None = None,
+    warm_seed: bool = True,
 ) -> Iterator[Lab]:
-    """A lab of ``n`` hosts under ``base_dir``; removed on exit even if the test fails."""
+    """A lab of ``n`` hosts under ``base_dir``; removed on exit even if the test fails.
+
+    With ``image``, each host also gets the image's warm state made once for the
+    whole suite (``tests.warmseed``; ``VMMESH_WARM_SEED`` or ``IMAGE.warm``), when
+    there is one and ``warm_seed`` is left on."""
     skip_unless_lab()
     tag = tag or unique_tag()
     lab_dir = base_dir / f"lab-{tag}"
@@ -81,6 +93,7 @@ def lab_context(
                     env=env,
                     cli_argv=cli_argv,
                     image=image,
+                    warm_seed=_warm_seed(image) if warm_seed else None,
                 )
                 break
             except SubnetInUse:

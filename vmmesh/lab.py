@@ -32,6 +32,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -177,12 +178,18 @@ def lab_up(
     start_nodes: bool = True,
     cli_argv: Sequence[str] = (),
     image: Path | None = None,
+    warm_seed: Path | None = None,
 ) -> Lab:
     """Make a lab of ``n`` hosts; on any failure, remove what was made and raise.
 
     ``image`` (a base image directory) is put into every host's image store
     before its node starts, hard-linked where the file system allows: base
     images are never written to, and every host must hold the same one.
+    ``warm_seed`` (a directory holding ``<image id>/``, a warm state of that
+    image made on this machine) is linked into every host's ``warm/``, so no
+    host boots the image once just to save it: the hosts of a lab on one
+    machine would all make the same state.  A host that cannot resume it
+    deletes it and boots cold, as it would have.
 
     ``node_args`` are appended to every ``vmmesh node`` command line, ``env``
     to the environment of every command; ``cli_argv`` replaces how ``vmmesh``
@@ -237,7 +244,10 @@ def lab_up(
         if image is not None:
             for h in lab.hosts:
                 store = ImageStore(Path(h.data_dir))
-                store.set_default(store.import_image(Path(image), link=True).image_id)
+                image_id = store.import_image(Path(image), link=True).image_id
+                store.set_default(image_id)
+                if warm_seed is not None:
+                    _seed_warm(Path(warm_seed) / image_id, Path(h.data_dir))
         if start_nodes:
             lab = _join_and_start(lab)
     except BaseException:
@@ -498,3 +508,20 @@ def _save(lab: Lab) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _seed_warm(seed: Path, data_dir: Path) -> None:
+    """Link a warm state made on this machine into a host's ``warm/`` (no copy: a warm
+    state is only read, and a host that drops it unlinks its own names)."""
+    if not (seed / "shape.json").is_file():
+        return
+    dest = data_dir / "warm" / seed.name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(seed, dest, copy_function=_link_or_copy, dirs_exist_ok=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system
+        shutil.copy2(src, dst)
