@@ -110,7 +110,6 @@ class Target:
                     req.vcpus,
                     req.memory_mb,
                     req.request_id,
-                    req.lineage,
                 ),
                 VmState.INCOMING,
             )
