@@ -110,6 +110,7 @@ class Target:
                     req.vcpus,
                     req.memory_mb,
                     req.request_id,
+                    req.lineage,
                 ),
                 VmState.INCOMING,
             )
