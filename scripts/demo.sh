@@ -84,6 +84,12 @@ done
 "$VMMESH" $H1 templates
 "$VMMESH" $H1 request again 1 vmm-test-a vmm-test-b
 "$VMMESH" $H1 vms
+echo "==> live migration: the VM moves to another host while it runs (same processes)"
+PID=$("$VMMESH" $H1 exec again-1 -- sh -c 'setsid sleep 600 </dev/null >/dev/null 2>&1 & echo $!')
+echo "    a process in the guest: pid $PID"
+"$VMMESH" $H1 migrate again-1
+"$VMMESH" $H1 exec again-1 -- sh -c "echo \"    after the move: pid $PID is \$(cat /proc/$PID/comm), still running\""
+"$VMMESH" $H1 vms
 "$VMMESH" $H1 shutdown again
 
 echo "==> a job: vmmesh run copies the input in, streams the output, brings the result back"
