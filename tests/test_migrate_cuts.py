@@ -1,4 +1,4 @@
-"""A live migration cut at each of its steps ends with exactly one copy of the VM.
+"""A migration cut at each of its steps ends with exactly one copy of the VM.
 
 Lab hosts (real nodes, mutual TLS) and real QEMU guests (TCG) running a
 counter.  The source's node (for ``committed``, the target's) is held at a
@@ -31,6 +31,9 @@ the guest or has dropped it; the target keeps it once it has committed):
   so, the commit not answered yet): the target's; the source's copy stays
   paused until the target can tell (after its restart it has no session but
   lists the VM running).
+* Offline (``--offline``): the same steps where they exist (``prepare``,
+  ``switchover``: state and overlay sent, no commit yet; ``resumed``), with
+  the guest paused and saved from the start of the send.
 
 One lab of two hosts serves the module; VMs have no packages (they resume the
 base image's warm state, no boot).
@@ -74,8 +77,14 @@ CUTS = ("source", "target", "link")
 #: A link cut without losing carrier: the host's veth leaves the bridge, so established
 #: connections go silent (no error, only unanswered bytes) instead of failing at once.
 SILENT_STEPS = ("ram", "paused", "switchover")
-CASES = [(step, cut) for step in (*faults.STEPS, *faults.TARGET_STEPS) for cut in CUTS] + [
-    (step, "silent") for step in SILENT_STEPS
+#: Offline: the guest is paused and saved before anything is sent, so from the switchover
+#: on (the files sent, no commit yet) the cut leaves it paused until the target answers.
+OFFLINE = (("switchover", "source"), ("switchover", "target"), ("switchover", "link"),
+           ("resumed", "source"))  # fmt: skip
+CASES = [
+    *[(step, cut, "live") for step in (*faults.STEPS, *faults.TARGET_STEPS) for cut in CUTS],
+    *[(step, "silent", "live") for step in SILENT_STEPS],
+    *[(step, cut, "offline") for step, cut in OFFLINE],
 ]
 
 
@@ -200,10 +209,12 @@ def _node_gone(lab: Lab, i: int) -> bool:
     return not lab_status(lab.lab_dir)[i - 1]["node_running"]
 
 
-@pytest.mark.parametrize(("step", "cut"), CASES)
-def test_a_migration_cut_at_a_step_ends_with_one_copy(cut_lab: CutLab, step: str, cut: str) -> None:
+@pytest.mark.parametrize(("step", "cut", "mode"), CASES)
+def test_a_migration_cut_at_a_step_ends_with_one_copy(
+    cut_lab: CutLab, step: str, cut: str, mode: str
+) -> None:
     lab = cut_lab.lab
-    name = f"{step[:5]}{cut[:2]}"
+    name = f"{step[:5]}{cut[:2]}{mode[:2]}"
     made = _run(lab, 1, "request", name, "1")
     assert made["placed"] == 1, made
     vm = f"{name}-1"
@@ -219,6 +230,8 @@ def test_a_migration_cut_at_a_step_ends_with_one_copy(cut_lab: CutLab, step: str
     held = cut_lab.faults / f"{side}-{step}.held"
     argv = [*lab.vmmesh_argv(), "migrate", "--data-dir", str(lab.host_data_dir(src)),
             "--json", vm, "--to", f"h{dst}"]  # fmt: skip
+    if mode == "offline":
+        argv.append("--offline")
     answer: dict[str, subprocess.CompletedProcess[str]] = {}
 
     def migrate() -> None:
@@ -241,7 +254,9 @@ def test_a_migration_cut_at_a_step_ends_with_one_copy(cut_lab: CutLab, step: str
         held.unlink(missing_ok=True)
         cli.join()
     r = answer["cli"]
-    print(f"migrate cut at {step} ({cut}): exit {r.returncode}", r.stdout, r.stderr, sep="\n")
+    print(
+        f"{mode} migration cut at {step} ({cut}): exit {r.returncode}", r.stdout, r.stderr, sep="\n"
+    )
     if cut == "link":
         _link(lab, src, "up")
     elif cut == "silent":
