@@ -119,6 +119,7 @@ class MigrateService(NodeExtension):
         mgr = self.vms.manager()
         if self._source is None or self._source.mgr is not mgr:
             self._source = Source(mgr, self.node.pool, self._name(self.node.node_id))
+        self._source.host_name = self._name(self.node.node_id)  # made before gossip named us
         return self._source
 
     def target(self) -> Target:
