@@ -85,6 +85,7 @@ from vmmesh.vm.state import VmEvent, VmState
 log = logging.getLogger("vmmesh.migrate")
 
 POLL = 0.05
+RAM_POLL = 0.01  # seconds between two looks at the RAM stream
 MIRROR_BRIDGE = "mirror.sock"
 SAVED_STATE = "outgoing.state"
 OUTGOING = "outgoing.json"  # the note of a migration from here that has not ended
@@ -266,7 +267,8 @@ class Source:
                         if stats.failed:
                             raise QMPError(f"migration {stats.status}: {stats.error}")
                         await _emit_ram(emit, name, stats)
-                        await trio.sleep(POLL)
+                        # the guest is paused from pre-switchover on: notice it soon
+                        await trio.sleep(RAM_POLL)
                     t = out.phase("ram", t)
                     faults.hit("paused")
                     await qm.finish_mirror(qmp)
