@@ -22,8 +22,14 @@ on the source (``MIGRATE_FAILED``); the user gets the one-line reason.  A
 commit whose answer is lost is settled by asking the target to abort: a
 target that already runs the VM says so and the source's copy goes; a
 target that cannot be reached leaves the source's guest paused, never run
-twice.  A target whose source goes silent aborts after ``IDLE`` seconds,
-unless its guest already runs (the switchover happened): then it keeps it.
+twice.  The source notices a target gone silent by a beat on the mesh's
+shared connection, and keeps a note of each migration in the VM's run
+directory until the target has answered for it: what did not end (a node
+killed, a link cut, the node restarted) is settled from that note every few
+seconds, from the node's start, by the same question (``source.settle``).
+A target whose source goes silent aborts after ``IDLE`` seconds, unless its
+guest already runs (the switchover happened): then it keeps it.  Failpoints
+for the tests that cut a migration at each step: ``faults``.
 
 May import: vmmesh.api, vmmesh.extension, vmmesh.gossip, vmmesh.host, vmmesh.hypervisor,
 vmmesh.net, vmmesh.vm, vmmesh.vmservice (from service).
