@@ -93,7 +93,14 @@ async def start_ram(client: QMPClient, ram_fd: int) -> None:
     """Start sending RAM on ``ram_fd``; it pauses before the switchover."""
     await client.execute(
         "migrate-set-capabilities",
-        {"capabilities": [{"capability": "pause-before-switchover", "state": True}]},
+        {
+            "capabilities": [
+                {"capability": "pause-before-switchover", "state": True},
+                # a guest that dirties memory faster than the link carries it is
+                # slowed down until the copy converges (Proxmox turns it on too)
+                {"capability": "auto-converge", "state": True},
+            ]
+        },
     )
     await client.execute(
         "migrate-set-parameters",
