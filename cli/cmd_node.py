@@ -14,6 +14,7 @@ from vmmesh.migrate.service import MigrateService
 from vmmesh.node import Node
 from vmmesh.transfer.service import TransferService
 from vmmesh.vmservice.service import VmService
+from vmmesh.web.service import WebService
 
 
 def node(args: argparse.Namespace, cfg: Config) -> int:
@@ -27,12 +28,14 @@ def node(args: argparse.Namespace, cfg: Config) -> int:
         return load_config(flags, config_file=args.config)
 
     vms = VmService()
+    migrate = MigrateService(vms)
     extensions = [
         vms,
         TransferService(vms),
         JobService(vms),
-        MigrateService(vms),
+        migrate,
         KeepAliveService(vms),
+        WebService(migrate),
     ]
     n = Node(cfg, reload=reload, extensions=extensions)
     try:

@@ -68,6 +68,15 @@ def _mesh_commands(add: Adder) -> None:
     p.add_argument("--name", help="this host's name (default: hostname)")
     p = add("remove", "cmd_mesh:remove", "revoke a host (by name or node id)")
     p.add_argument("host")
+    p = add(
+        "cert",
+        "cmd_cert:cert",
+        "issue a client certificate for the web page, /metrics and /sd (host with the CA key)",
+    )
+    p.add_argument("action", choices=["issue"])
+    p.add_argument("--role", required=True, choices=["viewer", "metrics"])
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="where to write PEMs")
+    p.add_argument("--label", help="a name for whom it is for (default: the role)")
     add("peers", "cmd_peers:peers", "list the hosts of the mesh")
     add("status", "cmd_peers:status", "show this node's state and what it refused")
 

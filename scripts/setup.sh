@@ -9,13 +9,18 @@ as_root "$PWD/scripts/setup.sh" "$@"   # it installs packages and makes a group
 export DEBIAN_FRONTEND=noninteractive
 need=()
 for pkg in qemu-system-x86 qemu-utils debootstrap e2fsprogs iproute2 dpkg-dev zstd \
-           python3 python3-venv ca-certificates openssh-client; do
+           python3 python3-venv ca-certificates openssh-client prometheus; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
 done
 if [ "${#need[@]}" -gt 0 ]; then
     echo "==> apt-get install ${need[*]}"
     apt-get update -q
     apt-get install -y -q --no-install-recommends "${need[@]}"
+    # prometheus is for the tests (promtool, a Prometheus each test starts itself):
+    # the system service its package enables is not wanted on a development machine.
+    if [[ " ${need[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
+        systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+    fi
 fi
 
 getent group vmmesh >/dev/null || groupadd --system vmmesh

@@ -47,6 +47,8 @@ class Config:
     pack_level: int = 19  # zstd level of the packs templates are served from; 0: none
     job_lease: float = 60.0  # a job VM whose owner is silent this long is shut down
     drain_on_stop: bool = False  # SIGTERM: move this host's VMs away before the node ends
+    # The HTTPS page, /metrics and /sd (vmmesh.web): 0 is port + 2, -1 turns it off.
+    web_port: int = 0
     # `vmmesh ssh`: each VM's port 22 is forwarded from a host port of this range,
     # listening on ssh_bind (0.0.0.0: reachable from the mesh's other hosts;
     # 127.0.0.1: only from this host).  ssh_port_count = 0 turns forwards off.
@@ -70,6 +72,13 @@ class Config:
     @property
     def join_port(self) -> int:
         return self.port + 1
+
+    @property
+    def web_listen_port(self) -> int | None:
+        """The web page's port (``web_port``, by default ``port + 2``); None: no page."""
+        if self.web_port < 0:
+            return None
+        return self.web_port or self.port + 2
 
 
 _FIELDS = {f.name: f for f in fields(Config)}
@@ -183,6 +192,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("gossip interval must be > 0 and fanout >= 1")
     if cfg.storage_quota_mb < 0 or cfg.cpu_overcommit <= 0:
         raise ConfigError("storage quota must be >= 0 and cpu overcommit > 0")
+    if not -1 <= cfg.web_port <= 65535:
+        raise ConfigError(f"web_port must be -1 (off), 0 (port + 2) or a port, not {cfg.web_port}")
     if not 0 <= cfg.pack_level <= 22:
         raise ConfigError(f"pack_level must be 0 (no packs) .. 22, not {cfg.pack_level}")
 

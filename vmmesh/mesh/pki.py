@@ -34,6 +34,7 @@ import base64
 import binascii
 import datetime as dt
 import hashlib
+import ipaddress
 import os
 import re
 import secrets
@@ -402,6 +403,147 @@ def sign_csr(
         .sign(ca.key, hashes.SHA256())
     )
     return _cert_pem(cert)
+
+
+# --- web certificates -----------------------------------------------------------------
+#
+# The HTTPS page (``vmmesh.web``) needs certificates that browsers and Prometheus
+# check by name, which host certificates (named by node id) cannot pass.  Neither
+# kind can stand in for a host: the CN is never a node id (``cert_node_id``
+# refuses it), the extended key usage is only the one side of TLS each serves, and
+# the serial is random, since a host certificate's serial (its node id) stays its own.
+
+WEB_DAYS = 90
+CLIENT_DAYS = 365
+ROLE_WEB = "web"
+CLIENT_ROLES = ("viewer", "metrics")
+
+
+def _leaf(
+    ca: CertificateAuthority,
+    subject: x509.Name,
+    public_key: ec.EllipticCurvePublicKey,
+    usage: x509.ObjectIdentifier,
+    *,
+    sans: Sequence[x509.GeneralName],
+    days: int,
+    now: float | None,
+) -> bytes:
+    start = _now(now)
+    ca_ski = ca.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca.cert.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start - BACKDATE)
+        .not_valid_after(start + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+        )
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return _cert_pem(builder.sign(ca.key, hashes.SHA256()))
+
+
+def host_public_key(identity: Identity) -> bytes:
+    """This host's public key as SubjectPublicKeyInfo DER (what ``sign_web_server`` takes)."""
+    cert = x509.load_pem_x509_certificate(identity.host_cert_path.read_bytes())
+    return cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _san(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+def sign_web_server(
+    ca: CertificateAuthority,
+    public_key_der: bytes,
+    node_id: str,
+    host_name: str,
+    *,
+    names: Sequence[str],
+    days: int = WEB_DAYS,
+    now: float | None = None,
+) -> bytes:
+    """An HTTPS server certificate for host ``node_id``'s own key naming ``names``
+    (IP addresses and DNS names); AuthError if the key is not that host's."""
+    try:
+        public_key = serialization.load_der_public_key(public_key_der)
+    except ValueError:
+        raise AuthError("malformed public key") from None
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(
+        public_key.curve, ec.SECP256R1
+    ):
+        raise AuthError("web certificate key is not ECDSA P-256")
+    if node_id_of_key(public_key) != node_id:
+        raise AuthError(f"that key is not the key of node {node_id}")
+    if not names:
+        raise UsageError("a web certificate needs at least one address or name")
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, f"vmmesh web {check_host_name(host_name)}"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, host_name),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ROLE_WEB),
+        ]
+    )
+    sans = [_san(n) for n in dict.fromkeys(names)]
+    return _leaf(
+        ca, subject, public_key, ExtendedKeyUsageOID.SERVER_AUTH, sans=sans, days=days, now=now
+    )
+
+
+def issue_client(
+    ca: CertificateAuthority,
+    role: str,
+    label: str,
+    days: int = CLIENT_DAYS,
+    now: float | None = None,
+) -> tuple[bytes, bytes]:
+    """A new key and a client certificate carrying ``role`` as its OU; (key_pem, cert_pem)."""
+    if role not in CLIENT_ROLES:
+        raise UsageError(f"role must be one of {', '.join(CLIENT_ROLES)}, not {role!r:.40}")
+    key = _new_key()
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, f"vmmesh {role} {label}"),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+        ]
+    )
+    cert = _leaf(
+        ca, subject, key.public_key(), ExtendedKeyUsageOID.CLIENT_AUTH, sans=[], days=days, now=now
+    )
+    return _key_pem(key), cert
+
+
+def cert_role(cert: x509.Certificate) -> str | None:
+    """The client role a certificate carries (its OU), or None if it carries none."""
+    role = _name_attr(cert.subject, NameOID.ORGANIZATIONAL_UNIT_NAME)
+    return role if role in CLIENT_ROLES else None
 
 
 # --- CRL ------------------------------------------------------------------------------

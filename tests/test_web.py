@@ -1,0 +1,424 @@
+"""The web page without sockets: its certificates, the metrics collector and service
+discovery, who may read what, HTTP/1.1 over memory streams, TLS refusals."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import ssl
+import subprocess
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from prometheus_client.parser import text_string_to_metric_families
+
+from vmmesh.api.codec import WireType
+from vmmesh.api.host import Capacity, TemplateInfo
+from vmmesh.api.node import StatusReply
+from vmmesh.api.vm import VmRow
+from vmmesh.api.web import Role
+from vmmesh.config import Config
+from vmmesh.errors import AuthError, UsageError
+from vmmesh.gossip.hoststate import HostView
+from vmmesh.mesh import pki
+from vmmesh.web import certs
+from vmmesh.web.app import Response, respond
+from vmmesh.web.metrics import Figures, render, sd_targets
+from vmmesh.web.server import role_of, serve_connection, server_context
+
+CAP = Capacity(
+    cores=4,
+    memory_mb=8192,
+    storage_quota_mb=20000,
+    storage_free_mb=15000,
+    free_vm_slots=6,
+    free_disk_slots=3,
+)
+IDS = ["a" * 32, "b" * 32, "c" * 32, "d" * 32]
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> pki.Identity:
+    return pki.init_mesh(tmp_path / "a" / "pki", "alpha")
+
+
+def _joined(tmp_path: Path, mesh: pki.Identity, name: str) -> pki.Identity:
+    key, csr = pki.make_key_and_csr(name)
+    ca = pki.load_ca(mesh.pki_dir)
+    cert = pki.sign_csr(ca, csr)
+    ca_pem = mesh.ca_cert_path.read_bytes()
+    return pki.install_joined(
+        tmp_path / name / "pki", key, cert, ca_pem, mesh.crl_path.read_bytes()
+    )
+
+
+# --- certificates ------------------------------------------------------------------
+
+
+def test_web_certificate_names_addresses_and_is_no_host_certificate(
+    tmp_path: Path, mesh: pki.Identity
+) -> None:
+    beta = _joined(tmp_path, mesh, "beta")
+    ca = pki.load_ca(mesh.pki_dir)
+    pem = pki.sign_web_server(
+        ca,
+        pki.host_public_key(beta),
+        beta.node_id,
+        "beta",
+        names=["10.0.0.2", "fd00::2", "beta", "localhost"],
+    )
+    cert = x509.load_pem_x509_certificate(pem)
+    assert certs.cert_names(cert) == {"10.0.0.2", "fd00::2", "beta", "localhost"}
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    assert cert.serial_number != pki.serial_of_node(beta.node_id)
+    with pytest.raises(AuthError):
+        pki.cert_node_id(cert)  # never taken for a host on the mesh port
+    cert.verify_directly_issued_by(ca.cert)
+
+
+def test_web_certificate_only_for_the_callers_own_key(tmp_path: Path, mesh: pki.Identity) -> None:
+    beta = _joined(tmp_path, mesh, "beta")
+    ca = pki.load_ca(mesh.pki_dir)
+    with pytest.raises(AuthError, match="not the key of node"):
+        pki.sign_web_server(ca, pki.host_public_key(beta), mesh.node_id, "alpha", names=["x"])
+    with pytest.raises(AuthError):
+        pki.sign_web_server(ca, b"garbage", beta.node_id, "beta", names=["x"])
+
+
+def test_client_certificate_carries_its_role(mesh: pki.Identity) -> None:
+    ca = pki.load_ca(mesh.pki_dir)
+    _key, pem = pki.issue_client(ca, "metrics", "prom")
+    cert = x509.load_pem_x509_certificate(pem)
+    assert pki.cert_role(cert) == "metrics"
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    with pytest.raises(AuthError):
+        pki.cert_node_id(cert)
+    with pytest.raises(UsageError):
+        pki.issue_client(ca, "admin", "x")
+    host = x509.load_pem_x509_certificate(mesh.host_cert_path.read_bytes())
+    assert pki.cert_role(host) is None  # a host certificate is no page role
+
+
+def test_renewal_when_missing_renamed_or_expiring(tmp_path: Path, mesh: pki.Identity) -> None:
+    ca = pki.load_ca(mesh.pki_dir)
+    names = certs.wanted_names(["10.0.0.1"], "alpha")
+    assert names == ["10.0.0.1", "alpha", "localhost", "127.0.0.1"]
+    now = dt.datetime.now(dt.UTC)
+    assert certs.needs_renewal(None, names, now) == "none yet"
+    spki = pki.host_public_key(mesh)
+    cert = x509.load_pem_x509_certificate(
+        pki.sign_web_server(ca, spki, mesh.node_id, "alpha", names=names)
+    )
+    assert certs.needs_renewal(cert, names, now) is None
+    assert certs.needs_renewal(cert, ["10.0.0.9", *names[1:]], now) == "its names changed"
+    assert certs.needs_renewal(cert, names, now + dt.timedelta(days=70)) == "it expires soon"
+
+
+def test_the_ca_holder_is_asked_first(mesh: pki.Identity) -> None:
+    hosts = [
+        HostView(IDS[0], "zeta", "up", CAP),
+        HostView(IDS[1], "alpha", "up", CAP),
+        HostView(IDS[2], "beta", "down", CAP),
+        HostView(IDS[3], "me", "up", CAP),
+    ]
+    assert certs.ca_holder_name(mesh.ca_cert_path) == "alpha"
+    assert certs.signers(hosts, IDS[3], "alpha") == [IDS[1], IDS[0]]
+
+
+def test_web_port_default_and_off() -> None:
+    assert Config(port=7400).web_listen_port == 7402
+    assert Config(port=7400, web_port=9443).web_listen_port == 9443
+    assert Config(web_port=-1).web_listen_port is None
+
+
+# --- metrics and discovery ------------------------------------------------------------
+
+
+def _status() -> StatusReply:
+    return StatusReply(
+        node_id=IDS[0],
+        name="alpha",
+        mesh_id="e" * 32,
+        admin=True,
+        address="10.0.0.1",
+        addresses=("10.0.0.1",),
+        port=7400,
+        uptime=100.0,
+        generation=1,
+        peers_total=3,
+        peers_up=1,
+        capacity=CAP,
+        templates=1,
+        vms=("web-1",),
+        crl_number=1,
+        data_dir="/x",
+        refusals={"tls": 2, "gossip": 0},
+    )
+
+
+def _hosts() -> list[HostView]:
+    tpl = TemplateInfo(
+        template_id="f" * 32, base_image_id="0" * 32, packages=frozenset(), warm=True
+    )
+    return [
+        HostView(
+            IDS[0], "alpha", "up", CAP, templates=(tpl,), vms=("web-1",), address="10.0.0.1:7400"
+        ),
+        HostView(IDS[1], "beta", "up", CAP, draining=True, address="10.0.0.2:7400", last_heard=5.0),
+        HostView(IDS[2], "gamma", "suspect", CAP, address="10.0.0.3:7400", last_heard=4.0),
+        HostView(IDS[3], "delta", "down", CAP, address="10.0.0.4:7400", last_heard=3.0),
+    ]
+
+
+def _vm(name: str, state: str) -> VmRow:
+    return VmRow(
+        name=name, vm_id="1" * 32, request="web", host="alpha", node_id=IDS[0], state=state
+    )
+
+
+def _figures() -> Figures:
+    return Figures(
+        status=_status(),
+        hosts=_hosts(),
+        now=1000.0,
+        vms=[_vm("web-1", "running"), _vm("web-2", "running"), _vm("web-3", "stopped")],
+        migrations=(3, 1),
+        web_refusals={"tls": 1, "role": 0},
+    )
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _status_of(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str) -> str:
+    on = [
+        dict(labels)["status"]
+        for (metric, labels), v in samples.items()
+        if metric == "vmmesh_member_status" and dict(labels)["member"] == name and v == 1
+    ]
+    assert len(on) == 1, on
+    return on[0]
+
+
+def test_metrics_say_each_members_state_and_capacity() -> None:
+    samples = _samples(render(_figures()).decode())
+    assert [_status_of(samples, n) for n in ("alpha", "beta", "gamma", "delta")] == [
+        "up",
+        "draining",
+        "suspect",
+        "down",
+    ]
+    alpha = (("member", "alpha"), ("member_id", IDS[0]))
+    assert samples[("vmmesh_member_cores", alpha)] == 4
+    assert samples[("vmmesh_member_memory_bytes", alpha)] == 8192 * 2**20
+    assert samples[("vmmesh_member_storage_quota_bytes", alpha)] == 20000 * 2**20
+    assert samples[("vmmesh_member_free_slots", alpha)] == 3
+    assert samples[("vmmesh_member_templates", alpha)] == 1
+    assert samples[("vmmesh_member_warm_templates", alpha)] == 1
+    assert samples[("vmmesh_vms", (("state", "running"),))] == 2
+    assert samples[("vmmesh_migrations_total", (("result", "done"),))] == 3
+    assert samples[("vmmesh_refusals_total", (("cause", "tls"),))] == 2
+    assert samples[("vmmesh_node_start_time_seconds", ())] == 900.0
+    info = [k for k in samples if k[0] == "vmmesh_node_info"]
+    assert dict(info[0][1])["admin"] == "true"
+
+
+def test_metrics_pass_promtool(tmp_path: Path) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool (Debian's prometheus) is not installed")
+    run = subprocess.run(
+        [promtool, "check", "metrics"], input=render(_figures()), capture_output=True, check=False
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_sd_lists_up_hosts_at_their_web_port() -> None:
+    groups = json.loads(sd_targets(_hosts(), "e" * 32, 2))
+    assert [g["targets"] for g in groups] == [["10.0.0.1:7402"], ["10.0.0.2:7402"]]
+    assert groups[0]["labels"]["__meta_vmmesh_member"] == "alpha"
+
+
+# --- who may read what -------------------------------------------------------------------
+
+
+class FakePages:
+    def __init__(self) -> None:
+        self.metrics_calls = 0
+
+    async def metrics(self) -> bytes:
+        self.metrics_calls += 1
+        return b"vmmesh_x 1\n"
+
+    async def sd(self) -> bytes:
+        return b"[]"
+
+    async def api(self, name: str) -> WireType | None:
+        return _status() if name == "status" else None
+
+
+@pytest.mark.parametrize(
+    ("role", "path", "status"),
+    [
+        (Role.METRICS, "/metrics", 200),
+        (Role.METRICS, "/sd", 200),
+        (Role.METRICS, "/api/v1/status", 403),
+        (Role.METRICS, "/", 403),
+        (None, "/metrics", 403),
+        (Role.VIEWER, "/metrics", 200),
+        (Role.VIEWER, "/api/v1/status", 200),
+        (Role.VIEWER, "/api/v1/nothing", 404),
+        (Role.VIEWER, "/", 200),
+    ],
+)
+async def test_roles(role: Role | None, path: str, status: int) -> None:
+    refused: list[str] = []
+    resp = await respond(FakePages(), "GET", path, role, refused.append)
+    assert resp.status == status
+    assert refused == (["role"] if status == 403 else [])
+
+
+async def test_api_body_is_the_clis_json() -> None:
+    resp = await respond(FakePages(), "GET", "/api/v1/status?x=1", Role.VIEWER)
+    body = json.loads(resp.body)
+    assert "v" not in body and body["node_id"] == IDS[0] and body["capacity"]["free_slots"] == 3
+
+
+async def test_read_only() -> None:
+    assert (await respond(FakePages(), "POST", "/metrics", Role.VIEWER)).status == 405
+
+
+# --- HTTP/1.1 over a stream -------------------------------------------------------------
+
+
+async def _exchange(raw: bytes, role: Role | None = Role.METRICS) -> bytes:
+    server, client = trio.testing.memory_stream_pair()
+
+    async def serve() -> None:
+        await serve_connection(server, role, FakePages())
+        await server.aclose()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        await client.send_all(raw)
+        await client.send_eof()
+        out = b""
+        while chunk := await client.receive_some(65536):
+            out += chunk
+    return out
+
+
+async def test_two_requests_on_one_connection() -> None:
+    req = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+    out = await _exchange(req + req.replace(b"GET", b"HEAD"))
+    assert out.count(b"HTTP/1.1 200") == 2
+    assert out.count(b"vmmesh_x 1") == 1  # HEAD: headers only
+    assert b"content-type: text/plain; version=0.0.4" in out
+
+
+async def test_garbage_gets_400_and_the_connection_ends() -> None:
+    out = await _exchange(b"\x16\x03\x01 not http\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 400")
+
+
+async def test_forbidden_over_the_wire() -> None:
+    out = await _exchange(b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\n\r\n", None)
+    assert out.startswith(b"HTTP/1.1 403")
+
+
+# --- TLS: who gets in -------------------------------------------------------------------
+
+
+def _server_ctx(ident: pki.Identity) -> ssl.SSLContext:
+    return server_context(
+        str(ident.host_cert_path),
+        str(ident.host_key_path),
+        str(ident.ca_cert_path),
+        str(ident.crl_path),
+    )
+
+
+def _client_ctx(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.check_hostname = False  # the host certificate names a node id; tested by the lab
+    if cert is not None:
+        ctx.load_cert_chain(str(cert), str(key))
+    return ctx
+
+
+def _write_client(tmp_path: Path, key: bytes, cert: bytes) -> tuple[Path, Path]:
+    (tmp_path / "c.key").write_bytes(key)
+    (tmp_path / "c.crt").write_bytes(cert)
+    return tmp_path / "c.crt", tmp_path / "c.key"
+
+
+async def _get_over_tls(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> Response | str:
+    a, b = trio.testing.memory_stream_pair()
+    server = trio.SSLStream(a, server_ctx, server_side=True)
+    client = trio.SSLStream(b, client_ctx, server_hostname="x")
+    result: list[Response | str] = []
+
+    async def serve() -> None:
+        try:
+            await server.do_handshake()
+        except trio.BrokenResourceError:
+            await server.transport_stream.send_all(server._outgoing.read())
+            await server.transport_stream.aclose()
+            return
+        await serve_connection(server, role_of(server), FakePages())
+        await server.aclose()
+
+    async def ask() -> None:
+        try:
+            await client.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            out = await client.receive_some(65536)
+        except trio.BrokenResourceError as exc:
+            result.append(f"refused: {exc.__cause__}")
+            return
+        await client.aclose()
+        status = int(out.split(b" ", 2)[1])
+        result.append(Response(status, bytes(out).split(b"\r\n\r\n", 1)[1]))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            nursery.start_soon(ask)
+    return result[0]
+
+
+async def test_a_metrics_certificate_gets_in(tmp_path: Path, mesh: pki.Identity) -> None:
+    key, cert = pki.issue_client(pki.load_ca(mesh.pki_dir), "metrics", "prom")
+    crt, k = _write_client(tmp_path, key, cert)
+    got = await _get_over_tls(_server_ctx(mesh), _client_ctx(mesh.ca_cert_path, crt, k))
+    assert isinstance(got, Response) and got.status == 200 and got.body == b"vmmesh_x 1\n"
+
+
+async def test_no_certificate_is_refused(mesh: pki.Identity) -> None:
+    got = await _get_over_tls(_server_ctx(mesh), _client_ctx(mesh.ca_cert_path))
+    assert isinstance(got, str) and "CERTIFICATE_REQUIRED" in got.upper()
+
+
+async def test_a_foreign_ca_is_refused(tmp_path: Path, mesh: pki.Identity) -> None:
+    other = pki.init_mesh(tmp_path / "other" / "pki", "other")
+    key, cert = pki.issue_client(pki.load_ca(other.pki_dir), "viewer", "x")
+    crt, k = _write_client(tmp_path, key, cert)
+    got = await _get_over_tls(_server_ctx(mesh), _client_ctx(mesh.ca_cert_path, crt, k))
+    assert isinstance(got, str) and "UNKNOWN_CA" in got.upper()
+
+
+async def test_a_host_certificate_has_no_role(mesh: pki.Identity) -> None:
+    ctx = _client_ctx(mesh.ca_cert_path, mesh.host_cert_path, mesh.host_key_path)
+    got = await _get_over_tls(_server_ctx(mesh), ctx)
+    assert isinstance(got, Response) and got.status == 403

@@ -1,0 +1,34 @@
+"""The mesh on a web page: an HTTPS listener on every node, Prometheus metrics and service
+discovery, the API's typed bodies as JSON, all behind the mesh's own certificates.
+
+Theory of operation.  Each node listens on its own port (``web_port``, by
+default the peer port + 2) with TLS that requires a client certificate of the
+mesh CA (``server``): a client without one, or with one of another CA, is
+refused in the handshake and counted.  The certificate's OU is its role
+(``vmmesh cert issue --role viewer|metrics``, signed on the host holding the
+CA key): ``metrics`` may read ``/metrics`` and ``/sd``, ``viewer`` everything;
+anything else gets 403 (``app``).  Requests are HTTP/1.1 through h11, one
+after another on a kept-alive connection.  Every answer is made when it is
+asked for, from what the node already holds (``service``): ``/metrics`` is
+the status reply, the gossip view, this host's VM rows and the migration
+counters renamed into metric families (``metrics``), ``/sd`` lists every up
+host's page, ``/api/v1/{status,hosts,vms}`` are the CLI's ``--json`` bodies.
+Every host shows the whole mesh as its gossip knows it, so a host that died
+is still shown, as down, by the others.
+
+The server certificate (``certs``): browsers and Prometheus check a page's
+certificate against the address they dialled, and a host certificate names
+only its node id.  What every host has is its own key, the CA certificate
+and mutual TLS to the other hosts; only the host that ran ``vmmesh init``
+holds the CA key, and the CA certificate names that host (its O).  So a node
+asks that host (then any other up host) over the mesh for a certificate of
+its own key naming its addresses (``web.certify``); the signer checks the
+key is the calling host's, proven by the link's TLS.  Until one arrives, and
+when the CA host cannot be reached, the page serves the host certificate,
+which clients that check names refuse: the failure says so, and the node
+asks again every 5 s and whenever a host comes up.  The certificate is kept
+in ``<data_dir>/web/`` and renewed when the host's addresses change or a
+month before it expires.
+
+May import: vmmesh.api, vmmesh.extension, vmmesh.gossip, vmmesh.mesh.pki, vmmesh.net.
+"""

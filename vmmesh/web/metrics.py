@@ -1,0 +1,201 @@
+"""``GET /metrics`` and ``GET /sd``: the mesh as one node sees it, in Prometheus's formats.
+
+Pure: ``Figures`` is what the node already knows (its ``vmmesh status`` reply,
+its gossip view, its own VMs, the migration counters), taken in one go by the
+service; ``MeshCollector`` only renames it into metric families, and
+``render`` is ``prometheus_client.generate_latest`` over that collector, in
+the scraping task, with no registry, thread or background loop of its own.
+
+Names follow Prometheus's rules: base units (bytes, seconds), ``_total`` on
+counters, ``_info`` on series that carry labels and the value 1.  Every host
+serves the whole mesh from its gossip view (``vmmesh_member_*``, labelled by
+``member`` and ``member_id``), so the others still say a host is down after it
+died; what only the scraped host knows (its refusals, its VMs' states, its
+migrations) is ``vmmesh_node_*``-like series without a member label.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from prometheus_client import generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from vmmesh.api.node import StatusReply
+from vmmesh.api.vm import VmRow
+from vmmesh.gossip.hoststate import HostView
+
+MB = 1 << 20
+STATES = ("up", "suspect", "down", "draining")
+
+
+def member_state(h: HostView) -> str:
+    """One of ``STATES``: gossip's up/suspect/down, and ``draining`` for an up host
+    that takes no new VMs (Prometheus's ``up`` cannot say that)."""
+    return "draining" if h.status == "up" and h.draining else h.status
+
+
+@dataclass(frozen=True)
+class Figures:
+    """What one scrape shows, as the node knows it at that moment."""
+
+    status: StatusReply
+    hosts: Sequence[HostView]
+    now: float  # unix time
+    vms: Sequence[VmRow] | None = None  # this host's VMs; None: the VM service has none
+    migrations: tuple[int, int] | None = None  # (done, failed); None: no migrate extension
+    web_refusals: Mapping[str, int] = field(default_factory=dict)
+
+
+class MeshCollector(Collector):
+    """A ``prometheus_client`` collector over one ``Figures``."""
+
+    def __init__(self, figures: Figures) -> None:
+        self.figures = figures
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._node()
+        yield from self._members()
+
+    def _node(self) -> Iterator[Metric]:
+        f, s = self.figures, self.figures.status
+        info = InfoMetricFamily("vmmesh_node", "This host: its node id, name and mesh.")
+        info.add_metric(
+            [],
+            {
+                "node_id": s.node_id,
+                "name": s.name,
+                "mesh_id": s.mesh_id,
+                "admin": "true" if s.admin else "false",
+            },
+        )
+        yield info
+        yield GaugeMetricFamily(
+            "vmmesh_node_start_time_seconds",
+            "When this host's node started (unix time).",
+            value=round(f.now - s.uptime, 3),
+        )
+        yield GaugeMetricFamily(
+            "vmmesh_crl_number", "The number of the newest mesh CRL this host holds.", s.crl_number
+        )
+        refusals = CounterMetricFamily(
+            "vmmesh_refusals",
+            "What this host refused from peers, by cause (as `vmmesh status` shows).",
+            labels=["cause"],
+        )
+        for cause, n in sorted(s.refusals.items()):
+            refusals.add_metric([cause], n)
+        yield refusals
+        web = CounterMetricFamily(
+            "vmmesh_web_refusals",
+            "Connections and requests this page refused (tls: no or a foreign certificate; "
+            "role: a certificate whose role does not allow the page).",
+            labels=["cause"],
+        )
+        for cause, n in sorted(f.web_refusals.items()):
+            web.add_metric([cause], n)
+        yield web
+        if f.vms is not None:
+            by_state = GaugeMetricFamily(
+                "vmmesh_vms", "VMs of this host by state.", labels=["state"]
+            )
+            for state, n in sorted(Counter(vm.state for vm in f.vms).items()):
+                by_state.add_metric([state], n)
+            yield by_state
+        if f.migrations is not None:
+            done, failed = f.migrations
+            moved = CounterMetricFamily(
+                "vmmesh_migrations",
+                "Migrations this host ran as the source, by result.",
+                labels=["result"],
+            )
+            moved.add_metric(["done"], done)
+            moved.add_metric(["failed"], failed)
+            yield moved
+
+    def _members(self) -> Iterator[Metric]:
+        labels = ["member", "member_id"]
+
+        def gauge(name: str, doc: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"vmmesh_member_{name}", doc, labels=labels)
+
+        info = InfoMetricFamily(
+            "vmmesh_member",
+            "A host of the mesh as this host's gossip knows it.",
+            labels=[*labels, "address"],
+        )
+        status = GaugeMetricFamily(
+            "vmmesh_member_status",
+            "1 for the state a host is in (up, suspect, down, draining), 0 for the others.",
+            labels=[*labels, "status"],
+        )
+        cores = gauge("cores", "CPU cores of a host.")
+        memory = gauge("memory_bytes", "Memory of a host.")
+        quota = gauge("storage_quota_bytes", "Storage quota of a host for VMs and templates.")
+        free = gauge("storage_free_bytes", "Storage still free in a host's quota.")
+        slots = gauge("free_slots", "How many more VMs a host can take now.")
+        vms = gauge("vms", "VMs a host runs, as it gossips them.")
+        templates = gauge("templates", "Templates a host holds.")
+        warm = gauge("warm_templates", "Templates a host holds with a saved warm boot.")
+        heard = gauge(
+            "last_heard_timestamp_seconds", "When this host last heard from a host (unix time)."
+        )
+        for h in sorted(self.figures.hosts, key=lambda h: (h.name, h.node_id)):
+            who = [h.name, h.node_id]
+            info.add_metric(who, {"address": h.address})
+            state = member_state(h)
+            for s in STATES:
+                status.add_metric([*who, s], 1.0 if s == state else 0.0)
+            cap = h.capacity
+            cores.add_metric(who, cap.cores)
+            memory.add_metric(who, cap.memory_mb * MB)
+            quota.add_metric(who, cap.storage_quota_mb * MB)
+            free.add_metric(who, cap.storage_free_mb * MB)
+            slots.add_metric(who, cap.free_slots)
+            vms.add_metric(who, len(h.vms))
+            templates.add_metric(who, len(h.templates))
+            warm.add_metric(who, sum(1 for t in h.templates if t.warm))
+            if h.last_heard:
+                heard.add_metric(who, round(h.last_heard, 3))
+        yield from (info, status, cores, memory, quota, free, slots, vms, templates, warm, heard)
+
+
+def render(figures: Figures) -> bytes:
+    """The Prometheus text exposition of ``figures``."""
+    return generate_latest(MeshCollector(figures))
+
+
+def sd_targets(hosts: Sequence[HostView], mesh_id: str, web_port_offset: int) -> bytes:
+    """Prometheus HTTP service discovery: every up (or draining) host's page, as JSON.
+
+    A host's page is its gossiped peer address with the port moved by
+    ``web_port_offset`` (this host's web port minus its peer port: the mesh's
+    hosts are expected to keep the same offset, ``web_port`` unset = port + 2).
+    """
+    groups = []
+    for h in sorted(hosts, key=lambda h: (h.name, h.node_id)):
+        if h.status != "up" or not h.address:
+            continue
+        host, _, port = h.address.rpartition(":")
+        if not host or not port.isdigit():
+            continue
+        groups.append(
+            {
+                "targets": [f"{host}:{int(port) + web_port_offset}"],
+                "labels": {
+                    "__meta_vmmesh_member": h.name,
+                    "__meta_vmmesh_member_id": h.node_id,
+                    "__meta_vmmesh_mesh_id": mesh_id,
+                },
+            }
+        )
+    return json.dumps(groups, indent=1).encode()

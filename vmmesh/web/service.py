@@ -1,0 +1,254 @@
+"""The web extension: the HTTPS listener, this host's web certificate, client certificates.
+
+Everything the page shows is read where ``vmmesh status`` reads it: the node's
+own control methods (``node.status``, ``node.peers``, ``vm.list``) called in
+process, the gossip view (``NodeContext.hosts``), this host's VM rows
+(``vm.list_local``) and the migrate extension's counters.  Nothing is kept
+or computed here but the page's own refusal counts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import ssl
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+import trio
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+
+from vmmesh.api.codec import Empty, WireType
+from vmmesh.api.node import PEERS, STATUS, StatusReply
+from vmmesh.api.vm import LIST, LIST_LOCAL
+from vmmesh.api.web import (
+    CERTIFY,
+    ISSUE,
+    CertifyReply,
+    CertifyRequest,
+    IssueReply,
+    IssueRequest,
+)
+from vmmesh.errors import AuthError, NotFound, StateError, UsageError, VmmeshError
+from vmmesh.extension import NodeContext, NodeExtension
+from vmmesh.gossip.core import EventKind
+from vmmesh.mesh import pki
+from vmmesh.net.refusals import Refusals
+from vmmesh.net.rpc import Context, Handlers, LocalContext
+from vmmesh.web import certs
+from vmmesh.web.metrics import Figures, render, sd_targets
+from vmmesh.web.server import serve_https, server_context
+
+log = logging.getLogger("vmmesh.web")
+
+RECHECK = 3600.0  # seconds between checks of a good certificate
+RETRY = 5.0  # seconds before asking again after no host could sign
+CERTIFY_TIMEOUT = 10.0
+
+
+class MigrationCounts(Protocol):
+    """The migrate extension's counters (``MigrateService``)."""
+
+    migrated: int
+    failed: int
+
+
+class WebService(NodeExtension):
+    def __init__(self, migrations: MigrationCounts | None = None) -> None:
+        self.migrations = migrations
+        self._node: NodeContext | None = None
+        self._peer = Handlers()
+        self._control = Handlers()
+        self._addresses: tuple[str, ...] = ()
+        self.port: int | None = None
+        self.refused: dict[str, int] = {"tls": 0, "role": 0}
+        self._refusals = Refusals(log)
+        self.cert_ready = trio.Event()
+        self._wake = trio.Event()  # a host came up: the CA host may be reachable now
+
+    @property
+    def node(self) -> NodeContext:
+        if self._node is None:
+            raise StateError("the node is not running")
+        return self._node
+
+    @property
+    def cert_path(self) -> Path:
+        return self.node.data_dir / "web" / certs.CERT_FILE
+
+    async def start(
+        self,
+        node: NodeContext,
+        nursery: trio.Nursery,
+        peer_handlers: Handlers,
+        control_handlers: Handlers,
+    ) -> None:
+        self._node, self._peer, self._control = node, peer_handlers, control_handlers
+        peer_handlers.add(CERTIFY, self._certify)
+        control_handlers.add(ISSUE, self._issue)
+        port = node.cfg.web_listen_port
+        if port is None:
+            return
+        bind = None if node.cfg.listen in ("0.0.0.0", "") else node.cfg.listen
+        listeners = await trio.open_tcp_listeners(port, host=bind)
+        self.port = listeners[0].socket.getsockname()[1]
+        nursery.start_soon(
+            serve_https, listeners, self._tls_context, self, self._refusals, self._count
+        )
+        nursery.start_soon(self._keep_certificate)
+
+    def facts(self) -> Mapping[str, str]:
+        if self.port is None:
+            return {}
+        host = self._addresses[0] if self._addresses else "localhost"
+        if ":" in host:
+            host = f"[{host}]"
+        url = f"https://{host}:{self.port}/"
+        if not self.cert_ready.is_set():
+            url += " (certificate: not yet signed by the CA host)"
+        return {"web": url}
+
+    def on_event(self, node: NodeContext, kind: EventKind, node_id: str) -> None:
+        if kind in (EventKind.JOINED, EventKind.UP) and not self.cert_ready.is_set():
+            self._wake.set()
+
+    def _count(self, cause: str) -> None:
+        self.refused[cause] = self.refused.get(cause, 0) + 1
+
+    def _tls_context(self) -> ssl.SSLContext:
+        ident = self.node.identity
+        cert = self.cert_path if self.cert_ready.is_set() else ident.host_cert_path
+        return server_context(
+            str(cert), str(ident.host_key_path), str(ident.ca_cert_path), str(ident.crl_path)
+        )
+
+    # --- what the page shows (app.Pages) ----------------------------------------
+
+    async def _status(self) -> StatusReply:
+        reply = await self._control.local(STATUS, LocalContext(self.node.node_id), Empty())
+        self._addresses = reply.addresses
+        return reply
+
+    async def figures(self) -> Figures:
+        status = await self._status()
+        try:
+            vms = (await self._peer.local(LIST_LOCAL, LocalContext(status.node_id), Empty())).vms
+        except VmmeshError:
+            vms = None  # no VM service here (no base image yet)
+        counts = self.migrations
+        return Figures(
+            status=status,
+            hosts=self.node.hosts(),
+            now=time.time(),
+            vms=vms,
+            migrations=(counts.migrated, counts.failed) if counts is not None else None,
+            web_refusals=dict(self.refused),
+        )
+
+    async def metrics(self) -> bytes:
+        return render(await self.figures())
+
+    async def sd(self) -> bytes:
+        cfg = self.node.cfg
+        offset = (self.port or 0) - cfg.port
+        return sd_targets(self.node.hosts(), self.node.identity.mesh_id, offset)
+
+    async def api(self, name: str) -> WireType | None:
+        here = LocalContext(self.node.node_id)
+        if name == "status":
+            return await self._control.local(STATUS, here, Empty())
+        if name == "hosts":
+            return await self._control.local(PEERS, here, Empty())
+        if name == "vms":
+            return await self._control.local(LIST, here, Empty())
+        return None
+
+    # --- certificates ---------------------------------------------------------------
+
+    async def _certify(self, ctx: Context, req: CertifyRequest) -> CertifyReply:
+        """Sign a host's web certificate (on the host holding the CA key)."""
+        ca = pki.load_ca(self.node.identity.pki_dir)  # AuthError elsewhere: ask another
+        names = {h.node_id: h.name for h in self.node.hosts()}
+        if ctx.peer_id not in names:
+            raise NotFound(f"node {ctx.peer_id[:12]} is not in this host's gossip yet")
+        pem = pki.sign_web_server(
+            ca, req.public_key, ctx.peer_id, names[ctx.peer_id], names=req.names
+        )
+        log.info("signed a web certificate for %s: %s", names[ctx.peer_id], ", ".join(req.names))
+        return CertifyReply(cert=pem)
+
+    async def _issue(self, ctx: Context, req: IssueRequest) -> IssueReply:
+        ident = self.node.identity
+        if not ident.holds_ca_key:
+            raise UsageError(
+                "this host does not hold the mesh CA key: run `vmmesh cert issue` on the host "
+                "that ran `vmmesh init`"
+            )
+        ca = pki.load_ca(ident.pki_dir)
+        key, cert = pki.issue_client(ca, req.role.value, req.label)
+        expires = x509.load_pem_x509_certificate(cert).not_valid_after_utc.timestamp()
+        log.info("issued a %s client certificate %r", req.role.value, req.label)
+        ca_pem = ca.cert.public_bytes(serialization.Encoding.PEM)
+        return IssueReply(cert=cert, key=key, ca=ca_pem, role=req.role, expires=expires)
+
+    async def _keep_certificate(self) -> None:
+        failed_before = ""
+        while True:
+            try:
+                await self._renew()
+                failed_before = ""
+                await trio.sleep(RECHECK)
+            except VmmeshError as exc:
+                if str(exc) != failed_before:
+                    log.warning("no web certificate yet (serving the host's own): %s", exc)
+                failed_before = str(exc)
+                self._wake = trio.Event()
+                with trio.move_on_after(RETRY):
+                    await self._wake.wait()
+
+    async def _renew(self) -> None:
+        ident = self.node.identity
+        status = await self._status()
+        names = certs.wanted_names(status.addresses, ident.name)
+        why = certs.needs_renewal(certs.load_cert(self.cert_path), names, dt.datetime.now(dt.UTC))
+        if why is None:
+            self.cert_ready.set()
+            return
+        req = CertifyRequest(public_key=pki.host_public_key(ident), names=tuple(names))
+        order = certs.signers(
+            self.node.hosts(), ident.node_id, certs.ca_holder_name(ident.ca_cert_path)
+        )
+        if ident.holds_ca_key:
+            order.insert(0, ident.node_id)
+        reasons = []
+        for node_id in order:
+            try:
+                reply = await self.node.pool.call(node_id, CERTIFY, req, timeout=CERTIFY_TIMEOUT)
+            except VmmeshError as exc:
+                reasons.append(f"{node_id[:12]}: {exc}")
+                continue
+            self._check(reply.cert, req)
+            await trio.to_thread.run_sync(certs.write_cert, self.cert_path, reply.cert)
+            log.info("web certificate (%s) signed by %s for %s", why, node_id[:12], names)
+            self.cert_ready.set()
+            return
+        raise StateError("no host could sign it: " + ("; ".join(reasons) or "no host is up"))
+
+    def _check(self, pem: bytes, req: CertifyRequest) -> None:
+        """A signer's answer must be our CA's certificate of our key for our names."""
+        ident = self.node.identity
+        cert = x509.load_pem_x509_certificate(pem)
+        ca = x509.load_pem_x509_certificate(ident.ca_cert_path.read_bytes())
+        try:
+            cert.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            raise AuthError("a web certificate not signed by the mesh CA") from None
+        spki = cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        if spki != req.public_key or certs.cert_names(cert) != set(req.names):
+            raise AuthError("the signer certified another key or other names")
