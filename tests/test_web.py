@@ -6,9 +6,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
+import socket
 import ssl
 import subprocess
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -17,19 +20,21 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from prometheus_client.parser import text_string_to_metric_families
 
-from vmmesh.api.codec import WireType
+from vmmesh.api.codec import Empty, WireType
 from vmmesh.api.host import Capacity, TemplateInfo
-from vmmesh.api.node import StatusReply
+from vmmesh.api.node import STATUS, StatusReply
 from vmmesh.api.vm import VmRow
-from vmmesh.api.web import Role
+from vmmesh.api.web import CERTIFY, CertifyReply, CertifyRequest, IssueRequest, Role
 from vmmesh.config import Config
 from vmmesh.errors import AuthError, UsageError
 from vmmesh.gossip.hoststate import HostView
 from vmmesh.mesh import pki
+from vmmesh.net.rpc import Context, Handlers, LocalContext
 from vmmesh.web import certs
 from vmmesh.web.app import Response, respond
 from vmmesh.web.metrics import Figures, render, sd_targets
 from vmmesh.web.server import role_of, serve_connection, server_context
+from vmmesh.web.service import WebService
 
 CAP = Capacity(
     cores=4,
@@ -422,3 +427,118 @@ async def test_a_host_certificate_has_no_role(mesh: pki.Identity) -> None:
     ctx = _client_ctx(mesh.ca_cert_path, mesh.host_cert_path, mesh.host_key_path)
     got = await _get_over_tls(_server_ctx(mesh), ctx)
     assert isinstance(got, Response) and got.status == 403
+
+
+# --- the extension, with a fake node ---------------------------------------------------
+
+
+class FakePool:
+    """Calls from ``caller`` to the other fake nodes' web services."""
+
+    def __init__(self, services: dict[str, WebService], caller: str = "") -> None:
+        self.services, self.caller = services, caller
+        self.asked: list[str] = []
+
+    async def call(
+        self, node_id: str, method: Any, request: Any, timeout: float = 30.0
+    ) -> CertifyReply:
+        assert method is CERTIFY
+        self.asked.append(node_id)
+        ctx = LocalContext(self.caller)
+        return await self.services[node_id]._peer.local(CERTIFY, ctx, request)
+
+
+class FakeNode:
+    def __init__(
+        self, ident: pki.Identity, data_dir: Path, hosts: list[HostView], pool: FakePool
+    ) -> None:
+        self.cfg = Config(data_dir=data_dir, web_port=-1)
+        self.identity = ident
+        self.node_id = ident.node_id
+        self.pool = pool
+        self.data_dir = data_dir
+        self._hosts = hosts
+
+    def hosts(self) -> list[HostView]:
+        return self._hosts
+
+
+async def _web_service(node: FakeNode, address: str) -> WebService:
+    peer, control = Handlers(), Handlers()
+
+    async def status(ctx: Context, body: Empty) -> StatusReply:
+        return replace(_status(), node_id=node.node_id, addresses=(address,))
+
+    control.add(STATUS, status)
+    service = WebService()
+    async with trio.open_nursery() as nursery:
+        await service.start(node, nursery, peer, control)  # type: ignore[arg-type]
+    return service
+
+
+async def test_a_host_gets_its_certificate_from_the_ca_host(
+    tmp_path: Path, mesh: pki.Identity
+) -> None:
+    beta, zeta = _joined(tmp_path, mesh, "beta"), _joined(tmp_path, mesh, "zeta")
+    hosts = [
+        HostView(zeta.node_id, "zeta", "up", CAP),
+        HostView(mesh.node_id, "alpha", "up", CAP),
+        HostView(beta.node_id, "beta", "up", CAP),
+    ]
+    services: dict[str, WebService] = {}
+    pools = {i.node_id: FakePool(services, i.node_id) for i in (mesh, beta, zeta)}
+    for ident, address in ((mesh, "10.0.0.1"), (beta, "10.0.0.2"), (zeta, "10.0.0.3")):
+        node = FakeNode(ident, tmp_path / ident.name, hosts, pools[ident.node_id])
+        services[ident.node_id] = await _web_service(node, address)
+    web = services[beta.node_id]
+    await web._renew()
+    assert pools[beta.node_id].asked == [mesh.node_id]  # the CA's maker first: no round of refusals
+    cert = x509.load_pem_x509_certificate((tmp_path / "beta" / "web" / "server.crt").read_bytes())
+    assert certs.cert_names(cert) == {"10.0.0.2", "beta", "localhost", "127.0.0.1"}
+    assert web.cert_ready.is_set()
+    with pytest.raises(AuthError, match="CA key"):  # zeta holds no CA key
+        await services[zeta.node_id]._certify(
+            LocalContext(beta.node_id),
+            CertifyRequest(public_key=pki.host_public_key(beta), names=("x",)),
+        )
+
+
+async def test_client_certificates_only_on_the_ca_host(tmp_path: Path, mesh: pki.Identity) -> None:
+    beta = _joined(tmp_path, mesh, "beta")
+    pool = FakePool({})
+    on_ca = await _web_service(FakeNode(mesh, tmp_path / "a", [], pool), "10.0.0.1")
+    on_beta = await _web_service(FakeNode(beta, tmp_path / "b", [], pool), "10.0.0.2")
+    reply = await on_ca._issue(LocalContext(mesh.node_id), IssueRequest(role=Role.VIEWER))
+    assert pki.cert_role(x509.load_pem_x509_certificate(reply.cert)) == "viewer"
+    with pytest.raises(UsageError, match="vmmesh init"):
+        await on_beta._issue(LocalContext(beta.node_id), IssueRequest(role=Role.VIEWER))
+
+
+async def test_the_services_metrics_read_status_gossip_and_counters(
+    tmp_path: Path, mesh: pki.Identity
+) -> None:
+    class Counts:
+        migrated, failed = 2, 1
+
+    node = FakeNode(mesh, tmp_path / "a", _hosts(), FakePool({}))
+    web = await _web_service(node, "10.0.0.1")
+    web.migrations = Counts()
+    samples = _samples((await web.metrics()).decode())
+    assert samples[("vmmesh_migrations_total", (("result", "failed"),))] == 1
+    assert _status_of(samples, "delta") == "down"
+    assert not any(name == "vmmesh_vms" for name, _ in samples)  # no VM service here
+
+
+async def test_a_taken_port_leaves_the_node_running_without_its_page(
+    tmp_path: Path, mesh: pki.Identity
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        node = FakeNode(mesh, tmp_path / "a", [], FakePool({}))
+        node.cfg = Config(
+            data_dir=node.data_dir, listen="127.0.0.1", web_port=taken.getsockname()[1]
+        )
+        web = await _web_service(node, "127.0.0.1")
+    assert web.port is None
+    assert web.facts()["web"].startswith("off: cannot listen on port")

@@ -65,6 +65,7 @@ class WebService(NodeExtension):
         self._control = Handlers()
         self._addresses: tuple[str, ...] = ()
         self.port: int | None = None
+        self._off = ""  # why there is no page, when a port was wanted
         self.refused: dict[str, int] = {"tls": 0, "role": 0}
         self._refusals = Refusals(log)
         self.cert_ready = trio.Event()
@@ -94,7 +95,12 @@ class WebService(NodeExtension):
         if port is None:
             return
         bind = None if node.cfg.listen in ("0.0.0.0", "") else node.cfg.listen
-        listeners = await trio.open_tcp_listeners(port, host=bind)
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=bind)
+        except OSError as exc:  # the node runs on without its page, and says so
+            self._off = f"off: cannot listen on port {port}: {exc.strerror or exc}"
+            log.error("web page %s (set web_port)", self._off)
+            return
         self.port = listeners[0].socket.getsockname()[1]
         nursery.start_soon(
             serve_https, listeners, self._tls_context, self, self._refusals, self._count
@@ -103,7 +109,7 @@ class WebService(NodeExtension):
 
     def facts(self) -> Mapping[str, str]:
         if self.port is None:
-            return {}
+            return {"web": self._off} if self._off else {}
         host = self._addresses[0] if self._addresses else "localhost"
         if ":" in host:
             host = f"[{host}]"
