@@ -99,7 +99,12 @@ async def serve_connection(
             while conn.their_state is h11.SEND_BODY:  # a body nobody reads: drop it
                 if isinstance(await _next_event(conn, stream), h11.EndOfMessage):
                     break
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+        except (
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            trio.TooSlowError,
+            h11.RemoteProtocolError,
+        ):
             return
         if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
             return
