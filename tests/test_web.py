@@ -1,5 +1,6 @@
 """The web page without sockets: its certificates, the metrics collector and service
-discovery, who may read what, HTTP/1.1 over memory streams, TLS refusals."""
+discovery, who may read what, HTTP/1.1 over memory streams, TLS refusals.  Logins,
+sessions, the page and its event stream: tests/test_web_page.py."""
 
 from __future__ import annotations
 
@@ -22,18 +23,19 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from vmmesh.api.codec import Empty, WireType
 from vmmesh.api.host import Capacity, TemplateInfo
-from vmmesh.api.node import STATUS, StatusReply
-from vmmesh.api.vm import VmRow
+from vmmesh.api.node import PEERS, STATUS, PeerRow, PeersReply, StatusReply
+from vmmesh.api.vm import LIST, VmList, VmRow
 from vmmesh.api.web import CERTIFY, CertifyReply, CertifyRequest, IssueRequest, Role
 from vmmesh.config import Config
-from vmmesh.errors import AuthError, UsageError
+from vmmesh.errors import AuthError, StateError, UsageError
+from vmmesh.gossip.core import EventKind
 from vmmesh.gossip.hoststate import HostView
 from vmmesh.mesh import pki
 from vmmesh.net.rpc import Context, Handlers, LocalContext
 from vmmesh.web import certs
 from vmmesh.web.app import Response, respond
 from vmmesh.web.metrics import Figures, render, sd_targets
-from vmmesh.web.server import role_of, serve_connection, server_context
+from vmmesh.web.server import serve_connection, serve_tls_connection, server_context
 from vmmesh.web.service import WebService
 
 CAP = Capacity(
@@ -260,8 +262,12 @@ def test_sd_lists_up_hosts_at_their_web_port() -> None:
 
 
 class FakePages:
+    """Bodies of fixed text; ``good`` is the one login token, ``open`` the one session."""
+
     def __init__(self) -> None:
         self.metrics_calls = 0
+        self.snapshots = 0
+        self.change = trio.Event()
 
     async def metrics(self) -> bytes:
         self.metrics_calls += 1
@@ -272,6 +278,21 @@ class FakePages:
 
     async def api(self, name: str) -> WireType | None:
         return _status() if name == "status" else None
+
+    def login(self, token: str) -> str | None:
+        return "s=open; HttpOnly" if token == "good" else None
+
+    def session(self, cookies: list[str]) -> bool:
+        return "s=open" in cookies
+
+    async def snapshot(self) -> bytes:
+        self.snapshots += 1
+        return b'{"n":%d}' % self.snapshots
+
+    async def wait_change(self, timeout: float) -> None:
+        with trio.move_on_after(timeout):
+            await self.change.wait()
+        self.change = trio.Event()
 
 
 @pytest.mark.parametrize(
@@ -286,6 +307,8 @@ class FakePages:
         (Role.VIEWER, "/api/v1/status", 200),
         (Role.VIEWER, "/api/v1/nothing", 404),
         (Role.VIEWER, "/", 200),
+        (Role.VIEWER, "/events", 200),
+        (Role.METRICS, "/events", 403),
     ],
 )
 async def test_roles(role: Role | None, path: str, status: int) -> None:
@@ -293,6 +316,13 @@ async def test_roles(role: Role | None, path: str, status: int) -> None:
     resp = await respond(FakePages(), "GET", path, role, refused.append)
     assert resp.status == status
     assert refused == (["role"] if status == 403 else [])
+
+
+@pytest.mark.parametrize("path", ["/", "/metrics", "/sd", "/events", "/api/v1/status", "/x"])
+async def test_no_certificate_and_no_session_is_401_everywhere(path: str) -> None:
+    refused: list[str] = []
+    resp = await respond(FakePages(), "GET", path, None, refused.append, anonymous=True)
+    assert resp.status == 401 and refused == ["login"]
 
 
 async def test_api_body_is_the_clis_json() -> None:
@@ -308,11 +338,13 @@ async def test_read_only() -> None:
 # --- HTTP/1.1 over a stream -------------------------------------------------------------
 
 
-async def _exchange(raw: bytes, role: Role | None = Role.METRICS) -> bytes:
+async def _exchange(
+    raw: bytes, role: Role | None = Role.METRICS, pages: FakePages | None = None
+) -> bytes:
     server, client = trio.testing.memory_stream_pair()
 
     async def serve() -> None:
-        await serve_connection(server, role, FakePages())
+        await serve_connection(server, role, pages or FakePages(), certified=role is not None)
         await server.aclose()
 
     async with trio.open_nursery() as nursery:
@@ -339,8 +371,27 @@ async def test_garbage_gets_400_and_the_connection_ends() -> None:
 
 
 async def test_forbidden_over_the_wire() -> None:
-    out = await _exchange(b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\n\r\n", None)
+    out = await _exchange(b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 403")
+
+
+async def test_without_certificate_a_session_cookie_is_a_viewer() -> None:
+    ask = b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\n%s\r\n"
+    assert (await _exchange(ask % b"", None)).startswith(b"HTTP/1.1 401")
+    wrong = await _exchange(ask % b"Cookie: s=stale\r\n", None)
+    assert wrong.startswith(b"HTTP/1.1 401")
+    out = await _exchange(ask % b"Cookie: s=open\r\n", None)
+    assert out.startswith(b"HTTP/1.1 200") and IDS[0].encode() in out
+
+
+async def test_a_login_link_sets_the_cookie_and_sends_the_browser_home() -> None:
+    out = await _exchange(b"GET /login?token=good HTTP/1.1\r\nHost: x\r\n\r\n", None)
+    head = out.split(b"\r\n\r\n", 1)[0].lower()
+    assert head.startswith(b"http/1.1 303") and b"\r\nlocation: /\r\n" in head
+    assert b"\r\nset-cookie: s=open; httponly\r\n" in head
+    assert b"referrer-policy: no-referrer" in head  # the link never leaves in a Referer
+    bad = await _exchange(b"GET /login?token=used HTTP/1.1\r\nHost: x\r\n\r\n", None)
+    assert bad.startswith(b"HTTP/1.1 401") and b"set-cookie" not in bad.lower()
 
 
 # --- TLS: who gets in -------------------------------------------------------------------
@@ -382,7 +433,7 @@ async def _get_over_tls(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) 
             await server.transport_stream.send_all(server._outgoing.read())
             await server.transport_stream.aclose()
             return
-        await serve_connection(server, role_of(server), FakePages())
+        await serve_tls_connection(server, FakePages())
         await server.aclose()
 
     async def ask() -> None:
@@ -411,8 +462,10 @@ async def test_a_metrics_certificate_gets_in(tmp_path: Path, mesh: pki.Identity)
 
 
 async def test_no_certificate_is_refused(mesh: pki.Identity) -> None:
+    """Asked for, not required (a browser with a session comes without one): refused
+    at the HTTP layer instead of the handshake."""
     got = await _get_over_tls(_server_ctx(mesh), _client_ctx(mesh.ca_cert_path))
-    assert isinstance(got, str) and "CERTIFICATE_REQUIRED" in got.upper()
+    assert isinstance(got, Response) and got.status == 401
 
 
 async def test_a_foreign_ca_is_refused(tmp_path: Path, mesh: pki.Identity) -> None:
@@ -542,3 +595,69 @@ async def test_a_taken_port_leaves_the_node_running_without_its_page(
         web = await _web_service(node, "127.0.0.1")
     assert web.port is None
     assert web.facts()["web"].startswith("off: cannot listen on port")
+
+
+async def test_the_login_link_names_this_host_and_is_good_once(
+    tmp_path: Path, mesh: pki.Identity
+) -> None:
+    node = FakeNode(mesh, tmp_path / "a", _hosts(), FakePool({}))
+    web = await _web_service(node, "10.0.0.1")
+    here = LocalContext(mesh.node_id)
+    with pytest.raises(StateError, match="off"):
+        await web._login(here, Empty())  # no page, no link
+    web.port = 7402
+    reply = await web._login(here, Empty())
+    assert reply.url.startswith("https://10.0.0.1:7402/login?token=")
+    token = reply.url.split("token=", 1)[1]
+    cookie = web.login(token)
+    assert cookie is not None and "HttpOnly" in cookie
+    assert web.login(token) is None
+    assert web.session([cookie.split(";", 1)[0]])
+    assert not web.session(["vmmesh_session=forged"])
+
+
+def _peer_rows(hosts: list[HostView]) -> PeersReply:
+    rows = tuple(
+        PeerRow(
+            h.node_id, h.name, i == 0, h.status, h.address, h.last_heard, h.capacity,
+            h.templates, h.vms, h.draining,
+        )
+        for i, h in enumerate(hosts)
+    )  # fmt: skip
+    return PeersReply(mesh_id="e" * 32, node_id=hosts[0].node_id, hosts=rows)
+
+
+async def test_the_snapshot_is_the_api_bodies_and_the_task_log(
+    tmp_path: Path, mesh: pki.Identity
+) -> None:
+    hosts = _hosts()
+    node = FakeNode(mesh, tmp_path / "a", hosts, FakePool({}))
+    web = await _web_service(node, "10.0.0.1")
+    odd = "<b>not bold</b>"
+
+    async def peers(ctx: Context, body: Empty) -> PeersReply:
+        return _peer_rows(hosts)
+
+    async def vms(ctx: Context, body: Empty) -> VmList:
+        return VmList(vms=(replace(_vm("web-1", "stopped"), stop_reason=odd),))
+
+    web._control.add(PEERS, peers)
+    web._control.add(LIST, vms)
+    first = json.loads(await web.snapshot())
+    assert [h["name"] for h in first["hosts"]["hosts"]] == ["alpha", "beta", "gamma", "delta"]
+    assert first["vms"]["vms"][0]["stop_reason"] == odd  # as text: the page sets it as text
+    assert first["status"]["node_id"] == mesh.node_id and first["migrations"] is None
+    assert first["events"] == []
+    async with trio.open_nursery() as nursery:
+        woke: list[bool] = []
+
+        async def watch() -> None:
+            await web.wait_change(60)
+            woke.append(True)
+
+        nursery.start_soon(watch)
+        await trio.testing.wait_all_tasks_blocked()
+        web.on_event(node, EventKind.DOWN, IDS[3])  # type: ignore[arg-type]
+    assert woke == [True]
+    events = json.loads(await web.snapshot())["events"]  # a change: not the cached one
+    assert [(e["kind"], e["text"]) for e in events] == [("down", "delta is down")]

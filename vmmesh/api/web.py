@@ -1,13 +1,14 @@
-"""The web page's certificates: a host asks the CA holder for its HTTPS certificate
-(``web.certify``, peer), and ``vmmesh cert issue`` asks its node for a client
-certificate with a role (``web.issue``, control)."""
+"""The web page's certificates and logins: a host asks the CA holder for its HTTPS
+certificate (``web.certify``, peer), ``vmmesh cert issue`` asks its node for a
+client certificate with a role (``web.issue``, control), and ``vmmesh web`` for
+a single-use login link for a browser (``web.login``, control)."""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
 
-from vmmesh.api.codec import Bytes, Choice, Float, ListOf, Message, Method, Text, wire
+from vmmesh.api.codec import Bytes, Choice, Empty, Float, ListOf, Message, Method, Text, wire
 
 MAX_PEM = 16 << 10
 MAX_SPKI = 1024
@@ -54,5 +55,14 @@ class IssueReply(Message):
     expires: float = wire(Float(0.0))
 
 
+@dataclass(frozen=True)
+class LoginReply(Message):
+    """A login link: good once, until ``expires`` (unix time), on this node only."""
+
+    url: str = wire(Text(2048))
+    expires: float = wire(Float(0.0))
+
+
 CERTIFY = Method("web.certify", CertifyRequest, CertifyReply)
 ISSUE = Method("web.issue", IssueRequest, IssueReply)
+LOGIN = Method("web.login", Empty, LoginReply)

@@ -2,17 +2,23 @@
 discovery, the API's typed bodies as JSON, all behind the mesh's own certificates.
 
 Theory of operation.  Each node listens on its own port (``web_port``, by
-default the peer port + 2) with TLS that requires a client certificate of the
-mesh CA (``server``): a client without one, or with one of another CA, is
-refused in the handshake and counted.  The certificate's OU is its role
-(``vmmesh cert issue --role viewer|metrics``, signed on the host holding the
-CA key): ``metrics`` may read ``/metrics`` and ``/sd``, ``viewer`` everything;
-anything else gets 403 (``app``).  Requests are HTTP/1.1 through h11, one
+default the peer port + 2) with TLS that asks for a client certificate of the
+mesh CA (``server``): one of another CA, or revoked, is refused in the
+handshake and counted.  The certificate's OU is its role (``vmmesh cert
+issue --role viewer|metrics``, signed on the host holding the CA key):
+``metrics`` may read ``/metrics`` and ``/sd``, ``viewer`` everything; anything
+else gets 403 (``app``).  A browser may come without a certificate: ``vmmesh
+web`` prints a single-use login link, which sets a session cookie worth a
+viewer (``login``, in this node's memory only); a request with neither
+certificate nor session gets 401.  Requests are HTTP/1.1 through h11, one
 after another on a kept-alive connection.  Every answer is made when it is
 asked for, from what the node already holds (``service``): ``/metrics`` is
 the status reply, the gossip view, this host's VM rows and the migration
 counters renamed into metric families (``metrics``), ``/sd`` lists every up
 host's page, ``/api/v1/{status,hosts,vms}`` are the CLI's ``--json`` bodies.
+``/`` is a fixed page (``page``) whose script draws the snapshots that
+``/events`` streams (server-sent events: the same bodies, the migration
+counters and the task log of ``events``) on every change and every 2 s.
 Every host shows the whole mesh as its gossip knows it, so a host that died
 is still shown, as down, by the others.
 

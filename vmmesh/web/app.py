@@ -1,14 +1,22 @@
-"""What each path answers, and to which role: requests in, ``Response`` out, no sockets.
+"""What each path answers, and to whom: requests in, ``Response`` out, no sockets.
 
 A ``Pages`` (the service) hands over the bodies; this module decides only who
 may read them and how they are framed.  The ``/api/v1`` bodies are the typed
 replies the CLI prints with ``--json`` (``to_wire()`` without the version,
-bytes as text), so the page has no schema of its own.
+bytes as text), so the page has no schema of its own; ``/events`` streams
+snapshots made of the same bodies (``server`` runs the stream).
+
+Who: a client that presented a certificate of the mesh CA has its role
+(none for a host certificate); one without a certificate is a viewer if it
+sends an open session's cookie (``login``), else anonymous.  Anonymous gets
+401 everywhere but ``/login``, which trades a login token for that cookie;
+a role may read what ``allowed`` says, anything else is 403.
 """
 
 from __future__ import annotations
 
 import json
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -17,8 +25,10 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from vmmesh.api.codec import WireType
 from vmmesh.api.web import Role
+from vmmesh.web import page
 
 JSON = "application/json"
+HTML = "text/html; charset=utf-8"
 
 
 @dataclass(frozen=True)
@@ -26,6 +36,8 @@ class Response:
     status: int
     body: bytes
     content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
+    events: bool = False  # the body is the event stream (``server`` runs it)
 
 
 class Pages(Protocol):
@@ -39,6 +51,22 @@ class Pages(Protocol):
         """The typed body of ``/api/v1/<name>``; None if there is no such body."""
         ...
 
+    def login(self, token: str) -> str | None:
+        """Spend a login token: the ``Set-Cookie`` value of a new session, or None."""
+        ...
+
+    def session(self, cookies: list[str]) -> bool:
+        """Whether these ``Cookie`` headers carry an open session."""
+        ...
+
+    async def snapshot(self) -> bytes:
+        """The page's state now, as one line of JSON (``/events``)."""
+        ...
+
+    async def wait_change(self, timeout: float) -> None:
+        """Return when something the page shows changed, or after ``timeout`` seconds."""
+        ...
+
 
 def _plain(value: Any) -> Any:
     if isinstance(value, bytes):
@@ -50,27 +78,23 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def as_json(body: WireType) -> bytes:
-    """A typed body as the CLI's ``--json`` prints it."""
+def as_plain(body: WireType) -> Any:
+    """A typed body as plain JSON values, as the CLI's ``--json`` has it."""
     data = body.to_wire()
     data.pop("v", None)
-    return json.dumps(_plain(data), indent=2, sort_keys=True, default=str).encode() + b"\n"
+    return _plain(data)
 
 
-INDEX = b"""<!doctype html>
-<html><head><meta charset="utf-8"><title>vmmesh</title></head>
-<body><h1>vmmesh</h1><ul>
-<li><a href="/api/v1/status">/api/v1/status</a></li>
-<li><a href="/api/v1/hosts">/api/v1/hosts</a></li>
-<li><a href="/api/v1/vms">/api/v1/vms</a></li>
-<li><a href="/metrics">/metrics</a> (Prometheus)</li>
-<li><a href="/sd">/sd</a> (Prometheus HTTP service discovery)</li>
-</ul></body></html>
-"""
+def as_json(body: WireType) -> bytes:
+    """A typed body as the CLI's ``--json`` prints it."""
+    return json.dumps(as_plain(body), indent=2, sort_keys=True, default=str).encode() + b"\n"
+
 
 # Who may read what: a metrics certificate (Prometheus) only the scrape and its
-# discovery, a viewer everything the page shows.
+# discovery, a viewer (certificate or session) everything the page shows.
 METRICS_PATHS = frozenset({"/metrics", "/sd"})
+LOGIN = "/login"
+EVENTS = "/events"
 
 
 def allowed(role: Role | None, path: str) -> bool:
@@ -85,19 +109,32 @@ async def respond(
     target: str,
     role: Role | None,
     refused: Callable[[str], None] = lambda cause: None,
+    *,
+    anonymous: bool = False,
 ) -> Response:
-    """The answer to one request of a client whose certificate carries ``role``."""
-    path = target.split("?", 1)[0]
+    """The answer to one request: ``role`` is the client's (its certificate's, or
+    VIEWER for a session); ``anonymous``, it has neither certificate nor session."""
+    path, _, query = target.partition("?")
     if method not in ("GET", "HEAD"):
         return Response(405, b"only GET and HEAD: this page is read-only\n")
+    if path == LOGIN:
+        return _login(pages, query, refused)
+    if anonymous:
+        refused("login")
+        return Response(
+            401,
+            b"log in: a client certificate of the mesh CA (vmmesh cert issue), "
+            b"or the link `vmmesh web` prints\n",
+        )
     if not allowed(role, path):
         refused("role")
         what = f"a {role.value} certificate" if role else "a certificate without a role"
         return Response(403, f"{what} may not read {path}\n".encode())
     route: Callable[[], Awaitable[Response]] | None = {
-        "/": _const(Response(200, INDEX, "text/html; charset=utf-8")),
+        "/": _const(Response(200, page.INDEX, HTML, (("content-security-policy", page.CSP),))),
         "/metrics": lambda: _metrics(pages),
         "/sd": lambda: _sd(pages),
+        EVENTS: _const(Response(200, b"", "text/event-stream", events=method == "GET")),
     }.get(path)
     if route is not None:
         return await route()
@@ -106,6 +143,18 @@ async def respond(
         if body is not None:
             return Response(200, as_json(body), JSON)
     return Response(404, f"nothing at {path}\n".encode())
+
+
+def _login(pages: Pages, query: str, refused: Callable[[str], None]) -> Response:
+    tokens = urllib.parse.parse_qs(query).get("token", [])
+    cookie = pages.login(tokens[0]) if len(tokens) == 1 else None
+    if cookie is None:
+        refused("login")
+        return Response(
+            401,
+            b"this login link is used, expired or wrong: `vmmesh web` prints a new one\n",
+        )
+    return Response(303, b"logged in\n", headers=(("location", "/"), ("set-cookie", cookie)))
 
 
 def _const(response: Response) -> Callable[[], Awaitable[Response]]:

@@ -1,15 +1,20 @@
-"""The web extension: the HTTPS listener, this host's web certificate, client certificates.
+"""The web extension: the HTTPS listener, this host's web certificate, client certificates,
+browser logins and the page's task log.
 
 Everything the page shows is read where ``vmmesh status`` reads it: the node's
 own control methods (``node.status``, ``node.peers``, ``vm.list``) called in
 process, the gossip view (``NodeContext.hosts``), this host's VM rows
-(``vm.list_local``) and the migrate extension's counters.  Nothing is kept
-or computed here but the page's own refusal counts.
+(``vm.list_local``) and the migrate extension's counters.  Kept here, in
+memory only: the page's refusal counts, the last events (``events``), login
+tokens and sessions (``login``), and the last ``/events`` snapshot, which
+all open streams share for ``SNAPSHOT_AGE`` seconds (``vm.list`` asks every
+host with VMs, once per snapshot, not once per browser).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import ssl
 import time
@@ -24,14 +29,16 @@ from cryptography.hazmat.primitives import serialization
 
 from vmmesh.api.codec import Empty, WireType
 from vmmesh.api.node import PEERS, STATUS, StatusReply
-from vmmesh.api.vm import LIST, LIST_LOCAL
+from vmmesh.api.vm import LIST, LIST_LOCAL, VmList
 from vmmesh.api.web import (
     CERTIFY,
     ISSUE,
+    LOGIN,
     CertifyReply,
     CertifyRequest,
     IssueReply,
     IssueRequest,
+    LoginReply,
 )
 from vmmesh.errors import AuthError, NotFound, StateError, UsageError, VmmeshError
 from vmmesh.extension import NodeContext, NodeExtension
@@ -40,6 +47,9 @@ from vmmesh.mesh import pki
 from vmmesh.net.refusals import Refusals
 from vmmesh.net.rpc import Context, Handlers, LocalContext
 from vmmesh.web import certs
+from vmmesh.web.app import as_plain
+from vmmesh.web.events import Event, EventLog, vm_changes
+from vmmesh.web.login import COOKIE, Logins
 from vmmesh.web.metrics import Figures, render, sd_targets
 from vmmesh.web.server import serve_https, server_context
 
@@ -48,6 +58,21 @@ log = logging.getLogger("vmmesh.web")
 RECHECK = 3600.0  # seconds between checks of a good certificate
 RETRY = 5.0  # seconds before asking again after no host could sign
 CERTIFY_TIMEOUT = 10.0
+SNAPSHOT_AGE = 0.5  # seconds a snapshot is shared by the open streams, unless a change came
+LOOK_EVERY = 1.0  # seconds between looks at the hosts' VM names (for the task log)
+GOSSIP_EVENTS = {
+    EventKind.JOINED: "joined the mesh",
+    EventKind.UP: "is up again",
+    EventKind.SUSPECT: "is suspect (not heard)",
+    EventKind.DOWN: "is down",
+    EventKind.FORGOTTEN: "was forgotten (down too long)",
+    EventKind.REFUSED: "sent a value this host refused",
+}
+REFUSAL_TEXT = {
+    "tls": "a TLS handshake failed (no certificate of the mesh CA)",
+    "role": "a certificate's role may not read that path",
+    "login": "a request without certificate or session, or a bad login link",
+}
 
 
 class MigrationCounts(Protocol):
@@ -66,10 +91,17 @@ class WebService(NodeExtension):
         self._addresses: tuple[str, ...] = ()
         self.port: int | None = None
         self._off = ""  # why there is no page, when a port was wanted
-        self.refused: dict[str, int] = {"tls": 0, "role": 0}
+        self.refused: dict[str, int] = {"tls": 0, "role": 0, "login": 0}
         self._refusals = Refusals(log)
         self.cert_ready = trio.Event()
         self._wake = trio.Event()  # a host came up: the CA host may be reachable now
+        self.logins = Logins()
+        self.events = EventLog()
+        self._changed = trio.Event()  # set (and replaced) when the page's state changed
+        self._vms_seen: dict[str, tuple[str, ...]] = {}
+        self._look = True  # a host's keys changed: look at its VM names
+        self._snapshot = (b"", -1.0, -1)  # JSON, when made (trio time), events.serial then
+        self._snapshot_lock = trio.Lock()
 
     @property
     def node(self) -> NodeContext:
@@ -91,6 +123,7 @@ class WebService(NodeExtension):
         self._node, self._peer, self._control = node, peer_handlers, control_handlers
         peer_handlers.add(CERTIFY, self._certify)
         control_handlers.add(ISSUE, self._issue)
+        control_handlers.add(LOGIN, self._login)
         port = node.cfg.web_listen_port
         if port is None:
             return
@@ -102,6 +135,9 @@ class WebService(NodeExtension):
             log.error("web page %s (set web_port)", self._off)
             return
         self.port = listeners[0].socket.getsockname()[1]
+        # cookies are shared by every port of a host: one name per node's page
+        self.logins.cookie_name = f"{COOKIE}_{self.port}"
+        nursery.start_soon(self._look_at_vms)
         nursery.start_soon(
             serve_https, listeners, self._tls_context, self, self._refusals, self._count
         )
@@ -121,9 +157,34 @@ class WebService(NodeExtension):
     def on_event(self, node: NodeContext, kind: EventKind, node_id: str) -> None:
         if kind in (EventKind.JOINED, EventKind.UP) and not self.cert_ready.is_set():
             self._wake.set()
+        if kind is EventKind.CHANGED:
+            self._look = True
+        else:
+            name = next((h.name for h in node.hosts() if h.node_id == node_id), node_id[:12])
+            text = f"{name} {GOSSIP_EVENTS.get(kind, kind.value)}"
+            self.events.add(Event(time.time(), kind.value, name, text))
+        self._notify()
 
     def _count(self, cause: str) -> None:
         self.refused[cause] = self.refused.get(cause, 0) + 1
+        self.events.add(Event(time.time(), "web-refused", "", REFUSAL_TEXT.get(cause, cause)))
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _look_at_vms(self) -> None:
+        """VMs that appeared on or left a host, into the task log."""
+        while True:
+            if self._look:
+                self._look = False
+                hosts = self.node.hosts()
+                self._vms_seen, found = vm_changes(self._vms_seen, hosts, time.time())
+                self.events.extend(found)
+                if found:
+                    self._notify()
+            await trio.sleep(LOOK_EVERY)
 
     def _tls_context(self) -> ssl.SSLContext:
         ident = self.node.identity
@@ -162,6 +223,64 @@ class WebService(NodeExtension):
         cfg = self.node.cfg
         offset = (self.port or 0) - cfg.port
         return sd_targets(self.node.hosts(), self.node.identity.mesh_id, offset)
+
+    def login(self, token: str) -> str | None:
+        session = self.logins.redeem(token)
+        if session is None:
+            return None
+        log.info("a browser logged in with a login link")
+        return self.logins.set_cookie(session)
+
+    def session(self, cookies: list[str]) -> bool:
+        value = self.logins.session_of(cookies)
+        return value is not None and self.logins.valid(value)
+
+    async def wait_change(self, timeout: float) -> None:
+        with trio.move_on_after(timeout):
+            await self._changed.wait()
+
+    async def snapshot(self) -> bytes:
+        """The page's state: the ``/api/v1`` bodies, the migrations, the task log."""
+        async with self._snapshot_lock:
+            body, made, serial = self._snapshot
+            if trio.current_time() - made < SNAPSHOT_AGE and serial == self.events.serial:
+                return body
+            serial = self.events.serial
+            here = LocalContext(self.node.node_id)
+            status = await self._status()
+            peers = await self._control.local(PEERS, here, Empty())
+            try:
+                vms = await self._control.local(LIST, here, Empty())
+            except VmmeshError as exc:
+                vms = VmList(errors=(f"no VM list: {exc}",))
+            counts = self.migrations
+            state = {
+                "now": time.time(),
+                "status": as_plain(status),
+                "hosts": as_plain(peers),
+                "vms": as_plain(vms),
+                "migrations": (
+                    {"done": counts.migrated, "failed": counts.failed} if counts else None
+                ),
+                "events": self.events.rows(),
+            }
+            body = json.dumps(state, separators=(",", ":"), default=str).encode()
+            self._snapshot = (body, trio.current_time(), serial)
+            return body
+
+    async def _login(self, ctx: Context, req: Empty) -> LoginReply:
+        """A single-use login link for a browser (``vmmesh web``)."""
+        if self.port is None:
+            raise StateError(f"the web page is {self._off or 'off (web_port = -1)'}")
+        await self._status()
+        host = self._addresses[0] if self._addresses else "localhost"
+        if ":" in host:
+            host = f"[{host}]"
+        token = self.logins.new_token()
+        return LoginReply(
+            url=f"https://{host}:{self.port}/login?token={token}",
+            expires=time.time() + self.logins.token_ttl,
+        )
 
     async def api(self, name: str) -> WireType | None:
         here = LocalContext(self.node.node_id)
