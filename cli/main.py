@@ -75,8 +75,15 @@ def _mesh_commands(add: Adder) -> None:
     )
     p.add_argument("action", choices=["issue"])
     p.add_argument("--role", required=True, choices=["viewer", "metrics"])
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="where to write PEMs")
+    p.add_argument("--out", type=Path, metavar="DIR", help="where to write PEMs")
+    p.add_argument(
+        "--p12",
+        type=Path,
+        metavar="FILE",
+        help="a PKCS#12 bundle for a browser (its password is printed once)",
+    )
     p.add_argument("--label", help="a name for whom it is for (default: the role)")
+    add("web", "cmd_web:web", "print a single-use login link to this host's web page")
     add("peers", "cmd_peers:peers", "list the hosts of the mesh")
     add("status", "cmd_peers:status", "show this node's state and what it refused")
 

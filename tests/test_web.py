@@ -18,6 +18,8 @@ import pytest
 import trio
 import trio.testing
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -25,7 +27,14 @@ from vmmesh.api.codec import Empty, WireType
 from vmmesh.api.host import Capacity, TemplateInfo
 from vmmesh.api.node import PEERS, STATUS, PeerRow, PeersReply, StatusReply
 from vmmesh.api.vm import LIST, VmList, VmRow
-from vmmesh.api.web import CERTIFY, CertifyReply, CertifyRequest, IssueRequest, Role
+from vmmesh.api.web import (
+    CERTIFY,
+    CertifyReply,
+    CertifyRequest,
+    IssueReply,
+    IssueRequest,
+    Role,
+)
 from vmmesh.config import Config
 from vmmesh.errors import AuthError, StateError, UsageError
 from vmmesh.gossip.core import EventKind
@@ -37,6 +46,7 @@ from vmmesh.web.app import Response, respond
 from vmmesh.web.metrics import Figures, render, sd_targets
 from vmmesh.web.server import serve_connection, serve_tls_connection, server_context
 from vmmesh.web.service import WebService
+from vmmesh_cli.cmd_cert import p12_bundle
 
 CAP = Capacity(
     cores=4,
@@ -661,3 +671,22 @@ async def test_the_snapshot_is_the_api_bodies_and_the_task_log(
     assert woke == [True]
     events = json.loads(await web.snapshot())["events"]  # a change: not the cached one
     assert [(e["kind"], e["text"]) for e in events] == [("down", "delta is down")]
+
+
+def test_a_p12_bundle_holds_the_key_its_certificate_and_the_ca(mesh: pki.Identity) -> None:
+    ca = pki.load_ca(mesh.pki_dir)
+    key, cert = pki.issue_client(ca, "viewer", "me")
+    ca_pem = mesh.ca_cert_path.read_bytes()
+    reply = IssueReply(cert=cert, key=key, ca=ca_pem, role=Role.VIEWER, expires=0.0)
+    bundle = p12_bundle(reply, "me", b"s3cret")
+    with pytest.raises(ValueError):
+        pkcs12.load_key_and_certificates(bundle, None)  # encrypted: the file alone is nothing
+    got = pkcs12.load_pkcs12(bundle, b"s3cret")
+    assert got.cert is not None and got.cert.friendly_name == b"me"
+    assert pki.cert_role(got.cert.certificate) == "viewer"
+    assert [c.certificate for c in got.additional_certs] == [x509.load_pem_x509_certificate(ca_pem)]
+    assert got.key is not None
+    pub = serialization.PublicFormat.SubjectPublicKeyInfo
+    assert got.key.public_key().public_bytes(serialization.Encoding.PEM, pub) == (
+        got.cert.certificate.public_key().public_bytes(serialization.Encoding.PEM, pub)
+    )
