@@ -8,8 +8,11 @@ as_root "$PWD/scripts/setup.sh" "$@"   # it installs packages and makes a group
 
 export DEBIAN_FRONTEND=noninteractive
 need=()
+# chromium, chromium-driver and libnss3-tools (certutil) are for the web page's browser
+# tests: a headless Chromium that trusts the mesh CA through its NSS database.
 for pkg in qemu-system-x86 qemu-utils debootstrap e2fsprogs iproute2 dpkg-dev zstd \
-           python3 python3-venv ca-certificates openssh-client prometheus; do
+           python3 python3-venv ca-certificates openssh-client prometheus \
+           chromium chromium-driver libnss3-tools; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
 done
 if [ "${#need[@]}" -gt 0 ]; then

@@ -1,7 +1,9 @@
 """The web page through real nodes: every host's /metrics passes `promtool check
 metrics` fetched with a metrics certificate over verified HTTPS, a real Prometheus
 finds the 3 hosts through one host's /sd and scrapes them, and a killed host's
-member status says down on the others.  No VMs, so no QEMU."""
+member status says down on the others; a headless Chromium that trusts the mesh CA
+logs in with `vmmesh web`'s link, sees the 3 hosts and sees one go down without a
+reload.  No VMs, so no QEMU."""
 
 from __future__ import annotations
 
@@ -107,8 +109,9 @@ def test_roles_and_refusals_over_the_wire(lab: Lab, certs: Path) -> None:
     hosts = json.loads(_get(_url(lab, 2, "/api/v1/hosts"), _context(certs, "viewer")))
     assert set(hosts) == set(cli_json(lab, 2, "peers"))  # the CLI's body, not another
     assert sorted(h["name"] for h in hosts["hosts"]) == ["h1", "h2", "h3"]
-    with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+    with pytest.raises(urllib.error.HTTPError) as anonymous:  # no certificate, no session
         _get(_url(lab, 2, "/metrics"), _context(certs, None))
+    assert anonymous.value.code == 401
 
 
 def _prometheus_config(lab: Lab, certs: Path, path: Path) -> None:
@@ -201,3 +204,83 @@ def test_prometheus_finds_and_scrapes_the_mesh_and_sees_a_host_die(
     print(f"h3 down on both others' /metrics {time.monotonic() - killed:.1f} s after the kill")
     h3 = f"{lab.host_address(3)}:{lab.port + WEB_OFFSET}"
     assert h3 not in {r["metric"]["instance"] for r in rows}
+
+
+def _page_hosts(browser: Any) -> dict[str, str]:
+    """Host name -> status as the open page shows them (read in one go: it redraws)."""
+    rows: list[list[str]] = browser.execute_script(
+        "return [...document.querySelectorAll('#hosts tr')]"
+        ".map((r) => [...r.cells].map((c) => c.textContent))"
+    )
+    return {c[0]: c[1] for c in rows if len(c) > 1}
+
+
+def _snapshot(url: str, ctx: ssl.SSLContext) -> dict[str, Any]:
+    """The first snapshot of /events."""
+    with urllib.request.urlopen(url, context=ctx, timeout=10) as resp:
+        for line in resp:
+            if line.startswith(b"data: "):
+                data: dict[str, Any] = json.loads(line[6:])
+                return data
+    raise AssertionError("no snapshot on /events")
+
+
+def test_a_browser_logs_in_and_sees_a_host_go_down_live(
+    lab: Lab, certs: Path, tmp_path: Path
+) -> None:
+    """Chromium trusts the mesh CA through its NSS database (as a user importing the CA
+    would), not by skipping checks: the page's certificate is verified for h1's address."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.browser import chromium, nss_trust, skip_without_browser
+
+    skip_without_browser()
+    if lab.cli(3, "status", check=False).returncode != 0:  # the Prometheus test killed it
+        lab.start_host(3)
+    eventually(all_up, "h1 sees all three hosts up", lab, 1)
+    home = tmp_path / "home"
+    nss_trust(home, certs / "ca.crt")
+    link = cli_json(lab, 1, "web")
+    assert link["url"].startswith(_url(lab, 1, "/login?token="))
+    with chromium(home, log=tmp_path / "chromedriver.log") as browser:
+        started = time.monotonic()
+        browser.get(link["url"])
+        WebDriverWait(browser, 20).until(
+            lambda b: _page_hosts(b) == {"h1": "up", "h2": "up", "h3": "up"}
+        )
+        print(f"page: 3 hosts up {time.monotonic() - started:.2f} s after opening the link")
+        assert browser.current_url == _url(lab, 1, "/")
+        size = browser.execute_script("return document.documentElement.outerHTML.length")
+        print(
+            f"page: {len(_get(_url(lab, 1, '/'), _context(certs, 'viewer')))} bytes served, "
+            f"{size} characters drawn"
+        )
+        browser.save_screenshot(str(tmp_path / "page-up.png"))
+        browser.execute_script("window.notReloaded = true")
+
+        lab.kill_host(2, signal.SIGKILL)
+        killed = time.monotonic()
+        seen = {}
+        deadline = killed + 30
+        while time.monotonic() < deadline and "down" not in seen:
+            state = _page_hosts(browser).get("h2", "")
+            if state not in seen:
+                seen[state] = (time.monotonic(), time.time())
+            time.sleep(0.05)
+        assert "down" in seen, seen
+        assert browser.execute_script("return window.notReloaded") is True  # live, no reload
+        browser.save_screenshot(str(tmp_path / "page-h2-down.png"))
+        print(f"screenshots: {tmp_path}/page-up.png, page-h2-down.png")
+        for state, (mono, _) in seen.items():
+            print(f"page: h2 {state} {mono - killed:.2f} s after the kill")
+
+    snapshot = _snapshot(_url(lab, 1, "/events"), _context(certs, "viewer"))
+    down = [e for e in snapshot["events"] if e["kind"] == "down" and e["host"] == "h2"]
+    assert down, snapshot["events"]
+    delay = seen["down"][1] - down[-1]["at"]
+    print(f"page: h2 down {delay * 1000:.0f} ms after h1's node saw it (SSE update delay)")
+    assert delay < 1.5
+
+    with pytest.raises(urllib.error.HTTPError) as reused:  # the link was spent by the browser
+        _get(link["url"], _context(certs, None))
+    assert reused.value.code == 401

@@ -28,6 +28,7 @@ h2{font-size:15px;margin:4px 0 8px}
 table{border-collapse:collapse;width:100%}
 th,td{text-align:left;padding:3px 6px;border-bottom:1px solid #eee;white-space:nowrap}
 th{font-weight:600;color:#555}
+#events td:last-child{white-space:normal}
 .bar{position:relative;width:120px;height:14px;background:#e3e6ea;border-radius:3px}
 .bar div{height:100%;background:#4a90d9;border-radius:3px}
 .bar span{position:absolute;left:4px;top:0;font-size:11px;line-height:14px}
@@ -61,6 +62,7 @@ function state(h) { return h.status === "up" && h.draining ? "draining" : h.stat
 function gib(mb) { return (mb / 1024).toFixed(1); }
 
 function hosts(s) {
+  s.hosts.hosts.sort((a, b) => a.name.localeCompare(b.name));  // templates() keeps this order
   $("hosts").replaceChildren(...s.hosts.hosts.map((h) => {
     const c = h.capacity, slots = c.running_vms + c.free_slots;
     const used = c.storage_quota_mb - c.storage_free_mb;

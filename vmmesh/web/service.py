@@ -69,7 +69,7 @@ GOSSIP_EVENTS = {
     EventKind.REFUSED: "sent a value this host refused",
 }
 REFUSAL_TEXT = {
-    "tls": "a TLS handshake failed (no certificate of the mesh CA)",
+    "tls": "TLS handshake failed (foreign or revoked certificate, or the client left)",
     "role": "a certificate's role may not read that path",
     "login": "a request without certificate or session, or a bad login link",
 }
