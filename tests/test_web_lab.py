@@ -85,6 +85,22 @@ def test_only_the_ca_host_issues_client_certificates(lab: Lab, tmp_path: Path) -
     assert run.returncode == 2 and "vmmesh init" in run.stderr
 
 
+def test_a_bundle_for_a_browser_opens_with_the_password_printed_once(
+    lab: Lab, certs: Path, tmp_path: Path
+) -> None:
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
+    from vmmesh.mesh.pki import cert_role
+
+    out = cli_json(lab, 1, "cert", "issue", "--role", "viewer", "--p12", str(tmp_path / "me.p12"))
+    bundle = (tmp_path / "me.p12").read_bytes()
+    assert (tmp_path / "me.p12").stat().st_mode & 0o077 == 0
+    with pytest.raises(ValueError):
+        pkcs12.load_pkcs12(bundle, None)
+    got = pkcs12.load_pkcs12(bundle, out["p12_password"].encode())
+    assert got.cert is not None and cert_role(got.cert.certificate) == "viewer"
+
+
 def test_every_hosts_metrics_pass_promtool(lab: Lab, certs: Path) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
