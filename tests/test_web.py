@@ -486,6 +486,17 @@ async def test_a_foreign_ca_is_refused(tmp_path: Path, mesh: pki.Identity) -> No
     assert isinstance(got, str) and "UNKNOWN_CA" in got.upper()
 
 
+async def test_a_revoked_certificate_is_still_refused_in_the_handshake(
+    tmp_path: Path, mesh: pki.Identity
+) -> None:
+    """Optional does not mean unchecked: a certificate presented is checked against the CRL."""
+    beta = _joined(tmp_path, mesh, "beta")
+    pki.revoke(mesh.pki_dir, beta.node_id)
+    ctx = _client_ctx(mesh.ca_cert_path, beta.host_cert_path, beta.host_key_path)
+    got = await _get_over_tls(_server_ctx(mesh), ctx)
+    assert isinstance(got, str) and "REVOKED" in got.upper()
+
+
 async def test_a_host_certificate_has_no_role(mesh: pki.Identity) -> None:
     ctx = _client_ctx(mesh.ca_cert_path, mesh.host_cert_path, mesh.host_key_path)
     got = await _get_over_tls(_server_ctx(mesh), ctx)

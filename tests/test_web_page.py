@@ -270,7 +270,9 @@ def _hostile_snapshot() -> bytes:
             PeerRow(
                 IDS[0], "h1" + HOSTILE, True, "up", "10.0.0.1:7400", 0.0, cap, (tpl,), (), False
             ),
-            PeerRow(IDS[1], "h2", False, "down", "10.0.0.2:7400", 1.0, cap, (), (), False),
+            PeerRow(
+                IDS[1], "h2", False, "down", "10.0.0.2:7400", time.time() - 7, cap, (), (), False
+            ),
         ),
     )
     vm = VmRow(

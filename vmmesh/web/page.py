@@ -67,7 +67,8 @@ function hosts(s) {
     const c = h.capacity, slots = c.running_vms + c.free_slots;
     const used = c.storage_quota_mb - c.storage_free_mb;
     return row(el("b", "", h.name), badge(state(h)), h.address,
-      bar(c.running_vms, slots, c.running_vms + "/" + slots + " slots"),
+      el("div", "", bar(c.running_vms, slots, c.running_vms + "/" + slots + " slots"),
+        c.blocked ? el("span", "dim", c.blocked) : ""),  // why it offers none
       bar(used, c.storage_quota_mb, gib(used) + "/" + gib(c.storage_quota_mb) + " GiB"),
       c.cores + " cores, " + gib(c.memory_mb) + " GiB", h.vms.length,
       h.this_host ? "this host" : ago(s.now, h.last_heard));
