@@ -192,16 +192,17 @@ def _leftovers(lab: Lab, i: int, vm_id: str) -> list[str]:
     return left + [f"pid {pid}" for pid in _qemus_of(lab, i, vm_id)]
 
 
-def _one_copy(lab: Lab, vm: str, vm_id: str) -> int | None:
-    """The host that runs the VM, once it is the only one that holds anything of it."""
+def _one_copy(lab: Lab, vm: str, vm_id: str) -> int:
+    """The host that runs the VM, once it is the only one that holds anything of it
+    (AssertionError saying what is not so yet: ``eventually`` reports the last)."""
     rows = _rows(lab, vm)
-    if rows is None or len(rows) != 1 or rows[0]["state"] != "running":
-        return None
+    assert rows is not None, "not every host answered `vmmesh vms`"
+    assert [r["state"] for r in rows] == ["running"], f"rows: {rows}"
     host = int(rows[0]["host"][1:])
-    if _leftovers(lab, 3 - host, vm_id):
-        return None
-    if (lab.host_data_dir(host) / "run" / vm_id / "outgoing.json").exists():
-        return None  # a migration from there that has not been settled
+    left = _leftovers(lab, 3 - host, vm_id)
+    assert not left, f"h{3 - host} still holds {left}"
+    note = lab.host_data_dir(host) / "run" / vm_id / "outgoing.json"
+    assert not note.exists(), f"h{host} has not settled: {note.read_text()}"
     return host
 
 

@@ -139,9 +139,14 @@ class Source:
         disk = self.mgr.rows.vm_dir / rec.disk
         pipes = PipeSession(out.session, target_id)
         self.sessions[out.session] = pipes
-        self.mgr.rows.apply(rec.vm_id, VmEvent.MIGRATE_BEGUN)
         self.moving.add(rec.vm_id)
-        _write_note(guest.run_dir / OUTGOING, out)
+        try:
+            _write_note(guest.run_dir / OUTGOING, out)  # before anything may need settling
+        except OSError:
+            self.moving.discard(rec.vm_id)
+            self.sessions.pop(out.session, None)
+            raise
+        self.mgr.rows.apply(rec.vm_id, VmEvent.MIGRATE_BEGUN)
         committed = False
         try:
             async with self.pool.dedicated(target_id) as conn, open_nursery() as beat:
