@@ -5,6 +5,7 @@ from __future__ import annotations
 from vmmesh.api.host import KeptVm
 from vmmesh.keepalive.decide import (
     Member,
+    Membership,
     has_quorum,
     recoverer,
     runs_elsewhere,
@@ -63,3 +64,20 @@ def test_an_old_copy_sees_its_name_run_elsewhere() -> None:
     assert runs_elsewhere(mesh, A, "web-1") == mesh[1]
     assert runs_elsewhere(mesh, B, "web-1") is None  # its own
     assert runs_elsewhere(mesh, A, "x-1") is None  # on a down host: not running
+
+
+def test_a_cut_off_host_that_forgot_the_others_still_has_no_quorum() -> None:
+    """Gossip forgets a host down for a minute: the vote keeps its size."""
+    alone = [_m(C)]  # a and b forgotten
+    assert has_quorum(alone, C) is None  # what the host would think, counting only gossip
+    members = Membership({A: 0.0, B: 0.0, C: 0.0})
+    known = members.update(alone, now=120.0)
+    assert known == 3 and has_quorum(alone, C, known) is False
+    assert not recoverer(alone, C, known)
+    assert members.update(alone, now=120.0 + members.keep + 1) == 1  # a day later: gone
+
+
+def test_the_vote_counts_every_host_seen_lately_even_after_a_restart() -> None:
+    members = Membership({A: 50.0, B: 50.0, C: 50.0, D: 50.0})  # as the store kept them
+    known = members.update([_m(A), _m(B, "down", 30)], now=100.0)
+    assert known == 4 and has_quorum([_m(A), _m(B, "down", 30)], A, known) is False

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.labutil import lab_context
-from tests.meshutil import all_up, base_warm, cli_json, eventually, failed
+from tests.meshutil import all_up, base_warm, cli_json, eventually, failed, peers
 from vmmesh.lab import Lab
 
 BASE_DIR = Path(os.environ.get("VMMESH_BASE_IMAGE_DIR", "/var/cache/vmmesh-dev/base"))
@@ -90,6 +90,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _gossiped(lab: Lab, viewer: int, host: int, vm: str) -> bool:
+    """``viewer`` has heard through gossip that ``host`` runs ``vm`` (and so its list of
+    keep-alive VMs, published before it): a host that dies sooner takes the VM with it."""
+    return vm in peers(lab, viewer)[f"h{host}"]["vms"]
+
+
 def _running_once_elsewhere(lab: Lab, viewer: int, vm: str, not_on: int) -> dict[str, Any] | None:
     rows = _rows(lab, viewer, vm)
     running = [r for r in rows if r["state"] == "running"]
@@ -122,16 +128,20 @@ def test_a_dead_hosts_keep_alive_vm_comes_back_elsewhere_and_never_twice(lab: La
     [row] = _rows(lab, 1, "kadead-1")
     pid = _qemu_pid(lab, dead, row["vm_id"])
     viewer = 1 if dead != 1 else 2
+    for i in HOSTS:
+        if i != dead:
+            eventually(_gossiped, f"h{i} heard of kadead-1", lab, i, dead, "kadead-1")
     killed = time.monotonic()
     lab.kill_host(dead)  # the node ...
     os.kill(pid, signal.SIGKILL)  # ... and its QEMU
-    back = eventually(_running_once_elsewhere, "the VM runs on another host", lab, viewer,
-                      "kadead-1", dead, patience=PATIENCE)  # fmt: skip
-    print(f"host death to the VM running elsewhere: {time.monotonic() - killed:.1f} s")
-    assert back["lineage"]["generation"] == 2
-    assert back["lineage"]["origin"] == f"recovered from h{dead}, which went down"
-
-    lab.start_host(dead)  # restarted, it must not run its old copy
+    try:
+        back = eventually(_running_once_elsewhere, "the VM runs on another host", lab, viewer,
+                          "kadead-1", dead, patience=PATIENCE)  # fmt: skip
+        print(f"host death to the VM running elsewhere: {time.monotonic() - killed:.1f} s")
+        assert back["lineage"]["generation"] == 2
+        assert back["lineage"]["origin"] == f"recovered from h{dead}, which went down"
+    finally:
+        lab.start_host(dead)  # restarted, it must not run its old copy (nor leave the lab short)
     eventually(all_up, f"h{dead} is back", lab, viewer, 3)
 
     def old_copy_gone() -> bool:
@@ -149,6 +159,9 @@ def test_a_cut_off_host_fences_and_the_majority_brings_the_vm_back_once(lab: Lab
     [row] = _rows(lab, 1, "kacut-1")
     pid = _qemu_pid(lab, cut, row["vm_id"])
     viewer = 1 if cut != 1 else 2
+    for i in HOSTS:
+        if i != cut:
+            eventually(_gossiped, f"h{i} heard of kacut-1", lab, i, cut, "kacut-1")
     veth = lab.host(cut).veth
     subprocess.run(["ip", "link", "set", veth, "down"], check=True)
     try:

@@ -40,20 +40,40 @@ class Member:
     draining: bool = False
 
 
-def has_quorum(members: Sequence[Member], self_id: str) -> bool | None:
-    """True/False for a mesh of 3+; None when the mesh is too small to vote."""
-    if len(members) < 3:
+def has_quorum(members: Sequence[Member], self_id: str, known: int = 0) -> bool | None:
+    """True/False for a mesh of 3+; None when the mesh is too small to vote.
+
+    ``known`` is how many hosts the mesh had lately (``Membership``): gossip
+    forgets a host down for a minute, and a cut-off host that counted only the
+    hosts it still remembers would soon think itself a mesh of one."""
+    size = max(len(members), known)
+    if size < 3:
         return None
     alive = sum(1 for m in members if m.status in ALIVE or m.node_id == self_id)
-    return alive * 2 > len(members)
+    return alive * 2 > size
 
 
-def recoverer(members: Sequence[Member], self_id: str) -> bool:
+def recoverer(members: Sequence[Member], self_id: str, known: int = 0) -> bool:
     """Is this host the one that recovers the VMs of dead hosts?"""
-    if not has_quorum(members, self_id):
+    if not has_quorum(members, self_id, known):
         return False
     up = [m.node_id for m in members if m.status == "up" or m.node_id == self_id]
     return bool(up) and min(up) == self_id
+
+
+class Membership:
+    """The hosts seen lately (node id -> when last seen in gossip, wall seconds),
+    kept for ``keep`` seconds after a host is gone from gossip: the vote's size."""
+
+    def __init__(self, seen: dict[str, float], keep: float = 86400.0) -> None:
+        self.seen = dict(seen)
+        self.keep = keep
+
+    def update(self, members: Sequence[Member], now: float) -> int:
+        for m in members:
+            self.seen[m.node_id] = now
+        self.seen = {n: t for n, t in self.seen.items() if now - t < self.keep}
+        return len(self.seen)
 
 
 @dataclass(frozen=True)

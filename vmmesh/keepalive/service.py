@@ -50,6 +50,7 @@ TICK = 1.0
 GRACE = 15.0  # seconds a host is down before its keep-alive VMs are made elsewhere
 SETTLE = 10.0  # seconds after the node starts before it decides about its lost VMs
 MAX_RESTART = 1  # restarts on the same host before the VM is relocated (Proxmox's default)
+MEMBERS_KEY = "keepalive_members"  # hosts seen lately: the size of the vote
 _KEPT_STATES = (
     VmState.CREATING,
     VmState.RUNNING,
@@ -76,6 +77,8 @@ class KeepAliveService(NodeExtension):
         self.recovered = 0
         self.restarted = 0
         vms.stop_hooks.append(self._on_stop)
+        vms.publish_hooks.append(self.publish)
+        self._membership: decide.Membership | None = None
 
     async def start(
         self,
@@ -154,7 +157,15 @@ class KeepAliveService(NodeExtension):
         hosts = node.hosts()
         members = self._members(hosts)
         me = node.node_id
-        quorum = decide.has_quorum(members, me)
+        if self._membership is None:
+            raw = node.store.get_meta(MEMBERS_KEY, {}) or {}
+            seen = {str(k): float(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+            self._membership = decide.Membership(seen)
+        before = dict(self._membership.seen)
+        known = self._membership.update(members, time.time())
+        if set(before) != set(self._membership.seen) or not before:
+            node.store.set_meta(MEMBERS_KEY, self._membership.seen)
+        quorum = decide.has_quorum(members, me, known)
         if quorum is not False and self.quorum is False:
             # back from a cut: hosts are heard again before their keys arrive,
             # so where the VMs run now is known only a little later
@@ -179,7 +190,7 @@ class KeepAliveService(NodeExtension):
         now = time.monotonic()
         self._made = {n: t for n, t in self._made.items() if now - t < GRACE}
         self._replicate_templates(hosts)
-        if decide.recoverer(members, me):
+        if decide.recoverer(members, me, known):
             for r in decide.to_recover(members, GRACE):
                 if r.vm.name not in self._busy and r.vm.name not in self._made:
                     self._spawn(self._recover, r.vm, r.from_host.name, hosts)

@@ -65,6 +65,9 @@ class VmService(NodeExtension):
         self.local = LocalVms(self)
         self.manager_hooks: list[Callable[[VmManager], None]] = []
         self.stop_hooks: list[Callable[[VmStopped], None]] = []  # keep-alive's
+        # keys published with (and before) this host's VMs, so a peer that sees a
+        # VM in gossip also sees them (keep-alive's list of its VMs)
+        self.publish_hooks: list[Callable[[NodeContext], None]] = []
         # what a saved state needs of any host that resumes it (QEMU, machine,
         # accelerator, CPU, devices, kernel), gossiped so migrations pick hosts
         # that can run this host's guests
@@ -187,6 +190,8 @@ class VmService(NodeExtension):
                 assert self._nursery is not None
                 self._nursery.start_soon(self._retry_image)
             return
+        for hook in self.publish_hooks:
+            hook(node)
         templates = self.mgr.templates
         warm = self.mgr.warm_held()
         inventory = [
