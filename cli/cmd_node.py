@@ -29,13 +29,15 @@ def node(args: argparse.Namespace, cfg: Config) -> int:
 
     vms = VmService()
     migrate = MigrateService(vms)
+    transfers = TransferService(vms)
+    jobs = JobService(vms)
     extensions = [
         vms,
-        TransferService(vms),
-        JobService(vms),
+        transfers,
+        jobs,
         migrate,
         KeepAliveService(vms),
-        WebService(migrate),
+        WebService(migrate, guests=vms, transfers=transfers, jobs=jobs),
     ]
     n = Node(cfg, reload=reload, extensions=extensions)
     try:

@@ -24,6 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from prometheus_client.parser import text_string_to_metric_families
 
 from vmmesh.api.codec import Empty, WireType
+from vmmesh.api.common import Progress
 from vmmesh.api.host import Capacity, TemplateInfo
 from vmmesh.api.node import PEERS, STATUS, PeerRow, PeersReply, StatusReply
 from vmmesh.api.vm import LIST, VmList, VmRow
@@ -43,9 +44,10 @@ from vmmesh.mesh import pki
 from vmmesh.net.rpc import Context, Handlers, LocalContext
 from vmmesh.web import certs
 from vmmesh.web.app import Response, respond
-from vmmesh.web.metrics import Figures, render, sd_targets
+from vmmesh.web.metrics import Figures, JobFigures, Transfers, render, sd_targets
 from vmmesh.web.server import serve_connection, serve_tls_connection, server_context
 from vmmesh.web.service import WebService
+from vmmesh.web.vmstats import VmUsage
 from vmmesh_cli.cmd_cert import p12_bundle
 
 CAP = Capacity(
@@ -177,6 +179,7 @@ def _status() -> StatusReply:
         crl_number=1,
         data_dir="/x",
         refusals={"tls": 2, "gossip": 0},
+        gossip={"messages_in": 10, "messages_out": 12, "bytes_in": 900, "bytes_out": 1000},
     )
 
 
@@ -208,6 +211,11 @@ def _figures() -> Figures:
         vms=[_vm("web-1", "running"), _vm("web-2", "running"), _vm("web-3", "stopped")],
         migrations=(3, 1),
         web_refusals={"tls": 1, "role": 0},
+        usage=[VmUsage("web-1", 4242, 12.5, 300 << 20, 5 << 20, 1 << 20, 40, 8)],
+        transfers=Transfers(7 << 20, 3 << 20, [Progress(task="template f delta 1/1", phase="x")]),
+        migrating=[Progress(task="web-2", phase="mirroring the disk", fraction=0.5)],
+        jobs=[JobFigures("ab" * 8, "job-abababab", "running", 2, 990.0, 1, 5, 1, 0)],
+        commands={"ok": 5, "failed": 1, "lost": 0},
     )
 
 
@@ -593,6 +601,7 @@ async def test_the_services_metrics_read_status_gossip_and_counters(
 ) -> None:
     class Counts:
         migrated, failed = 2, 1
+        active: dict[str, Progress] = {}
 
     node = FakeNode(mesh, tmp_path / "a", _hosts(), FakePool({}))
     web = await _web_service(node, "10.0.0.1")

@@ -80,6 +80,7 @@ from vmmesh.net.peers import PeerPool
 from vmmesh.net.refusals import Cause, Refusals
 from vmmesh.net.rpc import Handlers, RpcConnection
 from vmmesh.net.tls import serve_peers, server_context
+from vmmesh.net.traffic import CountingHandlers, Traffic
 
 log = logging.getLogger("vmmesh.node")
 
@@ -142,6 +143,8 @@ class Node:
         self._inbound: dict[str, set[RpcConnection]] = {}
         self._published: dict[str, Any] = {}
         self.revocations: Revocations | None = None
+        self.gossip_traffic = Traffic()
+        self.suspicions = 0  # hosts this node's gossip came to suspect
         self.ready = trio.Event()
 
     # --- what extensions see (NodeContext) ----------------------------------
@@ -206,7 +209,7 @@ class Node:
         self.revocations = Revocations(self.cfg.pki_dir, self.store, self.node_id, self._cut_off)
         self.revocations.load()
         self._mesh_service().register(self.control_handlers)
-        add_handlers(self.peer_handlers, self.core)
+        add_handlers(CountingHandlers(self.peer_handlers, self.gossip_traffic), self.core)
         async with trio.open_nursery() as nursery:
             self._pool = PeerPool(
                 lambda: self.identity,
@@ -240,7 +243,11 @@ class Node:
             facts=self._facts,
             publish_crl=lambda pem: self.publish("crl", pem),
             started=self.started,
+            gossip=self._gossip_counts,
         )
+
+    def _gossip_counts(self) -> dict[str, int]:
+        return {**self.gossip_traffic.snapshot(), "suspicions": self.suspicions}
 
     def _facts(self) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -321,7 +328,7 @@ class Node:
         timeout = max(5.0, self.cfg.gossip_interval)
         await run_gossip(
             self.core,
-            _PoolTransport(self.pool, timeout=timeout),
+            _PoolTransport(self.pool, timeout=timeout, traffic=self.gossip_traffic),
             interval=self.cfg.gossip_interval,
             fanout=self.cfg.gossip_fanout,
             rng=self.rng,
@@ -387,6 +394,9 @@ class Node:
             key = next(iter(ev.keys), "?")
             via = self.view.name_of(ev.via) if ev.via else "?"
             self.refusals(Cause.GOSSIP, f"host {name} via {via}", ev.reason, key)
+        elif ev.kind is EventKind.SUSPECT:
+            self.suspicions += 1
+            log.info("host %s is %s", name, ev.kind.value)
         elif ev.kind is EventKind.DOWN:
             log.warning("host %s is down", name)
             self.pool.drop(ev.node_id)
@@ -470,14 +480,18 @@ _MISSING = object()
 
 
 class _PoolTransport:
-    """The gossip driver's transport over the peer pool."""
+    """The gossip driver's transport over the peer pool, counted in ``traffic``."""
 
-    def __init__(self, pool: PeerPool, timeout: float) -> None:
+    def __init__(self, pool: PeerPool, timeout: float, traffic: Traffic) -> None:
         self._pool = pool
         self._timeout = timeout
+        self._traffic = traffic
 
     async def exchange(self, node_id: str, method: Method[Req, Rep], request: Req) -> Rep:
-        return await self._pool.call(node_id, method, request, timeout=self._timeout)
+        async def call(m: Method[Req, Rep], r: Req) -> Rep:
+            return await self._pool.call(node_id, m, r, timeout=self._timeout)
+
+        return await self._traffic.call(call, method, request)
 
 
 __all__ = ["Node"]

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,16 @@ def _lost(vm: str) -> Iterator[None]:
 
 
 @dataclass
+class Commands:
+    """The commands a job ran through ``job.exec`` (a bag's tasks among them)."""
+
+    running: int = 0
+    ok: int = 0  # exited 0
+    failed: int = 0  # exited non-zero or timed out
+    lost: int = 0  # its VM, host or agent was lost
+
+
+@dataclass
 class Session:
     """One open job: its VMs and the hosts that run them."""
 
@@ -98,6 +109,15 @@ class Session:
     vms: dict[str, str] = field(default_factory=dict)  # VM name -> node id
     ended: trio.Event = field(default_factory=trio.Event)  # the caller said job.end
     closed: trio.Event = field(default_factory=trio.Event)  # its VMs are gone (or kept)
+    opened: float = field(default_factory=time.time)
+    commands: Commands = field(default_factory=Commands)
+
+    @property
+    def state(self) -> str:
+        """placing (its VMs are being made), running (held for the caller), ending."""
+        if self.ended.is_set():
+            return "ending"
+        return "running" if self.vms else "placing"
 
 
 class JobService(NodeExtension):
@@ -107,6 +127,7 @@ class JobService(NodeExtension):
         self._control: Handlers | None = None
         self.sessions: dict[str, Session] = {}
         self.leases: dict[str, float] = {}  # job request name -> expiry (trio clock)
+        self.commands = Commands()  # of every job this node opened, since it started
 
     @property
     def node(self) -> NodeContext:
@@ -279,8 +300,25 @@ class JobService(NodeExtension):
 
     async def _exec(self, ctx: Context, req: JobExec) -> JobExit:
         nid = self._host_of(req.job_id, req.vm)
-        with _lost(req.vm):
-            return await self.node.pool.stream(nid, EXEC_LOCAL, req, ctx.send_item)
+        both = (self.sessions[req.job_id].commands, self.commands)
+        for counts in both:
+            counts.running += 1
+        try:
+            with _lost(req.vm):
+                done = await self.node.pool.stream(nid, EXEC_LOCAL, req, ctx.send_item)
+        except JobLost:
+            for counts in both:
+                counts.lost += 1
+            raise
+        finally:
+            for counts in both:
+                counts.running -= 1
+        for counts in both:
+            if done.exit_code == 0 and not done.timed_out:
+                counts.ok += 1
+            else:
+                counts.failed += 1
+        return done
 
     async def _get(self, ctx: Context, req: JobGet) -> FileDone:
         nid = self._host_of(req.job_id, req.vm)

@@ -50,6 +50,7 @@ class MeshService:
     facts: Callable[[], Mapping[str, str]]
     publish_crl: Callable[[bytes], None]
     started: float = 0.0
+    gossip: Callable[[], Mapping[str, int]] = dict  # the gossip counters (node.Traffic)
 
     def register(self, control: Handlers) -> None:
         control.add(STATUS, self.status)
@@ -81,6 +82,7 @@ class MeshService:
             data_dir=str(self.cfg.data_dir),
             facts=dict(self.facts()),
             refusals=self.refusals.snapshot(),
+            gossip=dict(self.gossip()),
         )
 
     async def peers(self, ctx: Context, body: Empty) -> PeersReply:

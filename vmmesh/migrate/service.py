@@ -76,6 +76,7 @@ class MigrateService(NodeExtension):
         self._committed: dict[str, str] = {}
         self.migrated = 0
         self.failed = 0
+        self.active: dict[str, Progress] = {}  # VM name -> its migration's last progress
 
     async def start(
         self,
@@ -155,7 +156,7 @@ class MigrateService(NodeExtension):
             await ctx.send_item(item)
 
         try:
-            report = await self.source().migrate(rec, target.node_id, target.name, req.mode, emit)
+            report = await self._migrate(rec, target, req.mode, emit)
         except BaseException:
             self.failed += 1
             raise
@@ -262,6 +263,22 @@ class MigrateService(NodeExtension):
         log.info("%s: %s (inputs: %s)", rec.name, decision.why, fig)
         return decision
 
+    async def _migrate(
+        self, rec: VmRecord, target: HostView, mode: Mode, emit: drain.Emit
+    ) -> MigrateReport:
+        """``Source.migrate``, shown in ``active`` while it runs (the web page's bars)."""
+        note = f"to {target.name}"
+
+        async def track(item: Progress) -> None:
+            self.active[rec.name] = replace(item, note=note)
+            await emit(item)
+
+        self.active[rec.name] = Progress(task=rec.name, phase="starting", note=note)
+        try:
+            return await self.source().migrate(rec, target.node_id, target.name, mode, track)
+        finally:
+            del self.active[rec.name]
+
     async def _move_away(self, vm_id: str, emit: drain.Emit) -> MigrateReport:
         """Move one VM to the best other host, or make it afresh there when the rule says
         a restart costs less; a target found full is replaced once."""
@@ -272,9 +289,7 @@ class MigrateService(NodeExtension):
             decision = self._decide(rec)
             try:
                 if decision.migrate:
-                    report = await self.source().migrate(
-                        rec, target.node_id, target.name, Mode.LIVE, emit
-                    )
+                    report = await self._migrate(rec, target, Mode.LIVE, emit)
                     drain.record_migration(self.node.store, report)
                 else:
                     report = await self._restart_on(rec, target, decision.why)

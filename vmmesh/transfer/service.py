@@ -28,6 +28,7 @@ before the last copies in the mesh.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import sys
@@ -108,6 +109,10 @@ class TransferService(NodeExtension):
         self._image_lock = trio.Lock()
         self._packs: dict[str, tuple[int, packs.Pack]] = {}
         self._unpackable: set[str] = set()
+        self.active: dict[int, Progress] = {}  # fetches under way: their last progress
+        self._fetch_ids = itertools.count()
+        self.received_bytes = 0  # as they came over the wire, counted when a blob is whole
+        self.sent_bytes = 0  # piece data sent to peers
         vms.manager_hooks.append(self._hook_manager)
 
     @property
@@ -204,6 +209,7 @@ class TransferService(NodeExtension):
                 chunks = await trio.to_thread.run_sync(blobfile.read_chunks, path, info, index)
             for chunk in chunks:
                 await ctx.send_item(chunk)
+                self.sent_bytes += len(chunk.data)
         return Empty()
 
     def _pack_of(self, info: BlobInfo) -> packs.Pack | None:
@@ -394,13 +400,11 @@ class TransferService(NodeExtension):
         seconds = 0.0
         try:
             for n, (sha, _size) in enumerate(missing):
-                got = await fetch_blob(
-                    self.node.pool,
+                got = await self._fetch(
                     sha,
                     holders,
-                    self.staging,
-                    task=f"template {info.template_id[:12]} delta {n + 1}/{len(missing)}",
-                    emit=emit,
+                    f"template {info.template_id[:12]} delta {n + 1}/{len(missing)}",
+                    emit,
                     keep_pack=bool(self.node.cfg.pack_level),
                 )
                 await self._check_delta(got.path, info, sha)
@@ -420,6 +424,33 @@ class TransferService(NodeExtension):
         )
         self.vms.publish_now()
         return results
+
+    async def _fetch(
+        self, sha: str, holders: list[Holder], task: str, emit: Emit | None, keep_pack: bool = False
+    ) -> Fetched:
+        """``fetch_blob``, shown in ``active`` while it runs (the web page's bars)."""
+        key = next(self._fetch_ids)
+
+        def track(item: Progress) -> None:
+            self.active[key] = item
+            if emit is not None:
+                emit(item)
+
+        self.active[key] = Progress(task=task, phase="asking the holders", fraction=0.0)
+        try:
+            got = await fetch_blob(
+                self.node.pool,
+                sha,
+                holders,
+                self.staging,
+                task=task,
+                emit=track,
+                keep_pack=keep_pack,
+            )
+        finally:
+            del self.active[key]
+        self.received_bytes += got.wire_bytes
+        return got
 
     def _keep_packs(self, results: list[Fetched]) -> None:
         """Packs put together from what the holders sent become this host's packs (the
@@ -570,9 +601,7 @@ class TransferService(NodeExtension):
             )
             for name, sha in wanted:
                 task = f"base image {name}"
-                got = await fetch_blob(
-                    self.node.pool, sha, holders, self.staging, task=task, emit=emit
-                )
+                got = await self._fetch(sha, holders, task, emit)
                 files[name] = got.path
                 results.append(got)
             rec = await trio.to_thread.run_sync(store.add_fetched, reply.manifest, files)

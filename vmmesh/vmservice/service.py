@@ -31,7 +31,7 @@ from vmmesh.host.images import ImageStore
 from vmmesh.host.templates import TemplateManager
 from vmmesh.host.warm import WarmStore
 from vmmesh.hypervisor.accel import probe_accel
-from vmmesh.hypervisor.base import Hypervisor
+from vmmesh.hypervisor.base import Guest, Hypervisor
 from vmmesh.hypervisor.qemu import QemuHypervisor
 from vmmesh.net.rpc import Handlers
 from vmmesh.vm.lifecycle import VmStopped
@@ -262,6 +262,10 @@ class VmService(NodeExtension):
         if self.mgr is None:
             return set()
         return {v.name for v in self.mgr.list_vms() if v.state == VmState.CREATING}
+
+    def guests(self) -> dict[str, Guest]:
+        """This host's running guests by VM id (none while it runs no VMs)."""
+        return {} if self.mgr is None else dict(self.mgr.guests)
 
     def manager(self) -> VmManager:
         if self.mgr is None:

@@ -30,18 +30,46 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from vmmesh.api.common import Progress
 from vmmesh.api.node import StatusReply
 from vmmesh.api.vm import VmRow
 from vmmesh.gossip.hoststate import HostView
+from vmmesh.web.vmstats import VmUsage
 
 MB = 1 << 20
 STATES = ("up", "suspect", "down", "draining")
+JOB_STATES = ("placing", "running", "ending")
+COMMAND_RESULTS = ("ok", "failed", "lost")
 
 
 def member_state(h: HostView) -> str:
     """One of ``STATES``: gossip's up/suspect/down, and ``draining`` for an up host
     that takes no new VMs (Prometheus's ``up`` cannot say that)."""
     return "draining" if h.status == "up" and h.draining else h.status
+
+
+@dataclass(frozen=True)
+class JobFigures:
+    """One job this node opened for a caller (``vmmesh job``, a bag of tasks)."""
+
+    job_id: str
+    name: str  # its request name, which its VMs' names start with
+    state: str  # one of JOB_STATES
+    vms: int
+    opened: float  # unix time
+    running: int  # commands under way
+    ok: int
+    failed: int
+    lost: int
+
+
+@dataclass(frozen=True)
+class Transfers:
+    """This host's transfers: bytes each way since it started, and the fetches under way."""
+
+    received_bytes: int
+    sent_bytes: int
+    active: Sequence[Progress] = ()
 
 
 @dataclass(frozen=True)
@@ -54,6 +82,11 @@ class Figures:
     vms: Sequence[VmRow] | None = None  # this host's VMs; None: the VM service has none
     migrations: tuple[int, int] | None = None  # (done, failed); None: no migrate extension
     web_refusals: Mapping[str, int] = field(default_factory=dict)
+    usage: Sequence[VmUsage] = ()  # this host's VMs' last sampled figures
+    transfers: Transfers | None = None  # None: no transfer extension
+    migrating: Sequence[Progress] = ()  # migrations this host is the source of, under way
+    jobs: Sequence[JobFigures] | None = None  # None: no job extension
+    commands: Mapping[str, int] | None = None  # result -> count, of every job since start
 
 
 class MeshCollector(Collector):
@@ -64,6 +97,9 @@ class MeshCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         yield from self._node()
+        yield from self._gossip()
+        yield from self._vm_usage()
+        yield from self._work()
         yield from self._members()
 
     def _node(self) -> Iterator[Metric]:
@@ -121,6 +157,114 @@ class MeshCollector(Collector):
             moved.add_metric(["done"], done)
             moved.add_metric(["failed"], failed)
             yield moved
+            yield GaugeMetricFamily(
+                "vmmesh_migrations_active",
+                "Migrations this host is the source of, under way.",
+                len(f.migrating),
+            )
+
+    def _gossip(self) -> Iterator[Metric]:
+        g = self.figures.status.gossip
+        if not g:
+            return  # a node that does not count them
+        messages = CounterMetricFamily(
+            "vmmesh_gossip_messages",
+            "Gossip messages this host sent (out) and received (in) since it started.",
+            labels=["direction"],
+        )
+        size = CounterMetricFamily(
+            "vmmesh_gossip_bytes",
+            "Bytes of those gossip messages (msgpack bodies; framing and TLS not counted).",
+            labels=["direction"],
+        )
+        for way in ("in", "out"):
+            messages.add_metric([way], g.get(f"messages_{way}", 0))
+            size.add_metric([way], g.get(f"bytes_{way}", 0))
+        yield messages
+        yield size
+        yield CounterMetricFamily(
+            "vmmesh_gossip_suspicions",
+            "Times this host's gossip came to suspect a host (not heard from in time).",
+            g.get("suspicions", 0),
+        )
+
+    def _vm_usage(self) -> Iterator[Metric]:
+        """This host's VMs, labelled by host and VM (see ``vmstats`` for the sources; no
+        network bytes: user-mode networking has no counters to read)."""
+        f = self.figures
+        host = f.status.name
+        labels = ["host", "vm"]
+
+        def counter(name: str, doc: str) -> CounterMetricFamily:
+            return CounterMetricFamily(f"vmmesh_vm_{name}", doc, labels=labels)
+
+        def gauge(name: str, doc: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"vmmesh_vm_{name}", doc, labels=labels)
+
+        cpu = counter("cpu_seconds", "CPU time of the VM's QEMU process.")
+        rss = gauge("resident_memory_bytes", "Resident memory of the VM's QEMU process.")
+        memory = gauge("memory_bytes", "Memory the VM was given.")
+        vcpus = gauge("vcpus", "Virtual CPUs the VM was given.")
+        rd = counter("disk_read_bytes", "Bytes the VM read from its disks.")
+        wr = counter("disk_written_bytes", "Bytes the VM wrote to its disks.")
+        rops = counter("disk_reads", "Read operations on the VM's disks.")
+        wops = counter("disk_writes", "Write operations on the VM's disks.")
+        for u in sorted(f.usage, key=lambda u: u.vm):
+            who = [host, u.vm]
+            cpu.add_metric(who, round(u.cpu_seconds, 2))
+            rss.add_metric(who, u.rss_bytes)
+            rd.add_metric(who, u.read_bytes)
+            wr.add_metric(who, u.written_bytes)
+            rops.add_metric(who, u.read_ops)
+            wops.add_metric(who, u.write_ops)
+        for vm in sorted(f.vms or (), key=lambda v: v.name):
+            if vm.memory_mb:
+                memory.add_metric([host, vm.name], vm.memory_mb * MB)
+            vcpus.add_metric([host, vm.name], vm.vcpus)
+        yield from (cpu, rss, memory, vcpus, rd, wr, rops, wops)
+
+    def _work(self) -> Iterator[Metric]:
+        """Transfers and jobs, as far as this host has those extensions."""
+        f = self.figures
+        if f.transfers is not None:
+            t = f.transfers
+            yield CounterMetricFamily(
+                "vmmesh_transfer_received_bytes",
+                "Bytes of templates and images this host fetched from peers, as they came "
+                "over the wire (counted when a blob is whole).",
+                t.received_bytes,
+            )
+            yield CounterMetricFamily(
+                "vmmesh_transfer_sent_bytes",
+                "Bytes of pieces this host sent to peers fetching from it.",
+                t.sent_bytes,
+            )
+            yield GaugeMetricFamily(
+                "vmmesh_transfers_active", "Fetches this host has under way.", len(t.active)
+            )
+        if f.jobs is not None:
+            jobs = GaugeMetricFamily(
+                "vmmesh_jobs", "Jobs this host opened for callers, by state.", labels=["state"]
+            )
+            by_state = Counter(j.state for j in f.jobs)
+            for state in JOB_STATES:
+                jobs.add_metric([state], by_state.get(state, 0))
+            yield jobs
+            yield GaugeMetricFamily(
+                "vmmesh_job_commands_running",
+                "Commands of those jobs running now.",
+                sum(j.running for j in f.jobs),
+            )
+        if f.commands is not None:
+            done = CounterMetricFamily(
+                "vmmesh_job_commands",
+                "Commands (a bag's tasks among them) of the jobs this host opened, by result "
+                "(ok: exit 0; failed: non-zero or timed out; lost: its VM or host was lost).",
+                labels=["result"],
+            )
+            for result in COMMAND_RESULTS:
+                done.add_metric([result], f.commands.get(result, 0))
+            yield done
 
     def _members(self) -> Iterator[Metric]:
         labels = ["member", "member_id"]

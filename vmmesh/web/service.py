@@ -19,6 +19,7 @@ import logging
 import ssl
 import time
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Protocol
 
@@ -28,6 +29,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from vmmesh.api.codec import Empty, WireType
+from vmmesh.api.common import Progress
 from vmmesh.api.node import PEERS, STATUS, StatusReply
 from vmmesh.api.vm import LIST, LIST_LOCAL, VmList
 from vmmesh.api.web import (
@@ -50,8 +52,9 @@ from vmmesh.web import certs
 from vmmesh.web.app import as_plain
 from vmmesh.web.events import Event, EventLog, vm_changes
 from vmmesh.web.login import COOKIE, Logins
-from vmmesh.web.metrics import Figures, render, sd_targets
+from vmmesh.web.metrics import COMMAND_RESULTS, Figures, JobFigures, Transfers, render, sd_targets
 from vmmesh.web.server import serve_https, server_context
+from vmmesh.web.vmstats import Sampler
 
 log = logging.getLogger("vmmesh.web")
 
@@ -81,10 +84,109 @@ class MigrationCounts(Protocol):
     migrated: int
     failed: int
 
+    @property
+    def active(self) -> Mapping[str, Progress]:
+        """VM name -> the last progress of its migration under way."""
+        ...
+
+
+class TransferCounts(Protocol):
+    """The transfer extension's counters (``TransferService``)."""
+
+    @property
+    def received_bytes(self) -> int: ...
+
+    @property
+    def sent_bytes(self) -> int: ...
+
+    @property
+    def active(self) -> Mapping[int, Progress]: ...
+
+
+class CommandCounts(Protocol):
+    """A job's commands (``jobs.service.Commands``)."""
+
+    @property
+    def running(self) -> int: ...
+
+    @property
+    def ok(self) -> int: ...
+
+    @property
+    def failed(self) -> int: ...
+
+    @property
+    def lost(self) -> int: ...
+
+
+class JobSession(Protocol):
+    """An open job (``jobs.service.Session``)."""
+
+    @property
+    def job_id(self) -> str: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def vms(self) -> Mapping[str, str]: ...
+
+    @property
+    def opened(self) -> float: ...
+
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def commands(self) -> CommandCounts: ...
+
+
+class JobCounts(Protocol):
+    """The job extension's open jobs and commands (``JobService``)."""
+
+    @property
+    def sessions(self) -> Mapping[str, JobSession]: ...
+
+    @property
+    def commands(self) -> CommandCounts: ...
+
+
+class GuestSource(Protocol):
+    """This host's running guests by VM id (``VmService.guests``)."""
+
+    def guests(self) -> Mapping[str, object]: ...
+
+
+def job_figures(jobs: JobCounts) -> list[JobFigures]:
+    return [
+        JobFigures(
+            job_id=j.job_id,
+            name=j.name,
+            state=j.state,
+            vms=len(j.vms),
+            opened=j.opened,
+            running=j.commands.running,
+            ok=j.commands.ok,
+            failed=j.commands.failed,
+            lost=j.commands.lost,
+        )
+        for j in sorted(jobs.sessions.values(), key=lambda j: j.opened)
+    ]
+
 
 class WebService(NodeExtension):
-    def __init__(self, migrations: MigrationCounts | None = None) -> None:
+    def __init__(
+        self,
+        migrations: MigrationCounts | None = None,
+        *,
+        guests: GuestSource | None = None,
+        transfers: TransferCounts | None = None,
+        jobs: JobCounts | None = None,
+    ) -> None:
         self.migrations = migrations
+        self.transfers = transfers
+        self.jobs = jobs
+        self.sampler = Sampler(guests.guests) if guests is not None else None
         self._node: NodeContext | None = None
         self._peer = Handlers()
         self._control = Handlers()
@@ -138,6 +240,8 @@ class WebService(NodeExtension):
         # cookies are shared by every port of a host: one name per node's page
         self.logins.cookie_name = f"{COOKIE}_{self.port}"
         nursery.start_soon(self._look_at_vms)
+        if self.sampler is not None:
+            nursery.start_soon(self.sampler.run)
         nursery.start_soon(
             serve_https, listeners, self._tls_context, self, self._refusals, self._count
         )
@@ -206,7 +310,7 @@ class WebService(NodeExtension):
             vms = (await self._peer.local(LIST_LOCAL, LocalContext(status.node_id), Empty())).vms
         except VmmeshError:
             vms = None  # no VM service here (no base image yet)
-        counts = self.migrations
+        counts, t, jobs = self.migrations, self.transfers, self.jobs
         return Figures(
             status=status,
             hosts=self.node.hosts(),
@@ -214,6 +318,19 @@ class WebService(NodeExtension):
             vms=vms,
             migrations=(counts.migrated, counts.failed) if counts is not None else None,
             web_refusals=dict(self.refused),
+            usage=list(self.sampler.latest.values()) if self.sampler is not None else (),
+            transfers=(
+                Transfers(t.received_bytes, t.sent_bytes, list(t.active.values()))
+                if t is not None
+                else None
+            ),
+            migrating=list(counts.active.values()) if counts is not None else (),
+            jobs=job_figures(jobs) if jobs is not None else None,
+            commands=(
+                {r: getattr(jobs.commands, r) for r in COMMAND_RESULTS}
+                if jobs is not None
+                else None
+            ),
         )
 
     async def metrics(self) -> bytes:
@@ -262,11 +379,24 @@ class WebService(NodeExtension):
                 "migrations": (
                     {"done": counts.migrated, "failed": counts.failed} if counts else None
                 ),
+                **self._work(),
                 "events": self.events.rows(),
             }
             body = json.dumps(state, separators=(",", ":"), default=str).encode()
             self._snapshot = (body, trio.current_time(), serial)
             return body
+
+    def _work(self) -> dict[str, object]:
+        """Long work under way, for the page's bars: this host's fetches, migrations
+        (as the source) and jobs, and its VMs' sampled figures."""
+        t, m, j = self.transfers, self.migrations, self.jobs
+        usage = self.sampler.latest.values() if self.sampler is not None else ()
+        return {
+            "transfers": [as_plain(p) for p in t.active.values()] if t else [],
+            "migrating": [as_plain(p) for p in m.active.values()] if m else [],
+            "jobs": [asdict(f) for f in job_figures(j)] if j else [],
+            "usage": [asdict(u) for u in usage],
+        }
 
     async def _login(self, ctx: Context, req: Empty) -> LoginReply:
         """A single-use login link for a browser (``vmmesh web``)."""
