@@ -13,6 +13,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import trio.testing
 
 from tests.browser import chromium
 from tests.test_web import CAP, IDS, FakePages, _status
+from vmmesh.api.common import Progress
 from vmmesh.api.host import Capacity, TemplateInfo
 from vmmesh.api.names import HOST_NAME, PACKAGE_NAME, VM_NAME
 from vmmesh.api.node import PeerRow, PeersReply
@@ -31,7 +33,9 @@ from vmmesh.gossip.hoststate import HostView
 from vmmesh.web import login, page
 from vmmesh.web.app import as_plain, respond
 from vmmesh.web.events import Event, EventLog, vm_changes
+from vmmesh.web.metrics import JobFigures
 from vmmesh.web.server import MAX_STREAMS, PUSH_EVERY, serve_connection
+from vmmesh.web.vmstats import VmUsage
 
 # --- login tokens and sessions -------------------------------------------------------
 
@@ -292,8 +296,32 @@ def _hostile_snapshot() -> bytes:
         "vms": as_plain(VmList(vms=(vm,), errors=(HOSTILE,))),
         "migrations": {"done": 1, "failed": 0},
         "events": [{"at": time.time(), "kind": "refused", "host": "h2", "text": HOSTILE}],
+        **_hostile_work(),
     }
     return json.dumps(state).encode()
+
+
+def _hostile_work() -> dict[str, Any]:
+    """Work under way whose every string is markup: a fetch half done, a migration in
+    a phase of unknown length, a job with commands done and running, a VM's figures."""
+    fetch = Progress(
+        task="template " + HOSTILE,
+        phase="fetching",
+        fraction=0.5,
+        done=3 << 20,
+        total=6 << 20,
+        rate=1e6,
+        note=HOSTILE,
+    )
+    move = Progress(task="web-1" + HOSTILE, phase=HOSTILE, note="to h2" + HOSTILE)
+    job = JobFigures("ab" * 8, "job-" + HOSTILE, "running", 2, time.time() - 30, 1, 3, 1, 0)
+    use = VmUsage("web-1" + HOSTILE, 4242, 12.5, 300 << 20, 5 << 20, 1 << 20, 40, 8)
+    return {
+        "transfers": [as_plain(fetch)],
+        "migrating": [as_plain(move)],
+        "jobs": [asdict(job)],
+        "usage": [asdict(use)],
+    }
 
 
 @pytest.fixture
@@ -340,6 +368,12 @@ def test_the_browser_draws_hostile_strings_as_text(fake_page: str, tmp_path: Pat
         assert browser.find_elements(By.TAG_NAME, "img") == []
         assert browser.title == "vmmesh"
         assert text.count(HOSTILE) >= 5  # host, VM, stop reason, origin, error, task log
+        transfers = browser.find_element(By.ID, "transfers").text
+        assert transfers.count(HOSTILE) == 2 and "50% 3.0 MiB/6.0 MiB, 1.0 MiB/s" in transfers
+        assert browser.find_element(By.ID, "migrating").text.count(HOSTILE) == 4  # phase twice
+        jobs = browser.find_element(By.ID, "jobs").text
+        assert HOSTILE in jobs and "4 done, 1 running" in jobs and "3 ok, 1 failed" in jobs
+        assert "12.5 s CPU, 300.0 MiB" in browser.find_element(By.ID, "vms").text
         errors = [
             e for e in browser.get_log("browser") if "Content Security Policy" in e["message"]
         ]

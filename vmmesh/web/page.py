@@ -29,9 +29,10 @@ table{border-collapse:collapse;width:100%}
 th,td{text-align:left;padding:3px 6px;border-bottom:1px solid #eee;white-space:nowrap}
 th{font-weight:600;color:#555}
 #events td:last-child{white-space:normal}
-.bar{position:relative;width:120px;height:14px;background:#e3e6ea;border-radius:3px}
+.bar{position:relative;width:120px;height:14px;background:#e3e6ea;border-radius:3px;overflow:hidden}
 .bar div{height:100%;background:#4a90d9;border-radius:3px}
-.bar span{position:absolute;left:4px;top:0;font-size:11px;line-height:14px}
+.bar span{position:absolute;left:4px;top:0;font-size:11px;line-height:14px;white-space:nowrap}
+.bar.long{width:220px}
 .st{padding:1px 6px;border-radius:3px;font-size:12px;color:#fff;background:#888}
 .up{background:#2e8b57}.suspect{background:#d98e04}.down{background:#c0392b}
 .draining{background:#7d5ba6}.running{background:#2e8b57}
@@ -60,6 +61,18 @@ function ago(now, t) { return t ? Math.max(0, Math.round(now - t)) + " s ago" : 
 function clock(t) { return new Date(t * 1000).toLocaleTimeString(); }
 function state(h) { return h.status === "up" && h.draining ? "draining" : h.status; }
 function gib(mb) { return (mb / 1024).toFixed(1); }
+function size(b) {
+  return b >= 2 ** 30 ? (b / 2 ** 30).toFixed(1) + " GiB" : (b / 2 ** 20).toFixed(1) + " MiB";
+}
+// Long work's progress: a bar when the end is known, else its phase alone.
+function progress(p) {
+  const bytes = p.total ? size(p.done) + "/" + size(p.total) : "";
+  const rate = p.rate ? ", " + size(p.rate) + "/s" : "";
+  const pct = p.fraction === null ? "" : Math.round(100 * p.fraction) + "% ";
+  const b = bar(p.fraction === null ? 0 : p.fraction, 1, pct + (bytes || p.phase) + rate);
+  b.className = "bar long";
+  return b;
+}
 
 function hosts(s) {
   s.hosts.hosts.sort((a, b) => a.name.localeCompare(b.name));  // templates() keeps this order
@@ -77,12 +90,17 @@ function hosts(s) {
 function vms(s) {
   const byHost = (a, b) => a.host.localeCompare(b.host) || a.name.localeCompare(b.name);
   const rows = [...s.vms.vms].sort(byHost);
+  const use = new Map((s.usage || []).map((u) => [u.vm, u]));  // this host's VMs only
   $("vms").replaceChildren(...rows.map((v) => {
     const l = v.lineage, start = v.start === "warm" ? el("span", "warm", "warm") : v.start;
     const gen = l.keep_alive ? "keep-alive, gen " + l.generation
       : l.generation > 1 ? "gen " + l.generation : "";
+    const u = v.node_id === s.status.node_id ? use.get(v.name) : undefined;
+    const figures = u ? u.cpu_seconds.toFixed(1) + " s CPU, " + size(u.rss_bytes) + ", disk "
+      + size(u.read_bytes) + " read, " + size(u.written_bytes) + " written" : "";
     return row(v.host, el("b", "", v.name), badge(v.state),
-      el("span", "", start, " " + v.start_seconds.toFixed(1) + " s"), gen, l.origin, v.stop_reason);
+      el("span", "", start, " " + v.start_seconds.toFixed(1) + " s"), gen, l.origin,
+      v.stop_reason, el("span", "dim", figures));
   }));
   $("vmerrors").replaceChildren(...s.vms.errors.map((e) => el("li", "", e)));
 }
@@ -103,6 +121,23 @@ function templates(s) {
     return el("tr", "", label, ...cols.map((h) => el("td", "", cell(t, h))));
   }));
 }
+function work(s) {
+  const transfers = (s.transfers || []).map((p) => row(el("b", "", p.task), progress(p), p.note));
+  const moves = (s.migrating || []).map((p) =>
+    row(el("b", "", p.task), progress(p), p.note, p.phase));
+  $("transfers").replaceChildren(...transfers);
+  $("migrating").replaceChildren(...moves);
+  $("nowork").textContent = transfers.length || moves.length ? ""
+    : "no transfer or migration under way on this host";
+  $("jobs").replaceChildren(...(s.jobs || []).map((j) => {
+    const done = j.ok + j.failed + j.lost, all = done + j.running;
+    const label = done + " done" + (j.running ? ", " + j.running + " running" : "");
+    return row(el("b", "", j.name), badge(j.state), j.vms,
+      bar(done, all, label), j.ok + " ok, " + j.failed + " failed, " + j.lost + " lost",
+      ago(s.now, j.opened));
+  }));
+  $("nojobs").textContent = (s.jobs || []).length ? "" : "no job opened from this host";
+}
 function events(s) {
   const bad = (kind) => kind === "down" || kind === "suspect" || kind.endsWith("refused");
   $("events").replaceChildren(...s.events.slice().reverse().map((e) =>
@@ -113,7 +148,7 @@ function draw(s) {
   const m = s.migrations;
   $("migrations").textContent = m ? m.done + " done, " + m.failed + " failed (from this host)"
     : "no migrations here";
-  for (const part of [hosts, vms, templates, events]) part(s);
+  for (const part of [hosts, vms, templates, work, events]) part(s);
   $("live").textContent = "live, " + clock(s.now);
 }
 const source = new EventSource("/events");
@@ -129,9 +164,14 @@ BODY = """<header><h1>vmmesh</h1><span id="mesh"></span><span id="live">connecti
 <th>VM slots</th><th>storage</th><th>size</th><th>VMs</th><th>heard</th></tr></thead>
 <tbody id="hosts"></tbody></table></section>
 <section class="wide"><h2>VMs</h2><table><thead><tr><th>host</th><th>VM</th><th>state</th>
-<th>start</th><th>keep-alive</th><th>origin</th><th>stop reason</th></tr></thead>
+<th>start</th><th>keep-alive</th><th>origin</th><th>stop reason</th><th>use</th></tr></thead>
 <tbody id="vms"></tbody></table>
 <ul id="vmerrors"></ul></section>
+<section class="wide"><h2>Transfers and migrations (this host)</h2><table>
+<tbody id="transfers"></tbody><tbody id="migrating"></tbody></table><p id="nowork" class="dim"></p>
+<h2>Jobs and bags (opened from this host)</h2><table><thead><tr><th>job</th><th>state</th>
+<th>VMs</th><th>commands</th><th>results</th><th>opened</th></tr></thead>
+<tbody id="jobs"></tbody></table><p id="nojobs" class="dim"></p></section>
 <section><h2>Templates</h2><table class="grid"><thead id="tplhead"></thead>
 <tbody id="templates"></tbody></table></section>
 <section><h2>Migrations</h2><p id="migrations"></p>
