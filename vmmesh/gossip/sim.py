@@ -72,7 +72,7 @@ def node_ids(n: int, rng: random.Random) -> list[str]:
     return sorted(ids, key=lambda _: rng.random())
 
 
-def _sample_state(i: int) -> dict[str, Any]:
+def sample_state(i: int) -> dict[str, Any]:
     """A realistic small host state: what a lab host gossips."""
     return {
         "name": f"host-{i}",
@@ -112,7 +112,7 @@ class Simulation:
         now = 0.0
         for i, nid in enumerate(self.ids):
             own = self.cores[nid]
-            state = _sample_state(i)
+            state = sample_state(i)
             for key, value in state.items():
                 own.set_local(key, value)
             own.tick(now)
