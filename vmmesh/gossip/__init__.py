@@ -23,5 +23,19 @@ revocation, refusals to the refusal log, all of them to the extensions.
 cores with a seeded RNG to measure spread.  The core does no I/O and reads no
 clock: time is passed in.
 
+Its successor, not yet wired into the node (issue 19): ``swim`` is a pure
+SWIM core whose traffic grows with the news, not with the mesh.  Hosts probe
+one member per interval (with indirect probes through others when an ack is
+late); a member no one reaches is suspected, refutes with a higher
+incarnation if it is alive, and is marked down everywhere once a suspicion
+timeout (Lifeguard's, shortened by independent confirmations) runs out.
+Writes spread as ``News`` ranges piggybacked on probes and on a little
+gossip while there is news, a bounded number of times each; a host with a
+gap pulls it from the relay, and a slow push-pull (``Sync``) repairs what
+infection missed.  Versions, prefix-closed ranges, tombstones, revocation
+and the value check are those of ``core``.  ``swim_wire`` holds its
+messages; ``swim_sim`` runs ten thousand of them on a shared baseline, in
+simulated seconds with loss and round trips.
+
 May import: vmmesh.api, vmmesh.net (from driver).
 """

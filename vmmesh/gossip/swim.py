@@ -106,6 +106,7 @@ Outgoing = list[tuple[str, Message]]
 ValueCheck = Callable[[str, object, int], None]
 _STATUS: tuple[Status, ...] = ("up", "suspect", "down", "down")
 _INF = math.inf
+_COUNTER_MASK = (1 << COUNTER_BITS) - 1
 
 
 @dataclass(frozen=True)
@@ -317,7 +318,8 @@ class SwimCore:
         old = me.keys.get(key)
         if old is not None and old[1] == value:
             return
-        after = self._version
+        # the first write of a life covers everything from nothing: no gap for anyone
+        after = self._version if self._version & _COUNTER_MASK else 0
         self._version += 1
         keys = {**me.keys, key: (self._version, value)}
         self._own[self.node_id] = me._replace(version=self._version, keys=keys)
@@ -491,7 +493,7 @@ class SwimCore:
         self._events.append(GossipEvent(EventKind.DOWN, nid))
 
     def _apply_news(self, news: News, via: str, now: float) -> bool:
-        """Apply a range of an author's writes; True if it was new to us."""
+        """Apply a range of an author's writes; True if it is news to relay."""
         author = news.author
         last = news.last
         if author == self.node_id:
@@ -518,6 +520,7 @@ class SwimCore:
         keys = dict(rec.keys)
         changed: set[str] = set()
         check = self._check
+        refused = False
         for d in news.deltas:
             ver = d.version
             if ver <= held:
@@ -531,6 +534,7 @@ class SwimCore:
                 try:
                     check(d.key, d.value, len(keys) - (d.key in keys))
                 except MalformedMessage as exc:
+                    refused = True
                     keys.pop(d.key, None)
                     self._events.append(
                         GossipEvent(EventKind.REFUSED, author, frozenset({d.key}), str(exc), via)
@@ -539,7 +543,7 @@ class SwimCore:
             keys[d.key] = (ver, d.value)
         self._own[author] = rec._replace(version=held, keys=keys)
         self._events.append(GossipEvent(EventKind.CHANGED, author, frozenset(changed)))
-        return True
+        return not refused  # news with a refused value is not relayed: others hear it elsewhere
 
     # --- time -----------------------------------------------------------------
 
