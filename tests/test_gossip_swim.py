@@ -16,6 +16,7 @@ from vmmesh.gossip.core import Delta, EventKind, pack_version
 from vmmesh.gossip.swim import Baseline, Record, SwimConfig, SwimCore
 from vmmesh.gossip.swim_wire import (
     ALIVE,
+    Ack,
     Alive,
     Dead,
     Gossip,
@@ -230,3 +231,21 @@ def test_every_message_encodes_with_msgpack() -> None:
     assert out
     for _, msg in out:
         assert isinstance(msgpack.unpackb(msgpack.packb(msg.to_wire())), list)
+
+
+def test_a_shared_ring_walk_probes_every_member_once_per_walk() -> None:
+    """Cores share one ring but start at random places in it; each still
+    probes every member once before any twice (a walk that wrapped at the
+    ring's end instead of its own start left members unprobed for long)."""
+    core, ids = _big_core(50)
+    cfg = core.config
+    targets: list[str] = []
+    now = 0.0
+    while len(targets) < 2 * 49:
+        now += cfg.probe_interval
+        for dst, msg in core.tick(now):
+            if isinstance(msg, Ping):
+                targets.append(dst)
+                core.receive(Ack(dst, msg.seq, ()), now)
+    assert sorted(targets[:49]) == sorted(ids[1:])
+    assert sorted(targets[49:]) == sorted(ids[1:])

@@ -220,6 +220,7 @@ class SwimCore:
         self._pos = 0  # members probed in this walk of the ring
         self._alive = baseline.alive if baseline else 1  # members not down, ourselves included
         self._removed: set[str] = set()
+        self._unringed: set[str] = set()  # dropped hosts whose ring entry remains
         self._inc = generation << COUNTER_BITS | 1
         self._version = generation << COUNTER_BITS
         mine = self._base.get(node_id)
@@ -261,8 +262,9 @@ class SwimCore:
             self._alive += 1
         elif rec.state >= DEAD and was_up:
             self._alive -= 1
-        if old is None:
+        if old is None and nid not in self._unringed:
             self._ring_add(nid)
+        self._unringed.discard(nid)
         self._own[nid] = rec
 
     def _drop(self, nid: str) -> None:
@@ -271,6 +273,7 @@ class SwimCore:
             if old.state < DEAD:
                 self._alive -= 1
             self._own[nid] = None
+            self._unringed.add(nid)  # still in the ring, skipped there: not added twice
         self._suspicions.pop(nid, None)
         self._down.pop(nid, None)
 
