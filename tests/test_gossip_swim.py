@@ -25,6 +25,7 @@ from vmmesh.gossip.swim_wire import (
     Ping,
     Suspect,
     Sync,
+    decode,
 )
 
 IDS = [f"{i:02x}" * 8 for i in range(1, 9)]
@@ -52,11 +53,16 @@ def converged(cores: list[SwimCore]) -> bool:
     )
 
 
+def wire(msg: Message) -> Message:
+    """What the peer gets: encoded, sent as msgpack, decoded and checked."""
+    return decode(msgpack.unpackb(msgpack.packb(msg.to_wire())))
+
+
 def deliver_all(cores: list[SwimCore], pending: list[tuple[str, Message]], now: float) -> None:
     by_id = {c.node_id: c for c in cores}
     while pending:
         dst, msg = pending.pop(0)
-        pending += by_id[dst].receive(msg, now)
+        pending += by_id[dst].receive(wire(msg), now)
 
 
 # (op, core, argument): write a key, tick a core, deliver / duplicate / drop a message
@@ -83,11 +89,11 @@ def _play(cores: list[SwimCore], ops: list[tuple[str, int, int]], losses: bool) 
             pool += cores[i].tick(now)
         elif pool and op in ("deliver", "dup"):
             dst, msg = pool[arg % len(pool)] if op == "dup" else pool.pop(arg % len(pool))
-            pool += by_id[dst].receive(msg, now)
+            pool += by_id[dst].receive(wire(msg), now)
         elif pool and op == "drop" and losses:
             pool.pop(arg % len(pool))
     for dst, msg in reversed(pool):  # what is left arrives, last sent first
-        pool2 = by_id[dst].receive(msg, now)
+        pool2 = by_id[dst].receive(wire(msg), now)
         deliver_all(cores, pool2, now)
     return now
 

@@ -23,20 +23,30 @@ the rare ``Sync`` carries one entry per host.
 Every type is a frozen dataclass with ``to_wire()`` giving msgpack-able
 lists, so the simulator counts bytes by encoding what is sent.  Versions and
 incarnations are packed ``generation << 32 | counter`` ints; on the wire
-they travel as the pair.  Decoding peer input (``from_wire``) and its
-validation belong to the driver wiring, which is not done yet: the running
-node still speaks ``core``.
+they travel as the pair.  ``decode`` is the one place where peer input
+becomes these types: it checks shape, ids, keys, bounds and that a News
+range ascends above its ``after``, and raises ``MalformedMessage`` otherwise,
+so the core past it trusts its types (values themselves meet the core's
+injected ``check``).  No driver speaks this yet: the running node still
+speaks ``core``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from vmmesh.gossip.core import COUNTER_BITS, Delta
+from vmmesh.api.names import check_hex_id
+from vmmesh.errors import MalformedMessage
+from vmmesh.gossip.core import COUNTER_BITS, KEY_RE, Delta
 
 WIRE_VERSION = 1
 _MASK = (1 << COUNTER_BITS) - 1
+# hard limits on what a peer may send, whatever its own configuration says
+MAX_FACTS = 256
+MAX_DELTAS = 10_000
+MAX_ENTRIES = 100_000
 
 # member states, in the order a host moves through them
 ALIVE = 0
@@ -220,3 +230,133 @@ class Give:
 
 
 Message = Ping | Ack | PingReq | Nack | Gossip | Sync | SyncReply | Want | Give
+
+
+# --- decoding peer input --------------------------------------------------------
+
+
+def _list(raw: object, what: str, limit: int) -> list[Any]:
+    if not isinstance(raw, list) or len(raw) > limit:
+        raise MalformedMessage(f"{what} is not a list of at most {limit}")
+    return raw
+
+
+def _int(raw: object, what: str, limit: int) -> int:
+    if not isinstance(raw, int) or isinstance(raw, bool) or not 0 <= raw <= limit:
+        raise MalformedMessage(f"bad {what}: {raw!r:.40}")
+    return raw
+
+
+def _version(gen: object, ctr: object) -> int:
+    return _int(gen, "generation", (1 << 63) - 1) << COUNTER_BITS | _int(ctr, "counter", _MASK)
+
+
+def _seq(raw: object) -> int:
+    return _int(raw, "sequence number", (1 << 63) - 1)
+
+
+def _news(raw: list[Any]) -> News:
+    if len(raw) != 5:
+        raise MalformedMessage("news is not [3, author, gen, counter, deltas]")
+    author = check_hex_id(raw[1], "author id")
+    after = prev = _version(raw[2], raw[3])
+    deltas = []
+    for d in _list(raw[4], "deltas", MAX_DELTAS):
+        if not isinstance(d, list) or len(d) != 4:
+            raise MalformedMessage("delta is not [key, gen, counter, value]")
+        key = d[0]
+        if not isinstance(key, str) or not KEY_RE.match(key):
+            raise MalformedMessage(f"bad gossip key: {key!r:.40}")
+        version = _version(d[1], d[2])
+        if version <= prev:
+            raise MalformedMessage("news does not ascend above its start")
+        prev = version
+        deltas.append(Delta(author, key, version, d[3]))
+    return News(author, after, tuple(deltas))
+
+
+def decode_fact(raw: object) -> Fact:
+    if not isinstance(raw, list) or not raw:
+        raise MalformedMessage("fact is not a tagged list")
+    tag = raw[0]
+    if tag == 3:
+        return _news(raw)
+    if tag == 0 and len(raw) == 4:
+        return Alive(check_hex_id(raw[1], "node id"), _version(raw[2], raw[3]))
+    if tag in (1, 2) and len(raw) == 5:
+        cls = Suspect if tag == 1 else Dead
+        return cls(
+            check_hex_id(raw[1], "node id"), _version(raw[2], raw[3]), check_hex_id(raw[4], "id")
+        )
+    raise MalformedMessage(f"unknown fact: {tag!r:.20}")
+
+
+def _fact_list(raw: object) -> tuple[Fact, ...]:
+    return tuple(decode_fact(f) for f in _list(raw, "facts", MAX_FACTS))
+
+
+def _news_list(raw: object) -> tuple[News, ...]:
+    out = []
+    for fact in _fact_list(raw):
+        if not isinstance(fact, News):
+            raise MalformedMessage("only news may travel here")
+        out.append(fact)
+    return tuple(out)
+
+
+def _entry_list(raw: object) -> tuple[Entry, ...]:
+    out = []
+    for e in _list(raw, "entries", MAX_ENTRIES):
+        if not isinstance(e, list) or len(e) != 6:
+            raise MalformedMessage("entry is not [id, gen, counter, state, gen, counter]")
+        out.append(
+            Entry(
+                check_hex_id(e[0], "node id"),
+                _version(e[1], e[2]),
+                _int(e[3], "member state", GONE),
+                _version(e[4], e[5]),
+            )
+        )
+    return tuple(out)
+
+
+def _want_list(raw: object) -> tuple[tuple[str, int], ...]:
+    out = []
+    for w in _list(raw, "want", MAX_ENTRIES):
+        if not isinstance(w, list) or len(w) != 3:
+            raise MalformedMessage("want is not [id, gen, counter]")
+        out.append((check_hex_id(w[0], "node id"), _version(w[1], w[2])))
+    return tuple(out)
+
+
+# message kind -> (fields after the sender, builder)
+_DECODERS: dict[str, tuple[int, Callable[[str, list[Any]], Message]]] = {
+    "ping": (2, lambda s, r: Ping(s, _seq(r[0]), _fact_list(r[1]))),
+    "ack": (2, lambda s, r: Ack(s, _seq(r[0]), _fact_list(r[1]))),
+    "ping-req": (
+        3,
+        lambda s, r: PingReq(s, _seq(r[0]), check_hex_id(r[1], "target id"), _fact_list(r[2])),
+    ),
+    "nack": (1, lambda s, r: Nack(s, _seq(r[0]))),
+    "gossip": (1, lambda s, r: Gossip(s, _fact_list(r[0]))),
+    "sync": (1, lambda s, r: Sync(s, _entry_list(r[0]))),
+    "sync-reply": (2, lambda s, r: SyncReply(s, _entry_list(r[0]), _news_list(r[1]))),
+    "want": (1, lambda s, r: Want(s, _want_list(r[0]))),
+    "give": (1, lambda s, r: Give(s, _news_list(r[0]))),
+}
+
+
+def decode(raw: object) -> Message:
+    """A message from a peer, checked; raise MalformedMessage if it is not one."""
+    if not isinstance(raw, list) or len(raw) < 3:
+        raise MalformedMessage("gossip message is not [version, kind, sender, ...]")
+    if raw[0] != WIRE_VERSION:
+        raise MalformedMessage(f"unsupported gossip version: {raw[0]!r:.20}")
+    kind = raw[1]
+    spec = _DECODERS.get(kind) if isinstance(kind, str) else None
+    if spec is None:
+        raise MalformedMessage(f"unknown gossip message: {kind!r:.20}")
+    fields, build = spec
+    if len(raw) != 3 + fields:
+        raise MalformedMessage(f"gossip {kind} has {len(raw) - 3} fields, not {fields}")
+    return build(check_hex_id(raw[2], "sender id"), raw[3:])
