@@ -36,6 +36,10 @@ def test_ten_minutes_of_ten_percent_loss_mark_no_live_host_down() -> None:
 def test_changes_reach_every_host_and_are_counted_in_bytes() -> None:
     result = run(SwimSimConfig(nodes=200, seed=3, loss=0.1))
     assert all(s is not None and s < 2.0 for s in result.spread_seconds)
+    rounds = result.spread_rounds[0]
+    assert rounds is not None and rounds * result.round_seconds == pytest.approx(
+        result.spread_seconds[0]
+    )
     assert 0 < result.bytes_per_node_second < 20_000
     assert result.false_downs == 0
 

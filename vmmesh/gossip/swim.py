@@ -116,7 +116,7 @@ class SwimConfig:
     probe_interval: float = 0.5
     probe_timeout: float = 0.2  # direct ack; then indirect probes until the interval ends
     indirect_probes: int = 6  # 3 in memberlist; at 10 % loss 6 cuts false suspicions ~20x
-    gossip_interval: float = 0.15  # at most one round of gossip per interval, only with news
+    gossip_interval: float = 0.15  # one gossip per slot of this grid, at once, if news
     gossip_fanout: int = 3
     retransmit_mult: int = 4
     max_facts: int = 16  # per message

@@ -69,6 +69,11 @@ class SwimSimResult:
     bytes_per_node_second: float
     messages_per_node_second: float
     simulated_seconds: float
+    round_seconds: float  # one gossip interval: a "round" for comparison with ``sim``
+
+    @property
+    def spread_rounds(self) -> list[float | None]:
+        return [None if s is None else s / self.round_seconds for s in self.spread_seconds]
 
 
 class SwimSimulation:
@@ -257,6 +262,7 @@ class SwimSimulation:
             bytes_per_node_second=self.bytes_sent / samples,
             messages_per_node_second=self.messages_sent / samples,
             simulated_seconds=self.now,
+            round_seconds=self.cfg.swim.gossip_interval,
         )
 
 
