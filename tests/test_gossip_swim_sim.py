@@ -9,6 +9,8 @@ measures both at N = 1000 and up.
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 
 from vmmesh.errors import NotFound
@@ -79,6 +81,22 @@ def test_a_revoked_host_stays_out_everywhere() -> None:
         if j != 9:
             with pytest.raises(NotFound):
                 core.status(nid)
+
+
+def _memory(nodes: int) -> int:
+    tracemalloc.start()
+    try:
+        sim = SwimSimulation(SwimSimConfig(nodes=nodes, seed=1, loss=0.1))
+        sim.run_until(2.0)
+        return tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_grows_linearly_with_the_mesh() -> None:
+    """Four times the hosts, about four times the memory (N^2 would be 16)."""
+    small, large = _memory(250), _memory(1000)
+    assert large / small < 5.5
 
 
 @pytest.mark.parametrize(
