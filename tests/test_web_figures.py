@@ -32,6 +32,7 @@ from vmmesh.mesh import pki
 from vmmesh.net.rpc import Context, Handlers, LocalContext
 from vmmesh.net.traffic import CountingHandlers, Traffic, body_size
 from vmmesh.web.metrics import render
+from vmmesh.web.service import LOOK_EVERY
 from vmmesh.web.vmstats import (
     LOOK_TIMEOUT,
     SAMPLE_EVERY,
@@ -119,8 +120,8 @@ class NoMonitor:
 
 
 async def test_the_sampler_keeps_each_guests_last_figures(autojump_clock: Any) -> None:
-    web_1 = FakeMonitor("web-1", 11, reads=100)
-    slow = FakeMonitor("web-2", 12, hang=True)
+    web_1 = FakeMonitor("1f114cbacf387358", 11, reads=100)  # a guest's name is not the VM's
+    slow = FakeMonitor("2f114cbacf387358", 12, hang=True)
     guests: dict[str, object] = {"a": web_1, "b": slow, "c": NoMonitor("fake-1", 13)}
     procs = {11: (1.5, 1 << 20), 12: (2.0, 2 << 20), 13: (9.0, 9)}
     sampler = Sampler(lambda: guests, proc=procs.get)
@@ -128,6 +129,7 @@ async def test_the_sampler_keeps_each_guests_last_figures(autojump_clock: Any) -
     await sampler.look()
     assert trio.current_time() - t0 == pytest.approx(LOOK_TIMEOUT)  # the hung one, bounded
     assert sampler.latest["a"].read_bytes == 100 and sampler.latest["a"].cpu_seconds == 1.5
+    assert sampler.latest["a"].vm == "a"  # named as the VM service names it
     assert sampler.latest["b"].cpu_seconds == 2.0 and sampler.latest["b"].read_bytes == 0
     assert "c" not in sampler.latest  # no monitor: not sampled, its pid not read
 
@@ -280,3 +282,19 @@ def test_configured_memory_is_a_series_of_its_own() -> None:
     web_1 = (("host", "alpha"), ("vm", "web-1"))
     assert samples[("vmmesh_vm_memory_bytes", web_1)] == 512 << 20
     assert samples[("vmmesh_vm_vcpus", web_1)] == 2
+
+
+async def test_this_hosts_own_new_vm_reaches_the_task_log_without_a_gossip_event(
+    tmp_path: Path, mesh: pki.Identity, autojump_clock: Any
+) -> None:
+    hosts = _hosts()
+    web = await _web_service(FakeNode(mesh, tmp_path / "a", hosts, FakePool({})), "10.0.0.1")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(web._look_at_vms)
+        await trio.sleep(LOOK_EVERY / 2)
+        woke = web._changed
+        hosts[0] = replace(hosts[0], vms=(*hosts[0].vms, "web-2"))  # this host: no event
+        await trio.sleep(LOOK_EVERY)
+        nursery.cancel_scope.cancel()
+    assert [e["text"] for e in web.events.rows()] == ["VM web-2 on alpha"]
+    assert woke.is_set()  # the open pages were woken

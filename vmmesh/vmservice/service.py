@@ -264,8 +264,11 @@ class VmService(NodeExtension):
         return {v.name for v in self.mgr.list_vms() if v.state == VmState.CREATING}
 
     def guests(self) -> dict[str, Guest]:
-        """This host's running guests by VM id (none while it runs no VMs)."""
-        return {} if self.mgr is None else dict(self.mgr.guests)
+        """This host's running guests by VM name (none while it runs no VMs)."""
+        if self.mgr is None:
+            return {}
+        running = self.mgr.guests
+        return {v.name: running[v.vm_id] for v in self.mgr.list_vms() if v.vm_id in running}
 
     def manager(self) -> VmManager:
         if self.mgr is None:

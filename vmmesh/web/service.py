@@ -152,7 +152,7 @@ class JobCounts(Protocol):
 
 
 class GuestSource(Protocol):
-    """This host's running guests by VM id (``VmService.guests``)."""
+    """This host's running guests by VM name (``VmService.guests``)."""
 
     def guests(self) -> Mapping[str, object]: ...
 
@@ -201,7 +201,6 @@ class WebService(NodeExtension):
         self.events = EventLog()
         self._changed = trio.Event()  # set (and replaced) when the page's state changed
         self._vms_seen: dict[str, tuple[str, ...]] = {}
-        self._look = True  # a host's keys changed: look at its VM names
         self._snapshot = (b"", -1.0, -1)  # JSON, when made (trio time), events.serial then
         self._snapshot_lock = trio.Lock()
 
@@ -261,9 +260,7 @@ class WebService(NodeExtension):
     def on_event(self, node: NodeContext, kind: EventKind, node_id: str) -> None:
         if kind in (EventKind.JOINED, EventKind.UP) and not self.cert_ready.is_set():
             self._wake.set()
-        if kind is EventKind.CHANGED:
-            self._look = True
-        else:
+        if kind is not EventKind.CHANGED:  # VM changes: _look_at_vms
             name = next((h.name for h in node.hosts() if h.node_id == node_id), node_id[:12])
             text = f"{name} {GOSSIP_EVENTS.get(kind, kind.value)}"
             self.events.add(Event(time.time(), kind.value, name, text))
@@ -279,15 +276,15 @@ class WebService(NodeExtension):
         self._changed = trio.Event()
 
     async def _look_at_vms(self) -> None:
-        """VMs that appeared on or left a host, into the task log."""
+        """VMs that appeared on or left a host, into the task log, every ``LOOK_EVERY``
+        seconds: this host's own VMs change without a gossip event, so it looks whether
+        an event came or not (and wakes the page's streams when something did change)."""
         while True:
-            if self._look:
-                self._look = False
-                hosts = self.node.hosts()
-                self._vms_seen, found = vm_changes(self._vms_seen, hosts, time.time())
-                self.events.extend(found)
-                if found:
-                    self._notify()
+            hosts = self.node.hosts()
+            self._vms_seen, found = vm_changes(self._vms_seen, hosts, time.time())
+            self.events.extend(found)
+            if found:
+                self._notify()
             await trio.sleep(LOOK_EVERY)
 
     def _tls_context(self) -> ssl.SSLContext:

@@ -50,7 +50,6 @@ LOOK_TIMEOUT = 2.0  # seconds one guest's look may take
 class Monitored(Protocol):
     """A guest whose QEMU process and monitor can be asked (``QemuGuest``)."""
 
-    name: str
     pid: int
 
     async def qmp(self, execute: str, arguments: dict[str, Any] | None = None) -> Any: ...
@@ -113,7 +112,8 @@ def read_proc(pid: int) -> tuple[float, int] | None:
 
 
 class Sampler:
-    """Keeps ``latest`` (VM id -> ``VmUsage``) for the guests ``guests()`` returns."""
+    """Keeps ``latest`` (VM name -> ``VmUsage``) for the guests ``guests()`` returns
+    (VM name -> guest; a guest's own name is its run directory's, not the VM's)."""
 
     def __init__(
         self,
@@ -140,10 +140,10 @@ class Sampler:
         self.latest = found
         self.looks += 1
 
-    async def _look_at(self, vm_id: str, guest: Monitored, found: dict[str, VmUsage]) -> None:
-        before = self.latest.get(vm_id)
-        same = before is not None and (before.vm, before.pid) == (guest.name, guest.pid)
-        usage = before if same and before is not None else VmUsage(guest.name, guest.pid)
+    async def _look_at(self, vm: str, guest: Monitored, found: dict[str, VmUsage]) -> None:
+        before = self.latest.get(vm)
+        same = before is not None and before.pid == guest.pid
+        usage = before if same and before is not None else VmUsage(vm, guest.pid)
         proc = self._proc(guest.pid)
         if proc is None:
             return  # QEMU is gone: the VM is no longer running
@@ -152,9 +152,9 @@ class Sampler:
             try:
                 rd, wr, rops, wops = blockstats_totals(await guest.qmp("query-blockstats"))
             except (VmmeshError, OSError, ValueError) as exc:
-                log.debug("blockstats of %s: %s", guest.name, exc)
+                log.debug("blockstats of %s: %s", vm, exc)
             else:
                 usage = replace(
                     usage, read_bytes=rd, written_bytes=wr, read_ops=rops, write_ops=wops
                 )
-        found[vm_id] = usage
+        found[vm] = usage

@@ -1,0 +1,196 @@
+"""The web page with real guests: a VM requested from the CLI appears on a page that is
+already open in Debian's headless Chromium, without a reload, and its QEMU process's
+CPU, memory and disk figures reach ``/metrics`` (checked by ``promtool``) and the page.
+
+One lab of two hosts with the base image; the VM has no packages, so it resumes the
+image's warm state (no guest boots cold).  Screenshots are left in the test's tmp dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import ssl
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.labutil import lab_context
+from tests.meshutil import all_up, base_warm, cli_json, eventually, failed
+from vmmesh.lab import Lab
+
+BASE_DIR = Path(os.environ.get("VMMESH_BASE_IMAGE_DIR", "/var/cache/vmmesh-dev/base"))
+
+pytestmark = [
+    pytest.mark.lab,
+    pytest.mark.qemu,
+    pytest.mark.skipif(
+        not (BASE_DIR / "manifest.json").is_file(),
+        reason=f"needs a base image in {BASE_DIR}",
+    ),
+]
+
+PATIENCE = 600.0
+WEB_OFFSET = 2  # web_port unset: the peer port + 2
+HOSTS = (1, 2)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    base = tmp_path_factory.mktemp("webvm")
+    with lab_context(base, 2, start_nodes=True, node_args=["--accel=tcg"], image=BASE_DIR) as lab:
+        for i in HOSTS:
+            eventually(all_up, f"h{i} sees two hosts up", lab, i, 2)
+        for i in HOSTS:
+            eventually(base_warm, f"h{i} has its base image's warm state", lab, i,
+                       patience=PATIENCE)  # fmt: skip
+        yield lab
+
+
+@pytest.fixture(autouse=True)
+def node_logs_if_failed(request: pytest.FixtureRequest, lab: Lab) -> Iterator[None]:
+    yield
+    if failed(request):
+        for i in HOSTS:
+            log = Path(lab.host(i).data_dir) / "node.log"
+            lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+            print(f"--- h{i} node.log (last 60 lines)", *lines[-60:], sep="\n")
+
+
+def _url(lab: Lab, i: int, path: str) -> str:
+    return f"https://{lab.host_address(i)}:{lab.port + WEB_OFFSET}{path}"
+
+
+def _web_ready(lab: Lab, i: int) -> bool:
+    url: str = cli_json(lab, i, "status")["facts"].get("web", "")
+    return url == _url(lab, i, "/")  # not "(certificate: not yet signed ...)"
+
+
+def _run(lab: Lab, i: int, cmd: str, *args: str) -> Any:
+    argv = [*lab.vmmesh_argv(), cmd, "--data-dir", str(lab.host_data_dir(i)), "--json", *args]
+    r = lab.lab_exec(i, argv, check=False, timeout=PATIENCE)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def _page_hosts(browser: Any) -> dict[str, str]:
+    rows: list[list[str]] = browser.execute_script(
+        "return [...document.querySelectorAll('#hosts tr')]"
+        ".map((r) => [...r.cells].map((c) => c.textContent))"
+    )
+    return {c[0]: c[1] for c in rows if len(c) > 1}
+
+
+def _page_vms(browser: Any) -> dict[str, list[str]]:
+    """VM name -> its row's cells as the open page shows them."""
+    rows: list[list[str]] = browser.execute_script(
+        "return [...document.querySelectorAll('#vms tr')]"
+        ".map((r) => [...r.cells].map((c) => c.textContent))"
+    )
+    return {c[1]: c for c in rows if len(c) > 2}
+
+
+def _vm_samples(body: bytes, vm: str) -> dict[str, float]:
+    out = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            if s.name.startswith("vmmesh_vm_") and s.labels.get("vm") == vm:
+                out[s.name] = s.value
+    return out
+
+
+def _metrics(lab: Lab, i: int, certs: Path) -> bytes:
+    ctx = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+    ctx.load_cert_chain(str(certs / "metrics.crt"), str(certs / "metrics.key"))
+    with urllib.request.urlopen(_url(lab, i, "/metrics"), context=ctx) as resp:
+        body: bytes = resp.read()
+        return body
+
+
+def test_a_requested_vm_appears_on_the_open_page_and_in_the_metrics(
+    lab: Lab, tmp_path: Path
+) -> None:
+    from tests.browser import chromium, nss_trust, skip_without_browser
+
+    skip_without_browser()
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    lab.cli(1, "cert", "issue", "--role", "viewer", "--out", str(certs))
+    lab.cli(1, "cert", "issue", "--role", "metrics", "--out", str(certs))
+    eventually(_web_ready, "h1 has a web certificate from the CA host", lab, 1)
+    home = tmp_path / "home"
+    nss_trust(home, certs / "ca.crt")
+    link = cli_json(lab, 1, "web")
+    with chromium(home, log=tmp_path / "chromedriver.log") as browser:
+        browser.get(link["url"])
+        eventually(lambda: _page_hosts(browser) == {"h1": "up", "h2": "up"}, "page: 2 hosts up")
+        browser.execute_script("window.notReloaded = true")
+
+        answered: list[Any] = []
+        started = time.monotonic()
+
+        def request() -> None:
+            answered.append((_run(lab, 1, "request", "pg", "1"), time.monotonic()))
+
+        cli = threading.Thread(target=request)
+        cli.start()
+        seen: dict[str, float] = {}  # the VM's state on the page -> first seen (monotonic)
+
+        def look() -> bool:
+            row = _page_vms(browser).get("pg-1")
+            if row is not None and row[2] not in seen:
+                seen[row[2]] = time.monotonic()
+            return "running" in seen
+
+        while cli.is_alive() and not look():
+            time.sleep(0.05)
+        cli.join()
+        assert answered, "vmmesh request failed"
+        eventually(look, "pg-1 running on the open page")
+        assert browser.execute_script("return window.notReloaded") is True  # live, no reload
+        browser.save_screenshot(str(tmp_path / "page-vm-running.png"))
+        [(report, done)] = answered
+        assert report["placed"] == 1, report
+        [vm] = report["vms"]
+        assert vm["start"] == "warm", vm  # resumed, no cold boot
+        for state, at in seen.items():
+            print(f"page: pg-1 {state} {at - started:.2f} s after `vmmesh request` started")
+        print(f"cli: `vmmesh request` answered after {done - started:.2f} s")
+        print(f"page: pg-1 running {seen['running'] - done:+.2f} s from the CLI's answer")
+
+        line = f"VM pg-1 on {vm['host']}"
+        eventually(
+            lambda: line in browser.execute_script("return $('events').textContent"),
+            "the task log's line for pg-1",
+        )
+        host = int(vm["host"][1:])
+
+        def sampled() -> dict[str, float] | None:
+            got = _vm_samples(_metrics(lab, host, certs), "pg-1")
+            return got if "vmmesh_vm_cpu_seconds_total" in got else None
+
+        figures = eventually(sampled, "pg-1's figures on its host's /metrics (sampled every 5 s)")
+        print(f"metrics on h{host}: {figures}")
+        assert figures["vmmesh_vm_cpu_seconds_total"] > 0
+        assert figures["vmmesh_vm_resident_memory_bytes"] > 0
+        assert figures["vmmesh_vm_memory_bytes"] > 0
+        assert "vmmesh_vm_disk_read_bytes_total" in figures  # QMP query-blockstats answered
+        promtool = shutil.which("promtool")
+        if promtool is not None:
+            body = _metrics(lab, host, certs)
+            run = subprocess.run(
+                [promtool, "check", "metrics"], input=body, capture_output=True, check=False
+            )
+            assert run.returncode == 0, run.stdout + run.stderr
+        if host == 1:  # the page shows the figures of its own host's VMs
+            eventually(lambda: "s CPU" in _page_vms(browser)["pg-1"][-1], "pg-1's use on h1's page")
+            browser.save_screenshot(str(tmp_path / "page-vm-figures.png"))
+        print(f"screenshots: {tmp_path}")
