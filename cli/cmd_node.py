@@ -37,7 +37,7 @@ def node(args: argparse.Namespace, cfg: Config) -> int:
         jobs,
         migrate,
         KeepAliveService(vms),
-        WebService(migrate, guests=vms, transfers=transfers, jobs=jobs),
+        WebService(guests=vms, transfers=transfers, migrations=migrate, jobs=jobs),
     ]
     n = Node(cfg, reload=reload, extensions=extensions)
     try:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from vmmesh.api.codec import Empty
+from vmmesh.api.figures import Figure, Unit
 from vmmesh.api.node import PEERS, STATUS
 from vmmesh.config import Config
 
@@ -69,6 +70,7 @@ def status(args: argparse.Namespace, cfg: Config) -> int:
         *reply.facts.items(),
         ("refused", refused),
         ("gossip", _gossip(reply.gossip)),
+        *_figures(reply.figures),
     ]
     table("vmmesh status", ["", ""], rows)
     return 0
@@ -84,3 +86,17 @@ def _gossip(counts: Mapping[str, int]) -> str:
         f"{g('messages_out', 0)} out ({mb(g('bytes_out', 0) / (1 << 20))}), "
         f"{g('suspicions', 0)} suspicions"
     )
+
+
+def _figures(figures: Sequence[Figure]) -> list[tuple[str, str]]:
+    """The extensions' figures, one line per name: its value, or each label's."""
+    lines: dict[str, list[str]] = {}
+    for f in figures:
+        value = mb(f.value / (1 << 20)) if f.unit is Unit.BYTES else f"{f.value:g}"
+        if f.unit is Unit.SECONDS:
+            value += " s"
+        label = " ".join(f.labels[k] for k in sorted(f.labels))
+        lines.setdefault(f.name.replace("_", " "), []).append(
+            f"{label} {value}" if label else value
+        )
+    return [(name, ", ".join(values)) for name, values in lines.items()]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,16 @@ from tests.test_web import (
 )
 from vmmesh.api.codec import Empty
 from vmmesh.api.common import Progress
+from vmmesh.api.figures import Figure
 from vmmesh.api.node import PEERS, STATUS, PeersReply, StatusReply
+from vmmesh.jobs.service import JobService
+from vmmesh.jobs.service import Session as JobSession
 from vmmesh.mesh import pki
+from vmmesh.migrate.service import MigrateService
 from vmmesh.net.rpc import Context, Handlers, LocalContext
 from vmmesh.net.traffic import CountingHandlers, Traffic, body_size
+from vmmesh.transfer.service import TransferService
+from vmmesh.vmservice.service import VmService
 from vmmesh.web.metrics import render
 from vmmesh.web.service import LOOK_EVERY
 from vmmesh.web.vmstats import (
@@ -228,41 +235,25 @@ class Session:
 @dataclass
 class Jobs:
     sessions: dict[str, Session]
-    commands: Commands = field(default_factory=lambda: Commands(0, 30, 2, 1))
 
 
 @dataclass
-class Transfers:
-    received_bytes: int = 1 << 30
-    sent_bytes: int = 0
-    active: dict[int, Progress] = field(default_factory=dict)
+class UnderWay:
+    active: dict[Any, Progress]
 
 
-@dataclass
-class Migrations:
-    migrated: int = 0
-    failed: int = 0
-    active: dict[str, Progress] = field(default_factory=dict)
-
-
-async def test_the_page_and_metrics_read_the_extensions_counters(
+async def test_the_page_draws_the_work_under_way_from_the_extensions(
     tmp_path: Path, mesh: pki.Identity
 ) -> None:
     node = FakeNode(mesh, tmp_path / "a", _hosts(), FakePool({}))
     web = await _web_service(node, "10.0.0.1")
     odd = "<img src=x>"
     fetch = Progress(task=f"template {odd}", phase="fetching", fraction=0.25, done=1, total=4)
-    web.transfers = Transfers(active={0: fetch})
-    web.migrations = Migrations(
-        active={"web-1": Progress(task="web-1", phase="mirroring", note="to beta")}
-    )
+    web.transfers = UnderWay({0: fetch})
+    web.migrations = UnderWay({"web-1": Progress(task="web-1", phase="mirroring", note="to beta")})
     web.jobs = Jobs(
         {"j": Session("ab" * 8, "job-abababab", {"job-abababab-1": "x"}, 5.0, "running")}
     )
-    samples = _samples((await web.metrics()).decode())
-    assert samples[("vmmesh_transfers_active", ())] == 1
-    assert samples[("vmmesh_job_commands_total", (("result", "lost"),))] == 1
-    assert samples[("vmmesh_job_commands_running", ())] == 1
 
     async def peers(ctx: Context, body: Empty) -> PeersReply:
         return _peer_rows(_hosts())
@@ -274,6 +265,39 @@ async def test_the_page_and_metrics_read_the_extensions_counters(
     assert snap["migrating"][0]["note"] == "to beta"
     assert snap["jobs"][0]["name"] == "job-abababab" and snap["jobs"][0]["ok"] == 3
     assert snap["usage"] == []  # no guests given: no sampler
+    assert snap["status"]["figures"][0]["name"] == "migrations"  # the page reads them there
+
+
+# --- the extensions' figures: one seam for status, the page and /metrics -------------
+
+
+def _by_name(figures: Sequence[Figure]) -> dict[tuple[str, tuple[str, ...]], float]:
+    return {(f.name, tuple(f.labels.values())): f.value for f in figures}
+
+
+def test_the_extensions_publish_their_counters_as_figures() -> None:
+    vms = VmService()
+    migrate, transfers, jobs = MigrateService(vms), TransferService(vms), JobService(vms)
+    migrate.migrated, migrate.failed = 4, 1
+    migrate.active["web-1"] = Progress(task="web-1", phase="mirroring")
+    transfers.received_bytes, transfers.sent_bytes = 5 << 20, 1 << 20
+    jobs.commands.ok, jobs.commands.lost, jobs.commands.running = 7, 1, 2
+    placing = JobSession("ab" * 8, "job-abababab", keep=False)
+    held = JobSession("cd" * 8, "job-cdcdcdcd", keep=False, vms={"job-cdcdcdcd-1": "x"})
+    jobs.sessions = {"a": placing, "b": held}
+    figures = [*migrate.figures(), *transfers.figures(), *jobs.figures()]
+    got = _by_name(figures)
+    assert got[("migrations", ("done",))] == 4 and got[("migrations_active", ())] == 1
+    assert got[("transfer_received_bytes", ())] == 5 << 20 and got[("transfers_active", ())] == 0
+    assert got[("jobs", ("placing",))] == 1 and got[("jobs", ("running",))] == 1
+    assert got[("jobs", ("ending",))] == 0
+    assert got[("job_commands", ("lost",))] == 1 and got[("job_commands_running", ())] == 2
+    status = replace(_figures().status, figures=tuple(figures))
+    assert StatusReply.from_wire(status.to_wire()) == status  # they travel in the status reply
+    samples = _samples(render(replace(_figures(), status=status)).decode())
+    assert samples[("vmmesh_transfer_received_bytes_total", ())] == 5 << 20
+    assert samples[("vmmesh_job_commands_total", (("result", "ok"),))] == 7
+    assert samples[("vmmesh_jobs", (("state", "placing"),))] == 1
 
 
 def test_configured_memory_is_a_series_of_its_own() -> None:

@@ -13,7 +13,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import trio.testing
 from tests.browser import chromium
 from tests.test_web import CAP, IDS, FakePages, _status
 from vmmesh.api.common import Progress
+from vmmesh.api.figures import Figure, Unit, counter, gauge
 from vmmesh.api.host import Capacity, TemplateInfo
 from vmmesh.api.names import HOST_NAME, PACKAGE_NAME, VM_NAME
 from vmmesh.api.node import PeerRow, PeersReply
@@ -291,14 +292,22 @@ def _hostile_snapshot() -> bytes:
     )
     state: dict[str, Any] = {
         "now": time.time(),
-        "status": as_plain(_status()),
+        "status": as_plain(replace(_status(), figures=_hostile_figures())),
         "hosts": as_plain(peers),
         "vms": as_plain(VmList(vms=(vm,), errors=(HOSTILE,))),
-        "migrations": {"done": 1, "failed": 0},
         "events": [{"at": time.time(), "kind": "refused", "host": "h2", "text": HOSTILE}],
         **_hostile_work(),
     }
     return json.dumps(state).encode()
+
+
+def _hostile_figures() -> tuple[Figure, ...]:
+    """Figures as an extension publishes them, one with a label of markup."""
+    return (
+        counter("migrations", "Migrations by result.", 2, result="done"),
+        counter("transfer_received_bytes", "Bytes fetched.", 3 << 20, Unit.BYTES),
+        gauge("jobs", "Jobs by state.", 1, state=HOSTILE),
+    )
 
 
 def _hostile_work() -> dict[str, Any]:
@@ -374,6 +383,9 @@ def test_the_browser_draws_hostile_strings_as_text(fake_page: str, tmp_path: Pat
         jobs = browser.find_element(By.ID, "jobs").text
         assert HOSTILE in jobs and "4 done, 1 running" in jobs and "3 ok, 1 failed" in jobs
         assert "12.5 s CPU, 300.0 MiB" in browser.find_element(By.ID, "vms").text
+        assert browser.find_element(By.ID, "migrations").text == "2 done, 0 failed (from this host)"
+        figures = browser.find_element(By.ID, "figures").text
+        assert "transfer received bytes 3.0 MiB" in figures and f"jobs {HOSTILE} 1" in figures
         errors = [
             e for e in browser.get_log("browser") if "Content Security Policy" in e["message"]
         ]

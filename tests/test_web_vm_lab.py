@@ -1,6 +1,7 @@
 """The web page with real guests: a VM requested from the CLI appears on a page that is
 already open in Debian's headless Chromium, without a reload, and its QEMU process's
-CPU, memory and disk figures reach ``/metrics`` (checked by ``promtool``) and the page.
+CPU, memory and disk figures reach ``/metrics`` (checked by ``promtool``) and the page;
+the extensions' figures are in ``vmmesh status`` too.
 
 One lab of two hosts with the base image; the VM has no packages, so it resumes the
 image's warm state (no guest boots cold).  Screenshots are left in the test's tmp dir.
@@ -183,6 +184,10 @@ def test_a_requested_vm_appears_on_the_open_page_and_in_the_metrics(
         assert figures["vmmesh_vm_resident_memory_bytes"] > 0
         assert figures["vmmesh_vm_memory_bytes"] > 0
         assert "vmmesh_vm_disk_read_bytes_total" in figures  # QMP query-blockstats answered
+        names = {f["name"] for f in cli_json(lab, host, "status")["figures"]}
+        assert {"migrations", "transfer_received_bytes", "jobs", "job_commands"} <= names
+        text = lab.cli(host, "status").stdout  # the same figures, for people
+        assert "transfer received bytes" in text and "jobs" in text and "suspicions" in text
         promtool = shutil.which("promtool")
         if promtool is not None:
             body = _metrics(lab, host, certs)

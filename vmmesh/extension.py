@@ -10,12 +10,13 @@ extension never imports the node.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import trio
 
+from vmmesh.api.figures import Figure
 from vmmesh.api.host import Capacity
 from vmmesh.config import Config
 from vmmesh.gossip.core import EventKind
@@ -80,6 +81,11 @@ class NodeExtension:
     def facts(self) -> Mapping[str, str]:
         """Lines for ``vmmesh status`` (accelerator, base image, ...)."""
         return {}
+
+    def figures(self) -> Sequence[Figure]:
+        """What this extension counts, typed (``api.figures``): ``vmmesh status``, the web
+        page and ``/metrics`` all read these, from the status reply."""
+        return ()
 
     def reconfigure(self, node: NodeContext) -> None:
         """``node.cfg`` changed (SIGHUP)."""

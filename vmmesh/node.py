@@ -49,6 +49,7 @@ from typing import Any, TypeVar
 import trio
 
 from vmmesh.api.codec import Method, WireType
+from vmmesh.api.figures import Figure
 from vmmesh.api.host import Capacity
 from vmmesh.config import RELOADABLE, Config
 from vmmesh.errors import AuthError, PeerUnavailable, StateError, VmmeshError
@@ -244,7 +245,11 @@ class Node:
             publish_crl=lambda pem: self.publish("crl", pem),
             started=self.started,
             gossip=self._gossip_counts,
+            figures=self._figures,
         )
+
+    def _figures(self) -> list[Figure]:
+        return [f for ext in self.extensions for f in ext.figures()]
 
     def _gossip_counts(self) -> dict[str, int]:
         return {**self.gossip_traffic.snapshot(), "suspicions": self.suspicions}

@@ -3,7 +3,8 @@
 Each method family has one module (``node``, ``vm``, ``join``, ``transfer``,
 ``jobs``) listing its ``Method`` objects beside their frozen dataclasses;
 ``host`` holds what hosts gossip about themselves, ``names`` the ids and
-names, ``common`` the progress items every family streams.  A field is
+names, ``common`` the progress items every family streams, ``figures`` the
+numbers the node's extensions publish (``vmmesh status``, the page, metrics).  A field is
 declared once with its spec (``codec``: type, bounds, length, pattern).  The
 node's handlers take and return these types, the CLI builds and prints them,
 and gossip values are records of the same kind.

@@ -19,6 +19,7 @@ from vmmesh.api.codec import (
     Text,
     wire,
 )
+from vmmesh.api.figures import MAX_FIGURES, Figure
 from vmmesh.api.host import Capacity, TemplateInfo
 from vmmesh.api.names import HexId, HostName, VmName
 
@@ -52,6 +53,7 @@ class StatusReply(Message):
     refusals: Mapping[str, int] = wire(MapOf(Text(32), Int(), 32), default_factory=dict)
     # messages_in/out, bytes_in/out (msgpack bodies), suspicions: since the node started
     gossip: Mapping[str, int] = wire(MapOf(Text(32), Int(), 16), default_factory=dict)
+    figures: tuple[Figure, ...] = wire(ListOf(Nested(Figure), MAX_FIGURES), default=())
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import logging
 import os
 import secrets
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ import trio
 
 from vmmesh.api.codec import Empty
 from vmmesh.api.common import Progress
+from vmmesh.api.figures import Figure, counter, gauge
 from vmmesh.api.jobs import (
     END,
     EXEC,
@@ -89,6 +91,9 @@ def _lost(vm: str) -> Iterator[None]:
         raise JobLost(f"{vm} was lost: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
 
 
+JOB_STATES = ("placing", "running", "ending")
+
+
 @dataclass
 class Commands:
     """The commands a job ran through ``job.exec`` (a bag's tasks among them)."""
@@ -128,6 +133,19 @@ class JobService(NodeExtension):
         self.sessions: dict[str, Session] = {}
         self.leases: dict[str, float] = {}  # job request name -> expiry (trio clock)
         self.commands = Commands()  # of every job this node opened, since it started
+
+    def figures(self) -> list[Figure]:
+        states = Counter(s.state for s in self.sessions.values())
+        c = self.commands
+        results = (("ok", c.ok), ("failed", c.failed), ("lost", c.lost))
+        return [
+            *(gauge("jobs", "Jobs this host opened for callers, by state.", states[state],
+                    state=state) for state in JOB_STATES),
+            gauge("job_commands_running", "Commands of those jobs running now.", c.running),
+            *(counter("job_commands", "Commands (a bag's tasks among them) of the jobs this "
+                      "host opened, by result (ok: exit 0; failed: non-zero or timed out; lost: "
+                      "its VM or host was lost).", n, result=r) for r, n in results),
+        ]  # fmt: skip
 
     @property
     def node(self) -> NodeContext:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import trio
 
 from vmmesh.api.codec import Empty
+from vmmesh.api.figures import Figure
 from vmmesh.api.host import Capacity
 from vmmesh.api.names import HEX_ID
 from vmmesh.api.node import (
@@ -51,6 +52,7 @@ class MeshService:
     publish_crl: Callable[[bytes], None]
     started: float = 0.0
     gossip: Callable[[], Mapping[str, int]] = dict  # the gossip counters (node.Traffic)
+    figures: Callable[[], Sequence[Figure]] = tuple  # the extensions' (NodeExtension.figures)
 
     def register(self, control: Handlers) -> None:
         control.add(STATUS, self.status)
@@ -83,6 +85,7 @@ class MeshService:
             facts=dict(self.facts()),
             refusals=self.refusals.snapshot(),
             gossip=dict(self.gossip()),
+            figures=tuple(self.figures()),
         )
 
     async def peers(self, ctx: Context, body: Empty) -> PeersReply:

@@ -22,6 +22,7 @@ import trio
 
 from vmmesh.api.codec import Empty
 from vmmesh.api.common import Progress
+from vmmesh.api.figures import Figure, counter, gauge
 from vmmesh.api.migrate import (
     ABORT,
     COMMIT,
@@ -103,6 +104,15 @@ class MigrateService(NodeExtension):
 
     def publish(self, node: NodeContext) -> None:
         node.publish("draining", drain.is_draining(node.store))
+
+    def figures(self) -> list[Figure]:
+        done = "Migrations this host ran as the source, by result."
+        return [
+            counter("migrations", done, self.migrated, result="done"),
+            counter("migrations", done, self.failed, result="failed"),
+            gauge("migrations_active", "Migrations this host is the source of, under way.",
+                  len(self.active)),
+        ]  # fmt: skip
 
     def facts(self) -> Mapping[str, str]:
         facts = {"migrations": f"{self.migrated} done, {self.failed} failed"}

@@ -41,6 +41,7 @@ import trio
 
 from vmmesh.api.codec import Empty
 from vmmesh.api.common import Progress
+from vmmesh.api.figures import Figure, Unit, counter, gauge
 from vmmesh.api.host import TemplateInfo
 from vmmesh.api.transfer import (
     FETCH_IMAGE,
@@ -114,6 +115,24 @@ class TransferService(NodeExtension):
         self.received_bytes = 0  # as they came over the wire, counted when a blob is whole
         self.sent_bytes = 0  # piece data sent to peers
         vms.manager_hooks.append(self._hook_manager)
+
+    def figures(self) -> list[Figure]:
+        return [
+            counter(
+                "transfer_received_bytes",
+                "Bytes of templates and images this host fetched from peers, as they came "
+                "over the wire (counted when a blob is whole).",
+                self.received_bytes,
+                Unit.BYTES,
+            ),
+            counter(
+                "transfer_sent_bytes",
+                "Bytes of pieces this host sent to peers fetching from it.",
+                self.sent_bytes,
+                Unit.BYTES,
+            ),
+            gauge("transfers_active", "Fetches this host has under way.", len(self.active)),
+        ]
 
     @property
     def node(self) -> NodeContext:

@@ -13,15 +13,16 @@ viewer (``login``, in this node's memory only); a request with neither
 certificate nor session gets 401.  Requests are HTTP/1.1 through h11, one
 after another on a kept-alive connection.  Every answer is made when it is
 asked for, from what the node already holds (``service``): ``/metrics`` is
-the status reply (with its gossip counters), the gossip view, this host's VM
-rows, the transfer, migration and job counters renamed into metric families
-(``metrics``), and each VM's CPU, memory and disk figures, which a sampler
-task reads from ``/proc`` and QMP every few seconds (``vmstats``) so that no
-scrape waits on QEMU; ``/sd`` lists every up host's page,
-``/api/v1/{status,hosts,vms}`` are the CLI's ``--json`` bodies.  ``/`` is a
-fixed page (``page``) whose script draws the snapshots that ``/events``
-streams (server-sent events: the same bodies, the migration counters, the
-work under way and the task log of ``events``) on every change and every 2 s.
+the status reply (its gossip counters, and the figures the extensions
+publish, ``api.figures``: transfers, migrations, jobs), the gossip view and
+this host's VM rows renamed into metric families (``metrics``), and each
+VM's CPU, memory and disk figures, which a sampler task reads from ``/proc``
+and QMP every few seconds (``vmstats``) so that no scrape waits on QEMU;
+``/sd`` lists every up host's page, ``/api/v1/{status,hosts,vms}`` are the
+CLI's ``--json`` bodies.  ``/`` is a fixed page (``page``) whose script
+draws the snapshots that ``/events`` streams (server-sent events: the same
+bodies, the work under way and the task log of ``events``) on every change
+and every 2 s.
 Every host shows the whole mesh as its gossip knows it, so a host that died
 is still shown, as down, by the others.
 

@@ -30,7 +30,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from vmmesh.api.common import Progress
+from vmmesh.api.figures import Figure, Kind
 from vmmesh.api.node import StatusReply
 from vmmesh.api.vm import VmRow
 from vmmesh.gossip.hoststate import HostView
@@ -38,8 +38,6 @@ from vmmesh.web.vmstats import VmUsage
 
 MB = 1 << 20
 STATES = ("up", "suspect", "down", "draining")
-JOB_STATES = ("placing", "running", "ending")
-COMMAND_RESULTS = ("ok", "failed", "lost")
 
 
 def member_state(h: HostView) -> str:
@@ -64,15 +62,6 @@ class JobFigures:
 
 
 @dataclass(frozen=True)
-class Transfers:
-    """This host's transfers: bytes each way since it started, and the fetches under way."""
-
-    received_bytes: int
-    sent_bytes: int
-    active: Sequence[Progress] = ()
-
-
-@dataclass(frozen=True)
 class Figures:
     """What one scrape shows, as the node knows it at that moment."""
 
@@ -80,13 +69,8 @@ class Figures:
     hosts: Sequence[HostView]
     now: float  # unix time
     vms: Sequence[VmRow] | None = None  # this host's VMs; None: the VM service has none
-    migrations: tuple[int, int] | None = None  # (done, failed); None: no migrate extension
     web_refusals: Mapping[str, int] = field(default_factory=dict)
     usage: Sequence[VmUsage] = ()  # this host's VMs' last sampled figures
-    transfers: Transfers | None = None  # None: no transfer extension
-    migrating: Sequence[Progress] = ()  # migrations this host is the source of, under way
-    jobs: Sequence[JobFigures] | None = None  # None: no job extension
-    commands: Mapping[str, int] | None = None  # result -> count, of every job since start
 
 
 class MeshCollector(Collector):
@@ -99,7 +83,7 @@ class MeshCollector(Collector):
         yield from self._node()
         yield from self._gossip()
         yield from self._vm_usage()
-        yield from self._work()
+        yield from published(self.figures.status.figures)
         yield from self._members()
 
     def _node(self) -> Iterator[Metric]:
@@ -147,21 +131,6 @@ class MeshCollector(Collector):
             for state, n in sorted(Counter(vm.state for vm in f.vms).items()):
                 by_state.add_metric([state], n)
             yield by_state
-        if f.migrations is not None:
-            done, failed = f.migrations
-            moved = CounterMetricFamily(
-                "vmmesh_migrations",
-                "Migrations this host ran as the source, by result.",
-                labels=["result"],
-            )
-            moved.add_metric(["done"], done)
-            moved.add_metric(["failed"], failed)
-            yield moved
-            yield GaugeMetricFamily(
-                "vmmesh_migrations_active",
-                "Migrations this host is the source of, under way.",
-                len(f.migrating),
-            )
 
     def _gossip(self) -> Iterator[Metric]:
         g = self.figures.status.gossip
@@ -223,49 +192,6 @@ class MeshCollector(Collector):
             vcpus.add_metric([host, vm.name], vm.vcpus)
         yield from (cpu, rss, memory, vcpus, rd, wr, rops, wops)
 
-    def _work(self) -> Iterator[Metric]:
-        """Transfers and jobs, as far as this host has those extensions."""
-        f = self.figures
-        if f.transfers is not None:
-            t = f.transfers
-            yield CounterMetricFamily(
-                "vmmesh_transfer_received_bytes",
-                "Bytes of templates and images this host fetched from peers, as they came "
-                "over the wire (counted when a blob is whole).",
-                t.received_bytes,
-            )
-            yield CounterMetricFamily(
-                "vmmesh_transfer_sent_bytes",
-                "Bytes of pieces this host sent to peers fetching from it.",
-                t.sent_bytes,
-            )
-            yield GaugeMetricFamily(
-                "vmmesh_transfers_active", "Fetches this host has under way.", len(t.active)
-            )
-        if f.jobs is not None:
-            jobs = GaugeMetricFamily(
-                "vmmesh_jobs", "Jobs this host opened for callers, by state.", labels=["state"]
-            )
-            by_state = Counter(j.state for j in f.jobs)
-            for state in JOB_STATES:
-                jobs.add_metric([state], by_state.get(state, 0))
-            yield jobs
-            yield GaugeMetricFamily(
-                "vmmesh_job_commands_running",
-                "Commands of those jobs running now.",
-                sum(j.running for j in f.jobs),
-            )
-        if f.commands is not None:
-            done = CounterMetricFamily(
-                "vmmesh_job_commands",
-                "Commands (a bag's tasks among them) of the jobs this host opened, by result "
-                "(ok: exit 0; failed: non-zero or timed out; lost: its VM or host was lost).",
-                labels=["result"],
-            )
-            for result in COMMAND_RESULTS:
-                done.add_metric([result], f.commands.get(result, 0))
-            yield done
-
     def _members(self) -> Iterator[Metric]:
         labels = ["member", "member_id"]
 
@@ -311,6 +237,21 @@ class MeshCollector(Collector):
             if h.last_heard:
                 heard.add_metric(who, round(h.last_heard, 3))
         yield from (info, status, cores, memory, quota, free, slots, vms, templates, warm, heard)
+
+
+def published(figures: Sequence[Figure]) -> Iterator[Metric]:
+    """The extensions' figures (``NodeExtension.figures``, from the status reply), one
+    family per name in the order they came, ``vmmesh_`` before each name."""
+    families: dict[str, tuple[CounterMetricFamily | GaugeMetricFamily, list[str]]] = {}
+    for f in figures:
+        names = sorted(f.labels)
+        if f.name not in families:
+            make = CounterMetricFamily if f.kind is Kind.COUNTER else GaugeMetricFamily
+            families[f.name] = (make(f"vmmesh_{f.name}", f.help, labels=names), names)
+        family, labels = families[f.name]
+        if names == labels:  # one family, one set of label names: another is dropped
+            family.add_metric([f.labels[k] for k in labels], f.value)
+    yield from (family for family, _ in families.values())
 
 
 def render(figures: Figures) -> bytes:

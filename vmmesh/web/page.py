@@ -138,6 +138,19 @@ function work(s) {
   }));
   $("nojobs").textContent = (s.jobs || []).length ? "" : "no job opened from this host";
 }
+// The extensions' figures, from the status reply: what vmmesh status and /metrics show.
+function figures(s) {
+  const figs = s.status.figures || [];
+  const moves = (r) => figs.filter((f) => f.name === "migrations" && f.labels.result === r)
+    .reduce((n, f) => n + f.value, 0);
+  $("migrations").textContent = figs.some((f) => f.name === "migrations")
+    ? moves("done") + " done, " + moves("failed") + " failed (from this host)"
+    : "no migrations here";
+  const value = (f) => f.unit === "bytes" ? size(f.value)
+    : f.value + (f.unit === "seconds" ? " s" : "");
+  $("figures").replaceChildren(...figs.map((f) => row(f.name.replace(/_/g, " "),
+    Object.keys(f.labels).sort().map((k) => f.labels[k]).join(" "), value(f))));
+}
 function events(s) {
   const bad = (kind) => kind === "down" || kind === "suspect" || kind.endsWith("refused");
   $("events").replaceChildren(...s.events.slice().reverse().map((e) =>
@@ -145,10 +158,7 @@ function events(s) {
 }
 function draw(s) {
   $("mesh").textContent = "mesh " + s.status.mesh_id.slice(0, 12) + ", seen from " + s.status.name;
-  const m = s.migrations;
-  $("migrations").textContent = m ? m.done + " done, " + m.failed + " failed (from this host)"
-    : "no migrations here";
-  for (const part of [hosts, vms, templates, work, events]) part(s);
+  for (const part of [hosts, vms, templates, work, figures, events]) part(s);
   $("live").textContent = "live, " + clock(s.now);
 }
 const source = new EventSource("/events");
@@ -175,6 +185,7 @@ BODY = """<header><h1>vmmesh</h1><span id="mesh"></span><span id="live">connecti
 <section><h2>Templates</h2><table class="grid"><thead id="tplhead"></thead>
 <tbody id="templates"></tbody></table></section>
 <section><h2>Migrations</h2><p id="migrations"></p>
+<h2>This host's figures</h2><table><tbody id="figures"></tbody></table>
 <h2>Events</h2><table><tbody id="events"></tbody></table></section>
 </main>
 <p class="dim">&nbsp; also: <a href="/api/v1/status">/api/v1/status</a>

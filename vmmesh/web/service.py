@@ -3,8 +3,11 @@ browser logins and the page's task log.
 
 Everything the page shows is read where ``vmmesh status`` reads it: the node's
 own control methods (``node.status``, ``node.peers``, ``vm.list``) called in
-process, the gossip view (``NodeContext.hosts``), this host's VM rows
-(``vm.list_local``) and the migrate extension's counters.  Kept here, in
+process (the status reply carries the extensions' figures, ``api.figures``),
+the gossip view (``NodeContext.hosts``) and this host's VM rows
+(``vm.list_local``); for the page's bars only, the work the transfer, migrate
+and job extensions have under way (``UnderWay``, ``JobCounts``), and each
+VM's sampled figures (``vmstats``).  Kept here, in
 memory only: the page's refusal counts, the last events (``events``), login
 tokens and sessions (``login``), and the last ``/events`` snapshot, which
 all open streams share for ``SNAPSHOT_AGE`` seconds (``vm.list`` asks every
@@ -21,7 +24,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 from cryptography import x509
@@ -52,7 +55,7 @@ from vmmesh.web import certs
 from vmmesh.web.app import as_plain
 from vmmesh.web.events import Event, EventLog, vm_changes
 from vmmesh.web.login import COOKIE, Logins
-from vmmesh.web.metrics import COMMAND_RESULTS, Figures, JobFigures, Transfers, render, sd_targets
+from vmmesh.web.metrics import Figures, JobFigures, render, sd_targets
 from vmmesh.web.server import serve_https, server_context
 from vmmesh.web.vmstats import Sampler
 
@@ -78,29 +81,12 @@ REFUSAL_TEXT = {
 }
 
 
-class MigrationCounts(Protocol):
-    """The migrate extension's counters (``MigrateService``)."""
-
-    migrated: int
-    failed: int
+class UnderWay(Protocol):
+    """Long work an extension has under way (``MigrateService``: VM name -> its
+    migration's last progress; ``TransferService``: one entry per fetch)."""
 
     @property
-    def active(self) -> Mapping[str, Progress]:
-        """VM name -> the last progress of its migration under way."""
-        ...
-
-
-class TransferCounts(Protocol):
-    """The transfer extension's counters (``TransferService``)."""
-
-    @property
-    def received_bytes(self) -> int: ...
-
-    @property
-    def sent_bytes(self) -> int: ...
-
-    @property
-    def active(self) -> Mapping[int, Progress]: ...
+    def active(self) -> Mapping[Any, Progress]: ...
 
 
 class CommandCounts(Protocol):
@@ -142,13 +128,10 @@ class JobSession(Protocol):
 
 
 class JobCounts(Protocol):
-    """The job extension's open jobs and commands (``JobService``)."""
+    """The job extension's open jobs (``JobService``)."""
 
     @property
     def sessions(self) -> Mapping[str, JobSession]: ...
-
-    @property
-    def commands(self) -> CommandCounts: ...
 
 
 class GuestSource(Protocol):
@@ -177,10 +160,10 @@ def job_figures(jobs: JobCounts) -> list[JobFigures]:
 class WebService(NodeExtension):
     def __init__(
         self,
-        migrations: MigrationCounts | None = None,
         *,
         guests: GuestSource | None = None,
-        transfers: TransferCounts | None = None,
+        transfers: UnderWay | None = None,
+        migrations: UnderWay | None = None,
         jobs: JobCounts | None = None,
     ) -> None:
         self.migrations = migrations
@@ -301,37 +284,23 @@ class WebService(NodeExtension):
         self._addresses = reply.addresses
         return reply
 
-    async def figures(self) -> Figures:
+    async def _scrape(self) -> Figures:
         status = await self._status()
         try:
             vms = (await self._peer.local(LIST_LOCAL, LocalContext(status.node_id), Empty())).vms
         except VmmeshError:
             vms = None  # no VM service here (no base image yet)
-        counts, t, jobs = self.migrations, self.transfers, self.jobs
         return Figures(
             status=status,
             hosts=self.node.hosts(),
             now=time.time(),
             vms=vms,
-            migrations=(counts.migrated, counts.failed) if counts is not None else None,
             web_refusals=dict(self.refused),
             usage=list(self.sampler.latest.values()) if self.sampler is not None else (),
-            transfers=(
-                Transfers(t.received_bytes, t.sent_bytes, list(t.active.values()))
-                if t is not None
-                else None
-            ),
-            migrating=list(counts.active.values()) if counts is not None else (),
-            jobs=job_figures(jobs) if jobs is not None else None,
-            commands=(
-                {r: getattr(jobs.commands, r) for r in COMMAND_RESULTS}
-                if jobs is not None
-                else None
-            ),
         )
 
     async def metrics(self) -> bytes:
-        return render(await self.figures())
+        return render(await self._scrape())
 
     async def sd(self) -> bytes:
         cfg = self.node.cfg
@@ -354,7 +323,8 @@ class WebService(NodeExtension):
             await self._changed.wait()
 
     async def snapshot(self) -> bytes:
-        """The page's state: the ``/api/v1`` bodies, the migrations, the task log."""
+        """The page's state: the ``/api/v1`` bodies (the status reply with this host's
+        figures), the work under way, the task log."""
         async with self._snapshot_lock:
             body, made, serial = self._snapshot
             if trio.current_time() - made < SNAPSHOT_AGE and serial == self.events.serial:
@@ -367,15 +337,11 @@ class WebService(NodeExtension):
                 vms = await self._control.local(LIST, here, Empty())
             except VmmeshError as exc:
                 vms = VmList(errors=(f"no VM list: {exc}",))
-            counts = self.migrations
             state = {
                 "now": time.time(),
                 "status": as_plain(status),
                 "hosts": as_plain(peers),
                 "vms": as_plain(vms),
-                "migrations": (
-                    {"done": counts.migrated, "failed": counts.failed} if counts else None
-                ),
                 **self._work(),
                 "events": self.events.rows(),
             }
