@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from vmmesh.api.codec import Empty
 from vmmesh.api.figures import Figure, Unit
@@ -69,23 +69,10 @@ def status(args: argparse.Namespace, cfg: Config) -> int:
         ("storage", f"{mb(cap.storage_free_mb)} free of {mb(cap.storage_quota_mb)} quota"),
         *reply.facts.items(),
         ("refused", refused),
-        ("gossip", _gossip(reply.gossip)),
         *_figures(reply.figures),
     ]
     table("vmmesh status", ["", ""], rows)
     return 0
-
-
-def _gossip(counts: Mapping[str, int]) -> str:
-    """The gossip counters in one line (what they cost this host since its start)."""
-    if not counts:
-        return "not counted (an older node)"
-    g = counts.get
-    return (
-        f"{g('messages_in', 0)} messages in ({mb(g('bytes_in', 0) / (1 << 20))}), "
-        f"{g('messages_out', 0)} out ({mb(g('bytes_out', 0) / (1 << 20))}), "
-        f"{g('suspicions', 0)} suspicions"
-    )
 
 
 def _figures(figures: Sequence[Figure]) -> list[tuple[str, str]]:

@@ -49,7 +49,7 @@ from typing import Any, TypeVar
 import trio
 
 from vmmesh.api.codec import Method, WireType
-from vmmesh.api.figures import Figure
+from vmmesh.api.figures import Figure, Unit, counter
 from vmmesh.api.host import Capacity
 from vmmesh.config import RELOADABLE, Config
 from vmmesh.errors import AuthError, PeerUnavailable, StateError, VmmeshError
@@ -244,15 +244,23 @@ class Node:
             facts=self._facts,
             publish_crl=lambda pem: self.publish("crl", pem),
             started=self.started,
-            gossip=self._gossip_counts,
             figures=self._figures,
         )
 
     def _figures(self) -> list[Figure]:
-        return [f for ext in self.extensions for f in ext.figures()]
-
-    def _gossip_counts(self) -> dict[str, int]:
-        return {**self.gossip_traffic.snapshot(), "suspicions": self.suspicions}
+        """What gossip cost this host, then the extensions' figures."""
+        t = self.gossip_traffic
+        messages = "Gossip messages this host received (in) and sent (out) since it started."
+        size = "Bytes of those gossip messages (msgpack bodies; framing and TLS not counted)."
+        suspected = "Times this host's gossip came to suspect a host (not heard from in time)."
+        return [
+            counter("gossip_messages", messages, t.messages_in, direction="in"),
+            counter("gossip_messages", messages, t.messages_out, direction="out"),
+            counter("gossip_bytes", size, t.bytes_in, Unit.BYTES, direction="in"),
+            counter("gossip_bytes", size, t.bytes_out, Unit.BYTES, direction="out"),
+            counter("gossip_suspicions", suspected, self.suspicions),
+            *(f for ext in self.extensions for f in ext.figures()),
+        ]
 
     def _facts(self) -> dict[str, str]:
         out: dict[str, str] = {}

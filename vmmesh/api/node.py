@@ -51,8 +51,6 @@ class StatusReply(Message):
     data_dir: str = wire(Text(4096))
     facts: Mapping[str, str] = wire(MapOf(Text(32), Fact, 32), default_factory=dict)
     refusals: Mapping[str, int] = wire(MapOf(Text(32), Int(), 32), default_factory=dict)
-    # messages_in/out, bytes_in/out (msgpack bodies), suspicions: since the node started
-    gossip: Mapping[str, int] = wire(MapOf(Text(32), Int(), 16), default_factory=dict)
     figures: tuple[Figure, ...] = wire(ListOf(Nested(Figure), MAX_FIGURES), default=())
 
 

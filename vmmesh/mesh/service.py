@@ -51,8 +51,7 @@ class MeshService:
     facts: Callable[[], Mapping[str, str]]
     publish_crl: Callable[[bytes], None]
     started: float = 0.0
-    gossip: Callable[[], Mapping[str, int]] = dict  # the gossip counters (node.Traffic)
-    figures: Callable[[], Sequence[Figure]] = tuple  # the extensions' (NodeExtension.figures)
+    figures: Callable[[], Sequence[Figure]] = tuple  # gossip's and the extensions'
 
     def register(self, control: Handlers) -> None:
         control.add(STATUS, self.status)
@@ -84,7 +83,6 @@ class MeshService:
             data_dir=str(self.cfg.data_dir),
             facts=dict(self.facts()),
             refusals=self.refusals.snapshot(),
-            gossip=dict(self.gossip()),
             figures=tuple(self.figures()),
         )
 

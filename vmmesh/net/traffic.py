@@ -47,14 +47,6 @@ class Traffic:
         self.messages_out += 1
         self.bytes_out += body_size(msg)
 
-    def snapshot(self) -> dict[str, int]:
-        return {
-            "messages_in": self.messages_in,
-            "messages_out": self.messages_out,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-        }
-
     async def call(
         self,
         call: Callable[[Method[Req, Rep], Req], Awaitable[Rep]],

@@ -13,8 +13,8 @@ viewer (``login``, in this node's memory only); a request with neither
 certificate nor session gets 401.  Requests are HTTP/1.1 through h11, one
 after another on a kept-alive connection.  Every answer is made when it is
 asked for, from what the node already holds (``service``): ``/metrics`` is
-the status reply (its gossip counters, and the figures the extensions
-publish, ``api.figures``: transfers, migrations, jobs), the gossip view and
+the status reply (the figures the node and its extensions publish,
+``api.figures``: gossip, transfers, migrations, jobs), the gossip view and
 this host's VM rows renamed into metric families (``metrics``), and each
 VM's CPU, memory and disk figures, which a sampler task reads from ``/proc``
 and QMP every few seconds (``vmstats``) so that no scrape waits on QEMU;

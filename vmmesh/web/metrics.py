@@ -1,8 +1,10 @@
 """``GET /metrics`` and ``GET /sd``: the mesh as one node sees it, in Prometheus's formats.
 
-Pure: ``Figures`` is what the node already knows (its ``vmmesh status`` reply,
-its gossip view, its own VMs, the migration counters), taken in one go by the
-service; ``MeshCollector`` only renames it into metric families, and
+Pure: ``Figures`` is what the node already knows (its ``vmmesh status`` reply
+with the figures the node and its extensions publish, its gossip view, its
+own VMs and their sampled usage), taken in one go by the service;
+``MeshCollector`` only renames it into metric families (``published``: one
+family per figure name, whatever extension made it), and
 ``render`` is ``prometheus_client.generate_latest`` over that collector, in
 the scraping task, with no registry, thread or background loop of its own.
 
@@ -81,7 +83,6 @@ class MeshCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         yield from self._node()
-        yield from self._gossip()
         yield from self._vm_usage()
         yield from published(self.figures.status.figures)
         yield from self._members()
@@ -131,31 +132,6 @@ class MeshCollector(Collector):
             for state, n in sorted(Counter(vm.state for vm in f.vms).items()):
                 by_state.add_metric([state], n)
             yield by_state
-
-    def _gossip(self) -> Iterator[Metric]:
-        g = self.figures.status.gossip
-        if not g:
-            return  # a node that does not count them
-        messages = CounterMetricFamily(
-            "vmmesh_gossip_messages",
-            "Gossip messages this host sent (out) and received (in) since it started.",
-            labels=["direction"],
-        )
-        size = CounterMetricFamily(
-            "vmmesh_gossip_bytes",
-            "Bytes of those gossip messages (msgpack bodies; framing and TLS not counted).",
-            labels=["direction"],
-        )
-        for way in ("in", "out"):
-            messages.add_metric([way], g.get(f"messages_{way}", 0))
-            size.add_metric([way], g.get(f"bytes_{way}", 0))
-        yield messages
-        yield size
-        yield CounterMetricFamily(
-            "vmmesh_gossip_suspicions",
-            "Times this host's gossip came to suspect a host (not heard from in time).",
-            g.get("suspicions", 0),
-        )
 
     def _vm_usage(self) -> Iterator[Metric]:
         """This host's VMs, labelled by host and VM (see ``vmstats`` for the sources; no
