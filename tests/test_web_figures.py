@@ -318,3 +318,21 @@ async def test_this_hosts_own_new_vm_reaches_the_task_log_without_a_gossip_event
         nursery.cancel_scope.cancel()
     assert [e["text"] for e in web.events.rows()] == ["VM web-2 on alpha"]
     assert woke.is_set()  # the open pages were woken
+
+
+async def test_work_under_way_wakes_the_page_every_second(
+    tmp_path: Path, mesh: pki.Identity, autojump_clock: Any
+) -> None:
+    web = await _web_service(FakeNode(mesh, tmp_path / "a", _hosts(), FakePool({})), "10.0.0.1")
+    web.migrations = UnderWay({})
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(web._look_at_vms)
+        await trio.sleep(LOOK_EVERY / 2)
+        idle = web._changed
+        await trio.sleep(LOOK_EVERY)
+        assert not idle.is_set()  # nothing changed, nothing under way: no wake-up
+        web.migrations.active["web-1"] = Progress(task="web-1", phase="mirroring")
+        busy = web._changed
+        await trio.sleep(LOOK_EVERY)
+        assert busy.is_set()  # the bar moves without waiting for the 2 s push
+        nursery.cancel_scope.cancel()

@@ -319,7 +319,7 @@ def _hostile_work() -> dict[str, Any]:
         fraction=0.5,
         done=3 << 20,
         total=6 << 20,
-        rate=1e6,
+        rate=float(1 << 20),
         note=HOSTILE,
     )
     move = Progress(task="web-1" + HOSTILE, phase=HOSTILE, note="to h2" + HOSTILE)

@@ -198,4 +198,36 @@ def test_a_requested_vm_appears_on_the_open_page_and_in_the_metrics(
         if host == 1:  # the page shows the figures of its own host's VMs
             eventually(lambda: "s CPU" in _page_vms(browser)["pg-1"][-1], "pg-1's use on h1's page")
             browser.save_screenshot(str(tmp_path / "page-vm-figures.png"))
+        if host != 1:  # the page on h1 shows the migrations h1 is the source of
+            _run(lab, 1, "migrate", "pg-1", "--to", "h1")
+        _watch_a_migration(lab, browser, tmp_path)
         print(f"screenshots: {tmp_path}")
+
+
+def _watch_a_migration(lab: Lab, browser: Any, tmp_path: Path) -> None:
+    """Move pg-1 from h1 to h2 while h1's page is open: its bar shows up and goes."""
+    moved: list[Any] = []
+    cli = threading.Thread(
+        target=lambda: moved.append(_run(lab, 1, "migrate", "pg-1", "--to", "h2"))
+    )
+    started = time.monotonic()
+    cli.start()
+    bars: list[tuple[float, str]] = []  # (when, the row's text) each time it changed
+    while cli.is_alive():
+        text = browser.execute_script("return $('migrating').textContent")
+        if text and (not bars or bars[-1][1] != text):
+            bars.append((time.monotonic() - started, text))
+            if len(bars) == 1:
+                browser.save_screenshot(str(tmp_path / "page-migrating.png"))
+        time.sleep(0.05)
+    cli.join()
+    assert moved, "vmmesh migrate failed"
+    print(f"migration: {moved[0]['seconds']:.2f} s, downtime {moved[0]['downtime_ms']} ms")
+    for at, text in bars:
+        print(f"page: {at:.2f} s after `vmmesh migrate` started: {text}")
+    assert bars and all("pg-1" in text and "to h2" in text for _, text in bars), bars
+    eventually(
+        lambda: browser.execute_script("return $('migrating').textContent") == "",
+        "the migration's bar gone from the page",
+    )
+    assert browser.execute_script("return window.notReloaded") is True

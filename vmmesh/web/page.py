@@ -62,7 +62,8 @@ function clock(t) { return new Date(t * 1000).toLocaleTimeString(); }
 function state(h) { return h.status === "up" && h.draining ? "draining" : h.status; }
 function gib(mb) { return (mb / 1024).toFixed(1); }
 function size(b) {
-  return b >= 2 ** 30 ? (b / 2 ** 30).toFixed(1) + " GiB" : (b / 2 ** 20).toFixed(1) + " MiB";
+  return b >= 2 ** 30 ? (b / 2 ** 30).toFixed(1) + " GiB"
+    : b >= 2 ** 20 ? (b / 2 ** 20).toFixed(1) + " MiB" : (b / 1024).toFixed(1) + " KiB";
 }
 // Long work's progress: a bar when the end is known, else its phase alone.
 function progress(p) {

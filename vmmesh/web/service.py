@@ -261,14 +261,21 @@ class WebService(NodeExtension):
     async def _look_at_vms(self) -> None:
         """VMs that appeared on or left a host, into the task log, every ``LOOK_EVERY``
         seconds: this host's own VMs change without a gossip event, so it looks whether
-        an event came or not (and wakes the page's streams when something did change)."""
+        an event came or not.  It wakes the page's streams when something changed, and
+        while work is under way, so that progress bars move every second."""
         while True:
             hosts = self.node.hosts()
             self._vms_seen, found = vm_changes(self._vms_seen, hosts, time.time())
             self.events.extend(found)
-            if found:
+            if found or self._busy():
                 self._notify()
             await trio.sleep(LOOK_EVERY)
+
+    def _busy(self) -> bool:
+        """Whether a fetch, a migration or a job's command is under way here."""
+        t, m, j = self.transfers, self.migrations, self.jobs
+        running = j is not None and any(s.commands.running for s in j.sessions.values())
+        return bool((t and t.active) or (m and m.active) or running)
 
     def _tls_context(self) -> ssl.SSLContext:
         ident = self.node.identity
