@@ -229,6 +229,10 @@ async def test_a_job_session_runs_and_leaves_nothing(
         async with connect_control(h1.cfg.socket_path) as conn:
             result = await jobs.run_job(conn, spec, out=out, err=err, dest=root)
         assert result.exit_code == 3 and result.vm.host == "h2"
+        commands = next(
+            e for e in h1.node.extensions if isinstance(e, jobservice.JobService)
+        ).commands
+        assert (commands.ok, commands.failed, commands.running) == (0, 1, 0)  # for the page
         assert out.getvalue() == b"ran cat in.txt\n"
         assert any(p.endswith("/work/in.txt") for p in on_disk), "input sent"
         await eventually(lambda: h2.mgr.list_vms() == [], "the job's VM is gone")
