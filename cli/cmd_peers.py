@@ -69,17 +69,17 @@ def status(args: argparse.Namespace, cfg: Config) -> int:
         ("storage", f"{mb(cap.storage_free_mb)} free of {mb(cap.storage_quota_mb)} quota"),
         *reply.facts.items(),
         ("refused", refused),
-        *_figures(reply.figures),
+        *figure_lines(reply.figures),
     ]
     table("vmmesh status", ["", ""], rows)
     return 0
 
 
-def _figures(figures: Sequence[Figure]) -> list[tuple[str, str]]:
+def figure_lines(figures: Sequence[Figure]) -> list[tuple[str, str]]:
     """The extensions' figures, one line per name: its value, or each label's."""
     lines: dict[str, list[str]] = {}
     for f in figures:
-        value = mb(f.value / (1 << 20)) if f.unit is Unit.BYTES else f"{f.value:g}"
+        value = _size(f.value) if f.unit is Unit.BYTES else f"{f.value:g}"
         if f.unit is Unit.SECONDS:
             value += " s"
         label = " ".join(f.labels[k] for k in sorted(f.labels))
@@ -87,3 +87,7 @@ def _figures(figures: Sequence[Figure]) -> list[tuple[str, str]]:
             f"{label} {value}" if label else value
         )
     return [(name, ", ".join(values)) for name, values in lines.items()]
+
+
+def _size(n: float) -> str:
+    return mb(n / (1 << 20)) if n >= 1 << 20 else f"{n / 1024:.1f} kB"

@@ -17,6 +17,7 @@ import trio
 import trio.testing
 
 from tests.test_web import (
+    FIGURES,
     FakeNode,
     FakePool,
     _figures,
@@ -48,6 +49,7 @@ from vmmesh.web.vmstats import (
     parse_proc_stat,
     read_proc,
 )
+from vmmesh_cli.cmd_peers import figure_lines
 
 
 @pytest.fixture
@@ -336,3 +338,11 @@ async def test_work_under_way_wakes_the_page_every_second(
         await trio.sleep(LOOK_EVERY)
         assert busy.is_set()  # the bar moves without waiting for the 2 s push
         nursery.cancel_scope.cancel()
+
+
+def test_vmmesh_status_prints_each_figure_name_on_one_line() -> None:
+    lines = dict(figure_lines(FIGURES))
+    assert lines["gossip messages"] == "in 10, out 12"
+    assert lines["gossip bytes"] == "in 0.9 kB"
+    assert lines["migrations"] == "done 3, failed 1"
+    assert lines["transfer received bytes"] == "7 MB"
