@@ -29,7 +29,7 @@ from tests.test_web import (
 )
 from vmmesh.api.codec import Empty
 from vmmesh.api.common import Progress
-from vmmesh.api.figures import Figure
+from vmmesh.api.figures import Figure, counter, gauge
 from vmmesh.api.node import PEERS, STATUS, PeersReply, StatusReply
 from vmmesh.jobs.service import JobService
 from vmmesh.jobs.service import Session as JobSession
@@ -39,7 +39,7 @@ from vmmesh.net.rpc import Context, Handlers, LocalContext
 from vmmesh.net.traffic import CountingHandlers, Traffic, body_size
 from vmmesh.transfer.service import TransferService
 from vmmesh.vmservice.service import VmService
-from vmmesh.web.metrics import render
+from vmmesh.web.metrics import published, render
 from vmmesh.web.service import LOOK_EVERY
 from vmmesh.web.vmstats import (
     LOOK_TIMEOUT,
@@ -346,3 +346,18 @@ def test_vmmesh_status_prints_each_figure_name_on_one_line() -> None:
     assert lines["gossip bytes"] == "in 0.9 kB"
     assert lines["migrations"] == "done 3, failed 1"
     assert lines["transfer received bytes"] == "7 MB"
+
+
+def test_a_figure_whose_labels_differ_from_its_names_first_is_left_out() -> None:
+    figures = [
+        counter("moves", "Moves.", 1, result="done"),
+        counter("moves", "Moves.", 2, result="failed"),
+        counter("moves", "Moves.", 9, result="done", why="x"),  # another label set: not kept
+        gauge("queue", "Queue.", 4),
+    ]
+    families = list(published(figures))
+    assert [f.name for f in families] == ["vmmesh_moves", "vmmesh_queue"]
+    assert [(s.labels, s.value) for s in families[0].samples] == [
+        ({"result": "done"}, 1.0),
+        ({"result": "failed"}, 2.0),
+    ]
