@@ -34,8 +34,8 @@ from vmmesh.gossip.hoststate import HostView
 from vmmesh.web import login, page
 from vmmesh.web.app import as_plain, respond
 from vmmesh.web.events import Event, EventLog, vm_changes
-from vmmesh.web.metrics import JobFigures
 from vmmesh.web.server import MAX_STREAMS, PUSH_EVERY, serve_connection
+from vmmesh.web.service import JobFigures
 from vmmesh.web.vmstats import VmUsage
 
 # --- login tokens and sessions -------------------------------------------------------

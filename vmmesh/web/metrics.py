@@ -49,21 +49,6 @@ def member_state(h: HostView) -> str:
 
 
 @dataclass(frozen=True)
-class JobFigures:
-    """One job this node opened for a caller (``vmmesh job``, a bag of tasks)."""
-
-    job_id: str
-    name: str  # its request name, which its VMs' names start with
-    state: str  # one of JOB_STATES
-    vms: int
-    opened: float  # unix time
-    running: int  # commands under way
-    ok: int
-    failed: int
-    lost: int
-
-
-@dataclass(frozen=True)
 class Figures:
     """What one scrape shows, as the node knows it at that moment."""
 

@@ -22,7 +22,7 @@ import logging
 import ssl
 import time
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -55,7 +55,7 @@ from vmmesh.web import certs
 from vmmesh.web.app import as_plain
 from vmmesh.web.events import Event, EventLog, vm_changes
 from vmmesh.web.login import COOKIE, Logins
-from vmmesh.web.metrics import Figures, JobFigures, render, sd_targets
+from vmmesh.web.metrics import Figures, render, sd_targets
 from vmmesh.web.server import serve_https, server_context
 from vmmesh.web.vmstats import Sampler
 
@@ -138,6 +138,22 @@ class GuestSource(Protocol):
     """This host's running guests by VM name (``VmService.guests``)."""
 
     def guests(self) -> Mapping[str, object]: ...
+
+
+@dataclass(frozen=True)
+class JobFigures:
+    """One job this node opened for a caller (``vmmesh job``, a bag of tasks),
+    as the page's jobs table shows it."""
+
+    job_id: str
+    name: str  # its request name, which its VMs' names start with
+    state: str  # placing, running or ending
+    vms: int
+    opened: float  # unix time
+    running: int  # commands under way
+    ok: int
+    failed: int
+    lost: int
 
 
 def job_figures(jobs: JobCounts) -> list[JobFigures]:
