@@ -35,7 +35,11 @@ gap pulls it from the relay, and a slow push-pull (``Sync``) repairs what
 infection missed.  Versions, prefix-closed ranges, tombstones, revocation
 and the value check are those of ``core``.  ``swim_wire`` holds its
 messages; ``swim_sim`` runs ten thousand of them on a shared baseline, in
-simulated seconds with loss and round trips.
+simulated seconds with loss and round trips.  ``swim_driver`` runs one core
+with trio's clock over a datagram transport: it sleeps until the core's next
+deadline, sends what the core returns, and refuses (counts, and logs once
+per peer) bytes that are not a message and messages whose sender is not the
+peer the transport authenticated; the node does not run it yet.
 
 May import: vmmesh.api, vmmesh.net (from driver).
 """
