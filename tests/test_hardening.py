@@ -64,6 +64,7 @@ BAD_VALUES: dict[str, list[Any]] = {
     "name": [5, "x" * 64, "bad name"],
     "addr": ["10.0.0.1:7400", [5], ["x" * 100], ["10.0.0.1:7400"] * 9],
     "draining": ["yes", 1],
+    "web": ["7402", -1, 70000, True],
     "crl": ["not bytes", b"x" * (300 << 10)],
     "something-new": [b"x" * 5000],
 }

@@ -58,7 +58,7 @@ CAP = Capacity(
     free_vm_slots=6,
     free_disk_slots=3,
 )
-IDS = ["a" * 32, "b" * 32, "c" * 32, "d" * 32]
+IDS = ["a" * 32, "b" * 32, "c" * 32, "d" * 32, "e" * 32]
 
 
 @pytest.fixture
@@ -284,6 +284,17 @@ def test_sd_lists_up_hosts_at_their_web_port() -> None:
     groups = json.loads(sd_targets(_hosts(), "e" * 32, 2))
     assert [g["targets"] for g in groups] == [["10.0.0.1:7402"], ["10.0.0.2:7402"]]
     assert groups[0]["labels"]["__meta_vmmesh_member"] == "alpha"
+
+
+def test_sd_follows_each_hosts_gossiped_web_port() -> None:
+    alpha, beta, *_ = _hosts()
+    hosts = [
+        replace(alpha, web_port=9443),  # its own port, whatever the offset
+        replace(beta, web_port=0),  # its page is off: not a target
+        HostView(IDS[4], "epsilon", "up", CAP, address="10.0.0.5:7400"),  # older: guessed
+    ]
+    groups = json.loads(sd_targets(hosts, "e" * 32, 2))
+    assert [g["targets"] for g in groups] == [["10.0.0.1:9443"], ["10.0.0.5:7402"]]
 
 
 # --- who may read what -------------------------------------------------------------------

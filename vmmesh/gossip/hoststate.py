@@ -34,6 +34,9 @@ key            value
 ``keepalive``  up to 4096 ``KeptVm``: the VMs it keeps alive, with generation
 ``vmshape``    what its guests' saved states need of a host (QEMU version,
                machine type, accelerator, CPU model, devices, kernel)
+``web``        the TCP port of its HTTPS page, 0 when it has none (absent:
+               a host of an older version; its page is guessed as peer
+               port + 2)
 =============  ==========================================================
 """
 
@@ -45,7 +48,7 @@ from typing import Any
 
 import msgpack
 
-from vmmesh.api.codec import Bool, Bytes, ListOf, MapOf, Nested, Spec, Text
+from vmmesh.api.codec import Bool, Bytes, Int, ListOf, MapOf, Nested, Spec, Text
 from vmmesh.api.host import NO_CAPACITY, Building, Capacity, KeptVm, TemplateInfo
 from vmmesh.api.names import HostName, Sha256, VmName
 from vmmesh.errors import MalformedMessage
@@ -68,6 +71,7 @@ SCHEMA: dict[str, Spec[Any]] = {
     "building": ListOf(Nested(Building), 64),
     "keepalive": ListOf(Nested(KeptVm), MAX_VMS),
     "vmshape": MapOf(Text(32), Text(300), 16),
+    "web": Int(0, 65535),
 }
 
 
@@ -105,6 +109,7 @@ class HostState:
     building: tuple[Building, ...] = ()
     keepalive: tuple[KeptVm, ...] = ()
     vmshape: Mapping[str, str] = field(default_factory=dict)
+    web_port: int | None = None  # None: not gossiped (an older host); 0: no page
 
 
 def parse(keys: Mapping[str, Any]) -> HostState:
@@ -126,6 +131,7 @@ def parse(keys: Mapping[str, Any]) -> HostState:
         ("building", "building"),
         ("keepalive", "keepalive"),
         ("vmshape", "vmshape"),
+        ("web", "web_port"),
     ):
         if key in keys:
             try:
@@ -152,3 +158,4 @@ class HostView:
     building: tuple[Building, ...] = ()
     keepalive: tuple[KeptVm, ...] = ()
     vmshape: Mapping[str, str] = field(default_factory=dict)
+    web_port: int | None = None  # its page's port as gossiped (None: not gossiped)

@@ -49,6 +49,7 @@ class MeshView:
                     building=st.building,
                     keepalive=st.keepalive,
                     vmshape=st.vmshape,
+                    web_port=st.web_port,
                 )
             )
         if len(self._parsed) > 2 * len(out) + 16:

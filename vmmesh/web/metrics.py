@@ -223,9 +223,11 @@ def render(figures: Figures) -> bytes:
 def sd_targets(hosts: Sequence[HostView], mesh_id: str, web_port_offset: int) -> bytes:
     """Prometheus HTTP service discovery: every up (or draining) host's page, as JSON.
 
-    A host's page is its gossiped peer address with the port moved by
-    ``web_port_offset`` (this host's web port minus its peer port: the mesh's
-    hosts are expected to keep the same offset, ``web_port`` unset = port + 2).
+    A host's page is at its gossiped peer address and the port it gossips
+    for its page (``web``); a host that gossips 0 has no page and is left
+    out.  A host of an older version gossips no port: its page is guessed
+    as its peer port moved by ``web_port_offset`` (this host's web port
+    minus its peer port; ``web_port`` unset = peer port + 2 on every host).
     """
     groups = []
     for h in sorted(hosts, key=lambda h: (h.name, h.node_id)):
@@ -234,9 +236,12 @@ def sd_targets(hosts: Sequence[HostView], mesh_id: str, web_port_offset: int) ->
         host, _, port = h.address.rpartition(":")
         if not host or not port.isdigit():
             continue
+        if h.web_port == 0:
+            continue  # its page is off
+        page = h.web_port if h.web_port is not None else int(port) + web_port_offset
         groups.append(
             {
-                "targets": [f"{host}:{int(port) + web_port_offset}"],
+                "targets": [f"{host}:{page}"],
                 "labels": {
                     "__meta_vmmesh_member": h.name,
                     "__meta_vmmesh_member_id": h.node_id,

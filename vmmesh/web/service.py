@@ -192,6 +192,7 @@ class WebService(NodeExtension):
         self._addresses: tuple[str, ...] = ()
         self.port: int | None = None
         self._off = ""  # why there is no page, when a port was wanted
+        self._decided = False  # start() knows whether there is a page
         self.refused: dict[str, int] = {"tls": 0, "role": 0, "login": 0}
         self._refusals = Refusals(log)
         self.cert_ready = trio.Event()
@@ -226,6 +227,7 @@ class WebService(NodeExtension):
         control_handlers.add(LOGIN, self._login)
         port = node.cfg.web_listen_port
         if port is None:
+            self._decided = True
             return
         bind = None if node.cfg.listen in ("0.0.0.0", "") else node.cfg.listen
         try:
@@ -233,8 +235,10 @@ class WebService(NodeExtension):
         except OSError as exc:  # the node runs on without its page, and says so
             self._off = f"off: cannot listen on port {port}: {exc.strerror or exc}"
             log.error("web page %s (set web_port)", self._off)
+            self._decided = True
             return
         self.port = listeners[0].socket.getsockname()[1]
+        self._decided = True
         # cookies are shared by every port of a host: one name per node's page
         self.logins.cookie_name = f"{COOKIE}_{self.port}"
         nursery.start_soon(self._look_at_vms)
@@ -244,6 +248,11 @@ class WebService(NodeExtension):
             serve_https, listeners, self._tls_context, self, self._refusals, self._count
         )
         nursery.start_soon(self._keep_certificate)
+
+    def publish(self, node: NodeContext) -> None:
+        # the page's port, so that /sd on any host points at it (0: no page)
+        if self._decided:
+            node.publish("web", self.port or 0)
 
     def facts(self) -> Mapping[str, str]:
         if self.port is None:
