@@ -1,14 +1,20 @@
 """The SWIM driver, checked against the simulator: 200 real drivers in one process.
 
-Each driver runs its core over an in-memory datagram net: a seeded ``Random``
-that loses messages, and a delivery delay of half a round trip jittered as
-``swim_sim`` does it (the driver's own queue to its sender task is a trio
-memory channel).  Under
-trio's autojump clock simulated seconds cost no wall time, so the figures
-below are in simulated seconds and comparable to a ``SwimSimulation`` of the
-same size, configuration and scenario run beside them.  The drivers start
-from the same converged baseline as the simulator (its cores, not its event
-loop).  Nothing here reads the wall clock.
+Each driver runs its core over an in-memory datagram net that loses messages
+(a seeded ``Random`` per sender) and delivers the rest after half a round
+trip, jittered as ``swim_sim`` does it; the driver's own queue to its sender
+task is a trio memory channel.  Under trio's autojump clock simulated seconds
+cost no wall time, so every figure here is in simulated seconds, comparable
+to a ``SwimSimulation`` of the same size, configuration and scenario run
+beside it.  The drivers start from a converged baseline built as the
+simulator builds its own.  Each core and each sender has a Random of its
+own, so a seed gives one run whatever order trio wakes tasks in: the
+assertions below hold for these seeds every time, not most of the time.
+
+One run of each is compared, so the tolerance covers what a seed changes: at
+N = 200 over a dozen seeds (simulator and drivers alike) the slowest of three
+changes reaches every host in 0.13-0.5 s and a dead host is down everywhere
+in 1.9-3.6 s.  Nothing here reads the wall clock.
 """
 
 from __future__ import annotations
@@ -37,11 +43,8 @@ N = 200
 
 
 class MemoryNet:
-    """Datagrams between drivers in one process: lossy, delayed, in memory.
-
-    One task delivers them all, in arrival order, from a heap: a task per
-    host waking once per datagram would cost a third more trio scheduling
-    for the same simulated traffic."""
+    """Datagrams between drivers in one process: lossy, delayed, in memory;
+    one task delivers them all from a heap, in arrival order."""
 
     def __init__(self, seed: int, loss: float, rtt: float) -> None:
         self.seed = seed
@@ -102,8 +105,7 @@ class Mesh:
     victim: str | None = None
     seen: set[int] = field(default_factory=set)
     done: trio.Event = field(default_factory=trio.Event)
-
-    suspected: list[tuple[int, str]] = field(default_factory=list)
+    suspected: list[tuple[int, str]] = field(default_factory=list)  # (observer, host)
 
     def bytes_out(self) -> int:
         return sum(d.stats.bytes_out for d in self.drivers)
@@ -273,19 +275,20 @@ async def test_200_drivers_converge_as_the_simulator_does(
 async def test_no_live_host_is_marked_down_at_ten_percent_loss(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """Half a simulated minute at 10 % loss (each simulated second of 200
-    drivers costs a fifth of a second of CPU; ``test_gossip_swim_sim`` runs
-    ten minutes of the pure cores).  No live host goes down anywhere."""
-    cfg = SwimSimConfig(nodes=N, seed=12, loss=0.1)
+    """Half a simulated minute at 10 % loss (a simulated second of 200 drivers
+    costs about a fifth of a second of CPU; ``test_gossip_swim_sim`` runs ten
+    minutes of the pure cores).  In this run a host is suspected by every
+    other (the failed probe's claim spreads), refutes, and goes down nowhere."""
+    cfg = SwimSimConfig(nodes=N, seed=13, loss=0.1)
     async with trio.open_nursery() as nursery:
         mesh = await _start(nursery, cfg)
-        suspected = mesh.suspected
         await trio.sleep(30.0)
         nursery.cancel_scope.cancel()
+    assert len(mesh.suspected) > N / 2
     assert mesh.false_downs == 0
     assert all(d.core.alive_count == N for d in mesh.drivers)
+    assert all(d.core.status(nid) == "up" for d in mesh.drivers for nid in mesh.ids)
     assert sum(d.stats.refused.total() for d in mesh.drivers) == 0
-    print(f"suspicions raised: {len(suspected)}")
 
 
 # --- refusals: two hosts are enough ---------------------------------------------
@@ -326,7 +329,7 @@ async def test_garbage_and_forged_senders_are_refused_counted_and_logged_once(
         nursery.cancel_scope.cancel()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 4, warnings  # (b, malformed), (c, malformed), (b, forged), (c, revoked)
-    assert len([r for r in caplog.records if "malformed" in r.getMessage()]) == 5
+    assert len([r for r in caplog.records if "malformed message" in r.getMessage()]) == 5
 
 
 class _Unreachable:
@@ -334,7 +337,9 @@ class _Unreachable:
         raise PeerUnavailable(f"no route to {node_id}")
 
 
-async def test_a_send_that_fails_is_counted_as_loss(autojump_clock: trio.testing.MockClock) -> None:
+async def test_a_send_that_fails_is_counted_and_is_loss_to_the_core(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     ids, cores = _cores(SwimSimConfig(nodes=2, seed=6))
     events: list[GossipEvent] = []
     driver = SwimDriver(cores[0], _Unreachable(), on_event=events.append)
@@ -342,7 +347,7 @@ async def test_a_send_that_fails_is_counted_as_loss(autojump_clock: trio.testing
         await nursery.start(driver.run)
         await trio.sleep(30.0)
         nursery.cancel_scope.cancel()
-    assert driver.stats.refused[Refusal.SEND_FAILED] > 0
+    assert driver.stats.send_failures > 0
     assert driver.stats.messages_out > 0
     assert [(e.kind, e.node_id) for e in events][:2] == [
         (EventKind.SUSPECT, ids[1]),

@@ -23,7 +23,7 @@ removed host (``REVOKED``).  Each refusal is counted in ``stats`` and logged
 at WARNING the first time for that (peer, cause), at DEBUG after, so a
 hostile peer cannot flood the log.  A refused message changes nothing in
 the core.  A send that fails (peer unreachable, socket error) is counted
-and logged the same way; the core hears of it as loss.
+apart and logged the same way; the core hears of it as loss.
 
 Whatever changes the core from outside (a received message, ``set_local``,
 ``join``, ``remove``) can bring its next deadline forward (news to gossip,
@@ -70,7 +70,6 @@ class Refusal(enum.StrEnum):
     MALFORMED = "malformed"  # not msgpack, not a SWIM message, or over the size limit
     FORGED = "forged"  # the sender inside is not the peer the transport authenticated
     REVOKED = "revoked"  # the sender has been removed from the mesh
-    SEND_FAILED = "send-failed"  # our datagram could not be sent
 
 
 @dataclass
@@ -82,6 +81,7 @@ class DriverStats:
     bytes_in: int = 0
     bytes_out: int = 0
     dropped: int = 0  # outgoing datagrams the full queue did not take
+    send_failures: int = 0  # datagrams the transport could not send
     refused: Counter[Refusal] = field(default_factory=Counter)
 
 
@@ -125,7 +125,7 @@ class SwimDriver:
         self._send_q, self._recv_q = trio.open_memory_channel[tuple[str, bytes]](outbox)
         self._wake: trio.CancelScope | None = None  # the timer task's sleep
         self._running = False
-        self._logged: set[tuple[str, Refusal]] = set()
+        self._logged: set[tuple[str, str]] = set()
 
     # --- from outside ---------------------------------------------------------
 
@@ -195,7 +195,8 @@ class SwimDriver:
             try:
                 await self._transport.send(node_id, data)
             except (VmmeshError, OSError) as exc:
-                self._refuse(node_id, Refusal.SEND_FAILED, str(exc) or type(exc).__name__)
+                self.stats.send_failures += 1
+                self._log_once(node_id, "cannot send to", str(exc) or type(exc).__name__)
 
     # --- helpers --------------------------------------------------------------
 
@@ -222,11 +223,15 @@ class SwimDriver:
 
     def _refuse(self, peer_id: str, cause: Refusal, reason: str) -> None:
         self.stats.refused[cause] += 1
-        key = (peer_id, cause)
+        self._log_once(peer_id, f"{cause.value} message from", reason)
+
+    def _log_once(self, peer_id: str, what: str, reason: str) -> None:
+        """WARNING the first time for (peer, what), DEBUG after."""
+        key = (peer_id, what)
         if key in self._logged:
-            log.debug("gossip %s from %s: %s", cause.value, peer_id, reason)
+            log.debug("gossip: %s %s: %s", what, peer_id, reason)
             return
         if len(self._logged) >= MAX_LOGGED:
             self._logged.clear()
         self._logged.add(key)
-        log.warning("gossip %s from %s: %s", cause.value, peer_id, reason)
+        log.warning("gossip: %s %s: %s", what, peer_id, reason)
