@@ -35,7 +35,7 @@ from vmmesh.errors import PeerUnavailable
 from vmmesh.gossip.core import EventKind, GossipEvent, pack_version
 from vmmesh.gossip.sim import sample_state
 from vmmesh.gossip.swim import Baseline, Record, SwimCore
-from vmmesh.gossip.swim_driver import Refusal, SwimDriver
+from vmmesh.gossip.swim_driver import MAX_DATAGRAM, Refusal, SwimDriver
 from vmmesh.gossip.swim_sim import GENERATION, SwimSimConfig, SwimSimulation
 from vmmesh.gossip.swim_wire import ALIVE, Alive, Ping
 
@@ -316,8 +316,9 @@ async def test_garbage_and_forged_senders_are_refused_counted_and_logged_once(
             assert isinstance(junk, bytes)
             driver.deliver(b, junk)
         driver.deliver(c, b"\x92\x01")  # truncated msgpack
+        driver.deliver(b, bytes(MAX_DATAGRAM + 1))
         driver.deliver(b, _ping(c, stranger))  # b claims to be c
-        assert driver.stats.refused == {Refusal.MALFORMED: 5, Refusal.FORGED: 1}
+        assert driver.stats.refused == {Refusal.MALFORMED: 6, Refusal.FORGED: 1}
         assert driver.core.incarnation_of(stranger) is None  # nothing of it was applied
         driver.deliver(b, _ping(b, stranger))  # the same facts, honestly sent
         assert driver.core.incarnation_of(stranger) is not None
@@ -329,7 +330,7 @@ async def test_garbage_and_forged_senders_are_refused_counted_and_logged_once(
         nursery.cancel_scope.cancel()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 4, warnings  # (b, malformed), (c, malformed), (b, forged), (c, revoked)
-    assert len([r for r in caplog.records if "malformed message" in r.getMessage()]) == 5
+    assert len([r for r in caplog.records if "malformed message" in r.getMessage()]) == 6
 
 
 class _Unreachable:
@@ -353,3 +354,24 @@ async def test_a_send_that_fails_is_counted_and_is_loss_to_the_core(
         (EventKind.SUSPECT, ids[1]),
         (EventKind.DOWN, ids[1]),
     ]
+
+
+class _Stuck:
+    async def send(self, node_id: str, data: bytes) -> None:
+        await trio.sleep_forever()
+
+
+async def test_a_stuck_transport_costs_datagrams_not_timers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The send queue is bounded: what does not fit is dropped and counted,
+    and the core's timers keep running (its probes fail, as over a dead link)."""
+    ids, cores = _cores(SwimSimConfig(nodes=2, seed=7))
+    events: list[GossipEvent] = []
+    driver = SwimDriver(cores[0], _Stuck(), on_event=events.append, outbox=2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(driver.run)
+        await trio.sleep(30.0)
+        nursery.cancel_scope.cancel()
+    assert driver.stats.dropped > 0
+    assert (EventKind.DOWN, ids[1]) in [(e.kind, e.node_id) for e in events]
