@@ -1,6 +1,8 @@
 """`vmmesh cert issue`: a client certificate of the mesh CA for the web page, as PEM files
 (``--out DIR``, for Prometheus or curl) and/or a PKCS#12 bundle (``--p12 FILE``, for a
-browser), encrypted with a random password that is printed once."""
+browser), encrypted with a random password that is printed once; its serial is printed
+too.  `vmmesh cert revoke CERT|SERIAL` puts it on the mesh's CRL: every page refuses it
+in the TLS handshake once the CRL has reached its host by gossip."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from vmmesh.api.web import ISSUE, IssueReply, IssueRequest, Role
+from vmmesh.api.web import ISSUE, REVOKE_CERT, IssueReply, IssueRequest, RevokeCertRequest, Role
 from vmmesh.config import Config
 from vmmesh.errors import UsageError
 
@@ -46,7 +48,42 @@ def p12_bundle(reply: IssueReply, label: str, password: bytes) -> bytes:
     )
 
 
+def serial_of(what: str) -> str:
+    """A certificate's serial as hex, from its PEM file or as typed."""
+    path = Path(what)
+    if path.is_file():
+        try:
+            pem = x509.load_pem_x509_certificate(path.read_bytes())
+        except ValueError:
+            raise UsageError(f"{what} is not a PEM certificate") from None
+        return f"{pem.serial_number:x}"
+    serial = what.lower().removeprefix("0x").replace(":", "")
+    if not serial or len(serial) > 40 or any(c not in "0123456789abcdef" for c in serial):
+        raise UsageError(f"{what!r:.60} is neither a certificate file nor a serial in hex")
+    return serial.lstrip("0") or "0"
+
+
+def revoke(args: argparse.Namespace, cfg: Config) -> int:
+    if not args.what:
+        raise UsageError("say which: vmmesh cert revoke CERT_FILE|SERIAL")
+    reply = client.call(cfg, REVOKE_CERT, RevokeCertRequest(serial=serial_of(args.what)).checked())
+    if args.json:
+        print_json(reply)
+    else:
+        console.print(
+            f"revoked certificate {reply.serial} (CRL #{reply.crl_number}); "
+            "every page refuses it once the CRL reaches its host by gossip"
+        )
+    return 0
+
+
 def cert(args: argparse.Namespace, cfg: Config) -> int:
+    if args.action == "revoke":
+        return revoke(args, cfg)
+    if args.what:
+        raise UsageError(f"unexpected argument {args.what!r:.60}: issue takes --role and --out")
+    if args.role is None:
+        raise UsageError("say which role: --role viewer|metrics")
     role = Role(args.role)
     label = args.label or role.value
     out: Path | None = args.out
@@ -62,6 +99,7 @@ def cert(args: argparse.Namespace, cfg: Config) -> int:
         if what in files and files[what].exists():
             raise UsageError(f"{files[what]} exists: choose another path or --label")
     reply = client.call(cfg, ISSUE, IssueRequest(role=role, label=label).checked())
+    serial = f"{x509.load_pem_x509_certificate(reply.cert).serial_number:x}"
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         _write(files["key"], reply.key, 0o600)
@@ -74,7 +112,7 @@ def cert(args: argparse.Namespace, cfg: Config) -> int:
         _write(p12, p12_bundle(reply, label, password.encode()), 0o600)
     if args.json:
         data: dict[str, Any] = {k: str(v) for k, v in files.items()}
-        data |= {"role": role.value, "expires": reply.expires}
+        data |= {"role": role.value, "expires": reply.expires, "serial": serial}
         if password:
             data["p12_password"] = password
         print_json(data)
@@ -85,6 +123,7 @@ def cert(args: argparse.Namespace, cfg: Config) -> int:
                 f"{role.value} certificate until {until}: {files['cert']}, key {files['key']}, "
                 f"mesh CA {files['ca']}"
             )
+        console.print(f"serial {serial} (to revoke it: vmmesh cert revoke {serial})")
         if p12 is not None:
             console.print(f"{role.value} certificate until {until} for a browser: {p12}")
             console.print("its password, shown only now (the browser asks for it on import):")

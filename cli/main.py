@@ -71,10 +71,17 @@ def _mesh_commands(add: Adder) -> None:
     p = add(
         "cert",
         "cmd_cert:cert",
-        "issue a client certificate for the web page, /metrics and /sd (host with the CA key)",
+        "issue or revoke a client certificate for the web page, /metrics and /sd "
+        "(host with the CA key)",
     )
-    p.add_argument("action", choices=["issue"])
-    p.add_argument("--role", required=True, choices=["viewer", "metrics"])
+    p.add_argument("action", choices=["issue", "revoke"])
+    p.add_argument(
+        "what",
+        nargs="?",
+        metavar="CERT|SERIAL",
+        help="revoke: the certificate's PEM file or its serial (hex, as issue printed it)",
+    )
+    p.add_argument("--role", choices=["viewer", "metrics"], help="issue: what it may read")
     p.add_argument("--out", type=Path, metavar="DIR", help="where to write PEMs")
     p.add_argument(
         "--p12",

@@ -526,6 +526,44 @@ async def test_a_revoked_certificate_is_still_refused_in_the_handshake(
     assert isinstance(got, str) and "REVOKED" in got.upper()
 
 
+async def test_a_revoked_client_certificate_is_refused_and_revokes_no_host(
+    tmp_path: Path, mesh: pki.Identity
+) -> None:
+    """`vmmesh cert revoke`: the client's serial goes on the CRL; it can never be read as
+    a host's node id (client serials have their top bit, 158, set)."""
+    key, cert = pki.issue_client(pki.load_ca(mesh.pki_dir), "viewer", "leaked")
+    serial = x509.load_pem_x509_certificate(cert).serial_number
+    assert serial >> 158 == 1 and not pki.is_node_serial(serial)
+    crt, k = _write_client(tmp_path, key, cert)
+    ok = await _get_over_tls(_server_ctx(mesh), _client_ctx(mesh.ca_cert_path, crt, k))
+    assert isinstance(ok, Response) and ok.status == 200
+    pem = pki.revoke_serial(mesh.pki_dir, serial)
+    number, serials = pki.verify_crl(pki.load_ca_cert(mesh.pki_dir), pem)
+    assert serial in serials and pki.revoked_node_ids(serials) == frozenset()
+    got = await _get_over_tls(_server_ctx(mesh), _client_ctx(mesh.ca_cert_path, crt, k))
+    assert isinstance(got, str) and "REVOKED" in got.upper()
+    again = pki.revoke_serial(mesh.pki_dir, serial)  # twice: the same list, a newer number
+    assert pki.verify_crl(pki.load_ca_cert(mesh.pki_dir), again) == (number + 1, serials)
+
+
+def test_the_cli_reads_a_serial_from_a_certificate_or_as_typed(
+    tmp_path: Path, mesh: pki.Identity
+) -> None:
+    from vmmesh_cli.cmd_cert import serial_of
+
+    _, cert = pki.issue_client(pki.load_ca(mesh.pki_dir), "metrics", "m")
+    (tmp_path / "m.crt").write_bytes(cert)
+    serial = x509.load_pem_x509_certificate(cert).serial_number
+    assert serial_of(str(tmp_path / "m.crt")) == f"{serial:x}"
+    assert serial_of("0x00AB:CD") == "abcd"
+    for bad in ("", "xyz", "a" * 41, str(tmp_path / "nothing-here")):
+        with pytest.raises(UsageError):
+            serial_of(bad)
+    (tmp_path / "junk.crt").write_text("not a certificate")
+    with pytest.raises(UsageError, match="not a PEM certificate"):
+        serial_of(str(tmp_path / "junk.crt"))
+
+
 async def test_a_host_certificate_has_no_role(mesh: pki.Identity) -> None:
     ctx = _client_ctx(mesh.ca_cert_path, mesh.host_cert_path, mesh.host_key_path)
     got = await _get_over_tls(_server_ctx(mesh), ctx)

@@ -130,6 +130,38 @@ def test_roles_and_refusals_over_the_wire(lab: Lab, certs: Path) -> None:
     assert anonymous.value.code == 401
 
 
+def test_a_revoked_client_certificate_is_refused_by_every_page(
+    lab: Lab, certs: Path, tmp_path: Path
+) -> None:
+    """`vmmesh cert revoke FILE` on the CA host: the CRL spreads by gossip and each page
+    refuses that certificate in the handshake; the others' certificates still work."""
+    lab.cli(1, "cert", "issue", "--role", "viewer", "--label", "leaked", "--out", str(tmp_path))
+    (tmp_path / "ca.crt").write_bytes((certs / "ca.crt").read_bytes())
+    leaked = _context(tmp_path, "leaked")
+    for i in (2, 3):
+        assert json.loads(_get(_url(lab, i, "/api/v1/hosts"), leaked))["hosts"]
+    refused = lab.cli(2, "cert", "revoke", str(tmp_path / "leaked.crt"), check=False)
+    assert refused.returncode == 2 and "admin host" in refused.stderr  # h2 holds no CA key
+    out = cli_json(lab, 1, "cert", "revoke", str(tmp_path / "leaked.crt"))
+    assert out["serial"] and out["crl_number"] >= 1
+
+    def refuses(i: int) -> str | None:
+        # TLS 1.3 checks a client's certificate after the client thinks the handshake
+        # done: the refusal shows as the server's alert or as the connection closed
+        try:
+            _get(_url(lab, i, "/api/v1/hosts"), _context(tmp_path, "leaked"))
+        except (ssl.SSLError, urllib.error.URLError, ConnectionError) as exc:
+            return str(exc) or type(exc).__name__
+        return None
+
+    for i in (1, 2, 3):
+        why = eventually(refuses, f"h{i}'s page refuses the revoked certificate", i)
+        print(f"h{i} refuses the revoked certificate: {why}")
+        hosts = json.loads(_get(_url(lab, i, "/api/v1/hosts"), _context(certs, "viewer")))
+        assert sorted(h["name"] for h in hosts["hosts"]) == ["h1", "h2", "h3"]
+    assert all_up(lab, 1, 3)  # a client's serial on the CRL revokes no host
+
+
 def _prometheus_config(lab: Lab, certs: Path, path: Path) -> None:
     tls = {
         "ca_file": str(certs / "ca.crt"),

@@ -1,14 +1,26 @@
 """The web page's certificates and logins: a host asks the CA holder for its HTTPS
 certificate (``web.certify``, peer), ``vmmesh cert issue`` asks its node for a
-client certificate with a role (``web.issue``, control), and ``vmmesh web`` for
-a single-use login link for a browser (``web.login``, control)."""
+client certificate with a role (``web.issue``, control), ``vmmesh cert revoke``
+puts one on the mesh's CRL (``cert.revoke``, control), and ``vmmesh web`` asks
+for a single-use login link for a browser (``web.login``, control)."""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
 
-from vmmesh.api.codec import Bytes, Choice, Empty, Float, ListOf, Message, Method, Text, wire
+from vmmesh.api.codec import (
+    Bytes,
+    Choice,
+    Empty,
+    Float,
+    Int,
+    ListOf,
+    Message,
+    Method,
+    Text,
+    wire,
+)
 
 MAX_PEM = 16 << 10
 MAX_SPKI = 1024
@@ -16,6 +28,8 @@ MAX_NAMES = 24
 # An IP address (v4 or v6) or a DNS name, as a certificate's subjectAltName holds it.
 SanName = Text(253, r"[0-9A-Za-z.:_-]{1,253}", "address or DNS name")
 Label = Text(63, r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,62}", "label")
+# A certificate serial as hex (RFC 5280: at most 20 octets); msgpack ints stop at 64 bits.
+Serial = Text(40, r"[0-9a-f]{1,40}", "certificate serial (hex)")
 
 
 class Role(enum.StrEnum):
@@ -63,6 +77,20 @@ class LoginReply(Message):
     expires: float = wire(Float(0.0))
 
 
+@dataclass(frozen=True)
+class RevokeCertRequest(Message):
+    """Put a client certificate of this mesh on its CRL, by serial."""
+
+    serial: str = wire(Serial)
+
+
+@dataclass(frozen=True)
+class RevokeCertReply(Message):
+    serial: str = wire(Serial)
+    crl_number: int = wire(Int())
+
+
 CERTIFY = Method("web.certify", CertifyRequest, CertifyReply)
 ISSUE = Method("web.issue", IssueRequest, IssueReply)
 LOGIN = Method("web.login", Empty, LoginReply)
+REVOKE_CERT = Method("cert.revoke", RevokeCertRequest, RevokeCertReply)

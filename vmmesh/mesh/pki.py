@@ -436,7 +436,7 @@ def _leaf(
         .subject_name(subject)
         .issuer_name(ca.cert.subject)
         .public_key(public_key)
-        .serial_number(x509.random_serial_number())
+        .serial_number(leaf_serial())
         .not_valid_before(start - BACKDATE)
         .not_valid_after(start + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -589,8 +589,21 @@ def verify_crl(ca_cert: x509.Certificate, crl_pem: bytes) -> tuple[int, frozense
     return number, frozenset(entry.serial_number for entry in crl)
 
 
+def leaf_serial() -> int:
+    """A random serial for a client or page certificate: 159 bits with the top one
+    set, so that it can never be read as a host's node id (128 bits)."""
+    return x509.random_serial_number() | 1 << 158
+
+
+def is_node_serial(serial: int) -> bool:
+    """Host certificates carry their node id (128 bits) as serial; client and page
+    certificates a larger one (``leaf_serial``)."""
+    return 0 < serial < 1 << 128
+
+
 def revoked_node_ids(serials: frozenset[int]) -> frozenset[str]:
-    return frozenset(node_of_serial(s) for s in serials)
+    """The hosts a CRL revokes (client certificates' serials are not hosts)."""
+    return frozenset(node_of_serial(s) for s in serials if is_node_serial(s))
 
 
 def load_ca_cert(pki_dir: Path) -> x509.Certificate:
@@ -616,9 +629,15 @@ def current_crl(pki_dir: Path) -> bytes:
 
 def revoke(pki_dir: Path, node_id: str, now: float | None = None) -> bytes:
     """Add ``node_id`` to the CRL (admin hosts only); returns the new CRL PEM."""
+    return revoke_serial(pki_dir, serial_of_node(node_id), now)
+
+
+def revoke_serial(pki_dir: Path, serial: int, now: float | None = None) -> bytes:
+    """Add the certificate ``serial`` to the CRL (admin hosts only); returns the new CRL
+    PEM.  A serial already on it gives the same list under the next number."""
     ca = load_ca(pki_dir)
     number, serials = verify_crl(ca.cert, current_crl(pki_dir))
-    crl_pem = _make_crl(ca, number + 1, [*serials, serial_of_node(node_id)], now)
+    crl_pem = _make_crl(ca, number + 1, sorted({*serials, serial}), now)
     _write_atomic(pki_dir / CRL, crl_pem, 0o644)
     return crl_pem
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from vmmesh.errors import AuthError
+from vmmesh.errors import AuthError, UsageError
 from vmmesh.host.store import Store
 from vmmesh.mesh import pki
 
@@ -74,6 +74,15 @@ class Revocations:
     def revoke(self, node_id: str) -> bytes:
         """Sign a new CRL naming ``node_id`` (admin host only); returns it."""
         pem = pki.revoke(self._pki_dir, node_id)
+        self._install(pem)
+        return pem
+
+    def revoke_client(self, serial: int) -> bytes:
+        """Sign a new CRL naming a client certificate (admin host only); returns it.
+        Every page reads the CRL at each TLS handshake, so the holder is refused there."""
+        if pki.is_node_serial(serial):
+            raise UsageError("that serial is a host's certificate: remove the host instead")
+        pem = pki.revoke_serial(self._pki_dir, serial)
         self._install(pem)
         return pem
 

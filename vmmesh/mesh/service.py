@@ -1,7 +1,9 @@
-"""The node's own control methods: ``status``, ``peers``, ``invite``, ``remove``."""
+"""The node's own control methods: ``status``, ``peers``, ``invite``, ``remove``, and
+``cert.revoke`` (a client certificate on the CRL)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from vmmesh.api.node import (
     RemoveRequest,
     StatusReply,
 )
+from vmmesh.api.web import REVOKE_CERT, RevokeCertReply, RevokeCertRequest
 from vmmesh.config import Config
 from vmmesh.errors import NotFound, UsageError
 from vmmesh.gossip.view import MeshView
@@ -33,6 +36,8 @@ from vmmesh.mesh.invites import InviteBook
 from vmmesh.mesh.revocation import Revocations
 from vmmesh.net.refusals import Refusals
 from vmmesh.net.rpc import Context, Handlers
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,6 +63,7 @@ class MeshService:
         control.add(PEERS, self.peers)
         control.add(INVITE, self.invite)
         control.add(REMOVE, self.remove)
+        control.add(REVOKE_CERT, self.revoke_cert)
 
     async def status(self, ctx: Context, body: Empty) -> StatusReply:
         hosts = self.view.hosts(trio.current_time())
@@ -138,3 +144,14 @@ class MeshService:
         pem = self.revocations.revoke(node_id)
         self.publish_crl(pem)
         return RemoveReply(node_id=node_id, name=name, crl_number=self.revocations.number)
+
+    async def revoke_cert(self, ctx: Context, req: RevokeCertRequest) -> RevokeCertReply:
+        """A client certificate (``vmmesh cert issue``) on the CRL, spread by gossip."""
+        if not self.identity.holds_ca_key:
+            raise UsageError(
+                "only an admin host (one holding the mesh CA key) can revoke certificates"
+            )
+        pem = self.revocations.revoke_client(int(req.serial, 16))
+        self.publish_crl(pem)
+        log.info("revoked client certificate %s (CRL #%d)", req.serial, self.revocations.number)
+        return RevokeCertReply(serial=req.serial, crl_number=self.revocations.number)
