@@ -65,6 +65,17 @@ BAD_VALUES: dict[str, list[Any]] = {
     "addr": ["10.0.0.1:7400", [5], ["x" * 100], ["10.0.0.1:7400"] * 9],
     "draining": ["yes", 1],
     "web": ["7402", -1, 70000, True],
+    "work": [
+        "fetching",
+        [{"kind": "fetch"}],  # no name
+        [{"kind": "mining", "name": "x"}],
+        [{"kind": "fetch", "name": "x" * 129}],
+        [{"kind": "fetch", "name": "x", "fraction": 1.5}],
+        [{"kind": "fetch", "name": "x", "done": -1}],
+        [{"kind": "fetch", "name": "x", "rate": float("nan")}],
+        [{"kind": "migration", "name": "x", "peer": 7}],
+        [{"kind": "job", "name": "x"}] * 33,
+    ],
     "crl": ["not bytes", b"x" * (300 << 10)],
     "something-new": [b"x" * 5000],
 }

@@ -599,9 +599,13 @@ class FakeNode:
         self.pool = pool
         self.data_dir = data_dir
         self._hosts = hosts
+        self.published: dict[str, Any] = {}
 
     def hosts(self) -> list[HostView]:
         return self._hosts
+
+    def publish(self, key: str, value: Any) -> None:
+        self.published[key] = value
 
 
 async def _web_service(node: FakeNode, address: str) -> WebService:
@@ -704,7 +708,7 @@ def _peer_rows(hosts: list[HostView]) -> PeersReply:
     rows = tuple(
         PeerRow(
             h.node_id, h.name, i == 0, h.status, h.address, h.last_heard, h.capacity,
-            h.templates, h.vms, h.draining,
+            h.templates, h.vms, h.draining, h.work,
         )
         for i, h in enumerate(hosts)
     )  # fmt: skip
@@ -730,7 +734,7 @@ async def test_the_snapshot_is_the_api_bodies_and_the_task_log(
     first = json.loads(await web.snapshot())
     assert [h["name"] for h in first["hosts"]["hosts"]] == ["alpha", "beta", "gamma", "delta"]
     assert first["vms"]["vms"][0]["stop_reason"] == odd  # as text: the page sets it as text
-    assert first["status"]["node_id"] == mesh.node_id and first["migrating"] == []
+    assert first["status"]["node_id"] == mesh.node_id and first["usage"] == []
     assert first["events"] == []
     async with trio.open_nursery() as nursery:
         woke: list[bool] = []

@@ -27,9 +27,10 @@ from tests.test_web import (
     _vm,
     _web_service,
 )
-from vmmesh.api.codec import Empty
+from vmmesh.api.codec import Empty, ListOf, Nested
 from vmmesh.api.common import Progress
 from vmmesh.api.figures import Figure, counter, gauge
+from vmmesh.api.host import MAX_WORK, WorkItem, WorkKind
 from vmmesh.api.node import PEERS, STATUS, PeersReply, StatusReply
 from vmmesh.jobs.service import JobService
 from vmmesh.jobs.service import Session as JobSession
@@ -238,30 +239,45 @@ class Jobs:
 @dataclass
 class UnderWay:
     active: dict[Any, Progress]
+    targets: dict[str, str] = field(default_factory=dict)
 
 
-async def test_the_page_draws_the_work_under_way_from_the_extensions(
+async def test_the_work_under_way_goes_into_gossip_and_every_hosts_row_shows_it(
     tmp_path: Path, mesh: pki.Identity
 ) -> None:
     node = FakeNode(mesh, tmp_path / "a", _hosts(), FakePool({}))
     web = await _web_service(node, "10.0.0.1")
     odd = "<img src=x>"
-    fetch = Progress(task=f"template {odd}", phase="fetching", fraction=0.25, done=1, total=4)
+    fetch = Progress(
+        task=f"template {odd}", phase="fetching", fraction=0.27, done=1234567, total=4 << 20
+    )
     web.transfers = UnderWay({0: fetch})
-    web.migrations = UnderWay({"web-1": Progress(task="web-1", phase="mirroring", note="to beta")})
+    move = Progress(task="web-1", phase="mirroring", note="to beta")
+    web.migrations = UnderWay({"web-1": move}, {"web-1": "beta"})
     web.jobs = Jobs(
         {"j": Session("ab" * 8, "job-abababab", {"job-abababab-1": "x"}, 5.0, "running")}
     )
+    web.publish(node)  # type: ignore[arg-type]
+    work = ListOf(Nested(WorkItem), MAX_WORK).load(node.published["work"], "work")
+    by_kind = {w.kind: w for w in work}
+    assert by_kind[WorkKind.FETCH].name == f"template {odd}"  # as text: the page sets it so
+    assert by_kind[WorkKind.FETCH].fraction == 0.25 and by_kind[WorkKind.FETCH].done == 1200000
+    assert by_kind[WorkKind.MIGRATION].peer == "beta"
+    job = by_kind[WorkKind.JOB]
+    assert (job.name, job.phase, job.done, job.total, job.failed, job.vms) == (
+        "job-abababab", "running", 4, 5, 1, 1,
+    )  # fmt: skip
+    assert job.started == 5.0  # a job: when it was opened
+
+    hosts = [replace(h, work=work if i == 1 else ()) for i, h in enumerate(_hosts())]
 
     async def peers(ctx: Context, body: Empty) -> PeersReply:
-        return _peer_rows(_hosts())
+        return _peer_rows(hosts)
 
     web._control.add(PEERS, peers)
     snap = json.loads(await web.snapshot())
-    assert snap["transfers"][0]["task"] == f"template {odd}"  # as text: the page sets it so
-    assert snap["transfers"][0]["fraction"] == 0.25
-    assert snap["migrating"][0]["note"] == "to beta"
-    assert snap["jobs"][0]["name"] == "job-abababab" and snap["jobs"][0]["ok"] == 3
+    beta = next(h for h in snap["hosts"]["hosts"] if h["name"] == "beta")
+    assert [w["kind"] for w in beta["work"]] == [w.kind.value for w in work]  # another host's
     assert snap["usage"] == []  # no guests given: no sampler
     assert "migrations" in {f["name"] for f in snap["status"]["figures"]}  # the page's source
 

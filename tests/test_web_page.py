@@ -25,7 +25,7 @@ from tests.browser import chromium
 from tests.test_web import CAP, IDS, FakePages, _status
 from vmmesh.api.common import Progress
 from vmmesh.api.figures import Figure, Unit, counter, gauge
-from vmmesh.api.host import Capacity, TemplateInfo
+from vmmesh.api.host import Capacity, TemplateInfo, WorkItem, WorkKind
 from vmmesh.api.names import HOST_NAME, PACKAGE_NAME, VM_NAME
 from vmmesh.api.node import PeerRow, PeersReply
 from vmmesh.api.vm import Lineage, VmList, VmRow
@@ -35,8 +35,8 @@ from vmmesh.web import login, page
 from vmmesh.web.app import as_plain, respond
 from vmmesh.web.events import Event, EventLog, vm_changes
 from vmmesh.web.server import MAX_STREAMS, PUSH_EVERY, serve_connection
-from vmmesh.web.service import JobFigures
 from vmmesh.web.vmstats import VmUsage
+from vmmesh.web.work import from_progress
 
 # --- login tokens and sessions -------------------------------------------------------
 
@@ -276,7 +276,17 @@ def _hostile_snapshot() -> bytes:
                 IDS[0], "h1" + HOSTILE, True, "up", "10.0.0.1:7400", 0.0, cap, (tpl,), (), False
             ),
             PeerRow(
-                IDS[1], "h2", False, "down", "10.0.0.2:7400", time.time() - 7, cap, (), (), False
+                IDS[1],
+                "h2",
+                False,
+                "down",
+                "10.0.0.2:7400",
+                time.time() - 7,
+                cap,
+                (),
+                (),
+                False,
+                _hostile_work(),
             ),
         ),
     )
@@ -296,7 +306,9 @@ def _hostile_snapshot() -> bytes:
         "hosts": as_plain(peers),
         "vms": as_plain(VmList(vms=(vm,), errors=(HOSTILE,))),
         "events": [{"at": time.time(), "kind": "refused", "host": "h2", "text": HOSTILE}],
-        **_hostile_work(),
+        "usage": [
+            asdict(VmUsage("web-1" + HOSTILE, 4242, 12.5, 300 << 20, 5 << 20, 1 << 20, 40, 8))
+        ],
     }
     return json.dumps(state).encode()
 
@@ -310,9 +322,9 @@ def _hostile_figures() -> tuple[Figure, ...]:
     )
 
 
-def _hostile_work() -> dict[str, Any]:
-    """Work under way whose every string is markup: a fetch half done, a migration in
-    a phase of unknown length, a job with commands done and running, a VM's figures."""
+def _hostile_work() -> tuple[WorkItem, ...]:
+    """Another host's work under way as it gossips it, every string markup: a fetch half
+    done, a migration in a phase of unknown length, a job with commands done and running."""
     fetch = Progress(
         task="template " + HOSTILE,
         phase="fetching",
@@ -322,15 +334,14 @@ def _hostile_work() -> dict[str, Any]:
         rate=float(1 << 20),
         note=HOSTILE,
     )
-    move = Progress(task="web-1" + HOSTILE, phase=HOSTILE, note="to h2" + HOSTILE)
-    job = JobFigures("ab" * 8, "job-" + HOSTILE, "running", 2, time.time() - 30, 1, 3, 1, 0)
-    use = VmUsage("web-1" + HOSTILE, 4242, 12.5, 300 << 20, 5 << 20, 1 << 20, 40, 8)
-    return {
-        "transfers": [as_plain(fetch)],
-        "migrating": [as_plain(move)],
-        "jobs": [asdict(job)],
-        "usage": [asdict(use)],
-    }
+    move = Progress(task="web-1" + HOSTILE, phase=HOSTILE[:64])
+    job = WorkItem(WorkKind.JOB, "job-" + HOSTILE, "running", 0.8, 4, 5, failed=1, vms=2,
+                   started=time.time() - 30)  # fmt: skip
+    return (
+        from_progress(WorkKind.FETCH, fetch),
+        from_progress(WorkKind.MIGRATION, move, peer="h3" + HOSTILE),
+        job,
+    )
 
 
 @pytest.fixture
@@ -377,11 +388,14 @@ def test_the_browser_draws_hostile_strings_as_text(fake_page: str, tmp_path: Pat
         assert browser.find_elements(By.TAG_NAME, "img") == []
         assert browser.title == "vmmesh"
         assert text.count(HOSTILE) >= 5  # host, VM, stop reason, origin, error, task log
-        transfers = browser.find_element(By.ID, "transfers").text
+        transfers = browser.find_element(By.ID, "transfers").text  # h2's, from its gossip
         assert transfers.count(HOSTILE) == 2 and "50% 3.0 MiB/6.0 MiB, 1.0 MiB/s" in transfers
-        assert browser.find_element(By.ID, "migrating").text.count(HOSTILE) == 4  # phase twice
+        assert transfers.startswith("h2 ")  # each row names its host
+        moves = browser.find_element(By.ID, "migrating").text
+        assert moves.count(HOSTILE) == 4 and "to h3" in moves  # name, target, phase twice
         jobs = browser.find_element(By.ID, "jobs").text
         assert HOSTILE in jobs and "4 done, 1 running" in jobs and "3 ok, 1 failed" in jobs
+        assert jobs.startswith("h2 ")
         assert "12.5 s CPU, 300.0 MiB" in browser.find_element(By.ID, "vms").text
         assert browser.find_element(By.ID, "migrations").text == "2 done, 0 failed (from this host)"
         figures = browser.find_element(By.ID, "figures").text

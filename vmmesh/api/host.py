@@ -7,15 +7,30 @@ validated on arrival like every other body (``vmmesh.api.codec``).
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Any
 
-from vmmesh.api.codec import Bool, Float, Int, ListOf, Optional, Record, SetOf, Text, wire
+from vmmesh.api.codec import (
+    Bool,
+    Choice,
+    Float,
+    Int,
+    ListOf,
+    Optional,
+    Record,
+    SetOf,
+    Text,
+    wire,
+)
 from vmmesh.api.names import MAX_PACKAGES, HexId, Package, Sha256, VmName
 
 MAX_CHAIN = 16
 MAX_BYTES = 1 << 50  # a petabyte: any real size fits, nonsense does not
 MAX_REASON = 300
+MAX_WORK = 32  # items of ``work`` a host gossips
+MAX_RATE = 1e12  # bytes per second: a terabyte, beyond any link
+MAX_COUNT = 1 << 30  # a job's commands
 
 
 @dataclass(frozen=True)
@@ -99,3 +114,37 @@ class KeptVm(Record):
     generation: int = wire(Int(1, 1 << 30), default=1)
     vcpus: int = wire(Int(1, 1024), default=1)
     memory_mb: int = wire(Int(64, 1 << 22), default=512)
+
+
+class WorkKind(enum.StrEnum):
+    """What kind of long work a host has under way."""
+
+    FETCH = "fetch"  # a template or blob it fetches from holders
+    MIGRATION = "migration"  # a VM it moves to another host (it is the source)
+    JOB = "job"  # a job or bag of tasks opened from this host
+
+
+@dataclass(frozen=True)
+class WorkItem(Record):
+    """One piece of work a host has under way, as gossip carries it (key ``work``) so that
+    every host's page shows the whole mesh's transfers, migrations and jobs.
+
+    Figures are rounded by their author (``fraction`` to 5 %, ``rate`` and ``done``
+    to 2 significant digits) so that the value changes, and is gossiped, seldom.
+    ``done``/``total`` count bytes for a fetch or a migration and commands for a
+    job (``failed``: its commands that failed or were lost; ``vms``: its VMs).
+    ``peer`` is the other host: a migration's target.
+    """
+
+    kind: WorkKind = wire(Choice(WorkKind))
+    name: str = wire(Text(128))  # the fetch's task, the VM, the job's request name
+    phase: str = wire(Text(64), default="")
+    fraction: float | None = wire(Optional(Float(0.0, 1.0)), default=None)
+    done: int = wire(Int(0, MAX_BYTES), default=0)
+    total: int = wire(Int(0, MAX_BYTES), default=0)
+    rate: float = wire(Float(0.0, MAX_RATE), default=0.0)
+    peer: str = wire(Text(128), default="")
+    note: str = wire(Text(128), default="")  # words for people (a fetch's holders)
+    started: float = wire(Float(0.0, 1e11), default=0.0)  # unix time
+    failed: int = wire(Int(0, MAX_COUNT), default=0)
+    vms: int = wire(Int(0, 1 << 20), default=0)

@@ -20,7 +20,7 @@ from vmmesh.api.codec import (
     wire,
 )
 from vmmesh.api.figures import MAX_FIGURES, Figure
-from vmmesh.api.host import Capacity, TemplateInfo
+from vmmesh.api.host import MAX_WORK, Capacity, TemplateInfo, WorkItem
 from vmmesh.api.names import HexId, HostName, VmName
 
 MAX_HOSTS = 10_000
@@ -56,7 +56,7 @@ class StatusReply(Message):
 
 @dataclass(frozen=True)
 class PeerRow(Record):
-    """One host of ``vmmesh peers``."""
+    """One host of ``vmmesh peers``; ``work``: its work under way, as it gossips it."""
 
     node_id: str = wire(HexId)
     name: str = wire(Text(63))
@@ -68,6 +68,7 @@ class PeerRow(Record):
     templates: tuple[TemplateInfo, ...] = wire(ListOf(Nested(TemplateInfo), 1000))
     vms: tuple[str, ...] = wire(ListOf(VmName, MAX_VMS))
     draining: bool = wire(Bool())
+    work: tuple[WorkItem, ...] = wire(ListOf(Nested(WorkItem), MAX_WORK), default=())
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,8 @@ key            value
 ``web``        the TCP port of its HTTPS page, 0 when it has none (absent:
                a host of an older version; its page is guessed as peer
                port + 2)
+``work``       up to 32 ``WorkItem``: its fetches, the migrations it is the
+               source of and the jobs opened from it, rounded (empty: idle)
 =============  ==========================================================
 """
 
@@ -49,7 +51,15 @@ from typing import Any
 import msgpack
 
 from vmmesh.api.codec import Bool, Bytes, Int, ListOf, MapOf, Nested, Spec, Text
-from vmmesh.api.host import NO_CAPACITY, Building, Capacity, KeptVm, TemplateInfo
+from vmmesh.api.host import (
+    MAX_WORK,
+    NO_CAPACITY,
+    Building,
+    Capacity,
+    KeptVm,
+    TemplateInfo,
+    WorkItem,
+)
 from vmmesh.api.names import HostName, Sha256, VmName
 from vmmesh.errors import MalformedMessage
 
@@ -72,6 +82,7 @@ SCHEMA: dict[str, Spec[Any]] = {
     "keepalive": ListOf(Nested(KeptVm), MAX_VMS),
     "vmshape": MapOf(Text(32), Text(300), 16),
     "web": Int(0, 65535),
+    "work": ListOf(Nested(WorkItem), MAX_WORK),
 }
 
 
@@ -110,6 +121,7 @@ class HostState:
     keepalive: tuple[KeptVm, ...] = ()
     vmshape: Mapping[str, str] = field(default_factory=dict)
     web_port: int | None = None  # None: not gossiped (an older host); 0: no page
+    work: tuple[WorkItem, ...] = ()
 
 
 def parse(keys: Mapping[str, Any]) -> HostState:
@@ -132,6 +144,7 @@ def parse(keys: Mapping[str, Any]) -> HostState:
         ("keepalive", "keepalive"),
         ("vmshape", "vmshape"),
         ("web", "web_port"),
+        ("work", "work"),
     ):
         if key in keys:
             try:
@@ -159,3 +172,4 @@ class HostView:
     keepalive: tuple[KeptVm, ...] = ()
     vmshape: Mapping[str, str] = field(default_factory=dict)
     web_port: int | None = None  # its page's port as gossiped (None: not gossiped)
+    work: tuple[WorkItem, ...] = ()  # its work under way as gossiped

@@ -50,6 +50,7 @@ class MeshView:
                     keepalive=st.keepalive,
                     vmshape=st.vmshape,
                     web_port=st.web_port,
+                    work=st.work,
                 )
             )
         if len(self._parsed) > 2 * len(out) + 16:

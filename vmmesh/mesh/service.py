@@ -106,6 +106,7 @@ class MeshService:
                 templates=h.templates,
                 vms=h.vms,
                 draining=h.draining,
+                work=h.work,
             )
             for h in self.view.hosts(trio.current_time())
         )

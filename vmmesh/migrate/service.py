@@ -78,6 +78,7 @@ class MigrateService(NodeExtension):
         self.migrated = 0
         self.failed = 0
         self.active: dict[str, Progress] = {}  # VM name -> its migration's last progress
+        self.targets: dict[str, str] = {}  # VM name -> the host it moves to (while active)
 
     async def start(
         self,
@@ -284,10 +285,12 @@ class MigrateService(NodeExtension):
             await emit(item)
 
         self.active[rec.name] = Progress(task=rec.name, phase="starting", note=note)
+        self.targets[rec.name] = target.name
         try:
             return await self.source().migrate(rec, target.node_id, target.name, mode, track)
         finally:
             del self.active[rec.name]
+            self.targets.pop(rec.name, None)
 
     async def _move_away(self, vm_id: str, emit: drain.Emit) -> MigrateReport:
         """Move one VM to the best other host, or make it afresh there when the rule says

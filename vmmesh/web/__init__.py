@@ -24,7 +24,9 @@ draws the snapshots that ``/events`` streams (server-sent events: the same
 bodies, the work under way and the task log of ``events``) on every change
 and every 2 s.
 Every host shows the whole mesh as its gossip knows it, so a host that died
-is still shown, as down, by the others.
+is still shown, as down, by the others; each host gossips its fetches,
+migrations and jobs under way (key ``work``, rounded and sent at most every
+2 s by ``work``), so every page draws every host's bars.
 
 The server certificate (``certs``): browsers and Prometheus check a page's
 certificate against the address they dialled, and a host certificate names

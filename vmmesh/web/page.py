@@ -122,22 +122,27 @@ function templates(s) {
     return el("tr", "", label, ...cols.map((h) => el("td", "", cell(t, h))));
   }));
 }
+// Every host's work under way as it gossips it (key work: rounded, at most every 2 s).
 function work(s) {
-  const transfers = (s.transfers || []).map((p) => row(el("b", "", p.task), progress(p), p.note));
-  const moves = (s.migrating || []).map((p) =>
-    row(el("b", "", p.task), progress(p), p.note, p.phase));
+  const all = [];
+  for (const h of s.hosts.hosts) for (const w of h.work || []) all.push([h.name, w]);
+  const of = (kind) => all.filter(([, w]) => w.kind === kind);
+  const transfers = of("fetch").map(([host, w]) =>
+    row(host, el("b", "", w.name), progress(w), w.note));
+  const moves = of("migration").map(([host, w]) =>
+    row(host, el("b", "", w.name), progress(w), w.peer ? "to " + w.peer : "", w.phase));
   $("transfers").replaceChildren(...transfers);
   $("migrating").replaceChildren(...moves);
   $("nowork").textContent = transfers.length || moves.length ? ""
-    : "no transfer or migration under way on this host";
-  $("jobs").replaceChildren(...(s.jobs || []).map((j) => {
-    const done = j.ok + j.failed + j.lost, all = done + j.running;
-    const label = done + " done" + (j.running ? ", " + j.running + " running" : "");
-    return row(el("b", "", j.name), badge(j.state), j.vms,
-      bar(done, all, label), j.ok + " ok, " + j.failed + " failed, " + j.lost + " lost",
-      ago(s.now, j.opened));
-  }));
-  $("nojobs").textContent = (s.jobs || []).length ? "" : "no job opened from this host";
+    : "no transfer or migration under way in the mesh";
+  const jobs = of("job").map(([host, j]) => {
+    const running = j.total - j.done;
+    const label = j.done + " done" + (running ? ", " + running + " running" : "");
+    return row(host, el("b", "", j.name), badge(j.phase), j.vms, bar(j.done, j.total, label),
+      (j.done - j.failed) + " ok, " + j.failed + " failed or lost", ago(s.now, j.started));
+  });
+  $("jobs").replaceChildren(...jobs);
+  $("nojobs").textContent = jobs.length ? "" : "no job open in the mesh";
 }
 // The extensions' figures, from the status reply: what vmmesh status and /metrics show.
 function figures(s) {
@@ -178,9 +183,9 @@ BODY = """<header><h1>vmmesh</h1><span id="mesh"></span><span id="live">connecti
 <th>start</th><th>keep-alive</th><th>origin</th><th>stop reason</th><th>use</th></tr></thead>
 <tbody id="vms"></tbody></table>
 <ul id="vmerrors"></ul></section>
-<section class="wide"><h2>Transfers and migrations (this host)</h2><table>
+<section class="wide"><h2>Transfers and migrations</h2><table>
 <tbody id="transfers"></tbody><tbody id="migrating"></tbody></table><p id="nowork" class="dim"></p>
-<h2>Jobs and bags (opened from this host)</h2><table><thead><tr><th>job</th><th>state</th>
+<h2>Jobs and bags</h2><table><thead><tr><th>host</th><th>job</th><th>state</th>
 <th>VMs</th><th>commands</th><th>results</th><th>opened</th></tr></thead>
 <tbody id="jobs"></tbody></table><p id="nojobs" class="dim"></p></section>
 <section><h2>Templates</h2><table class="grid"><thead id="tplhead"></thead>

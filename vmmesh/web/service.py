@@ -5,9 +5,10 @@ Everything the page shows is read where ``vmmesh status`` reads it: the node's
 own control methods (``node.status``, ``node.peers``, ``vm.list``) called in
 process (the status reply carries the extensions' figures, ``api.figures``),
 the gossip view (``NodeContext.hosts``) and this host's VM rows
-(``vm.list_local``); for the page's bars only, the work the transfer, migrate
-and job extensions have under way (``UnderWay``, ``JobCounts``), and each
-VM's sampled figures (``vmstats``).  Kept here, in
+(``vm.list_local``), and each VM's sampled figures (``vmstats``).  The work
+the transfer, migrate and job extensions have under way (``UnderWay``,
+``JobCounts``) goes into gossip as the key ``work`` (rounded and throttled by
+``work``), and every page shows every host's from the hosts' rows.  Kept here, in
 memory only: the page's refusal counts, the last events (``events``), login
 tokens and sessions (``login``), and the last ``/events`` snapshot, which
 all open streams share for ``SNAPSHOT_AGE`` seconds (``vm.list`` asks every
@@ -22,7 +23,7 @@ import logging
 import ssl
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -58,6 +59,7 @@ from vmmesh.web.login import COOKIE, Logins
 from vmmesh.web.metrics import Figures, render, sd_targets
 from vmmesh.web.server import serve_https, server_context
 from vmmesh.web.vmstats import Sampler
+from vmmesh.web.work import JobSession, WorkGossip, items
 
 log = logging.getLogger("vmmesh.web")
 
@@ -89,42 +91,11 @@ class UnderWay(Protocol):
     def active(self) -> Mapping[Any, Progress]: ...
 
 
-class CommandCounts(Protocol):
-    """A job's commands (``jobs.service.Commands``)."""
+class MigrationsUnderWay(UnderWay, Protocol):
+    """``MigrateService``: its migrations under way and the host each moves to."""
 
     @property
-    def running(self) -> int: ...
-
-    @property
-    def ok(self) -> int: ...
-
-    @property
-    def failed(self) -> int: ...
-
-    @property
-    def lost(self) -> int: ...
-
-
-class JobSession(Protocol):
-    """An open job (``jobs.service.Session``)."""
-
-    @property
-    def job_id(self) -> str: ...
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def vms(self) -> Mapping[str, str]: ...
-
-    @property
-    def opened(self) -> float: ...
-
-    @property
-    def state(self) -> str: ...
-
-    @property
-    def commands(self) -> CommandCounts: ...
+    def targets(self) -> Mapping[str, str]: ...
 
 
 class JobCounts(Protocol):
@@ -140,46 +111,13 @@ class GuestSource(Protocol):
     def guests(self) -> Mapping[str, object]: ...
 
 
-@dataclass(frozen=True)
-class JobFigures:
-    """One job this node opened for a caller (``vmmesh job``, a bag of tasks),
-    as the page's jobs table shows it."""
-
-    job_id: str
-    name: str  # its request name, which its VMs' names start with
-    state: str  # placing, running or ending
-    vms: int
-    opened: float  # unix time
-    running: int  # commands under way
-    ok: int
-    failed: int
-    lost: int
-
-
-def job_figures(jobs: JobCounts) -> list[JobFigures]:
-    return [
-        JobFigures(
-            job_id=j.job_id,
-            name=j.name,
-            state=j.state,
-            vms=len(j.vms),
-            opened=j.opened,
-            running=j.commands.running,
-            ok=j.commands.ok,
-            failed=j.commands.failed,
-            lost=j.commands.lost,
-        )
-        for j in sorted(jobs.sessions.values(), key=lambda j: j.opened)
-    ]
-
-
 class WebService(NodeExtension):
     def __init__(
         self,
         *,
         guests: GuestSource | None = None,
         transfers: UnderWay | None = None,
-        migrations: UnderWay | None = None,
+        migrations: MigrationsUnderWay | None = None,
         jobs: JobCounts | None = None,
     ) -> None:
         self.migrations = migrations
@@ -203,6 +141,7 @@ class WebService(NodeExtension):
         self._vms_seen: dict[str, tuple[str, ...]] = {}
         self._snapshot = (b"", -1.0, -1)  # JSON, when made (trio time), events.serial then
         self._snapshot_lock = trio.Lock()
+        self.work = WorkGossip()  # when this host's work goes into gossip (key ``work``)
 
     @property
     def node(self) -> NodeContext:
@@ -253,6 +192,22 @@ class WebService(NodeExtension):
         # the page's port, so that /sd on any host points at it (0: no page)
         if self._decided:
             node.publish("web", self.port or 0)
+        self._publish_work(node)
+
+    def _publish_work(self, node: NodeContext) -> None:
+        """This host's fetches, migrations and jobs into gossip, rounded and at most every
+        ``work.MIN_GAP`` seconds (``work``), so that every host's page shows them."""
+        t, m, j = self.transfers, self.migrations, self.jobs
+        now = items(
+            t.active if t else {},
+            m.active if m else {},
+            m.targets if m else {},
+            sorted(j.sessions.values(), key=lambda s: s.opened) if j else [],
+        )
+        value = self.work.update(now, time.time(), trio.current_time())
+        if value is not None:
+            node.publish("work", [i.to_wire() for i in value])
+            self._notify()  # this host's own page: no gossip event for its own keys
 
     def facts(self) -> Mapping[str, str]:
         if self.port is None:
@@ -289,6 +244,7 @@ class WebService(NodeExtension):
         an event came or not.  It wakes the page's streams when something changed, and
         while work is under way, so that progress bars move every second."""
         while True:
+            self._publish_work(self.node)  # sooner than the publish loop's 2 s
             hosts = self.node.hosts()
             self._vms_seen, found = vm_changes(self._vms_seen, hosts, time.time())
             self.events.extend(found)
@@ -374,24 +330,18 @@ class WebService(NodeExtension):
                 "status": as_plain(status),
                 "hosts": as_plain(peers),
                 "vms": as_plain(vms),
-                **self._work(),
+                "usage": self._usage(),
                 "events": self.events.rows(),
             }
             body = json.dumps(state, separators=(",", ":"), default=str).encode()
             self._snapshot = (body, trio.current_time(), serial)
             return body
 
-    def _work(self) -> dict[str, object]:
-        """Long work under way, for the page's bars: this host's fetches, migrations
-        (as the source) and jobs, and its VMs' sampled figures."""
-        t, m, j = self.transfers, self.migrations, self.jobs
+    def _usage(self) -> list[dict[str, object]]:
+        """This host's VMs' sampled figures (every host's work under way is in the
+        hosts' rows: gossip's ``work``)."""
         usage = self.sampler.latest.values() if self.sampler is not None else ()
-        return {
-            "transfers": [as_plain(p) for p in t.active.values()] if t else [],
-            "migrating": [as_plain(p) for p in m.active.values()] if m else [],
-            "jobs": [asdict(f) for f in job_figures(j)] if j else [],
-            "usage": [asdict(u) for u in usage],
-        }
+        return [asdict(u) for u in usage]
 
     async def _login(self, ctx: Context, req: Empty) -> LoginReply:
         """A single-use login link for a browser (``vmmesh web``)."""
