@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from vmmesh.api.codec import Empty, WireType
 from vmmesh.api.figures import Unit, counter, gauge
-from vmmesh.api.host import Capacity, TemplateInfo
+from vmmesh.api.host import Capacity, TemplateInfo, WorkItem, WorkKind
 from vmmesh.api.node import PEERS, STATUS, PeerRow, PeersReply, StatusReply
 from vmmesh.api.vm import LIST, VmList, VmRow
 from vmmesh.api.web import (
@@ -749,6 +749,31 @@ async def test_the_snapshot_is_the_api_bodies_and_the_task_log(
     assert woke == [True]
     events = json.loads(await web.snapshot())["events"]  # a change: not the cached one
     assert [(e["kind"], e["text"]) for e in events] == [("down", "delta is down")]
+
+
+async def test_a_gossip_change_right_after_a_snapshot_is_in_the_next_one(
+    tmp_path: Path, mesh: pki.Identity
+) -> None:
+    """A changed key (another host's work under way) makes no task-log line, and came
+    within ``SNAPSHOT_AGE`` of the last snapshot: the page must not get the old one
+    again and wait for the next push (it did, up to 2.5 s late)."""
+    hosts = _hosts()
+    node = FakeNode(mesh, tmp_path / "a", hosts, FakePool({}))
+    web = await _web_service(node, "10.0.0.1")
+
+    async def peers(ctx: Context, body: Empty) -> PeersReply:
+        return _peer_rows(hosts)
+
+    web._control.add(PEERS, peers)
+    first = json.loads(await web.snapshot())
+    assert all(h["work"] == [] for h in first["hosts"]["hosts"])
+    hosts[1] = replace(hosts[1], work=(WorkItem(WorkKind.MIGRATION, "web-1", peer="gamma"),))
+    again = json.loads(await web.snapshot())
+    assert again == first  # nothing told of a change: the shared one
+    web.on_event(node, EventKind.CHANGED, IDS[1])  # type: ignore[arg-type]
+    assert web.events.rows() == []  # no line in the task log
+    beta = json.loads(await web.snapshot())["hosts"]["hosts"][1]
+    assert [(w["name"], w["peer"]) for w in beta["work"]] == [("web-1", "gamma")]
 
 
 def test_a_p12_bundle_holds_the_key_its_certificate_and_the_ca(mesh: pki.Identity) -> None:

@@ -4,7 +4,9 @@ CPU, memory and disk figures reach ``/metrics`` (checked by ``promtool``) and th
 the extensions' figures are in ``vmmesh status`` too.
 
 One lab of two hosts with the base image; the VM has no packages, so it resumes the
-image's warm state (no guest boots cold).  Screenshots are left in the test's tmp dir.
+image's warm state (no guest boots cold).  The VM is then migrated from h1 to h2
+while both hosts' pages are open: both show its bar on h1's row, h2's from gossip.
+Screenshots are left in the test's tmp dir.
 """
 
 from __future__ import annotations
@@ -198,36 +200,50 @@ def test_a_requested_vm_appears_on_the_open_page_and_in_the_metrics(
         if host == 1:  # the page shows the figures of its own host's VMs
             eventually(lambda: "s CPU" in _page_vms(browser)["pg-1"][-1], "pg-1's use on h1's page")
             browser.save_screenshot(str(tmp_path / "page-vm-figures.png"))
-        if host != 1:  # the page on h1 shows the migrations h1 is the source of
+        if host != 1:  # the migration below starts on h1
             _run(lab, 1, "migrate", "pg-1", "--to", "h1")
-        _watch_a_migration(lab, browser, tmp_path)
+        eventually(_web_ready, "h2 has a web certificate from the CA host", lab, 2)
+        home2 = tmp_path / "home2"
+        nss_trust(home2, certs / "ca.crt")
+        with chromium(home2, log=tmp_path / "chromedriver-h2.log") as other:
+            other.get(cli_json(lab, 2, "web")["url"])
+            eventually(lambda: _page_hosts(other) == {"h1": "up", "h2": "up"}, "h2's page")
+            other.execute_script("window.notReloaded = true")
+            _watch_a_migration(lab, {"h1": browser, "h2": other}, tmp_path)
         print(f"screenshots: {tmp_path}")
 
 
-def _watch_a_migration(lab: Lab, browser: Any, tmp_path: Path) -> None:
-    """Move pg-1 from h1 to h2 while h1's page is open: its bar shows up and goes."""
+def _watch_a_migration(lab: Lab, pages: dict[str, Any], tmp_path: Path) -> None:
+    """Move pg-1 from h1 to h2 while h1's and h2's pages are open: on both (h2's knows
+    it from h1's gossip) its bar shows up, on h1's row, and goes."""
     moved: list[Any] = []
     cli = threading.Thread(
         target=lambda: moved.append(_run(lab, 1, "migrate", "pg-1", "--to", "h2"))
     )
     started = time.monotonic()
     cli.start()
-    bars: list[tuple[float, str]] = []  # (when, the row's text) each time it changed
+    bars: dict[str, list[tuple[float, str]]] = {p: [] for p in pages}  # (when, row's text)
     while cli.is_alive():
-        text = browser.execute_script("return $('migrating').textContent")
-        if text and (not bars or bars[-1][1] != text):
-            bars.append((time.monotonic() - started, text))
-            if len(bars) == 1:
-                browser.save_screenshot(str(tmp_path / "page-migrating.png"))
+        for name, browser in pages.items():
+            text = browser.execute_script("return $('migrating').textContent")
+            seen = bars[name]
+            if text and (not seen or seen[-1][1] != text):
+                seen.append((time.monotonic() - started, text))
+                if len(seen) == 1:
+                    browser.save_screenshot(str(tmp_path / f"page-{name}-migrating.png"))
         time.sleep(0.05)
     cli.join()
     assert moved, "vmmesh migrate failed"
     print(f"migration: {moved[0]['seconds']:.2f} s, downtime {moved[0]['downtime_ms']} ms")
-    for at, text in bars:
-        print(f"page: {at:.2f} s after `vmmesh migrate` started: {text}")
-    assert bars and all("pg-1" in text and "to h2" in text for _, text in bars), bars
-    eventually(
-        lambda: browser.execute_script("return $('migrating').textContent") == "",
-        "the migration's bar gone from the page",
-    )
-    assert browser.execute_script("return window.notReloaded") is True
+    for name, seen in bars.items():
+        for at, text in seen:
+            print(f"{name}'s page: {at:.2f} s after `vmmesh migrate` started: {text}")
+    for name, seen in bars.items():
+        assert seen, f"{name}'s page never showed the migration"
+        assert all(t.startswith("h1pg-1") and "to h2" in t for _, t in seen), (name, seen)
+    for name, browser in pages.items():
+        eventually(
+            lambda b=browser: b.execute_script("return $('migrating').textContent") == "",
+            f"the migration's bar gone from {name}'s page",
+        )
+        assert browser.execute_script("return window.notReloaded") is True

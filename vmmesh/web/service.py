@@ -139,7 +139,8 @@ class WebService(NodeExtension):
         self.events = EventLog()
         self._changed = trio.Event()  # set (and replaced) when the page's state changed
         self._vms_seen: dict[str, tuple[str, ...]] = {}
-        self._snapshot = (b"", -1.0, -1)  # JSON, when made (trio time), events.serial then
+        self._changes = 0  # how many changes _notify told of
+        self._snapshot = (b"", -1.0, -1)  # JSON, when made (trio time), _changes then
         self._snapshot_lock = trio.Lock()
         self.work = WorkGossip()  # when this host's work goes into gossip (key ``work``)
 
@@ -235,6 +236,7 @@ class WebService(NodeExtension):
         self._notify()
 
     def _notify(self) -> None:
+        self._changes += 1
         self._changed.set()
         self._changed = trio.Event()
 
@@ -315,9 +317,9 @@ class WebService(NodeExtension):
         figures), the work under way, the task log."""
         async with self._snapshot_lock:
             body, made, serial = self._snapshot
-            if trio.current_time() - made < SNAPSHOT_AGE and serial == self.events.serial:
-                return body
-            serial = self.events.serial
+            if trio.current_time() - made < SNAPSHOT_AGE and serial == self._changes:
+                return body  # the streams woken by one change share one snapshot
+            serial = self._changes
             here = LocalContext(self.node.node_id)
             status = await self._status()
             peers = await self._control.local(PEERS, here, Empty())
