@@ -35,6 +35,27 @@ def test_ten_minutes_of_ten_percent_loss_mark_no_live_host_down() -> None:
     assert all(c.alive_count == 100 for c in sim.cores)
 
 
+def test_a_refutation_that_misses_a_host_does_not_make_it_a_false_down() -> None:
+    """Seed 10 at N = 200: a host that suspected a live one missed every copy of
+    its refutation, and the core before the fix marked it down at 75 s.  Now
+    a host whose suspicion runs out first pings the suspect, the suspicion
+    attached, and the suspect's ack carries its current incarnation."""
+    sim = SwimSimulation(SwimSimConfig(nodes=200, seed=10, loss=0.1))
+    sim.run_until(80.0)
+    assert sim.false_downs == 0
+
+
+def test_a_change_whose_eager_copies_are_all_lost_still_reaches_every_host() -> None:
+    """Seed 4 at N = 200: the 18th change reached all but one host only by the
+    next repair (120 s away) in the core before the fix, whose every send of a
+    fact was in a 0.5 s burst.  Now a fact also rides on pings and acks for
+    some seconds after its eager gossip."""
+    result = SwimSimulation(SwimSimConfig(nodes=200, seed=4, loss=0.1)).run(
+        changes=18, kill=False, max_wait=5.0
+    )
+    assert all(s is not None and s < 2.0 for s in result.spread_seconds)
+
+
 def test_changes_reach_every_host_and_are_counted_in_bytes() -> None:
     result = run(SwimSimConfig(nodes=200, seed=3, loss=0.1))
     assert all(s is not None and s < 2.0 for s in result.spread_seconds)

@@ -25,7 +25,13 @@ timeout are stretched by ``1 + score``, so a slow or overloaded host does not
 accuse healthy ones.  And the suspicion timeout starts long and shrinks, on
 a log scale, as independent confirmations (suspicions of the same host by
 other members) arrive: a host that is really dead is confirmed by every
-prober that reaches for it, a falsely suspected one rarely is.
+prober that reaches for it, a falsely suspected one rarely is.  A refutation
+spreads like any fact and can miss a host; so a ping to a host we suspect
+carries our suspicion (Lifeguard's buddy system), an ack to a ping that
+doubts the responder carries its current ``Alive``, and a suspicion that
+runs out is not yet ``Dead``: the host first pings the suspect directly
+``suspicion_asks`` times, ``probe_timeout`` apart (a real death is declared
+that much later; a live suspect's ack ends the doubt).
 
 *State* (kept from ``core``).  Each host is the only author of its keys;
 every write takes the next version ``generation << 32 | counter``, so a
@@ -39,10 +45,13 @@ is not stored, hence not relayed, and a ``REFUSED`` event says why.
 
 *Dissemination*.  A fact that changed what this host holds is queued and
 piggybacked on pings and acks, and sent to ``gossip_fanout`` random members
-every ``gossip_interval`` while the queue is not empty; each fact is sent at
-most ``retransmit_mult * ceil(log10(N + 1))`` times, fewest-sent first, so a
-burst of news costs O(log N) messages per host and a quiet mesh costs only
-its probes.
+every ``gossip_interval`` while the queue holds a fact in its first
+``retransmit_mult * ceil(log10(N + 1))`` sends (the eager burst, about half a
+second), fewest-sent first.  Then the fact rides only on pings and acks, which
+go out anyway, for ``piggyback_mult * ceil(log10(N + 1))`` more sends (some
+seconds): a host that lost every copy of the burst meets it again long before
+the next repair.  A burst of news costs O(log N) messages per host and a
+quiet mesh costs only its probes.
 
 *Repair*.  Infection can miss a host (loss, a partition, a late join).  Every
 ``sync_interval``, stretched with N as memberlist does, a host exchanges one
@@ -119,6 +128,7 @@ class SwimConfig:
     gossip_interval: float = 0.15  # one gossip per slot of this grid, at once, if news
     gossip_fanout: int = 3
     retransmit_mult: int = 4
+    piggyback_mult: int = 8  # then this many times log10(N) more sends on pings and acks only
     max_facts: int = 16  # per message
     max_deltas: int = 256  # per Give or SyncReply
     suspicion_mult: float = 4.0  # min timeout: mult * log10(N) * gossip_interval
@@ -130,12 +140,15 @@ class SwimConfig:
     forget_after: float = 60.0
     tombstone_ttl: float = 600.0
     want_retry: float = 1.0  # do not ask for the same author's gap more often
+    suspicion_asks: int = 3  # direct pings to a suspect whose timeout ran out, before Dead
 
     def __post_init__(self) -> None:
         if not 0 < self.probe_timeout < self.probe_interval:
             raise ValueError("need 0 < probe_timeout < probe_interval")
         if self.gossip_interval <= 0 or self.gossip_fanout < 1 or self.retransmit_mult < 1:
             raise ValueError("gossip interval, fanout and retransmits must be positive")
+        if self.piggyback_mult < 0 or self.suspicion_asks < 0:
+            raise ValueError("piggyback sends and suspicion asks cannot be negative")
         if self.forget_after < 0 or self.tombstone_ttl < self.forget_after:
             raise ValueError("need 0 <= forget_after <= tombstone_ttl")
 
@@ -174,6 +187,7 @@ class _Suspicion:
     started: float
     confirmers: set[str]
     deadline: float
+    asks: int = 0  # direct pings sent since the timeout ran out
 
 
 class _Item:
@@ -296,8 +310,11 @@ class SwimCore:
         """Members not down, ourselves included: the N of the log N bounds."""
         return self._alive
 
-    def _transmits(self) -> int:
-        return self.config.retransmit_mult * math.ceil(math.log10(self._alive + 1))
+    def _transmits(self) -> tuple[int, int]:
+        """Sends of a fact in all, and how many of them in eager ``Gossip``."""
+        cfg = self.config
+        scale = math.ceil(math.log10(self._alive + 1))
+        return (cfg.retransmit_mult + cfg.piggyback_mult) * scale, cfg.retransmit_mult * scale
 
     def _sync_interval(self) -> float:
         n = self._alive
@@ -396,19 +413,32 @@ class SwimCore:
         self._queue.remove(item)
         del self._queued[item.key]
 
-    def _take(self) -> tuple[Fact, ...]:
-        """Up to ``max_facts`` facts, least sent first; each counts one send."""
+    def _take(self, *, piggyback: bool = True) -> tuple[Fact, ...]:
+        """Up to ``max_facts`` facts, least sent first; each counts one send.
+
+        A ``Gossip`` message (``piggyback`` False) takes only facts still in
+        their eager sends; pings and acks, which go out anyway, also carry
+        facts in their later piggyback sends, so that a host whose copies of
+        the eager burst were all lost still meets the fact over the next
+        seconds, at the cost of bytes in messages already sent.
+        """
         queue = self._queue
         if not queue:
             return ()
         queue.sort(key=lambda i: i.sent)
+        limit, eager = self._transmits()
         chosen = queue[: self.config.max_facts]
-        limit = self._transmits()
+        if not piggyback:
+            chosen = [i for i in chosen if i.sent < eager]
         for item in chosen:
             item.sent += 1
             if item.sent >= limit:
                 self._unqueue(item)
         return tuple(i.fact for i in chosen)
+
+    def _has_eager(self) -> bool:
+        eager = self._transmits()[1]
+        return any(i.sent < eager for i in self._queue)
 
     @property
     def pending_facts(self) -> int:
@@ -558,7 +588,7 @@ class SwimCore:
         probe = self._probe
         if probe is not None and not probe.acked:
             t = min(t, probe.indirect_at, probe.ends_at)
-        if self._queue:
+        if self._queue and self._has_eager():
             t = min(t, self._gossip_phase)
         for s in self._suspicions.values():
             t = min(t, s.deadline)
@@ -582,7 +612,7 @@ class SwimCore:
         if self._gossip_phase <= now:
             gi = self.config.gossip_interval
             self._gossip_phase += gi * (1 + (now - self._gossip_phase) // gi)
-            if self._queue:
+            if self._queue and self._has_eager():
                 self._gossip()
         if self._next_sync <= now:
             self._next_sync = now + (
@@ -594,9 +624,16 @@ class SwimCore:
         return out
 
     def _timers(self, now: float) -> None:
-        for nid in [n for n, s in self._suspicions.items() if s.deadline <= now]:
+        for nid, susp in [(n, s) for n, s in self._suspicions.items() if s.deadline <= now]:
             rec = self._get(nid)
             assert rec is not None
+            if susp.asks < self.config.suspicion_asks:
+                # its refutation may have missed only us: ask it, the suspicion attached
+                susp.asks += 1
+                susp.deadline = now + self.config.probe_timeout
+                self._seq += 1
+                self._out.append((nid, Ping(self.node_id, self._seq, self._facts_for(nid))))
+                continue
             self._mark_dead(nid, rec, rec.incarnation, now)
             self._enqueue(Dead(nid, rec.incarnation, self.node_id))
         for seq in [s for s, (_, _, at) in self._relays.items() if at <= now]:
@@ -637,12 +674,22 @@ class SwimCore:
             return
         self._seq += 1
         self._probe = _Probe(self._seq, target, now + cfg.probe_timeout * stretch, self._next_probe)
-        self._out.append((target, Ping(self.node_id, self._seq, self._take())))
+        self._out.append((target, Ping(self.node_id, self._seq, self._facts_for(target))))
+
+    def _facts_for(self, target: str) -> tuple[Fact, ...]:
+        """Facts for a ping to ``target``; if we suspect it, our suspicion first
+        (Lifeguard's buddy system: the suspect learns it from its prober and
+        refutes at once, and its ack carries the refutation back)."""
+        facts = self._take()
+        rec = self._get(target)
+        if rec is not None and rec.state == SUSPECT:
+            facts = (Suspect(target, rec.incarnation, self.node_id), *facts)
+        return facts
 
     def _indirect(self, probe: _Probe) -> None:
         """No direct ack in time: ping again and ask others to try."""
         out = self._out
-        out.append((probe.target, Ping(self.node_id, probe.seq, self._take())))
+        out.append((probe.target, Ping(self.node_id, probe.seq, self._facts_for(probe.target))))
         helpers = self._random_members(self.config.indirect_probes, exclude=probe.target)
         probe.nacks_expected = len(helpers)
         for h in helpers:
@@ -675,7 +722,7 @@ class SwimCore:
 
     def _gossip(self) -> None:
         for target in self._random_members(self.config.gossip_fanout, exclude=self.node_id):
-            facts = self._take()
+            facts = self._take(piggyback=False)
             if not facts:
                 break
             self._out.append((target, Gossip(self.node_id, facts)))
@@ -762,7 +809,12 @@ class SwimCore:
         out = self._out
         if isinstance(msg, Ping):
             self._apply_all(msg.facts, sender, now)
-            out.append((sender, Ack(me, msg.seq, self._take())))
+            facts = self._take()
+            if any(isinstance(f, Suspect | Dead) and f.node == me for f in msg.facts):
+                alive = Alive(me, self._inc)  # the prober doubts us: our ack says why not
+                if alive not in facts:
+                    facts = (alive, *facts)
+            out.append((sender, Ack(me, msg.seq, facts)))
         elif isinstance(msg, Ack):
             self._apply_all(msg.facts, sender, now)
             self._on_ack(msg.seq)
