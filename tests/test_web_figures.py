@@ -158,6 +158,11 @@ async def test_the_sampler_keeps_each_guests_last_figures(autojump_clock: Any) -
     await sampler.look()
     assert set(sampler.latest) == {"a"} and sampler.latest["a"].read_bytes == 500
 
+    # between two rounds: a VM that left (migrated away, stopped) is reported no more
+    assert [u.vm for u in sampler.current()] == ["a"]
+    del guests["a"]
+    assert sampler.current() == [] and "a" in sampler.latest
+
 
 async def test_the_sampler_looks_every_few_seconds(autojump_clock: Any) -> None:
     guest = FakeMonitor("web-1", 11)

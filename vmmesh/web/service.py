@@ -286,7 +286,7 @@ class WebService(NodeExtension):
             now=time.time(),
             vms=vms,
             web_refusals=dict(self.refused),
-            usage=list(self.sampler.latest.values()) if self.sampler is not None else (),
+            usage=self.sampler.current() if self.sampler is not None else (),
         )
 
     async def metrics(self) -> bytes:
@@ -342,7 +342,7 @@ class WebService(NodeExtension):
     def _usage(self) -> list[dict[str, object]]:
         """This host's VMs' sampled figures (every host's work under way is in the
         hosts' rows: gossip's ``work``)."""
-        usage = self.sampler.latest.values() if self.sampler is not None else ()
+        usage = self.sampler.current() if self.sampler is not None else ()
         return [asdict(u) for u in usage]
 
     async def _login(self, ctx: Context, req: Empty) -> LoginReply:

@@ -125,6 +125,12 @@ class Sampler:
         self.latest: dict[str, VmUsage] = {}
         self.looks = 0  # rounds done (tests wait on it)
 
+    def current(self) -> list[VmUsage]:
+        """The last figures of the guests still here, with the same QEMU: a VM that
+        left since the last round (moved, stopped) is not reported by two hosts."""
+        here = self._guests()
+        return [u for vm, u in self.latest.items() if getattr(here.get(vm), "pid", None) == u.pid]
+
     async def run(self) -> None:
         while True:
             await self.look()
