@@ -202,6 +202,10 @@ def test_a_requested_vm_appears_on_the_open_page_and_in_the_metrics(
             browser.save_screenshot(str(tmp_path / "page-vm-figures.png"))
         if host != 1:  # the migration below starts on h1
             _run(lab, 1, "migrate", "pg-1", "--to", "h1")
+            eventually(  # ended work leaves the pages at once, not after the throttle
+                lambda: not browser.execute_script("return $('migrating').textContent"),
+                "the first migration gone from h1's page",
+            )
         eventually(_web_ready, "h2 has a web certificate from the CA host", lab, 2)
         home2 = tmp_path / "home2"
         nss_trust(home2, certs / "ca.crt")

@@ -38,6 +38,8 @@ def test_a_long_name_or_phase_is_cut_to_what_the_spec_allows() -> None:
 
 
 def test_published_only_on_a_material_change_and_at_most_every_2_s() -> None:
+    """Progress of the same work waits for the gap; work that starts or ends does not
+    (a finished migration must not linger on every page)."""
     g = WorkGossip()
     assert g.update({}, wall=1000.0, now=0.0) == ()  # idle: an empty list, once
     assert g.update({}, wall=1001.0, now=1.0) is None
@@ -48,8 +50,12 @@ def test_published_only_on_a_material_change_and_at_most_every_2_s() -> None:
     later = g.update({"f": _fetch(30 << 20, 1e6)}, wall=1004.0, now=2.0 + MIN_GAP)
     assert later is not None and later[0].fraction == 0.3
     assert later[0].started == 1002.0  # first seen, kept while it runs
-    assert g.update({}, wall=1005.0, now=3.0 + MIN_GAP) is None  # done: after the gap
-    assert g.update({}, wall=1006.0, now=2.0 + 2 * MIN_GAP) == ()
+    both: dict[Hashable, WorkItem] = {"f": _fetch(30 << 20, 1e6), "g": _fetch(1 << 20, 1e6)}
+    started = g.update(both, wall=1005.0, now=2.5 + MIN_GAP)  # new work: at once
+    assert started is not None and len(started) == 2
+    assert g.update({"f": both["f"]}, wall=1005.0, now=2.6 + MIN_GAP) is not None  # g ended
+    assert g.update({}, wall=1005.0, now=2.7 + MIN_GAP) == ()  # all done: at once too
+    assert g.update({}, wall=1006.0, now=2.0 + 2 * MIN_GAP) is None
 
 
 def test_a_busy_host_publishes_at_most_once_per_gap_while_a_fetch_moves() -> None:

@@ -7,10 +7,11 @@ carries.  A gossiped value is sent to every host each time it changes, and a
 fetch's byte count changes with every piece, so ``WorkGossip`` decides what
 is worth sending: each item is rounded (fraction down to 5 %, bytes and rate
 to 2 significant digits), and the list is published only when the rounded
-list differs from the last one published and ``MIN_GAP`` seconds have passed
-since (the first item after an idle spell goes out at once, since the last
-publication is older than that).  When the work ends, the list becomes empty
-and is published once.  An item keeps the time it was first seen as its
+list differs from the last one published: at once when work started or
+ended (a finished migration must not linger on every page), and for progress
+of the same work only once ``MIN_GAP`` seconds have passed since the last
+publication.  When the work ends, the list becomes empty and is published
+once.  An item keeps the time it was first seen as its
 start (a job: when it was opened).  Pure: the caller passes the clocks.
 """
 
@@ -147,6 +148,7 @@ class WorkGossip:
         self.published: tuple[WorkItem, ...] | None = None  # the last list published
         self._at = -math.inf  # when (monotonic)
         self._first_seen: dict[Hashable, float] = {}
+        self._keys: frozenset[Hashable] | None = None  # the work the last list held
 
     def update(
         self, current: Mapping[Hashable, WorkItem], wall: float, now: float
@@ -161,7 +163,12 @@ class WorkGossip:
             key=lambda i: (i.started, i.kind.value, i.name),
         )[:MAX_WORK]
         value = tuple(out)
-        if value == self.published or now - self._at < self.min_gap:
+        if value == self.published:
             return None
-        self.published, self._at = value, now
+        # work that starts or ends goes out at once (a finished migration must not
+        # linger on the pages); only progress of the same work waits for min_gap
+        keys = frozenset(current)
+        if keys == self._keys and now - self._at < self.min_gap:
+            return None
+        self.published, self._at, self._keys = value, now, keys
         return value
