@@ -33,7 +33,7 @@ cleanup() {
 }
 trap cleanup EXIT
 "$VMMESH" lab down --dir "$LAB" --tag "$TAG" >/dev/null 2>&1 || true
-rm -rf "$LAB/hosts" "$LAB/job"   # a previous run's hosts and job files (this demo's own)
+rm -rf "$LAB/hosts" "$LAB/job" "$LAB/prom"   # a previous run's hosts, job files, certificate
 
 echo "==> lab up: 3 hosts (network namespaces on a bridge), joined by init/invite/join"
 "$VMMESH" lab up 3 --dir "$LAB" --tag "$TAG" --image "$IMAGE" \
@@ -90,6 +90,30 @@ echo "    a process in the guest: pid $PID"
 "$VMMESH" $H1 migrate again-1
 "$VMMESH" $H1 exec again-1 -- sh -c "echo \"    after the move: pid $PID is \$(cat /proc/$PID/comm), still running\""
 "$VMMESH" $H1 vms
+echo "==> the web page and Prometheus metrics of every host, behind the mesh's own CA"
+WEB=$("$VMMESH" $H1 status --json | "$PY" -c "import json,sys; print(json.load(sys.stdin)['facts'].get('web','').split(' ')[0])")
+echo "    h1's page: $WEB   (a browser on h1: vmmesh web prints a login link)"
+"$VMMESH" $H1 cert issue --role metrics --out "$LAB/prom"
+"$PY" - "$LAB/prom" "$WEB" <<'PYEOF'
+import json, ssl, sys, urllib.request
+prom, url = sys.argv[1], sys.argv[2]
+ctx = ssl.create_default_context(cafile=f"{prom}/ca.crt")  # names and CA checked
+ctx.load_cert_chain(f"{prom}/metrics.crt", f"{prom}/metrics.key")
+def get(u):
+    with urllib.request.urlopen(u, context=ctx, timeout=10) as r:
+        return r.read()
+groups = json.loads(get(url + "sd"))
+print("    /sd (Prometheus service discovery):", ", ".join(
+    f"{g['labels']['__meta_vmmesh_member']} {g['targets'][0]}" for g in groups))
+for g in groups:
+    lines = get(f"https://{g['targets'][0]}/metrics").decode().splitlines()
+    up = sum(l.startswith("vmmesh_member_status{") and 'status="up"' in l and l.endswith(" 1.0")
+             for l in lines)
+    print(f"    {g['labels']['__meta_vmmesh_member']}: /metrics has {len(lines)} lines, sees {up} hosts up")
+    for l in lines:
+        if l.startswith(("vmmesh_vm_cpu_seconds_total", "vmmesh_vm_resident_memory_bytes")):
+            print("      " + l)
+PYEOF
 "$VMMESH" $H1 shutdown again
 
 echo "==> a job: vmmesh run copies the input in, streams the output, brings the result back"
