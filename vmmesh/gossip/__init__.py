@@ -41,5 +41,5 @@ deadline, sends what the core returns, and refuses (counts, and logs once
 per peer) bytes that are not a message and messages whose sender is not the
 peer the transport authenticated; the node does not run it yet.
 
-May import: vmmesh.api, vmmesh.net (from driver).
+May import: vmmesh.api, vmmesh.net (from driver), vmmesh.wire (from swim_driver).
 """

@@ -50,6 +50,7 @@ from vmmesh.errors import MalformedMessage, Revoked, VmmeshError
 from vmmesh.gossip.core import GossipEvent
 from vmmesh.gossip.swim import Outgoing, SwimCore
 from vmmesh.gossip.swim_wire import decode
+from vmmesh.wire.framing import unpack
 
 log = logging.getLogger(__name__)
 
@@ -88,23 +89,7 @@ class DriverStats:
 def _unpack(data: bytes) -> object:
     if len(data) > MAX_DATAGRAM:
         raise MalformedMessage(f"datagram of {len(data)} bytes is over the limit")
-    limit = len(data)
-    try:
-        obj: object = msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            max_str_len=limit,
-            max_bin_len=limit,
-            max_array_len=limit,
-            max_map_len=limit,
-            max_ext_len=0,
-        )
-    except RecursionError:
-        raise MalformedMessage("datagram is not valid msgpack: nested too deep") from None
-    except Exception as exc:  # msgpack raises ValueError, TypeError, its own classes
-        raise MalformedMessage(f"datagram is not valid msgpack: {type(exc).__name__}") from None
-    return obj
+    return unpack(data, len(data), "datagram")
 
 
 class SwimDriver:

@@ -59,6 +59,30 @@ def _why(exc: Exception) -> str:
     return text or _WHY.get(name, name)
 
 
+def unpack(body: bytes | memoryview, limit: int, what: str = "frame") -> object:
+    """msgpack from a peer: every length bounded by ``limit``, no extension types, map
+    keys that are strings or numbers; anything else is MalformedMessage naming ``what``."""
+    try:
+        obj: object = msgpack.unpackb(
+            body,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=limit,
+            max_bin_len=limit,
+            max_array_len=limit,
+            max_map_len=limit,
+            max_ext_len=0,
+            ext_hook=_refuse_ext,
+        )
+    except MalformedMessage:
+        raise
+    except RecursionError:
+        raise MalformedMessage(f"{what} is not valid msgpack: nested too deep") from None
+    except Exception as exc:  # msgpack raises ValueError, TypeError, its own classes
+        raise MalformedMessage(f"{what} is not valid msgpack: {_why(exc)}") from None
+    return obj
+
+
 def _refuse_ext(code: int, data: bytes) -> NoReturn:
     raise MalformedMessage(f"msgpack ext type {code} is not allowed")
 
@@ -107,25 +131,7 @@ class FrameDecoder:
         return obj
 
     def _unpack(self, body: memoryview) -> object:
-        limit = self.max_frame
-        try:
-            obj: object = msgpack.unpackb(
-                body,
-                raw=False,
-                strict_map_key=True,
-                max_str_len=limit,
-                max_bin_len=limit,
-                max_array_len=limit,
-                max_map_len=limit,
-                max_ext_len=0,
-                ext_hook=_refuse_ext,
-            )
-        except MalformedMessage:
-            raise
-        except RecursionError:
-            raise MalformedMessage("frame is not valid msgpack: nested too deep") from None
-        except Exception as exc:  # msgpack raises ValueError, TypeError, its own classes
-            raise MalformedMessage(f"frame is not valid msgpack: {_why(exc)}") from None
+        obj = unpack(body, self.max_frame)
         if obj is None:
             # None means "need more bytes" to our caller; no message is nil.
             raise MalformedMessage("frame carries nil")
