@@ -10,9 +10,13 @@ and its warm state, then ``--runs`` rounds, each of:
   still listed by ``vmmesh vms`` when ``run`` has returned;
 * ``python -c 'import vmmesh_cli ...'``: the CLI's own start and imports;
 
-and in the first ``--cold-rounds`` rounds the same request, shutdown and run
-with warm starts off (``warm_start = false``, SIGHUP), alternating with the
-warm ones so that drift cancels.  Cold rounds boot a guest each (60-75
+each of the two warm commands twice, alternating: ``spare``, with the host's
+warm spare (``vmmesh.vm.spare``) waited for first (``vmmesh status``: "warm
+spare: ready"), as a user who is not firing requests back to back finds it,
+and ``warm``, with spares off (``warm_spare = false``, SIGHUP): the clone
+resumed on the request's path; and in the first ``--cold-rounds`` rounds the
+same request, shutdown and run with warm starts off (``warm_start = false``),
+alternating with the warm ones so that drift cancels.  Cold rounds boot a guest each (60-75
 CPU-seconds under TCG), so there are few of them.
 
 With ``--other TREE`` (another checkout, e.g. ``git worktree add /tmp/old
@@ -39,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -52,7 +57,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.jobs import BASE_DIR, CONFIG, _free_port, _set_warm, _warm_ready  # noqa: E402
+from benchmarks.jobs import BASE_DIR, CONFIG, _free_port, _warm_ready  # noqa: E402
 from tests.aptrepo import AptRepo  # noqa: E402
 from tests.labutil import lab_context  # noqa: E402
 from tests.meshutil import all_up, cli_json, eventually  # noqa: E402
@@ -61,6 +66,27 @@ from vmmesh.lab import Lab  # noqa: E402
 PATIENCE = 1800.0
 PACKAGE = "vmm-test-a"
 TARGETS = {"request": 1.0, "run": 1.5, "shutdown": 1.0}
+SPARE_CONFIG = "warm_spare = {spare}\n"
+
+
+def _set_mode(lab: Lab, mode: str) -> None:
+    """Warm starts and spares for ``mode`` (cold: neither; warm: no spare; spare: both)."""
+    text = CONFIG.format(warm="false" if mode == "cold" else "true")
+    text += SPARE_CONFIG.format(spare="true" if mode == "spare" else "false")
+    (lab.host_data_dir(1) / "config.toml").write_text(text)
+    lab.kill_host(1, signal.SIGHUP)
+    time.sleep(1.0)  # the node reloads
+
+
+def _spare_ready(lab: Lab) -> bool:
+    return str(cli_json(lab, 1, "status")["facts"].get("warm spare", "")).startswith("ready")
+
+
+def _wait_spare(lab: Lab, mode: str) -> None:
+    if mode == "spare":
+        eventually(_spare_ready, "h1's warm spare", lab, patience=PATIENCE)
+
+
 IMPORTS = "import vmmesh_cli.main, vmmesh_cli.cmd_vm, vmmesh_cli.cmd_run"
 HOST_PHASES = ("admit", "template", "vm_clone", "vm_resume", "vm_boot", "identity")
 
@@ -157,7 +183,7 @@ THIS_PATH = os.environ.get("PYTHONPATH")  # this tree's code, as the benchmark w
 def _use_tree(lab: Lab, tree: str | None) -> Lab:
     """Run the node and the CLI from ``tree`` (None: this one); the node restarts (with
     warm starts on: a node started without them cannot be told to use them)."""
-    _set_warm(lab, True, hosts=(1,))
+    _set_mode(lab, "spare")
     path = THIS_PATH if tree is None else tree
     if path is None:
         os.environ.pop("PYTHONPATH", None)
@@ -189,17 +215,19 @@ def bench(args: argparse.Namespace, emit: Any) -> list[dict[str, Any]]:
         _timed(lab, "shutdown", "prep")
         eventually(_warm_ready, "a warm state of the template", lab, PACKAGE, patience=PATIENCE)
         for n in range(args.runs):
-            modes = ("warm", "cold") if n < args.cold_rounds else ("warm",)
+            modes = ("spare", "warm", "cold") if n < args.cold_rounds else ("spare", "warm")
             for tree in trees if n % 2 == 0 else trees[::-1]:
                 if len(trees) > 1:
                     lab = _use_tree(lab, tree)
-                for mode in modes:
-                    _set_warm(lab, mode == "warm", hosts=(1,))
+                for mode in modes if n % 2 == 0 else modes[::-1]:
+                    _set_mode(lab, mode)
+                    _wait_spare(lab, mode)
                     add(_request_row(lab, mode, f"rq{n}{mode[0]}"))
                     add(_shutdown_row(lab, mode, f"rq{n}{mode[0]}"))
+                    _wait_spare(lab, mode)
                     add(_run_row(lab, mode, Path(cwd)))
                 add(_import_row(lab))
-        _set_warm(lab, True, hosts=(1,))
+        _set_mode(lab, "spare")
     return rows
 
 
@@ -232,7 +260,7 @@ def _line(row: dict[str, Any]) -> str:
         parts.append(f"listed after exit: {row['listed_after'] or 'none'}")
     if "still_listed" in row:
         parts.append(f"listed after exit in {row['still_listed']} of {row['median_of']}")
-    target = TARGETS.get(row["command"]) if row["mode"] == "warm" else None
+    target = TARGETS.get(row["command"]) if row["mode"] in ("warm", "spare") else None
     if target is not None and "median_of" in row:
         parts.append(f"target <= {target:g} s")
     return f"  {head}  ({'; '.join(parts)})" if parts else f"  {head}"

@@ -265,6 +265,10 @@ class FakeGuest:
     async def kill(self) -> None:
         self.exit(-9)
 
+    async def forward_ssh(self, bind: str, port: int) -> None:
+        self._check_alive()
+        self.spec = self.spec.with_ssh(port, bind)
+
     async def save_state(self, dest: Path) -> None:
         self._check_alive()
         await trio.sleep(self.hv.agent_seconds)

@@ -239,6 +239,28 @@ async def test_start_query_kill_wait_exit(probe_vm: BootSpec, guests: list[QemuG
 
 @needs_qemu_binaries
 @pytest.mark.qemu
+async def test_an_ssh_forward_added_to_a_running_guest(
+    probe_vm: BootSpec, guests: list[QemuGuest]
+) -> None:
+    # What a warm spare needs: a guest started with no ssh forward gets one when a
+    # VM takes it, and its spec file says so.
+    hv = QemuHypervisor(machine="pc")
+    spec = dataclasses.replace(probe_vm, network="user")
+    guest = await hv.start(spec)
+    guests.append(guest)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    await guest.forward_ssh("127.0.0.1", port)
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        pass  # QEMU's user-mode network listens for the guest's port 22
+    assert load_spec(spec.run_dir) == spec.with_ssh(port, "127.0.0.1")
+    with pytest.raises(HypervisorError, match="ssh forward"):
+        await guest.forward_ssh("127.0.0.1", port)  # taken: said, not ignored
+
+
+@needs_qemu_binaries
+@pytest.mark.qemu
 async def test_qemu_that_fails_to_start_is_reported(probe_vm: BootSpec) -> None:
     hv = QemuHypervisor(machine="pc")
     spec = _spec(probe_vm.run_dir.parent, kernel=probe_vm.run_dir.parent / "missing.bin")

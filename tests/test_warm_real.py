@@ -89,6 +89,13 @@ async def _warmed(mgr: VmManager, tid: str) -> None:
             await trio.sleep(0.5)
 
 
+async def _spare_of(mgr: VmManager, tid: str) -> str:
+    with trio.fail_after(600):
+        while (spare := mgr.spares.spare) is None or spare.key != tid:  # noqa: ASYNC110
+            await trio.sleep(0.2)
+    return spare.vm_id
+
+
 async def _out(mgr: VmManager, vm: str, script: str) -> bytes:
     res = await mgr.exec(vm, ["sh", "-c", script])
     assert res.exit_code == 0, res
@@ -141,6 +148,24 @@ async def test_three_warm_clones_are_three_machines(mgr: VmManager) -> None:
         assert res.exit_code != 0, "a file written in one clone is not in the others"
     marker = await _out(mgr, names[1], "cat /usr/share/vmm-test-a/marker")
     assert marker == b"vmm-test-a"
+
+    # The next VM of the template waits resumed (a warm spare, made once
+    # the host is idle): taking it is a wake-up, and it is a machine of its own.
+    spare_id = await _spare_of(mgr, tid)
+    t = time.monotonic()
+    nxt = await mgr.request_local("w", 1, ["vmm-test-a"])
+    took = time.monotonic() - t
+    [vm] = nxt.vms
+    assert vm.vm_id == spare_id and vm.start == "warm" and "spare" in vm.start_note, vm
+    print(f"{vm.name}: from the warm spare in {took:.2f} s: {vm.phases}")
+    assert await _out(mgr, vm.name, "hostname") == vm.name.encode()
+    assert await _out(mgr, vm.name, "cat /etc/machine-id") not in machine_ids
+    clock = float(await _out(mgr, vm.name, "date +%s"))
+    assert abs(clock - time.time()) < 120, "the clock was set when it woke"
+    await mgr.shutdown("w")
+    mgr.spares.enabled = False  # what follows is about the warm state, not a spare
+    mgr.spares.hold_off()
+    mgr.spares.check(True)
 
     # another shape (memory) is not resumed: a cold boot, and why
     big = await mgr.request_local("big", 1, ["vmm-test-a"], memory_mb=768)

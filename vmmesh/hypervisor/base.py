@@ -119,6 +119,10 @@ class Guest(Protocol):
 
     async def kill(self) -> None: ...
 
+    async def forward_ssh(self, bind: str, port: int) -> None:
+        """Forward ``bind:port`` on the host to the guest's port 22 from now on."""
+        ...
+
     async def save_state(self, dest: Path) -> None:
         """Pause and write RAM + device state to ``dest`` (QMP migrate to exec:)."""
         ...

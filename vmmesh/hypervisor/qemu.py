@@ -441,6 +441,18 @@ class QemuGuest:
             os.kill(self.pid, signal.SIGKILL)
         await self.wait_exit()
 
+    async def forward_ssh(self, bind: str, port: int) -> None:
+        """Forward ``bind:port`` on the host to the guest's port 22 from now on (a guest
+        started without one: a warm spare taken by a VM); its spec file says so too."""
+        spec = load_spec(self.run_dir)
+        if spec.network != "user":
+            return  # a bridged guest is reached at its own address
+        rule = f"tcp:{_ipv4(bind)}:{int(port)}-:22"
+        said = await self.qmp("human-monitor-command", {"command-line": f"hostfwd_add n0 {rule}"})
+        if said:  # HMP answers an empty string when the forward is in place
+            raise HypervisorError(f"ssh forward {rule} for {self.name}: {str(said).strip()}")
+        _write_atomic(self.run_dir / SPEC_FILE, spec_to_json(spec.with_ssh(port, bind)))
+
     async def save_state(self, dest: Path) -> None:
         """Pause, write RAM and devices to ``dest``, and end QEMU.
 

@@ -251,6 +251,8 @@ class MigrateService(NodeExtension):
         drain.set_draining(node.store, True)
         self.publish(node)
         mgr = self.vms.manager()
+        mgr.spares.hold_off()
+        mgr.spares.drop("the host drains")  # it takes no new VM: nothing for a spare to be
 
         async def move(rec: VmRecord) -> MigrateReport:
             return await self._move_away(rec.vm_id, emit)

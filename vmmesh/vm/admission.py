@@ -6,7 +6,9 @@ released at the moment the row is written).  ``reserve`` reads capacity and take
 it with no ``await`` in between: atomic under trio, so two requests racing on
 one host never both take the last slot.  A warm boot holds one slot of its own
 (``hold_for_warm``) that it gives up to the first request that needs it: the
-request's ``reserve`` cancels the warm boot's scope and takes the slot.
+request's ``reserve`` cancels the warm boot's scope and takes the slot.  A warm
+spare (``spare``) holds one the same way (``hold_for_spare``) and is dropped
+for such a request.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ class Admission:
         self.reserved = 0
         self.warm_held = False  # a warm boot holds one reserved slot
         self.warm_scope: trio.CancelScope | None = None  # ... and runs in this scope
+        self.spare_held = False  # a warm spare (``vm.spare``) holds one reserved slot
+        self.on_yield_spare: Callable[[], None] = lambda: None  # ... and is told to go
+        self.spare_disk: Path | None = None  # ... whose overlay its reservation counts
 
     def capacity(self) -> Capacity:
         """Free slots now, counting running VMs and outstanding reservations."""
@@ -67,7 +72,11 @@ class Admission:
         # A VM whose row exists but whose overlay is not written yet still
         # holds a disk allowance (the reservation was handed over to the row).
         overlays = sum(1 for _ in self.rows.vm_dir.glob("*.qcow2"))
-        return disk_used_mb(self.data_dir, allowance) + max(0, active - overlays) * allowance
+        used = disk_used_mb(self.data_dir, allowance)
+        if self.spare_held and self.spare_disk is not None and self.spare_disk.is_file():
+            overlays -= 1  # a warm spare's overlay: its reservation counts it already
+            used -= allowance
+        return used + max(0, active - overlays) * allowance
 
     def committed_mb(self) -> int:
         """Disk used and promised: every active VM's and reservation's allowance."""
@@ -78,10 +87,13 @@ class Admission:
         """What the mesh is told is free: a slot held by a warm boot counts as free, since
         the warm boot gives it up to the first request that needs it."""
         cap = self.capacity()
-        if not self.warm_held:
+        yielding = int(self.warm_held) + int(self.spare_held)
+        if not yielding:
             return cap
         return dataclasses.replace(
-            cap, free_vm_slots=cap.free_vm_slots + 1, free_disk_slots=cap.free_disk_slots + 1
+            cap,
+            free_vm_slots=cap.free_vm_slots + yielding,
+            free_disk_slots=cap.free_disk_slots + yielding,
         )
 
     def reserve(self, count: int) -> int:
@@ -94,6 +106,10 @@ class Admission:
         granted = min(count, self.capacity().free_slots)
         if granted < count and self.warm_held:
             self._yield_warm()  # a warm boot gives way to a VM someone asked for
+            granted = min(count, self.capacity().free_slots)
+        if granted < count and self.spare_held:
+            self.end_spare()  # and so does a warm spare
+            self.on_yield_spare()
             granted = min(count, self.capacity().free_slots)
         self.reserved += granted
         return granted
@@ -108,6 +124,21 @@ class Admission:
             return False
         self.warm_held = True
         return True
+
+    def hold_for_spare(self) -> bool:
+        """Take one slot for a warm spare; False when none is free (never yields one)."""
+        if self.spare_held or self.capacity().free_slots < 1:
+            return False
+        self.reserved += 1
+        self.spare_held = True
+        return True
+
+    def end_spare(self) -> None:
+        """The spare was taken or dropped: its slot back."""
+        self.spare_disk = None
+        if self.spare_held:
+            self.spare_held = False
+            self.release(1)
 
     def end_warm(self) -> None:
         """The warm boot is over: its slot back, unless it already gave it up."""

@@ -43,6 +43,7 @@ from vmmesh.nurseries import open_nursery
 from vmmesh.vm.admission import Admission, NoFreeSlot
 from vmmesh.vm.lifecycle import Lifecycle
 from vmmesh.vm.rows import NewVm, VmRows
+from vmmesh.vm.spare import Spare, Spares
 from vmmesh.vm.state import VmEvent, VmState
 from vmmesh.vm.warmsched import WarmScheduler
 
@@ -92,6 +93,7 @@ class Creator:
         admission: Admission,
         warm: WarmScheduler,
         lifecycle: Lifecycle,
+        spares: Spares,
         hypervisor: Hypervisor,
         templates: TemplateManager,
         policy: CapacityPolicy,
@@ -106,6 +108,7 @@ class Creator:
         self.admission = admission
         self.warm = warm
         self.lifecycle = lifecycle
+        self.spares = spares
         self.hv = hypervisor
         self.templates = templates
         self.policy = policy
@@ -138,6 +141,7 @@ class Creator:
         custom zip carries the entries its check listed where it entered.
         """
         step = self._steps(progress)
+        self.spares.hold_off()  # a spare being made never competes with a request
         held = self.admission.reserve(count)
         if held == 0:
             raise NoFreeSlot(f"no free VM slot on this host for {name}")
@@ -164,6 +168,8 @@ class Creator:
             self.admission.release(batch.held)
         step("done", 1.0)
         self.warm.schedule(rec)  # after this request's VMs: never in its way
+        if any(kind == "warm" for _, _, kind, _ in batch.made.values()):
+            self.spares.want(self.warm.key(rec.template_id if rec else None), *self._shape(plans))
         template = rec.template_id if rec else ""
         made: list[VmMade] = []
         for i, (vm_id, seconds, kind, note) in sorted(batch.made.items()):
@@ -195,6 +201,10 @@ class Creator:
             unplaced=batch.unplaced,
             template_seconds=_rounded(tpl_seconds),
         )
+
+    @staticmethod
+    def _shape(plans: list[_VmPlan]) -> tuple[int, int]:
+        return plans[0].vcpus, plans[0].memory_mb
 
     def _steps(self, emit: Emit) -> ProgressSink:
         """The host layer's ``progress(phase, fraction)`` as this host's ``Progress`` items."""
@@ -234,9 +244,12 @@ class Creator:
         Returns (vm_id, seconds per phase, "warm" or "cold", why cold if a
         warm state was there but not used).
         """
-        vm_id = secrets.token_hex(8)
-        disk = self.rows.vm_dir / f"{vm_id}.qcow2"
         template_id = plan.template.template_id if plan.template else None
+        spare = None
+        if self.warm.store() is not None:
+            spare = self.spares.take(self.warm.key(template_id), plan.vcpus, plan.memory_mb)
+        vm_id = spare.vm_id if spare is not None else secrets.token_hex(8)
+        disk = self.rows.vm_dir / f"{vm_id}.qcow2"
         ssh_port = self.rows.insert(
             NewVm(
                 vm_id,
@@ -256,7 +269,11 @@ class Creator:
             spec = self.templates.base.boot_spec(
                 vm_id, disk, self.rows.run_root / vm_id, plan.vcpus, plan.memory_mb
             ).with_ssh(ssh_port or None, self.rows.ssh_bind)
-            guest, kind, why = await self._start_warm(plan, spec, seconds)
+            guest, kind, why = None, "cold", ""
+            if spare is not None:
+                guest, kind, why = await self._wake_spare(spare, plan, spec, seconds)
+            if guest is None:
+                guest, kind, why = await self._start_warm(plan, spec, seconds)
             if guest is None:
                 guest = await self._start_cold(plan, spec, seconds)
             if plan.custom_zip is not None:
@@ -295,6 +312,29 @@ class Creator:
                 await guest.kill()
             raise
         return guest
+
+    async def _wake_spare(
+        self, spare: Spare, plan: _VmPlan, spec: BootSpec, seconds: dict[str, float]
+    ) -> tuple[Guest | None, str, str]:
+        """The warm spare taken for this VM, running as it; (None, ...) if it did not wake
+        (it is killed and its files go: the VM resumes the warm state instead)."""
+        try:
+            t = time.monotonic()
+            with trio.fail_after(WARM_TIMEOUT):
+                if spec.ssh_port is not None:
+                    await spare.guest.forward_ssh(spec.ssh_bind, spec.ssh_port)
+                seconds["vm_resume"] = time.monotonic() - t
+                t = time.monotonic()
+                await persona.set_hostname(spare.guest, plan.display)
+                seconds["identity"] = time.monotonic() - t
+            return spare.guest, "warm", "a warm spare, resumed before the request"
+        except (VmmeshError, OSError, trio.TooSlowError) as exc:
+            log.warning("%s: the warm spare did not wake (%s); resuming the state", plan.display,
+                        warm_error(exc))  # fmt: skip
+            with trio.CancelScope(shield=True):
+                await self.spares.discard(spare)
+            seconds.pop("vm_resume", None)
+            return None, "cold", ""
 
     async def _start_warm(
         self, plan: _VmPlan, spec: BootSpec, seconds: dict[str, float]

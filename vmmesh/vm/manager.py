@@ -28,6 +28,7 @@ from vmmesh.vm.lifecycle import Lifecycle, SshAccess, VmStopped
 from vmmesh.vm.reconcile import reconcile
 from vmmesh.vm.restart import restart
 from vmmesh.vm.rows import VmRecord, VmRows
+from vmmesh.vm.spare import Spares
 from vmmesh.vm.state import VmEvent
 from vmmesh.vm.warmsched import WARM_RETRY, WarmScheduler
 
@@ -72,11 +73,21 @@ class VmManager:
         self.admission = Admission(self.rows, data_dir, policy, probe)
         self.lifecycle = Lifecycle(self.rows, now=now, on_unexpected_stop=on_unexpected_stop)
         self.warm_sched = WarmScheduler(self.admission, self.rows, templates, policy, warm)
+        self.spares = Spares(
+            admission=self.admission,
+            rows=self.rows,
+            hypervisor=hypervisor,
+            base=templates.base,
+            warm_state=lambda key: warm.get(key) if warm is not None else None,
+        )
+        templates.on_remove.append(lambda tid: self.spares.forget(tid, "its template went"))
+        self.warm_sched.spare_room = self.spares.yield_room
         self.creator = Creator(
             rows=self.rows,
             admission=self.admission,
             warm=self.warm_sched,
             lifecycle=self.lifecycle,
+            spares=self.spares,
             hypervisor=hypervisor,
             templates=templates,
             policy=policy,
@@ -89,13 +100,19 @@ class VmManager:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Host the watcher tasks and warm boots until cancelled."""
-        async with trio.open_nursery() as nursery:
-            self.lifecycle.nursery = self.warm_sched.nursery = nursery
-            task_status.started()
-            while True:
-                await trio.sleep(WARM_RETRY)
-                self.warm_sched.trim()  # templates fetched or built since take their room
-                self.warm_sched.retry()
+        try:
+            async with trio.open_nursery() as nursery:
+                self.lifecycle.nursery = self.warm_sched.nursery = nursery
+                self.spares.nursery = nursery
+                task_status.started()
+                while True:
+                    await trio.sleep(WARM_RETRY)
+                    self.warm_sched.trim()  # templates fetched or built since take their room
+                    self.warm_sched.retry()
+                    self.spares.check(self.warm_sched.enabled)
+        finally:
+            self.spares.nursery = None
+            await self.spares.close()
 
     @property
     def policy(self) -> CapacityPolicy:

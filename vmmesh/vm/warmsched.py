@@ -13,6 +13,7 @@ is logged and its VMs boot cold; no caller is told.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -51,6 +52,8 @@ class WarmScheduler:
         # no free slot when it was asked (None: the base image's state)
         self._later: dict[str, TemplateRecord | None] = {}
         self._noted: set[str] = set()  # ... and that was logged once
+        # drops the warm spare (``vm.spare``) for room; the MB that gave back
+        self.spare_room: Callable[[], int] = lambda: 0
         if warm is not None:
             templates.on_remove.append(lambda tid: warm.discard(tid, "its template went"))
         templates.warm_source = self.for_builds
@@ -101,6 +104,8 @@ class WarmScheduler:
         sizes = self.warm.sizes()
         over = self.admission.committed_mb() + need_mb + -(-sum(sizes.values()) // (1 << 20))
         over -= self.policy.storage_quota_mb
+        if over > 0:
+            over -= self.spare_room()  # the warm spare goes before any warm state
         if over <= 0:
             return True
         in_use = {self.key(v.template_id) for v in self.rows.list()}

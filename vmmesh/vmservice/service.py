@@ -150,7 +150,7 @@ class VmService(NodeExtension):
             apt_sources=cfg.apt_sources,
         )
         warm = WarmStore(data_dir, hv, base) if cfg.warm_start else None
-        return VmManager(
+        mgr = VmManager(
             warm=warm,
             store=node.store,
             hypervisor=hv,
@@ -164,6 +164,8 @@ class VmService(NodeExtension):
             ssh_ports=range(cfg.ssh_port_first, cfg.ssh_port_first + max(cfg.ssh_port_count, 0)),
             ssh_bind=cfg.ssh_bind,
         )
+        mgr.spares.enabled = cfg.warm_spare
+        return mgr
 
     # --- the node's hooks -------------------------------------------------------
 
@@ -234,7 +236,17 @@ class VmService(NodeExtension):
             "base image": self.image_id or "none",
             "VMs": "on" if self.mgr is not None else f"off: {self.no_vms_reason}",
             "warm starts": "on" if self.mgr is not None and self.mgr.warm_enabled else "off",
+            "warm spare": self._spare_fact(),
         }
+
+    def _spare_fact(self) -> str:
+        """``vmmesh status``: the warm spare waiting here, if any (``vm.spare``)."""
+        if self.mgr is None or not (self.mgr.warm_enabled and self.mgr.spares.enabled):
+            return "off"
+        spare = self.mgr.spares.spare
+        if spare is None:
+            return "none"
+        return f"ready: {spare.key[:12]} ({spare.vcpus} vCPU, {spare.memory_mb} MB)"
 
     def publish_now(self) -> None:
         """Gossip this host's capacity, templates and VMs at once after a change,
@@ -247,6 +259,7 @@ class VmService(NodeExtension):
         if self.mgr is not None:
             self.mgr.policy = CapacityPolicy.from_config(node.cfg)
             self.mgr.warm_enabled = node.cfg.warm_start and self.mgr.warm is not None
+            self.mgr.spares.enabled = node.cfg.warm_spare
             self.mgr.templates.builder.apt_sources = tuple(node.cfg.apt_sources)
 
     def _on_unexpected_stop(self, ev: VmStopped) -> None:
