@@ -63,6 +63,8 @@ async def test_the_next_warm_vm_is_the_spare_made_after_a_warm_request(
     assert any(PLACEHOLDER in argv for argv in guest.exec_log)
     # not a VM: no row, and the mesh is told its slot is free
     assert spare_id not in {v.vm_id for v in host.vms.list_vms()}
+    assert not (host.vms.vm_dir / f"{spare_id}.qcow2").exists(), "its disk is no VM's"
+    assert (host.vms.spares.dir / f"{spare_id}.qcow2").exists()
     assert host.vms.offered().free_vm_slots == host.vms.capacity().free_vm_slots + 1
 
     third = await host.vms.request_local("web", 1, ["a"])
@@ -72,6 +74,8 @@ async def test_the_next_warm_vm_is_the_spare_made_after_a_warm_request(
     assert any("web-3" in argv for argv in guest.exec_log), "it became itself"
     assert "vm_clone" not in vm.phases
     assert host.vms.spares.spare is None
+    assert guest.disk == host.vms.vm_dir / f"{spare_id}.qcow2" and guest.disk.exists()
+    assert not any(host.vms.spares.dir.iterdir())
     row = host.vms.get("web-3")
     assert row.state == "running" and row.pid == guest.pid
     assert not host.vms.admission.spare_held and host.vms.admission.reserved == 0
@@ -109,7 +113,7 @@ async def test_a_request_that_needs_the_slot_gets_it_and_the_spare_goes(
         assert len(other.vms) == 1 and other.unplaced == 0
         await trio.sleep(1)
         assert h.vms.spares.spare is None
-        assert not (h.vms.vm_dir / f"{spare_id}.qcow2").exists()
+        assert not (h.vms.spares.dir / f"{spare_id}.qcow2").exists()
         assert not (h.vms.run_root / spare_id).exists()
         [spare_guest] = [g for g in hv.started if g.name == spare_id]
         assert spare_guest.exited.is_set()
@@ -143,7 +147,7 @@ async def test_a_spare_whose_warm_state_was_made_again_is_never_used(
     vm = (await host.vms.request_local("web", 1, ["a"])).vms[0]
     assert vm.vm_id != spare_id and vm.start == "warm"
     await trio.sleep(1)
-    assert not (host.vms.vm_dir / f"{spare_id}.qcow2").exists()
+    assert not (host.vms.spares.dir / f"{spare_id}.qcow2").exists()
 
 
 async def test_the_spare_goes_with_its_template_and_when_spares_are_turned_off(
@@ -155,7 +159,7 @@ async def test_the_spare_goes_with_its_template_and_when_spares_are_turned_off(
     host.vms.spares.enabled = False
     await trio.sleep(15)  # the manager's periodic check
     assert host.vms.spares.spare is None
-    assert not (host.vms.vm_dir / f"{spare_id}.qcow2").exists()
+    assert not (host.vms.spares.dir / f"{spare_id}.qcow2").exists()
     assert not host.vms.admission.spare_held
     await host.vms.request_local("web", 1, ["a"])
     await trio.sleep(10)
@@ -176,7 +180,7 @@ async def test_a_stopping_node_kills_its_spare_and_a_killed_one_is_reconciled(
         nursery.cancel_scope.cancel()
     [guest] = [g for g in hv.started if g.name == spare_id]
     assert guest.exited.is_set()
-    assert not (h.vms.vm_dir / f"{spare_id}.qcow2").exists()
+    assert not (h.vms.spares.dir / f"{spare_id}.qcow2").exists()
 
     # A node that starts again makes the spare of the latest warm request, unasked;
     # killed outright, it leaves the spare's disk and run directory, no row.
@@ -186,11 +190,11 @@ async def test_a_stopping_node_kills_its_spare_and_a_killed_one_is_reconciled(
         spare_id = await _spared(h2, tid)
         h2.vms.spares.spare = None  # as if the node died: nothing cleans up
         nursery.cancel_scope.cancel()
-    assert (h2.vms.vm_dir / f"{spare_id}.qcow2").exists()
+    assert (h2.vms.spares.dir / f"{spare_id}.qcow2").exists()
     h3 = Host(tmp_path / "d", hv, store)
     async with trio.open_nursery() as nursery:
         await nursery.start(h3.vms.run)
         changes = await h3.vms.reconcile()
         nursery.cancel_scope.cancel()
-    assert f"orphan file vms/{spare_id}.qcow2" in changes
+    assert f"orphan spare spares/{spare_id}.qcow2" in changes
     assert not (h3.vms.run_root / spare_id).exists()

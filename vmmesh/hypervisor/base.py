@@ -119,8 +119,9 @@ class Guest(Protocol):
 
     async def kill(self) -> None: ...
 
-    async def forward_ssh(self, bind: str, port: int) -> None:
-        """Forward ``bind:port`` on the host to the guest's port 22 from now on."""
+    async def become_vm(self, disk: Path, ssh_bind: str, ssh_port: int | None) -> None:
+        """A warm spare taken by a VM: its disk is now at ``disk`` (renamed under the
+        running guest), its port 22 forwarded from ``ssh_bind:ssh_port`` (None: none)."""
         ...
 
     async def save_state(self, dest: Path) -> None:

@@ -40,7 +40,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -441,17 +441,20 @@ class QemuGuest:
             os.kill(self.pid, signal.SIGKILL)
         await self.wait_exit()
 
-    async def forward_ssh(self, bind: str, port: int) -> None:
-        """Forward ``bind:port`` on the host to the guest's port 22 from now on (a guest
-        started without one: a warm spare taken by a VM); its spec file says so too."""
-        spec = load_spec(self.run_dir)
-        if spec.network != "user":
-            return  # a bridged guest is reached at its own address
-        rule = f"tcp:{_ipv4(bind)}:{int(port)}-:22"
-        said = await self.qmp("human-monitor-command", {"command-line": f"hostfwd_add n0 {rule}"})
-        if said:  # HMP answers an empty string when the forward is in place
-            raise HypervisorError(f"ssh forward {rule} for {self.name}: {str(said).strip()}")
-        _write_atomic(self.run_dir / SPEC_FILE, spec_to_json(spec.with_ssh(port, bind)))
+    async def become_vm(self, disk: Path, ssh_bind: str, ssh_port: int | None) -> None:
+        """A warm spare taken by a VM: its disk was renamed to ``disk`` (QEMU keeps the
+        file it has open), and its port 22 is forwarded from ``ssh_bind:ssh_port`` from
+        now on (QEMU's ``hostfwd_add``; None: no forward).  The spec file says both."""
+        spec = replace(load_spec(self.run_dir), disk=disk)
+        if ssh_port is not None and spec.network == "user":  # a bridged guest has its own address
+            rule = f"tcp:{_ipv4(ssh_bind)}:{int(ssh_port)}-:22"
+            said = await self.qmp(
+                "human-monitor-command", {"command-line": f"hostfwd_add n0 {rule}"}
+            )
+            if said:  # HMP answers an empty string when the forward is in place
+                raise HypervisorError(f"ssh forward {rule} for {self.name}: {str(said).strip()}")
+            spec = spec.with_ssh(ssh_port, ssh_bind)
+        _write_atomic(self.run_dir / SPEC_FILE, spec_to_json(spec))
 
     async def save_state(self, dest: Path) -> None:
         """Pause, write RAM and devices to ``dest``, and end QEMU.

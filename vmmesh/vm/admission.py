@@ -52,7 +52,6 @@ class Admission:
         self.warm_scope: trio.CancelScope | None = None  # ... and runs in this scope
         self.spare_held = False  # a warm spare (``vm.spare``) holds one reserved slot
         self.on_yield_spare: Callable[[], None] = lambda: None  # ... and is told to go
-        self.spare_disk: Path | None = None  # ... whose overlay its reservation counts
 
     def capacity(self) -> Capacity:
         """Free slots now, counting running VMs and outstanding reservations."""
@@ -72,11 +71,7 @@ class Admission:
         # A VM whose row exists but whose overlay is not written yet still
         # holds a disk allowance (the reservation was handed over to the row).
         overlays = sum(1 for _ in self.rows.vm_dir.glob("*.qcow2"))
-        used = disk_used_mb(self.data_dir, allowance)
-        if self.spare_held and self.spare_disk is not None and self.spare_disk.is_file():
-            overlays -= 1  # a warm spare's overlay: its reservation counts it already
-            used -= allowance
-        return used + max(0, active - overlays) * allowance
+        return disk_used_mb(self.data_dir, allowance) + max(0, active - overlays) * allowance
 
     def committed_mb(self) -> int:
         """Disk used and promised: every active VM's and reservation's allowance."""
@@ -135,7 +130,6 @@ class Admission:
 
     def end_spare(self) -> None:
         """The spare was taken or dropped: its slot back."""
-        self.spare_disk = None
         if self.spare_held:
             self.spare_held = False
             self.release(1)

@@ -321,8 +321,7 @@ class Creator:
         try:
             t = time.monotonic()
             with trio.fail_after(WARM_TIMEOUT):
-                if spec.ssh_port is not None:
-                    await spare.guest.forward_ssh(spec.ssh_bind, spec.ssh_port)
+                await spare.guest.become_vm(spare.disk, spec.ssh_bind, spec.ssh_port)
                 seconds["vm_resume"] = time.monotonic() - t
                 t = time.monotonic()
                 await persona.set_hostname(spare.guest, plan.display)

@@ -237,4 +237,7 @@ class VmManager:
         self.rows.apply(vm_id, VmEvent.SUPERSEDED)
 
     async def reconcile(self) -> list[str]:
-        return await reconcile(self.rows, self.lifecycle, self.hv, self.templates, self.warm)
+        changes = self.spares.reconcile()
+        return changes + await reconcile(
+            self.rows, self.lifecycle, self.hv, self.templates, self.warm
+        )

@@ -27,10 +27,13 @@ shell builtins only): about 0.1 s.
   still the same file (``_stamp``); otherwise it is dropped and the VM resumes
   as before.  A spare that does not answer when taken is killed and the VM
   resumes the warm state: a request never fails because of a spare.
-* It has no row: its QEMU and disk already carry the next VM's id
-  (``vms/<id>.qcow2``, ``run/<id>``), so taking it is writing the row.  A node
-  killed with a spare leaves a disk and a run directory with no row, which
-  ``reconcile`` removes; a node that stops kills it.
+* It is no VM: no row, and its disk is ``spares/<id>.qcow2``, outside ``vms/``
+  (the same depth: the relative backing name resolves alike), its QEMU
+  already named and run as the next VM (``run/<id>``).  Taking it renames the
+  disk into ``vms/`` (QEMU keeps its open file) and writes the row.  A node
+  killed with a spare leaves a disk in ``spares/`` and a QEMU with no row:
+  the next start removes both (``reconcile`` here and in ``vm.reconcile``);
+  a node that stops kills it.
 * Off with warm starts, or with ``warm_spare = false``.
 """
 
@@ -60,6 +63,7 @@ log = logging.getLogger("vmmesh.vms")
 SPARE_DELAY = 2.0  # seconds of no request on this host before a spare is made
 SPARE_TIMEOUT = 60.0  # a resume that takes longer is abandoned (as a warm VM's is)
 PLACEHOLDER = "spare"  # the host name a spare has until it is taken
+SPARES_DIR = "spares"  # beside vms/: a spare's disk until a VM takes it
 WANTED_KEY = "warm_spare"  # store meta: [warm state key, vCPUs, MB] of the latest warm request
 
 
@@ -104,6 +108,7 @@ class Spares:
         self.enabled = True
         self.nursery: trio.Nursery | None = None  # set by ``VmManager.run``
         self.spare: Spare | None = None
+        self.dir = rows.vm_dir.parent / SPARES_DIR
         self._making: trio.CancelScope | None = None
         self._slot: object | None = None  # who holds the spare's slot: a making or a spare
         self._failed: str | None = None  # a key whose spare did not resume: not tried again
@@ -156,7 +161,14 @@ class Spares:
             return None  # another shape: the spare stays for the template's usual VMs
         self.spare = None
         self._release(spare.slot)
-        return spare
+        disk = self.rows.vm_dir / f"{spare.vm_id}.qcow2"
+        try:
+            os.replace(spare.disk, disk)  # QEMU keeps the file it has open
+        except OSError as exc:
+            log.warning("warm spare %s: its disk cannot move: %s", spare.vm_id, exc)
+            self._discard_soon(spare)
+            return None
+        return replace(spare, disk=disk)
 
     def drop(self, why: str) -> None:
         """Kill the spare (in the background) and give its slot back."""
@@ -165,6 +177,9 @@ class Spares:
             return
         log.info("warm spare of %s dropped: %s", spare.key[:12], why)
         self._release(spare.slot)
+        self._discard_soon(spare)
+
+    def _discard_soon(self, spare: Spare) -> None:
         # its overlay goes now (QEMU keeps its open file until killed, below): the
         # storage it counted against is free for the request that needed the slot
         spare.disk.unlink(missing_ok=True)
@@ -213,6 +228,17 @@ class Spares:
             same = False
         if not same:
             self.drop("its warm state went")
+
+    def reconcile(self) -> list[str]:
+        """Node start: no spare outlives its node; the disks of those that did go (their
+        QEMU, in a run directory with no row, is killed by ``vm.reconcile``)."""
+        gone = []
+        if self.dir.is_dir():
+            for entry in sorted(self.dir.iterdir()):
+                if entry.is_file():
+                    entry.unlink()
+                    gone.append(f"orphan spare {SPARES_DIR}/{entry.name}")
+        return gone
 
     async def close(self) -> None:
         """The node stops: the spare goes with it (it is no VM of anyone's)."""
@@ -272,7 +298,8 @@ class Spares:
     ) -> Spare | None:
         """Clone and resume ``state`` as a machine of its own; the spare or None."""
         vm_id = secrets.token_hex(8)
-        disk = self.rows.vm_dir / f"{vm_id}.qcow2"
+        self.dir.mkdir(exist_ok=True)
+        disk = self.dir / f"{vm_id}.qcow2"
         spec = self.base.boot_spec(vm_id, disk, self.rows.run_root / vm_id, vcpus, memory_mb)
         guest: Guest | None = None
         spare: Spare | None = None
@@ -280,7 +307,6 @@ class Spares:
             if state.shape.differs(await self.hv.shape(spec)):
                 return None  # its VMs boot cold; not a spare's business
             stamp = _stamp(state)
-            self.admission.spare_disk = disk
             await self.hv.create_overlay(state.disk, disk)
             with trio.fail_after(SPARE_TIMEOUT):
                 guest = await self.hv.start(replace(spec, incoming=state.state))
