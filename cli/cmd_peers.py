@@ -8,11 +8,12 @@ from collections.abc import Sequence
 
 from vmmesh.api.codec import Empty
 from vmmesh.api.figures import Figure, Unit
+from vmmesh.api.host import WorkItem, WorkKind
 from vmmesh.api.node import PEERS, STATUS
 from vmmesh.config import Config
 
 from . import client
-from .output import ago, mb, print_json, table
+from .output import ago, mb, print_json, rate, table
 
 
 def peers(args: argparse.Namespace, cfg: Config) -> int:
@@ -44,7 +45,30 @@ def peers(args: argparse.Namespace, cfg: Config) -> int:
         ["host", "address", "state", "last heard", "size", "free", "templates", "VMs"],
         rows,
     )
+    work = [(h.name, w) for h in reply.hosts if h.status != "down" for w in h.work]
+    if work:
+        table("work under way", ["host", "work"], [(host, work_line(w, now)) for host, w in work])
     return 0
+
+
+def work_line(w: WorkItem, now: float) -> str:
+    """One line for a host's work as it gossips it (what every host's page shows too)."""
+    what = {WorkKind.FETCH: "fetching", WorkKind.MIGRATION: "moving", WorkKind.JOB: "job"}[w.kind]
+    text = f"{what} {w.name}" + (f" to {w.peer}" if w.peer else "")
+    if w.kind is WorkKind.JOB:
+        text += f": {w.done} of {w.total} commands" + (f", {w.failed} failed" if w.failed else "")
+        text += f" on {w.vms} VMs" if w.vms else ""
+    elif w.total:
+        text += f": {mb(w.done / (1 << 20))} of {mb(w.total / (1 << 20))}"
+    if w.fraction is not None:
+        text += f" ({w.fraction:.0%})"
+    if w.rate:
+        text += f", {rate(w.rate)}"
+    if w.phase:
+        text += f", {w.phase}"
+    if w.started:
+        text += f", started {ago(w.started, now)}"
+    return text
 
 
 def status(args: argparse.Namespace, cfg: Config) -> int:

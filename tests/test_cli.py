@@ -119,3 +119,16 @@ def test_a_bug_says_so_with_its_own_status(
     assert "a bug in vmmesh" in capsys.readouterr().err
     monkeypatch.setattr(cmd_run, "_one", fails)
     assert main(["--data-dir", str(tmp_path), "run", "--", "true"]) == 71
+
+
+def test_peers_shows_each_hosts_work_in_one_line() -> None:
+    from vmmesh.api.host import WorkItem, WorkKind
+    from vmmesh_cli.cmd_peers import work_line
+
+    move = WorkItem(kind=WorkKind.MIGRATION, name="web-1", phase="ram", fraction=0.4,
+                    done=40 << 20, total=100 << 20, rate=12e6, peer="h3", started=90.0)  # fmt: skip
+    assert work_line(move, 100.0) == (
+        "moving web-1 to h3: 40 MB of 100 MB (40%), 12.0 MB/s, ram, started 10.0s ago"
+    )
+    job = WorkItem(kind=WorkKind.JOB, name="bag", done=7, total=20, failed=1, vms=2)
+    assert work_line(job, 0.0) == "job bag: 7 of 20 commands, 1 failed on 2 VMs"

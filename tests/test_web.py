@@ -198,6 +198,10 @@ FIGURES = (  # as the node and its extensions publish them (their own tests chec
 )
 
 
+MOVE = WorkItem(kind=WorkKind.MIGRATION, name="web-2", fraction=0.5, done=5, total=10,
+                rate=2e6, peer="alpha")  # fmt: skip
+
+
 def _hosts() -> list[HostView]:
     tpl = TemplateInfo(
         template_id="f" * 32, base_image_id="0" * 32, packages=frozenset(), warm=True
@@ -206,7 +210,16 @@ def _hosts() -> list[HostView]:
         HostView(
             IDS[0], "alpha", "up", CAP, templates=(tpl,), vms=("web-1",), address="10.0.0.1:7400"
         ),
-        HostView(IDS[1], "beta", "up", CAP, draining=True, address="10.0.0.2:7400", last_heard=5.0),
+        HostView(
+            IDS[1],
+            "beta",
+            "up",
+            CAP,
+            draining=True,
+            address="10.0.0.2:7400",
+            last_heard=5.0,
+            work=(MOVE, MOVE),
+        ),
         HostView(IDS[2], "gamma", "suspect", CAP, address="10.0.0.3:7400", last_heard=4.0),
         HostView(IDS[3], "delta", "down", CAP, address="10.0.0.4:7400", last_heard=3.0),
     ]
@@ -266,6 +279,11 @@ def test_metrics_say_each_members_state_and_capacity() -> None:
     assert samples[("vmmesh_migrations_total", (("result", "done"),))] == 3
     assert samples[("vmmesh_refusals_total", (("cause", "tls"),))] == 2
     assert samples[("vmmesh_node_start_time_seconds", ())] == 900.0
+    move = (("kind", "migration"), ("member", "beta"), ("name", "web-2"), ("peer", "alpha"))
+    assert samples[("vmmesh_member_work_fraction", move)] == 0.5
+    assert samples[("vmmesh_member_work_done", move)] == 5
+    assert samples[("vmmesh_member_work_size", move)] == 10
+    assert samples[("vmmesh_member_work_rate_bytes_per_second", move)] == 2e6
     info = [k for k in samples if k[0] == "vmmesh_node_info"]
     assert dict(info[0][1])["admin"] == "true"
 
@@ -757,7 +775,7 @@ async def test_a_gossip_change_right_after_a_snapshot_is_in_the_next_one(
     """A changed key (another host's work under way) makes no task-log line, and came
     within ``SNAPSHOT_AGE`` of the last snapshot: the page must not get the old one
     again and wait for the next push (it did, up to 2.5 s late)."""
-    hosts = _hosts()
+    hosts = [replace(h, work=()) for h in _hosts()]
     node = FakeNode(mesh, tmp_path / "a", hosts, FakePool({}))
     web = await _web_service(node, "10.0.0.1")
 

@@ -198,6 +198,49 @@ class MeshCollector(Collector):
             if h.last_heard:
                 heard.add_metric(who, round(h.last_heard, 3))
         yield from (info, status, cores, memory, quota, free, slots, vms, templates, warm, heard)
+        yield from self._work()
+
+    def _work(self) -> Iterator[Metric]:
+        """Every host's work under way as it gossips it (at most 32 items a host): what
+        the page's bars show, for alerts on a stuck migration or a failing bag."""
+        labels = ["member", "kind", "name", "peer"]
+        fraction = GaugeMetricFamily(
+            "vmmesh_member_work_fraction",
+            "How far a host's work under way is (0 to 1), as it gossips it.",
+            labels=labels,
+        )
+        done = GaugeMetricFamily(
+            "vmmesh_member_work_done",
+            "Work done: bytes of a fetch or a migration, commands of a job.",
+            labels=labels,
+        )
+        total = GaugeMetricFamily(
+            "vmmesh_member_work_size",
+            "Work in all: bytes of a fetch or a migration, commands of a job (0: not known).",
+            labels=labels,
+        )
+        rate = GaugeMetricFamily(
+            "vmmesh_member_work_rate_bytes_per_second",
+            "The rate of a fetch or a migration, as its host rounds it.",
+            labels=labels,
+        )
+        for h in sorted(self.figures.hosts, key=lambda h: (h.name, h.node_id)):
+            if h.status == "down":
+                continue
+            seen: set[tuple[str, str, str]] = set()
+            for w in h.work:
+                key = (w.kind.value, w.name, w.peer)
+                if key in seen:  # a sample's labels are its identity: one each
+                    continue
+                seen.add(key)
+                who = [h.name, *key]
+                if w.fraction is not None:
+                    fraction.add_metric(who, w.fraction)
+                done.add_metric(who, w.done)
+                total.add_metric(who, w.total)
+                if w.rate:
+                    rate.add_metric(who, w.rate)
+        yield from (fraction, done, total, rate)
 
 
 def published(figures: Sequence[Figure]) -> Iterator[Metric]:
