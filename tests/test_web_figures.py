@@ -234,6 +234,7 @@ class Session:
     opened: float
     state: str
     commands: Commands = field(default_factory=Commands)
+    tasks: int = 0
 
 
 @dataclass
@@ -273,6 +274,12 @@ async def test_the_work_under_way_goes_into_gossip_and_every_hosts_row_shows_it(
         "job-abababab", "running", 4, 5, 1, 1,
     )  # fmt: skip
     assert job.started == 5.0  # a job: when it was opened
+    # a bag said how many tasks it has: those not started yet count in its total
+    web.jobs = Jobs({"j": Session("cd" * 8, "bag", {}, 5.0, "running", tasks=20)})
+    web.publish(node)  # type: ignore[arg-type]
+    later = ListOf(Nested(WorkItem), MAX_WORK).load(node.published["work"], "work")
+    [bag] = [w for w in later if w.kind is WorkKind.JOB]
+    assert (bag.done, bag.total, bag.fraction) == (4, 20, 0.2)
 
     hosts = [replace(h, work=work if i == 1 else ()) for i, h in enumerate(_hosts())]
 

@@ -64,6 +64,8 @@ class JobOpen(Message):
     memory_mb: int | None = wire(Optional(Int(64, 1 << 20)), default=None)
     fetch: str = wire(FetchPolicy, default=FETCH_AUTO)
     keep: bool = wire(Bool(), default=False)
+    # a bag's number of tasks (0: not a bag, or not known): the page shows "done of N"
+    tasks: int = wire(Int(0, 1 << 24), default=0)
 
 
 @dataclass(frozen=True)

@@ -120,9 +120,10 @@ class JobSpec:
     keep: bool = False
     fetch: str = "auto"
 
-    def open_request(self, count: int = 1) -> JobOpen:
+    def open_request(self, count: int = 1, tasks: int = 0) -> JobOpen:
         return JobOpen(
             count=count,
+            tasks=tasks,
             packages=self.packages,
             custom_zip=self.custom_zip,
             vcpus=self.vcpus,
@@ -359,7 +360,7 @@ async def run_bag(
     by_name = {t.name: t for t in tasks}
     client = JobClient(conn, progress)
     changed = trio.Event()
-    async with client.session(spec.open_request(vms)) as session:
+    async with client.session(spec.open_request(vms, tasks=len(tasks))) as session:
         wake = [changed]
 
         async def worker(vm: JobVm) -> None:

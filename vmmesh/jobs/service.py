@@ -116,6 +116,7 @@ class Session:
     closed: trio.Event = field(default_factory=trio.Event)  # its VMs are gone (or kept)
     opened: float = field(default_factory=time.time)
     commands: Commands = field(default_factory=Commands)
+    tasks: int = 0  # a bag's number of tasks, as its caller said (0: not known)
 
     @property
     def state(self) -> str:
@@ -180,7 +181,7 @@ class JobService(NodeExtension):
 
     async def _open(self, ctx: Context, req: JobOpen) -> Empty:
         job_id = secrets.token_hex(8)
-        session = Session(job_id, f"{JOB_PREFIX}{job_id[:8]}", req.keep)
+        session = Session(job_id, f"{JOB_PREFIX}{job_id[:8]}", req.keep, tasks=req.tasks)
         self.sessions[job_id] = session
         try:
             report = await self._place(ctx, session, req)

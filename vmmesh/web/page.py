@@ -136,8 +136,7 @@ function work(s) {
   $("nowork").textContent = transfers.length || moves.length ? ""
     : "no transfer or migration under way in the mesh";
   const jobs = of("job").map(([host, j]) => {
-    const running = j.total - j.done;
-    const label = j.done + " done" + (running ? ", " + running + " running" : "");
+    const label = j.done + " of " + j.total + " done";
     return row(host, el("b", "", j.name), badge(j.phase), j.vms, bar(j.done, j.total, label),
       (j.done - j.failed) + " ok, " + j.failed + " failed or lost", ago(s.now, j.started));
   });

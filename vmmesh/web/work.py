@@ -66,6 +66,9 @@ class JobSession(Protocol):
     @property
     def commands(self) -> CommandCounts: ...
 
+    @property
+    def tasks(self) -> int: ...
+
 
 def significant(x: float, digits: int = 2) -> float:
     """``x`` rounded to ``digits`` significant digits (0 stays 0)."""
@@ -107,7 +110,7 @@ def from_progress(kind: WorkKind, p: Progress, peer: str = "") -> WorkItem:
 def from_job(j: JobSession) -> WorkItem:
     c = j.commands
     done = c.ok + c.failed + c.lost
-    total = done + c.running
+    total = max(done + c.running, j.tasks)  # a bag's tasks not started yet count too
     return WorkItem(
         kind=WorkKind.JOB,
         name=_text(j.name, 128),
