@@ -27,6 +27,7 @@ from vmmesh.transfer.blobfile import (
     sweep,
 )
 from vmmesh.transfer.pieces import Scheduler
+from vmmesh.transfer.service import TransferService
 
 __all__ = ["fast_publish", "port", "root"]  # fixtures
 
@@ -357,6 +358,9 @@ async def test_a_template_built_on_one_host_is_fetched_by_another(root: Path, po
         guest = h2.hv.running[h2.mgr.get(vm.name).vm_id]
         res = await guest.exec(["cat", "/usr/share/vmm-test/perl"])
         assert res.stdout == b"perl"
+        # /metrics' received bytes: every piece as it was taken, so a long fetch moves
+        [transfers] = [e for e in h2.node.extensions if isinstance(e, TransferService)]
+        assert transfers.received_bytes == vm.source.bytes_fetched > 0
 
 
 async def test_install_wins_when_it_is_faster_and_flags_force_either_way(

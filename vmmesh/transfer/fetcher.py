@@ -81,10 +81,12 @@ async def fetch_blob(
     task: str,
     emit: Emit | None = None,
     keep_pack: bool = False,
+    on_wire: Callable[[int], None] | None = None,
 ) -> Fetched:
     """Fetch blob ``sha`` from ``holders`` into ``staging_dir``; TransferError if no holder
     could finish it.  ``keep_pack``: keep the chunks as received as a pack too, when
-    every piece comes in this attempt and from holders' packs (``Fetched.pack``)."""
+    every piece comes in this attempt and from holders' packs (``Fetched.pack``).
+    ``on_wire`` is told the wire bytes of each piece as it is taken (the counters)."""
     if not holders:
         raise TransferError(f"no host holds blob {sha[:16]}")
     info, _ = await blob_info(pool, sha, holders)
@@ -94,7 +96,8 @@ async def fetch_blob(
     by_id = {h.node_id: h for h in holders}
     fresh = keep_pack and not (have - info.zero)
     writer = PackWriter(staging_dir / f"{sha}{PACK_SUFFIX}", info) if fresh else None
-    run = _Run(pool, info, staging, sched, by_id, task=task, emit=emit, writer=writer)
+    run = _Run(pool, info, staging, sched, by_id, task=task, emit=emit, writer=writer,
+               on_wire=on_wire)  # fmt: skip
     started = time.monotonic()
     try:
         return await _finish(run, holders, started)
@@ -147,6 +150,7 @@ class _Run:
     task: str
     emit: Emit | None
     writer: PackWriter | None = None
+    on_wire: Callable[[int], None] | None = None
     done: trio.Event = field(default_factory=trio.Event)
     changed: trio.Event = field(default_factory=trio.Event)
     started: float = field(default_factory=time.monotonic)
@@ -199,6 +203,8 @@ class _Run:
             piece = await trio.to_thread.run_sync(assembly.piece)
             seconds, t = time.monotonic() - t, time.monotonic()
             if self.sched.arrived(holder.node_id, chunk.index, len(piece), assembly.wire, seconds):
+                if self.on_wire is not None:
+                    self.on_wire(assembly.wire)
                 await trio.to_thread.run_sync(self._keep, chunk.index, piece, assembly)
             self._check_done()
 

@@ -112,7 +112,7 @@ class TransferService(NodeExtension):
         self._unpackable: set[str] = set()
         self.active: dict[int, Progress] = {}  # fetches under way: their last progress
         self._fetch_ids = itertools.count()
-        self.received_bytes = 0  # as they came over the wire, counted when a blob is whole
+        self.received_bytes = 0  # as they came over the wire, counted piece by piece
         self.sent_bytes = 0  # piece data sent to peers
         vms.manager_hooks.append(self._hook_manager)
 
@@ -121,7 +121,7 @@ class TransferService(NodeExtension):
             counter(
                 "transfer_received_bytes",
                 "Bytes of templates and images this host fetched from peers, as they came "
-                "over the wire (counted when a blob is whole).",
+                "over the wire (counted as each piece is taken).",
                 self.received_bytes,
                 Unit.BYTES,
             ),
@@ -465,11 +465,14 @@ class TransferService(NodeExtension):
                 task=task,
                 emit=track,
                 keep_pack=keep_pack,
+                on_wire=self._received,
             )
         finally:
             del self.active[key]
-        self.received_bytes += got.wire_bytes
         return got
+
+    def _received(self, wire_bytes: int) -> None:
+        self.received_bytes += wire_bytes
 
     def _keep_packs(self, results: list[Fetched]) -> None:
         """Packs put together from what the holders sent become this host's packs (the
