@@ -5,6 +5,7 @@ sessions, the page and its event stream: tests/test_web_page.py."""
 from __future__ import annotations
 
 import datetime as dt
+import gzip
 import json
 import shutil
 import socket
@@ -43,7 +44,7 @@ from vmmesh.gossip.hoststate import HostView
 from vmmesh.mesh import pki
 from vmmesh.net.rpc import Context, Handlers, LocalContext
 from vmmesh.web import certs
-from vmmesh.web.app import Response, respond
+from vmmesh.web.app import GZIP_MIN, Response, accepts_gzip, compressed, respond
 from vmmesh.web.metrics import Figures, render, sd_targets
 from vmmesh.web.server import serve_connection, serve_tls_connection, server_context
 from vmmesh.web.service import WebService
@@ -420,6 +421,27 @@ async def test_two_requests_on_one_connection() -> None:
     assert out.count(b"HTTP/1.1 200") == 2
     assert out.count(b"vmmesh_x 1") == 1  # HEAD: headers only
     assert b"content-type: text/plain; version=0.0.4" in out
+
+
+@pytest.mark.parametrize(
+    ("header", "takes"),
+    [("gzip", True), ("deflate, gzip;q=1.0, *;q=0.5", True), ("gzip;q=0", False),
+     ("identity", False), ("", False), ("*", True), ("gzip;q=x", False)],
+)  # fmt: skip
+def test_accept_encoding_is_read_as_http_says(header: str, takes: bool) -> None:
+    assert accepts_gzip(header) is takes
+
+
+def test_a_big_body_goes_gzipped_to_who_takes_it_a_small_one_and_events_never() -> None:
+    big = Response(200, b"vmmesh_x 1\n" * 1000)
+    out = compressed(big, "gzip")
+    assert gzip.decompress(out.body) == big.body and len(out.body) < len(big.body) // 10
+    assert ("content-encoding", "gzip") in out.headers
+    assert compressed(big, "identity") is big
+    small = Response(200, b"x" * (GZIP_MIN - 1))
+    assert compressed(small, "gzip") is small
+    stream = Response(200, b"x" * 5000, events=True)
+    assert compressed(stream, "gzip") is stream
 
 
 async def test_garbage_gets_400_and_the_connection_ends() -> None:

@@ -15,6 +15,8 @@ a role may read what ``allowed`` says, anything else is 403.
 
 from __future__ import annotations
 
+import dataclasses
+import gzip
 import json
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -38,6 +40,37 @@ class Response:
     content_type: str = "text/plain; charset=utf-8"
     headers: tuple[tuple[str, str], ...] = ()
     events: bool = False  # the body is the event stream (``server`` runs it)
+
+
+GZIP_MIN = 1024  # bodies smaller than this go as they are
+GZIP_LEVEL = 1  # /metrics of a 1000-member mesh: 1.45 MB to about a tenth, in ~10 ms
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an ``Accept-Encoding`` value takes gzip (Prometheus and browsers send it);
+    ``gzip;q=0`` refuses it."""
+    for part in accept_encoding.split(","):
+        token, _, params = part.strip().partition(";")
+        if token.strip().lower() not in ("gzip", "*"):
+            continue
+        q = params.strip().lower()
+        if q.startswith("q="):
+            try:
+                return float(q[2:]) > 0
+            except ValueError:
+                return False
+        return True
+    return False
+
+
+def compressed(resp: Response, accept_encoding: str) -> Response:
+    """``resp`` gzipped when the client takes it and the body is worth it (never the
+    event stream, which is written as it goes)."""
+    if resp.events or len(resp.body) < GZIP_MIN or not accepts_gzip(accept_encoding):
+        return resp
+    body = gzip.compress(resp.body, compresslevel=GZIP_LEVEL, mtime=0)
+    extra = (("content-encoding", "gzip"), ("vary", "accept-encoding"))
+    return dataclasses.replace(resp, body=body, headers=(*resp.headers, *extra))
 
 
 class Pages(Protocol):

@@ -31,7 +31,7 @@ from vmmesh.api.web import Role
 from vmmesh.mesh.pki import cert_role
 from vmmesh.net.refusals import Cause, Refusals
 from vmmesh.net.tls import describe_error
-from vmmesh.web.app import Pages, Response, respond
+from vmmesh.web.app import Pages, Response, compressed, respond
 
 log = logging.getLogger("vmmesh.web")
 
@@ -150,6 +150,8 @@ async def serve_connection(
             anonymous = not pages.session(cookies)
             who = None if anonymous else Role.VIEWER
         resp = await respond(pages, method, target, who, refused, anonymous=anonymous)
+        accept = b",".join(v for k, v in event.headers if k == b"accept-encoding")
+        resp = compressed(resp, accept.decode("latin-1"))
         if resp.events:
             try:
                 streams.acquire_on_behalf_of_nowait(conn)
