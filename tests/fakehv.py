@@ -23,7 +23,7 @@ import json
 import os
 import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -265,10 +265,9 @@ class FakeGuest:
     async def kill(self) -> None:
         self.exit(-9)
 
-    async def become_vm(self, disk: Path, ssh_bind: str, ssh_port: int | None) -> None:
+    async def become_vm(self, ssh_bind: str, ssh_port: int | None) -> None:
         self._check_alive()
-        self.disk = disk
-        self.spec = replace(self.spec, disk=disk).with_ssh(ssh_port, ssh_bind)
+        self.spec = self.spec.with_ssh(ssh_port, ssh_bind)
 
     async def save_state(self, dest: Path) -> None:
         self._check_alive()

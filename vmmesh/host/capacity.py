@@ -36,7 +36,7 @@ from vmmesh.config import Config
 from vmmesh.errors import StateError
 
 # Sub-directories of the data dir whose files count against the quota.
-QUOTA_DIRS = ("vms", "templates", "warm", "packs", "spares")
+QUOTA_DIRS = ("vms", "templates", "warm", "packs")
 
 
 @dataclass(frozen=True)

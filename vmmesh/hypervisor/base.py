@@ -119,9 +119,9 @@ class Guest(Protocol):
 
     async def kill(self) -> None: ...
 
-    async def become_vm(self, disk: Path, ssh_bind: str, ssh_port: int | None) -> None:
-        """A warm spare taken by a VM: its disk is now at ``disk`` (renamed under the
-        running guest), its port 22 forwarded from ``ssh_bind:ssh_port`` (None: none)."""
+    async def become_vm(self, ssh_bind: str, ssh_port: int | None) -> None:
+        """A warm spare taken by a VM: its port 22 forwarded from ``ssh_bind:ssh_port``
+        from now on (None: none)."""
         ...
 
     async def save_state(self, dest: Path) -> None:

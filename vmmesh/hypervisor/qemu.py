@@ -40,7 +40,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -441,11 +441,10 @@ class QemuGuest:
             os.kill(self.pid, signal.SIGKILL)
         await self.wait_exit()
 
-    async def become_vm(self, disk: Path, ssh_bind: str, ssh_port: int | None) -> None:
-        """A warm spare taken by a VM: its disk was renamed to ``disk`` (QEMU keeps the
-        file it has open), and its port 22 is forwarded from ``ssh_bind:ssh_port`` from
-        now on (QEMU's ``hostfwd_add``; None: no forward).  The spec file says both."""
-        spec = replace(load_spec(self.run_dir), disk=disk)
+    async def become_vm(self, ssh_bind: str, ssh_port: int | None) -> None:
+        """A warm spare taken by a VM: its port 22 is forwarded from ``ssh_bind:ssh_port``
+        from now on (QEMU's ``hostfwd_add``; None: no forward), and its spec file says so."""
+        spec = load_spec(self.run_dir)
         if ssh_port is not None and spec.network == "user":  # a bridged guest has its own address
             rule = f"tcp:{_ipv4(ssh_bind)}:{int(ssh_port)}-:22"
             said = await self.qmp(

@@ -321,11 +321,12 @@ class Creator:
         try:
             t = time.monotonic()
             with trio.fail_after(WARM_TIMEOUT):
-                await spare.guest.become_vm(spare.disk, spec.ssh_bind, spec.ssh_port)
+                await spare.guest.become_vm(spec.ssh_bind, spec.ssh_port)
                 seconds["vm_resume"] = time.monotonic() - t
                 t = time.monotonic()
                 await persona.set_hostname(spare.guest, plan.display)
                 seconds["identity"] = time.monotonic() - t
+            log.info("%s is the warm spare %s", plan.display, spare.vm_id)
             return spare.guest, "warm", "a warm spare, resumed before the request"
         except (VmmeshError, OSError, trio.TooSlowError) as exc:
             log.warning("%s: the warm spare did not wake (%s); resuming the state", plan.display,

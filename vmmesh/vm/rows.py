@@ -23,6 +23,8 @@ from vmmesh.host.sshkeys import pick_port
 from vmmesh.host.store import Store
 from vmmesh.vm.state import ACTIVE, GONE, VmEvent, VmState, ends, transition
 
+SPARES_DIR = "spares"  # beside vms/: warm spares' disks (``vm.spare``)
+
 
 @dataclass(frozen=True)
 class VmRecord:
@@ -216,7 +218,9 @@ class VmRows:
         return self.vm_dir / f"{vm_id}.layer.qcow2"
 
     def delete_files(self, vm_id: str) -> None:
-        """The VM's overlay, its own layer (if it came with one) and run directory."""
+        """The VM's overlay, its own layer (if it came with one) and run directory, and
+        the first name of its overlay if it was a warm spare (``vm.spare``)."""
         (self.vm_dir / f"{vm_id}.qcow2").unlink(missing_ok=True)
+        (self.vm_dir.parent / SPARES_DIR / f"{vm_id}.qcow2").unlink(missing_ok=True)
         self.layer_path(vm_id).unlink(missing_ok=True)
         shutil.rmtree(self.run_root / vm_id, ignore_errors=True)

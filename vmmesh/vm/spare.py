@@ -29,11 +29,14 @@ shell builtins only): about 0.1 s.
   resumes the warm state: a request never fails because of a spare.
 * It is no VM: no row, and its disk is ``spares/<id>.qcow2``, outside ``vms/``
   (the same depth: the relative backing name resolves alike), its QEMU
-  already named and run as the next VM (``run/<id>``).  Taking it renames the
-  disk into ``vms/`` (QEMU keeps its open file) and writes the row.  A node
-  killed with a spare leaves a disk in ``spares/`` and a QEMU with no row:
-  the next start removes both (``reconcile`` here and in ``vm.reconcile``);
-  a node that stops kills it.
+  already named and run as the next VM (``run/<id>``).  Taking it links the
+  disk into ``vms/`` as ``<id>.qcow2`` and writes the row.  The first name
+  stays while the VM lives (QEMU reopens its disk by the name it opened it
+  with, when a migration hands the disk over: a renamed disk failed there)
+  and goes with the VM (``VmRows.delete_files``).  A node killed with a spare
+  leaves a disk in ``spares/`` with no row and a QEMU with no row: the next
+  start removes both (``reconcile`` here and in ``vm.reconcile``); a node
+  that stops kills it.
 * Off with warm starts, or with ``warm_spare = false``.
 """
 
@@ -56,14 +59,13 @@ from vmmesh.host.build import BaseImage
 from vmmesh.host.warm import WarmState
 from vmmesh.hypervisor.base import Guest, Hypervisor
 from vmmesh.vm.admission import Admission
-from vmmesh.vm.rows import VmRows
+from vmmesh.vm.rows import SPARES_DIR, VmRows
 
 log = logging.getLogger("vmmesh.vms")
 
 SPARE_DELAY = 2.0  # seconds of no request on this host before a spare is made
 SPARE_TIMEOUT = 60.0  # a resume that takes longer is abandoned (as a warm VM's is)
 PLACEHOLDER = "spare"  # the host name a spare has until it is taken
-SPARES_DIR = "spares"  # beside vms/: a spare's disk until a VM takes it
 WANTED_KEY = "warm_spare"  # store meta: [warm state key, vCPUs, MB] of the latest warm request
 
 
@@ -163,9 +165,9 @@ class Spares:
         self._release(spare.slot)
         disk = self.rows.vm_dir / f"{spare.vm_id}.qcow2"
         try:
-            os.replace(spare.disk, disk)  # QEMU keeps the file it has open
+            os.link(spare.disk, disk)  # a second name: QEMU's stays valid
         except OSError as exc:
-            log.warning("warm spare %s: its disk cannot move: %s", spare.vm_id, exc)
+            log.warning("warm spare %s: its disk cannot be linked: %s", spare.vm_id, exc)
             self._discard_soon(spare)
             return None
         return replace(spare, disk=disk)
@@ -233,9 +235,10 @@ class Spares:
         """Node start: no spare outlives its node; the disks of those that did go (their
         QEMU, in a run directory with no row, is killed by ``vm.reconcile``)."""
         gone = []
+        vms = {f"{v.vm_id}.qcow2" for v in self.rows.list()}  # their disks' first names
         if self.dir.is_dir():
             for entry in sorted(self.dir.iterdir()):
-                if entry.is_file():
+                if entry.is_file() and entry.name not in vms:
                     entry.unlink()
                     gone.append(f"orphan spare {SPARES_DIR}/{entry.name}")
         return gone
@@ -257,6 +260,7 @@ class Spares:
 
     def _remove_files(self, vm_id: str, disk: Path) -> None:
         disk.unlink(missing_ok=True)
+        (self.dir / f"{vm_id}.qcow2").unlink(missing_ok=True)
         shutil.rmtree(self.rows.run_root / vm_id, ignore_errors=True)
 
     def _release(self, token: object) -> None:
