@@ -156,7 +156,10 @@ class Pages:
     async def snapshot(self) -> bytes:
         return b"{}"
 
-    async def wait_change(self, timeout: float) -> None:
+    def changes(self) -> int:
+        return 0
+
+    async def wait_change(self, timeout: float, since: int) -> None:
         return None
 
 

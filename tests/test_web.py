@@ -347,7 +347,10 @@ class FakePages:
         self.snapshots += 1
         return b'{"n":%d}' % self.snapshots
 
-    async def wait_change(self, timeout: float) -> None:
+    def changes(self) -> int:
+        return 0
+
+    async def wait_change(self, timeout: float, since: int) -> None:
         with trio.move_on_after(timeout):
             await self.change.wait()
         self.change = trio.Event()
@@ -780,13 +783,18 @@ async def test_the_snapshot_is_the_api_bodies_and_the_task_log(
         woke: list[bool] = []
 
         async def watch() -> None:
-            await web.wait_change(60)
+            await web.wait_change(60, web.changes())
             woke.append(True)
 
         nursery.start_soon(watch)
         await trio.testing.wait_all_tasks_blocked()
         web.on_event(node, EventKind.DOWN, IDS[3])  # type: ignore[arg-type]
     assert woke == [True]
+    # a change that came while a stream was busy sending is not waited for again
+    seen = web.changes()
+    web.on_event(node, EventKind.CHANGED, IDS[1])  # type: ignore[arg-type]
+    with trio.fail_after(1):  # it returns at once, not after 60 s
+        await web.wait_change(60, seen)
     events = json.loads(await web.snapshot())["events"]  # a change: not the cached one
     assert [(e["kind"], e["text"]) for e in events] == [("down", "delta is down")]
 

@@ -96,8 +96,13 @@ class Pages(Protocol):
         """The page's state now, as one line of JSON (``/events``)."""
         ...
 
-    async def wait_change(self, timeout: float) -> None:
-        """Return when something the page shows changed, or after ``timeout`` seconds."""
+    def changes(self) -> int:
+        """A number that grows with every change the page shows."""
+        ...
+
+    async def wait_change(self, timeout: float, since: int) -> None:
+        """Return when something the page shows changed since ``changes()`` was
+        ``since`` (at once if it already has), or after ``timeout`` seconds."""
         ...
 
 

@@ -104,10 +104,11 @@ async def stream_events(
         nursery.start_soon(until_closed)
         try:
             while True:
+                seen = pages.changes()  # before the snapshot: a change during it counts
                 event = b"data: " + await pages.snapshot() + b"\n\n"
                 with trio.fail_after(IDLE):  # a client that stopped reading goes
                     await stream.send_all(conn.send(h11.Data(data=event)) or b"")
-                await pages.wait_change(PUSH_EVERY)
+                await pages.wait_change(PUSH_EVERY, seen)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
             nursery.cancel_scope.cancel()
 

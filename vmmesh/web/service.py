@@ -308,7 +308,14 @@ class WebService(NodeExtension):
         value = self.logins.session_of(cookies)
         return value is not None and self.logins.valid(value)
 
-    async def wait_change(self, timeout: float) -> None:
+    def changes(self) -> int:
+        return self._changes
+
+    async def wait_change(self, timeout: float, since: int) -> None:
+        # a change that came while the last snapshot was made or sent is not waited
+        # for again: it was missed until the next look (up to 1 s late) before
+        if self._changes != since:
+            return
         with trio.move_on_after(timeout):
             await self._changed.wait()
 
