@@ -365,6 +365,9 @@ async def test_work_under_way_wakes_the_page_every_second(
         busy = web._changed
         await trio.sleep(LOOK_EVERY)
         assert busy.is_set()  # the bar moves without waiting for the 2 s push
+        before = web.changes()
+        await trio.sleep(2.0)
+        assert web.changes() - before <= 3  # about once a second, not at every look
         nursery.cancel_scope.cancel()
 
 
