@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -14,9 +13,11 @@ import trio
 import trio.testing
 
 from tests.fakehv import FakeHypervisor
-from tests.test_warm import POLICY, Host
+from tests.test_warm import POLICY, Host, host
 from vmmesh.host.store import Store
 from vmmesh.vm.spare import PLACEHOLDER, SPARE_DELAY
+
+__all__ = ["host"]  # fixture (its Host over this module's `hv`)
 
 
 @pytest.fixture
@@ -24,15 +25,6 @@ def hv() -> FakeHypervisor:
     return FakeHypervisor(
         repo_packages=frozenset({"a", "b"}), agent_seconds=0.5, install_seconds=5.0
     )
-
-
-@pytest.fixture
-async def host(tmp_path: Path, hv: FakeHypervisor, store: Store) -> AsyncIterator[Host]:
-    h = Host(tmp_path / "data", hv, store)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(h.vms.run)
-        yield h
-        nursery.cancel_scope.cancel()
 
 
 async def _spared(host: Host, key: str) -> str:
@@ -46,6 +38,14 @@ async def _warm_template(host: Host) -> str:
     first = await host.vms.request_local("web", 1, ["a"])
     await host.warmed(first.template)
     return first.template
+
+
+async def _with_spare(host: Host) -> tuple[str, str]:
+    """A template of `a` with its warm state and, after a warm request, its spare:
+    (template id, the spare's VM id)."""
+    tid = await _warm_template(host)
+    await host.vms.request_local("web", 1, ["a"])
+    return tid, await _spared(host, tid)
 
 
 async def test_the_next_warm_vm_is_the_spare_made_after_a_warm_request(
@@ -109,9 +109,7 @@ async def test_a_request_that_needs_the_slot_gets_it_and_the_spare_goes(
     h = Host(tmp_path / "d", hv, store, policy=policy)
     async with trio.open_nursery() as nursery:
         await nursery.start(h.vms.run)
-        tid = await _warm_template(h)
-        await h.vms.request_local("web", 1, ["a"])
-        spare_id = await _spared(h, tid)
+        _, spare_id = await _with_spare(h)
         assert h.vms.capacity().free_vm_slots == 0
         assert h.vms.offered().free_vm_slots == 1
         # a VM of another template needs the last slot: the spare gives it up
@@ -129,9 +127,7 @@ async def test_a_request_that_needs_the_slot_gets_it_and_the_spare_goes(
 async def test_a_vm_of_another_shape_leaves_the_spare_for_the_usual_ones(
     host: Host, autojump_clock: trio.testing.MockClock
 ) -> None:
-    tid = await _warm_template(host)
-    await host.vms.request_local("web", 1, ["a"])
-    spare_id = await _spared(host, tid)
+    _, spare_id = await _with_spare(host)
     big = await host.vms.request_local("big", 1, ["a"], memory_mb=1024)
     assert big.vms[0].vm_id != spare_id
     spare = host.vms.spares.spare
@@ -141,9 +137,7 @@ async def test_a_vm_of_another_shape_leaves_the_spare_for_the_usual_ones(
 async def test_a_spare_whose_warm_state_was_made_again_is_never_used(
     host: Host, autojump_clock: trio.testing.MockClock
 ) -> None:
-    tid = await _warm_template(host)
-    await host.vms.request_local("web", 1, ["a"])
-    spare_id = await _spared(host, tid)
+    tid, spare_id = await _with_spare(host)
     state = host.warm.get(tid)
     assert state is not None
     # the same path, another file: the spare's overlay would sit on the wrong disk
@@ -159,9 +153,7 @@ async def test_a_spare_whose_warm_state_was_made_again_is_never_used(
 async def test_the_spare_goes_with_its_template_and_when_spares_are_turned_off(
     host: Host, autojump_clock: trio.testing.MockClock
 ) -> None:
-    tid = await _warm_template(host)
-    await host.vms.request_local("web", 1, ["a"])
-    spare_id = await _spared(host, tid)
+    tid, spare_id = await _with_spare(host)
     host.vms.spares.enabled = False
     await trio.sleep(15)  # the manager's periodic check
     assert host.vms.spares.spare is None
@@ -180,9 +172,7 @@ async def test_a_stopping_node_kills_its_spare_and_a_killed_one_is_reconciled(
     h = Host(tmp_path / "d", hv, store)
     async with trio.open_nursery() as nursery:
         await nursery.start(h.vms.run)
-        tid = await _warm_template(h)
-        await h.vms.request_local("web", 1, ["a"])
-        spare_id = await _spared(h, tid)
+        tid, spare_id = await _with_spare(h)
         nursery.cancel_scope.cancel()
     [guest] = [g for g in hv.started if g.name == spare_id]
     assert guest.exited.is_set()

@@ -151,12 +151,7 @@ class Spares:
         spare = self.spare
         if spare is None or spare.key != key:
             return None
-        state = self.warm_state(key)
-        try:
-            same = state is not None and _stamp(state) == spare.stamp
-        except OSError:
-            same = False
-        if not same:
+        if not self._on_its_state(spare):
             self.drop("its warm state changed")
             return None
         if (spare.vcpus, spare.memory_mb) != (vcpus, memory_mb):
@@ -222,14 +217,16 @@ class Spares:
             return
         if not (self.enabled and warm_enabled):
             self.drop("warm spares are off")
-            return
-        state = self.warm_state(self.spare.key)
-        try:
-            same = state is not None and _stamp(state) == self.spare.stamp
-        except OSError:
-            same = False
-        if not same:
+        elif not self._on_its_state(self.spare):
             self.drop("its warm state went")
+
+    def _on_its_state(self, spare: Spare) -> bool:
+        """Is the spare's warm state still the file its overlay was cloned from?"""
+        state = self.warm_state(spare.key)
+        try:
+            return state is not None and _stamp(state) == spare.stamp
+        except OSError:
+            return False
 
     def reconcile(self) -> list[str]:
         """Node start: no spare outlives its node; the disks of those that did go (their
