@@ -13,13 +13,16 @@ request that reaches this host through the VM service or jobs is admitted
 against real free capacity (``admission``: atomic, so two requests never both
 take the last slot, and a warm boot's slot is given up to it at once); then
 ``creation`` makes sure a template holds the packages (``host.templates``), and
-per VM commits a ``creating`` row, clones, resumes the warm state or boots cold,
+per VM commits a ``creating`` row, takes the warm spare (``spare``: the next VM of
+the latest warm request's template, resumed ahead of time) or clones and resumes
+the warm state or boots cold,
 gives the guest its identity and custom zip, and moves the row to ``running``.
 From then on ``lifecycle`` watches the QEMU: an ordered stop (``shutdown``)
 kills it and deletes overlay, run directory and row; an exit without an order
 makes the VM ``lost`` and calls ``on_unexpected_stop``.  In the background,
 ``warmsched`` makes each template's warm state in a slot of its own and drops
-warm states the storage quota needs.
+warm states the storage quota needs, and ``spare`` makes the next spare once the
+host is idle (it gives its slot up to any request, as a warm boot does).
 
 What can fail, and who is told: no free slot is a ``CapacityError`` to the
 caller; a VM that fails half-way is killed, its overlay and row go
