@@ -51,7 +51,8 @@ def unique_tag() -> str:
     return "t" + secrets.token_hex(3)
 
 
-def _warm_seed(image: Path | None) -> Path | None:
+def suite_warm_seed(image: Path | None) -> Path | None:
+    """The suite's warm states of ``image`` (``tests.warmseed``), if they were made."""
     if image is None:
         return None
     seed = Path(os.environ.get("VMMESH_WARM_SEED", f"{image}.warm"))
@@ -93,7 +94,7 @@ def lab_context(
                     env=env,
                     cli_argv=cli_argv,
                     image=image,
-                    warm_seed=_warm_seed(image) if warm_seed else None,
+                    warm_seed=suite_warm_seed(image) if warm_seed else None,
                 )
                 break
             except SubnetInUse:

@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 
 from tests.aptrepo import AptRepo
-from tests.labutil import lab_context
+from tests.labutil import lab_context, suite_warm_seed
 from tests.meshutil import all_up, cli_json, eventually, failed
 from vmmesh.host.images import ImageStore
-from vmmesh.lab import Lab, load_lab
+from vmmesh.lab import Lab, load_lab, seed_warm
 
 BASE_DIR = Path(os.environ.get("VMMESH_BASE_IMAGE_DIR", "/var/cache/vmmesh-dev/base"))
 
@@ -66,7 +66,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     with lab_context(base, 4, start_nodes=False, node_args=node_args) as made:
         for i in (1, 2):
             store = ImageStore(made.host_data_dir(i))
-            store.set_default(store.import_image(BASE_DIR, link=True).image_id)
+            image_id = store.import_image(BASE_DIR, link=True).image_id
+            store.set_default(image_id)
+            # The suite's warm state of the image, as lab_context links it: h1 and
+            # h2 boot no guest to make their own (h3 and h4 do, after fetching).
+            if (seed := suite_warm_seed(BASE_DIR)) is not None:
+                seed_warm(seed / image_id, made.host_data_dir(i))
         for i in (3, 4):
             (made.host_data_dir(i) / "config.toml").write_text("image_autofetch = false\n")
         fixed = [a.replace("BRIDGE", made.bridge_address) for a in node_args]

@@ -247,7 +247,7 @@ def lab_up(
                 image_id = store.import_image(Path(image), link=True).image_id
                 store.set_default(image_id)
                 if warm_seed is not None:
-                    _seed_warm(Path(warm_seed) / image_id, Path(h.data_dir))
+                    seed_warm(Path(warm_seed) / image_id, Path(h.data_dir))
         if start_nodes:
             lab = _join_and_start(lab)
     except BaseException:
@@ -510,7 +510,7 @@ def _save(lab: Lab) -> None:
     os.replace(tmp, path)
 
 
-def _seed_warm(seed: Path, data_dir: Path) -> None:
+def seed_warm(seed: Path, data_dir: Path) -> None:
     """Link a warm state made on this machine into a host's ``warm/`` (no copy: a warm
     state is only read, and a host that drops it unlinks its own names)."""
     if not (seed / "shape.json").is_file():
