@@ -166,6 +166,23 @@ async def test_the_spare_goes_with_its_template_and_when_spares_are_turned_off(
     await _spared(host, tid)
 
 
+async def test_a_held_back_host_drops_its_spare_and_makes_none_until_it_is_let_go(
+    host: Host, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A draining host (migration holds spares back) keeps none: the one it has goes at
+    once when checked, none is made while held back, the wanted one comes back after."""
+    tid, spare_id = await _with_spare(host)
+    why = "the host drains"
+    host.vms.spares.held_back = lambda: why
+    host.vms.spares.check(True)
+    assert host.vms.spares.spare is None and not host.vms.admission.spare_held
+    await trio.sleep(25)  # two periodic checks, and more than the idle delay
+    assert host.vms.spares.spare is None, "held back: none is made"
+    assert not (host.vms.spares.dir / f"{spare_id}.qcow2").exists()
+    why = ""
+    await _spared(host, tid)
+
+
 async def test_a_stopping_node_kills_its_spare_and_a_killed_one_is_reconciled(
     tmp_path: Path, hv: FakeHypervisor, store: Store, autojump_clock: trio.testing.MockClock
 ) -> None:

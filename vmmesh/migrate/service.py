@@ -58,6 +58,7 @@ from vmmesh.migrate.rule import Decision, decide
 from vmmesh.migrate.source import Source, settle_forever
 from vmmesh.migrate.target import Incoming, Target
 from vmmesh.net.rpc import Context, Handlers
+from vmmesh.vm.manager import VmManager
 from vmmesh.vm.rows import VmRecord
 from vmmesh.vmservice.service import VmService
 
@@ -99,12 +100,23 @@ class MigrateService(NodeExtension):
         control_handlers.add(UNDRAIN, self._ctl_undrain)
         peer_handlers.add(DRAIN_RUN, self._drain)
         peer_handlers.add(UNDRAIN_RUN, self._undrain)
+        self.vms.manager_hooks.append(self._hold_back_spares)
+        if self.vms.mgr is not None:  # made before this extension started
+            self._hold_back_spares(self.vms.mgr)
         nursery.start_soon(settle_forever, self.source)  # what a restart left
         if node.cfg.drain_on_stop:
             nursery.start_soon(self._drain_on_stop)
 
     def publish(self, node: NodeContext) -> None:
         node.publish("draining", drain.is_draining(node.store))
+
+    def _hold_back_spares(self, mgr: VmManager) -> None:
+        """A draining host keeps no warm spare (it takes no new VM), also after a restart."""
+        mgr.spares.held_back = self._spares_held_back
+
+    def _spares_held_back(self) -> str:
+        node = self._node
+        return "the host drains" if node is not None and drain.is_draining(node.store) else ""
 
     def figures(self) -> list[Figure]:
         done = "Migrations this host ran as the source, by result."
@@ -251,8 +263,7 @@ class MigrateService(NodeExtension):
         drain.set_draining(node.store, True)
         self.publish(node)
         mgr = self.vms.manager()
-        mgr.spares.hold_off()
-        mgr.spares.drop("the host drains")  # it takes no new VM: nothing for a spare to be
+        mgr.spares.check(mgr.warm_sched.enabled)  # held back now: the spare goes
 
         async def move(rec: VmRecord) -> MigrateReport:
             return await self._move_away(rec.vm_id, emit)

@@ -108,6 +108,9 @@ class Spares:
         self.base = base
         self.warm_state = warm_state  # the warm state of a key, None when there is none
         self.enabled = True
+        # Why no spare may be here now ("" when one may): set by whoever knows, as
+        # migration does for a draining host, which takes no new VM to be a spare for.
+        self.held_back: Callable[[], str] = lambda: ""
         self.nursery: trio.Nursery | None = None  # set by ``VmManager.run``
         self.spare: Spare | None = None
         self.dir = rows.vm_dir.parent / SPARES_DIR
@@ -134,7 +137,7 @@ class Spares:
         self._start(key, vcpus, memory_mb)
 
     def _start(self, key: str, vcpus: int, memory_mb: int) -> None:
-        if not self.enabled or self.nursery is None:
+        if not self.enabled or self.nursery is None or self.held_back():
             return
         self.hold_off()
         self.nursery.start_soon(self._make, key, vcpus, memory_mb)
@@ -200,9 +203,13 @@ class Spares:
         return self.admission.policy.vm_disk_allowance_mb
 
     def check(self, warm_enabled: bool) -> None:
-        """Periodic: a spare goes when spares or warm starts went off, or its state did;
-        the wanted one is made when there is none (a node that started, a slot free
-        again, spares turned on)."""
+        """Periodic: a spare goes when spares or warm starts went off, its state did, or
+        it is held back (a draining host); the wanted one is made when there is none
+        (a node that started, a slot free again, spares turned on, a drain ended)."""
+        if why := self.held_back():
+            self.hold_off()
+            self.drop(why)
+            return
         if self.spare is None:
             wanted = self.wanted
             if (
