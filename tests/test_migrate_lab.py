@@ -176,6 +176,8 @@ def test_a_drained_host_moves_its_vms_away_and_takes_no_new_one(lab: Lab) -> Non
     later_start, _ = eventually(_counting, "the counter goes on", lab, 2, "drn-1", pid, count)
     assert later_start == start
     eventually(_draining, "h2 sees h1 draining", lab, 2, "h1")
+    spare = cli_json(lab, 1, "status")["facts"]["warm spare"]
+    assert spare == "none", f"a draining host keeps no warm spare: {spare}"
 
     made = _run(lab, 2, "request", "fresh", "1")  # a new request made on another host
     assert made["placed"] == 1 and _where(lab, 2, "fresh-1")[0][0] == "h2"
