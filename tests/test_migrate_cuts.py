@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -206,6 +207,39 @@ def _one_copy(lab: Lab, vm: str, vm_id: str) -> int:
     return host
 
 
+def _qmp(sock: Path, *commands: tuple[str, dict[str, Any]]) -> list[Any]:
+    """A few QMP commands on a guest's monitor socket, straight from the test (a Unix
+    socket needs no namespace): the answers, or the error text in their place."""
+    out: list[Any] = []
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(sock))
+        f = s.makefile("rw")
+        f.readline()  # greeting
+        for name, args in (("qmp_capabilities", {}), *commands):
+            f.write(json.dumps({"execute": name, "arguments": args}) + "\n")
+            f.flush()
+            while "return" not in (reply := json.loads(f.readline())) and "error" not in reply:
+                pass  # an event
+            out.append(reply.get("return", reply.get("error")))
+    return out[1:]
+
+
+def _guest_state(lab: Lab, host: int, vm_id: str) -> str:
+    """What the guest's own QEMU says: run state, and the console's last lines."""
+    sock = lab.host_data_dir(host) / "run" / vm_id / "qmp.sock"
+    try:
+        status, console = _qmp(
+            sock,
+            ("query-status", {}),
+            ("ringbuf-read", {"device": "console", "size": 4096}),
+        )
+    except (OSError, ValueError) as exc:
+        return f"h{host}'s QEMU for {vm_id} does not answer at {sock}: {exc}"
+    tail = "\n".join(str(console).splitlines()[-15:])
+    return f"h{host}'s QEMU for {vm_id}: {status}\nconsole:\n{tail}"
+
+
 def _node_gone(lab: Lab, i: int) -> bool:
     return not lab_status(lab.lab_dir)[i - 1]["node_running"]
 
@@ -274,6 +308,9 @@ def test_a_migration_cut_at_a_step_ends_with_one_copy(
     elif step != "switchover" or cut not in ("link", "silent"):
         assert host == src  # the target never ran it, or dropped its uncommitted copy
     # (switchover, a link cut): a commit sent on the cut link may arrive when it is back
-    later_start, _ = eventually(_counting, "the counter goes on", lab, vm, pid, count)
+    try:
+        later_start, _ = eventually(_counting, "the counter goes on", lab, vm, pid, count)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{_guest_state(lab, host, vm_id)}") from None
     assert later_start == start  # the same process, not a new one with the same PID
     _run(lab, 1, "shutdown", name)
