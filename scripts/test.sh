@@ -37,9 +37,20 @@ echo "==> ruff"
 echo "==> mypy --strict"
 .venv/bin/mypy
 
+# Two workers (pytest-xdist), each taking whole modules, the slowest first
+# (tests/conftest.py orders them; --no-loadscope-reorder keeps that order, not
+# xdist's most-tests-first): tests spend much of their time waiting (lab
+# tests about half of it on guests, nodes and timers), so a second worker
+# fills the other core; a module's lab is still set up once.
+# VMMESH_TEST_WORKERS=0 runs in one process.  A short base directory: a
+# guest's sockets live under its test's tmp_path, a Unix socket path has 107
+# bytes, and xdist adds popen-gw<N>/ to every path.
+WORKERS=${VMMESH_TEST_WORKERS:-2}
+XDIST=(-n "$WORKERS" --dist loadfile --no-loadscope-reorder --basetemp="/tmp/vmmesh-tests-$(id -u)")
+
 if [ "$QUICK" = 1 ]; then
-    echo "==> pytest (quick: no root, QEMU or namespaces)"
-    exec "$PY" -m pytest -q -p no:cacheprovider -m "not lab and not qemu" "$@"
+    echo "==> pytest (quick: no root, QEMU or namespaces; $WORKERS workers)"
+    exec "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" -m "not lab and not qemu" "$@"
 fi
 
 # The shared base image the QEMU tests boot (built once, then reused).
@@ -54,14 +65,5 @@ echo "==> the base image's warm state for the labs (made once per image and QEMU
 "$PY" -m tests.warmseed "$IMAGE_LINK" "$IMAGE_LINK.warm"
 export VMMESH_WARM_SEED="$IMAGE_LINK.warm"
 
-# Two workers (pytest-xdist), each taking whole modules (a module's lab is
-# set up once), the slowest modules first (tests/conftest.py orders them;
-# --no-loadscope-reorder keeps that order, not xdist's most-tests-first): lab tests
-# spend about half their time waiting on guests, nodes and timers, so a
-# second worker fills the other core.  VMMESH_TEST_WORKERS=0 runs in one process.
-# A short base directory: a guest's sockets live under its test's tmp_path and a
-# Unix socket path has 107 bytes (xdist adds popen-gw<N>/ to every path).
-WORKERS=${VMMESH_TEST_WORKERS:-2}
 echo "==> pytest ($WORKERS workers)"
-exec "$PY" -m pytest -q -p no:cacheprovider -n "$WORKERS" --dist loadfile --no-loadscope-reorder \
-    --basetemp="/tmp/vmmesh-tests-$(id -u)" --durations=25 "$@"
+exec "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" --durations=25 "$@"
