@@ -232,12 +232,15 @@ def _guest_state(lab: Lab, host: int, vm_id: str) -> str:
         status, console = _qmp(
             sock,
             ("query-status", {}),
-            ("ringbuf-read", {"device": "console", "size": 4096}),
+            # the whole ring: ringbuf-read gives its oldest bytes first
+            ("ringbuf-read", {"device": "console", "size": 1 << 20}),
         )
     except (OSError, ValueError) as exc:
         return f"h{host}'s QEMU for {vm_id} does not answer at {sock}: {exc}"
-    tail = "\n".join(str(console).splitlines()[-15:])
-    return f"h{host}'s QEMU for {vm_id}: {status}\nconsole:\n{tail}"
+    lines = str(console).splitlines()
+    shown = lines if len(lines) <= 80 else [*lines[:40], "[…]", *lines[-40:]]
+    text = "\n".join(shown)
+    return f"h{host}'s QEMU for {vm_id}: {status}\nconsole since it arrived:\n{text}"
 
 
 def _node_gone(lab: Lab, i: int) -> bool:

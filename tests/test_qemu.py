@@ -32,6 +32,7 @@ from vmmesh.hypervisor.qemu import (
     QemuGuest,
     QemuHypervisor,
     boot_gave_up,
+    clock_argv,
     load_spec,
     parse_disk_info,
     qemu_argv,
@@ -112,6 +113,11 @@ def test_argv_rejects_unknown_network_and_overlong_socket_paths(tmp_path: Path) 
         qemu_argv(_spec(tmp_path, network="tap"), accel="tcg")
     with pytest.raises(HypervisorError, match="too long"):
         qemu_argv(_spec(tmp_path, run_dir=tmp_path / ("x" * 100)), accel="tcg")
+
+
+def test_the_clock_command_carries_every_nanosecond() -> None:
+    assert clock_argv(1_765_000_000_000_000_123) == ["date", "-u", "-s", "@1765000000.000000123"]
+    assert clock_argv(5_999_999_999) == ["date", "-u", "-s", "@5.999999999"]
 
 
 def test_spec_json_round_trip(tmp_path: Path) -> None:

@@ -45,6 +45,7 @@ log = logging.getLogger("vmmesh.migrate")
 NBD_SOCKET = "nbd.sock"
 STATE_FILE = "incoming.state"
 RUNNING_WAIT = 120.0  # seconds from the source's "done" to QEMU running the guest here
+CLOCK_WAIT = 10.0  # seconds for the arriving guest's agent to set its clock
 
 
 @dataclass
@@ -264,5 +265,15 @@ class Target:
 
 async def _set_clock(guest: QemuGuest) -> None:
     """The guest's clock stood still while it was paused: set it from this host's."""
-    with contextlib.suppress(VmmeshError), trio.move_on_after(10):
-        await guest.set_time()
+    t0 = time.monotonic()
+    try:
+        with trio.move_on_after(CLOCK_WAIT) as scope:
+            await guest.set_time()
+    except VmmeshError as exc:
+        log.warning("the arriving guest's clock was not set: %s", exc)
+        return
+    took = time.monotonic() - t0
+    if scope.cancelled_caught:
+        log.warning("the arriving guest's clock was not set: no answer in %.0f s", took)
+    else:
+        log.info("the arriving guest's clock set in %.3f s", took)
