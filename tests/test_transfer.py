@@ -14,9 +14,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.nodeutil import Host, eventually, fake, fast_publish, mesh, port, request, root
-from vmmesh.api.transfer import CHUNK, PIECE_SIZE, BlobInfo, FetchReport, PieceChunk
+from vmmesh.api.transfer import (
+    CHUNK,
+    PIECE_SIZE,
+    BlobInfo,
+    FetchReport,
+    PieceChunk,
+    WarmManifest,
+)
 from vmmesh.errors import IntegrityError, MalformedMessage
 from vmmesh.host.history import BuildSample, TransferSample, fetch_estimate, install_estimate
+from vmmesh.hypervisor.savedstate import Shape
 from vmmesh.transfer import blobfile, packs
 from vmmesh.transfer.blobfile import (
     PieceAssembly,
@@ -26,8 +34,10 @@ from vmmesh.transfer.blobfile import (
     read_chunks,
     sweep,
 )
+from vmmesh.transfer.fetcher import Holder
 from vmmesh.transfer.pieces import Scheduler
 from vmmesh.transfer.service import TransferService
+from vmmesh.transfer.warmpick import choose
 
 __all__ = ["fast_publish", "port", "root"]  # fixtures
 
@@ -508,3 +518,127 @@ async def test_fetch_by_hand_takes_only_the_holders_named(root: Path, port: int)
         report = await fetch(h2, rec.template_id[:12], "h3")
         assert [h.host for h in report.holders] == ["h3"], report
         assert h2.mgr.templates.get(rec.template_id).chain == rec.chain
+
+
+async def test_a_fetched_template_brings_its_warm_state_and_its_vm_resumes_it(
+    root: Path, port: int
+) -> None:
+    """h1 built {perl} (its warm build left a warm state); h2 fetches the template for a
+    request and the state with it: h2's VM resumes it, and h2 boots nothing to make one."""
+    # h2's guests take 3 s to boot: fetching a state beats a warm boot of its own
+    async with mesh(
+        root, port, (1, 2, 0), hypervisors=[fake(), fake(agent_seconds=3.0), fake()]
+    ) as hosts:
+        h1, h2, _h3 = hosts
+        got = await h1.mgr.templates.ensure_template(["perl"])
+        assert got.record is not None
+        tid = got.record.template_id
+        h1_warm, h2_warm = h1.mgr.warm_sched.store(), h2.mgr.warm_sched.store()
+        assert h1_warm is not None and h2_warm is not None
+        h1.mgr.schedule_warm(got.record)
+        await eventually(lambda: h1_warm.get(tid) is not None, "h1's warm state")
+        base = h2.mgr.templates.base.image_id
+        await eventually(lambda: h2_warm.get(base) is not None, "h2 timed its own warm boot")
+        await eventually(
+            lambda: any(t.template_id == tid and t.warm for t in h2.view()["h1"].templates),
+            "h2 learns h1 holds it warm",
+        )
+        share = await h2.mgr.request_local("web", 1, ["perl"])
+        [vm] = share.vms
+        assert vm.host == "h2" and vm.source.how == "fetched", share
+        assert vm.start == "warm", vm
+        assert vm.source.warm_bytes > 0 and "warm state" in vm.source.why, vm.source
+        assert vm.source.bytes_fetched > vm.source.warm_bytes
+        mine, theirs = h2_warm.get(tid), h1_warm.get(tid)
+        assert mine is not None and theirs is not None
+        assert mine.state.read_bytes() == theirs.state.read_bytes()
+        assert mine.shape == theirs.shape
+        booted = [g.name for g in h2.hv.started]
+        assert f"warm-{tid[:16]}" not in booted, f"h2 booted {booted} to make a warm state"
+        # h2 now says it holds it warm too
+        await eventually(
+            lambda: any(t.template_id == tid and t.warm for t in h1.view()["h2"].templates),
+            "h1 learns h2 holds it warm",
+        )
+
+
+async def test_a_warm_state_of_another_shape_or_a_lying_overlay_is_not_kept(
+    root: Path, port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A holder whose guests have another shape is not fetched from; a holder whose
+    overlay backs onto another file is refused after the fetch.  Either way the VM is
+    made (it boots) and nothing half-fetched stays."""
+    import json
+    import logging
+
+    caplog.set_level(logging.INFO, logger="vmmesh.transfer")
+    slow_h2 = [fake(), fake(agent_seconds=3.0), fake()]
+    async with mesh(root, port, (1, 2, 0), hypervisors=slow_h2) as hosts:
+        h1, h2, _h3 = hosts
+        got = await h1.mgr.templates.ensure_template(["perl"])
+        assert got.record is not None
+        tid = got.record.template_id
+        h1_warm, h2_warm = h1.mgr.warm_sched.store(), h2.mgr.warm_sched.store()
+        assert h1_warm is not None and h2_warm is not None
+        h1.mgr.schedule_warm(got.record)
+        await eventually(lambda: h1_warm.get(tid) is not None, "h1's warm state")
+        base = h2.mgr.templates.base.image_id
+        await eventually(lambda: h2_warm.get(base) is not None, "h2 timed its own warm boot")
+        theirs = h1_warm.get(tid)
+        assert theirs is not None
+        # h1's state says it needs 4 vCPUs: not h2's shape
+        shape = json.loads((theirs.directory / "shape.json").read_text())
+        shape["shape"]["vcpus"] = "4"
+        (theirs.directory / "shape.json").write_text(json.dumps(shape))
+        await eventually(lambda: bool(h2.view()["h1"].templates), "h2 learns")
+        first = await h2.mgr.templates.ensure_template(["perl"], policy="fetch")
+        assert first.how == "fetched" and first.source.warm_bytes == 0
+        assert any("another guest shape" in r.getMessage() for r in caplog.records)
+        assert h2_warm.get(tid) is None
+        # the shape fixed, the overlay now backs onto something else
+        shape["shape"]["vcpus"] = "1"
+        (theirs.directory / "shape.json").write_text(json.dumps(shape))
+        disk = json.loads(theirs.disk.read_text())
+        disk["backing"] = "../../../../etc/passwd"
+        theirs.disk.write_text(json.dumps(disk))
+        h2.mgr.templates.remove(tid)
+        again = await h2.mgr.templates.ensure_template(["perl"], policy="fetch")
+        assert again.how == "fetched" and again.source.warm_bytes == 0
+        assert any("not fetched" in r.getMessage() and "refused" in r.getMessage()
+                   for r in caplog.records)  # fmt: skip
+        assert h2_warm.get(tid) is None and not h2_warm.making(tid)
+        assert not [p for p in h2_warm.dir.iterdir() if p.name.startswith(".saving-")]
+
+
+def _manifest(key: str, state: str, vcpus: str = "1", made: float = 60.0) -> WarmManifest:
+    return WarmManifest(
+        key=key,
+        shape={"qemu": "7.2", "vcpus": vcpus},
+        state_sha256=state * 64,
+        state_size=150_000_000,
+        disk_sha256="d" * 64,
+        disk_size=1_000_000,
+        made_seconds=made,
+    )
+
+
+def test_the_warm_state_most_holders_share_is_fetched_when_it_beats_a_boot() -> None:
+    ours = Shape.of({"qemu": "7.2", "vcpus": "1"})
+    a, b, c = Holder("1" * 32, "h1"), Holder("2" * 32, "h2"), Holder("3" * 32, "h3")
+    key = "ab" * 16
+    offers = [(a, _manifest(key, "a")), (b, _manifest(key, "b")), (c, _manifest(key, "b"))]
+    at_150mb_s = lambda size: size / 150e6  # noqa: E731
+    got = choose(key, offers, ours, at_150mb_s, booting=60.0)
+    assert got.manifest is not None and got.manifest.state_sha256 == "b" * 64
+    assert got.holders == (b, c) and "beats a warm boot (60 s)" in got.why
+    # a slow link: booting wins (this host's own figure, not the holders')
+    slow = choose(key, offers, ours, lambda size: size / 1e6, booting=60.0)
+    assert slow.manifest is None and "beats fetching 151 MB (151 s)" in slow.why
+    # this host never timed a boot: the holder's figure stands in
+    assert choose(key, offers, ours, at_150mb_s, booting=None).manifest is not None
+    # another shape, another key: nothing to fetch, and why
+    other = choose(key, [(a, _manifest(key, "a", vcpus="2"))], ours, at_150mb_s, 60.0)
+    assert other.manifest is None and "vcpus 2 != 1" in other.why
+    stray = choose(key, [(a, _manifest("cd" * 16, "a"))], ours, at_150mb_s, 60.0)
+    assert stray.manifest is None and "another state" in stray.why
+    assert choose(key, [], ours, at_150mb_s, 60.0).why == "no holder has one"

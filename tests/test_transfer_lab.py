@@ -22,7 +22,7 @@ import pytest
 
 from tests.aptrepo import AptRepo
 from tests.labutil import lab_context, suite_warm_seed
-from tests.meshutil import all_up, cli_json, eventually, failed
+from tests.meshutil import all_up, base_warm, cli_json, eventually, failed
 from vmmesh.host.images import ImageStore
 from vmmesh.lab import Lab, load_lab, seed_warm
 
@@ -145,6 +145,12 @@ def test_a_holder_killed_midway_leaves_the_rest_to_the_other(lab: Lab) -> None:
     status = cli_json(lab, 3, "status")
     eventually(lambda: cli_json(lab, 3, "status")["facts"]["VMs"] == "on", "h3 takes it up")
     assert status["facts"]["base image"] != "none"
+    # h3 takes h2's warm state of the image (fetching ~150 MB beats a minute's warm boot)
+    eventually(base_warm, "h3 has the image's warm state", lab, 3, patience=PATIENCE)
+    log = (lab.host_data_dir(3) / "node.log").read_text()
+    warm_lines = [line for line in log.splitlines() if "warm state of" in line]
+    assert any(" fetched from h2 (" in line for line in warm_lines), warm_lines
+    assert not any(" made in " in line for line in warm_lines), "h3 booted no guest for it"
     assert list((lab.host_data_dir(3) / "transfer").iterdir()) == []
     lab.start_host(1)
     eventually(all_up, "h1 is back", lab, 1, 4)
@@ -173,6 +179,7 @@ def test_a_receiver_killed_midway_restarts_clean_and_resumes(lab: Lab) -> None:
     assert fetched < report["bytes"], f"resumed: {had} pieces were kept ({report})"
     assert len([h for h in report["holders"] if h["bytes"]]) >= 2, "from several holders"
     eventually(lambda: cli_json(lab, 4, "status")["facts"]["VMs"] == "on", "h4 takes it up")
+    eventually(base_warm, "h4 has the image's warm state", lab, 4, patience=PATIENCE)
     assert list((data / "transfer").iterdir()) == []
 
 
@@ -217,9 +224,13 @@ def test_a_template_built_on_one_host_is_fetched_for_a_request_on_another(lab: L
     source = vm["source"]
     assert source["how"] == "fetched", source
     assert 0 < source["fetch_estimate"] < source["install_estimate"], source
+    # h1's build left a warm state; h2 fetched it with the template, and its VM resumed it
+    assert source["warm_bytes"] > 0 and "warm state" in source["why"], source
+    assert vm["start"] == "warm", vm
     data = lab.host_data_dir(2)
     log = (data / "node.log").read_text()
     assert "tpl-" not in log.split("request web")[-1], "h2 booted no build guest"
+    assert f"warm state of {tid[:12]} fetched from h1" in log
     rows = [t for t in cli_json(lab, 2, "templates")["templates"] if t["host"] == "h2"]
     assert [(t["template_id"], t["origin"]) for t in rows] == [(tid, "fetched")]
     assert set(rows[0]["holders"]) >= {"h1", "h2"}

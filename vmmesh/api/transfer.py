@@ -5,10 +5,14 @@ A blob is named by its sha256.  ``blob.info`` says how it is cut into pieces
 nothing on the wire); ``blob.pieces`` streams the asked pieces in chunks of at
 most ``CHUNK`` bytes, each compressed with zstd when that pays.  The control
 methods fetch a template or the mesh's base image by hand, with progress.
+``warm.manifest`` describes a host's warm state of a template or base image
+(the saved boot its VMs resume): the shape it needs, what it cost to make
+there, and its two files by content, which are then fetched as blobs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from vmmesh.api.codec import (
@@ -18,6 +22,7 @@ from vmmesh.api.codec import (
     Float,
     Int,
     ListOf,
+    MapOf,
     Message,
     Method,
     Nested,
@@ -36,6 +41,7 @@ CHUNK = 1 << 20
 """Bytes of a piece per streamed item: four fit in one 4 MiB frame's worth."""
 MAX_PIECES = 1 << 20  # 4 TiB of blob
 MAX_ASK = 16
+MAX_WARM_BYTES = 64 << 30  # a saved guest: its RAM and its overlay
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,27 @@ class ManifestReply(Message):
 
 
 @dataclass(frozen=True)
+class WarmRequest(Message):
+    key: str = wire(HexId)  # a template id, or a base image id (VMs with no packages)
+
+
+@dataclass(frozen=True)
+class WarmManifest(Message):
+    """A host's warm state of ``key``: the shape a guest must have to resume it (see
+    ``hypervisor.savedstate.Shape``), the seconds its warm boot took there, and its
+    two files by content: the saved RAM and devices, and the overlay the saved guest
+    sees (over the template's last delta)."""
+
+    key: str = wire(HexId)
+    shape: Mapping[str, str] = wire(MapOf(Text(32), Text(400), 32))
+    state_sha256: str = wire(Sha256)
+    state_size: int = wire(Int(1, MAX_WARM_BYTES))
+    disk_sha256: str = wire(Sha256)
+    disk_size: int = wire(Int(1, MAX_WARM_BYTES))
+    made_seconds: float = wire(Float(0.0), default=0.0)
+
+
+@dataclass(frozen=True)
 class FetchTemplateRequest(Message):
     template: str = wire(Text(64, "[0-9a-f]{4,64}", "template id"))
     sources: frozenset[str] = wire(SetOf(HostName, 64), default=frozenset())  # empty: every holder
@@ -125,5 +152,6 @@ class FetchReport(Message):
 INFO = Method("blob.info", BlobRequest, BlobInfo)
 PIECES = StreamMethod("blob.pieces", PiecesRequest, Empty, item=PieceChunk)
 IMAGE_MANIFEST = Method("image.manifest", BlobRequest, ManifestReply)
+WARM_MANIFEST = Method("warm.manifest", WarmRequest, WarmManifest)
 FETCH_TEMPLATE = StreamMethod("template.fetch", FetchTemplateRequest, FetchReport, item=Progress)
 FETCH_IMAGE = StreamMethod("image.fetch", FetchImageRequest, FetchReport, item=Progress)

@@ -122,6 +122,9 @@ class TemplateSource(Record):
     fetch_estimate: float = wire(Float(0.0), default=0.0)
     why: str = wire(Reason, default="")
     bytes_fetched: int = wire(Int(), default=0)
+    # bytes of a peer's warm state fetched with the template (in ``bytes_fetched``
+    # too): its VMs here resume it instead of booting
+    warm_bytes: int = wire(Int(), default=0)
 
 
 @dataclass(frozen=True)

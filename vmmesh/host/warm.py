@@ -178,7 +178,7 @@ class WarmStore:
             shutil.rmtree(run_dir, ignore_errors=True)
 
     def _commit(
-        self, template_id: str, staging: Path, shape: Shape, seconds: float
+        self, template_id: str, staging: Path, shape: Shape, seconds: float, how: str = "made"
     ) -> WarmState | None:
         """Write the shape beside the state and rename the whole into place."""
         doc = {"shape": shape.to_json(), "made_seconds": round(seconds, 2)}
@@ -188,12 +188,15 @@ class WarmStore:
         os.replace(staging, target)
         state = self.get(template_id)
         if state is not None:
-            log.info(
-                "warm state of %s made in %.1f s (%d MB)",
-                template_id[:12],
-                seconds,
-                state.size() >> 20,
-            )
+            if how == "made":
+                log.info(
+                    "warm state of %s made in %.1f s (%d MB)",
+                    template_id[:12],
+                    seconds,
+                    state.size() >> 20,
+                )
+            else:
+                log.info("warm state of %s %s (%d MB)", template_id[:12], how, state.size() >> 20)
         return state
 
     def staging(self, template_id: str) -> Path:
@@ -220,6 +223,18 @@ class WarmStore:
         try:
             await self.hv.create_overlay(template_disk, staging / DISK)
             return self._commit(template_id, staging, shape, seconds)
+        finally:
+            self.abandon(template_id)
+
+    def receive(
+        self, template_id: str, shape: Shape, made_seconds: float, source: str
+    ) -> WarmState | None:
+        """Keep the state fetched from ``source`` into ``staging(template_id)`` (its
+        ``STATE`` and ``DISK``, checked by the fetcher) as this host's; it keeps the
+        seconds its warm boot took where it was made."""
+        try:
+            staging = self.dir / f"{SAVING}{template_id}"
+            return self._commit(template_id, staging, shape, made_seconds, f"fetched from {source}")
         finally:
             self.abandon(template_id)
 

@@ -13,7 +13,11 @@ and gets more.  ``blobfile`` checks each piece's hash and writes it into a
 resumable staging file; ``packs`` keeps a blob's chunks compressed hard once,
 so holders serve them as stored.  A host without a base image fetches one the
 same way, and before fetching or building, the cache is cut back under the
-storage quota.
+storage quota.  A fetched template (or base image) brings a holder's warm
+state with it when one fits this host's guests and comes faster than a warm
+boot here (``warmpick``): the shape a saved state needs is compared as
+``hypervisor.savedstate`` defines it, the only part of the hypervisor layer
+this package reads.
 
 What can fail, and who is told: a holder that breaks off, sends a bad piece or
 lacks the blob is dropped and its pieces go to the others; a stopped transfer
@@ -24,5 +28,5 @@ through it to the host's answer, so the coordinator places that share
 elsewhere.  Everything travels over the mesh's mutual-TLS links: no new port.
 
 May import: vmmesh.api, vmmesh.extension, vmmesh.gossip, vmmesh.host, vmmesh.net,
-vmmesh.progress.
+vmmesh.progress, vmmesh.hypervisor.savedstate (from service, warmpick).
 """

@@ -47,8 +47,9 @@ def _zero_hash(length: int, cache: dict[int, str] = {}) -> str:  # noqa: B006 - 
     return cache[length]
 
 
-def describe(path: Path, sha: str, piece_size: int = PIECE_SIZE) -> BlobInfo:
-    """The piece table of ``path``, checked to be the blob ``sha`` (IntegrityError if not)."""
+def describe(path: Path, sha: str | None, piece_size: int = PIECE_SIZE) -> BlobInfo:
+    """The piece table of ``path``, checked to be the blob ``sha`` (IntegrityError if not;
+    None: whatever it hashes to, for a file this host names by content itself)."""
     whole = hashlib.sha256()
     pieces: list[str] = []
     zero: set[int] = set()
@@ -63,10 +64,11 @@ def describe(path: Path, sha: str, piece_size: int = PIECE_SIZE) -> BlobInfo:
                 zero.add(len(pieces))
             pieces.append(hashlib.sha256(piece).hexdigest())
             size += len(piece)
-    if whole.hexdigest() != sha:
+    digest = whole.hexdigest()
+    if sha is not None and digest != sha:
         raise IntegrityError(f"{path.name} does not hash to {sha[:16]}")
     return BlobInfo(
-        sha256=sha, size=size, piece_size=piece_size, pieces=tuple(pieces), zero=frozenset(zero)
+        sha256=digest, size=size, piece_size=piece_size, pieces=tuple(pieces), zero=frozenset(zero)
     )
 
 

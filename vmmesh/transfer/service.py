@@ -49,6 +49,7 @@ from vmmesh.api.transfer import (
     IMAGE_MANIFEST,
     INFO,
     PIECES,
+    WARM_MANIFEST,
     BlobInfo,
     BlobRequest,
     FetchImageRequest,
@@ -57,6 +58,8 @@ from vmmesh.api.transfer import (
     HolderFigures,
     ManifestReply,
     PiecesRequest,
+    WarmManifest,
+    WarmRequest,
 )
 from vmmesh.api.vm import FETCH_ALWAYS, FETCH_NEVER, TemplateSource
 from vmmesh.errors import (
@@ -78,11 +81,15 @@ from vmmesh.host.images import (
     decode_manifest,
 )
 from vmmesh.host.templates import TemplateRecord, delta_name
+from vmmesh.host.warm import DISK as WARM_DISK
+from vmmesh.host.warm import STATE as WARM_STATE
+from vmmesh.hypervisor.savedstate import Shape
 from vmmesh.net.rpc import Context, Handlers
 from vmmesh.progress import progress_pump
 from vmmesh.transfer import blobfile, packs
 from vmmesh.transfer.fetcher import Fetched, Holder, fetch_blob
 from vmmesh.transfer.pieces import HolderStats
+from vmmesh.transfer.warmpick import choose as choose_warm
 
 if TYPE_CHECKING:
     from vmmesh.vm.manager import VmManager
@@ -96,6 +103,7 @@ PACK_EVERY = 10.0
 STAGING_MAX_AGE = 24 * 3600.0
 AUTO_IMAGE_EVERY = 5.0
 WAIT_POLL = 0.5
+WARM_ASK_TIMEOUT = 120.0  # a holder hashes its warm state's files (~150 MB) before it answers
 Emit = Callable[[Progress], None]
 
 
@@ -114,6 +122,8 @@ class TransferService(NodeExtension):
         self._fetch_ids = itertools.count()
         self.received_bytes = 0  # as they came over the wire, counted piece by piece
         self.sent_bytes = 0  # piece data sent to peers
+        # warm-state files served by content: sha -> (path, size, mtime_ns) when described
+        self._warm_files: dict[str, tuple[Path, int, int]] = {}
         vms.manager_hooks.append(self._hook_manager)
 
     def figures(self) -> list[Figure]:
@@ -158,6 +168,7 @@ class TransferService(NodeExtension):
         peer_handlers.add(INFO, self._info)
         peer_handlers.add(PIECES, self._pieces)
         peer_handlers.add(IMAGE_MANIFEST, self._manifest)
+        peer_handlers.add(WARM_MANIFEST, self._warm_manifest)
         control_handlers.add(FETCH_TEMPLATE, self._ctl_fetch_template)
         control_handlers.add(FETCH_IMAGE, self._ctl_fetch_image)
         for name in blobfile.sweep(self.staging, STAGING_MAX_AGE, time.time()):
@@ -172,6 +183,7 @@ class TransferService(NodeExtension):
     def _hook_manager(self, mgr: VmManager) -> None:
         mgr.templates.fetcher = self
         mgr.templates.downloaders = self._downloaders
+        mgr.warm_sched.fetch_first = self._warm_instead_of_boot
 
     def _downloaders(self) -> int:
         """Hosts fetching packages from the source right now, this one included."""
@@ -199,6 +211,14 @@ class TransferService(NodeExtension):
             ):
                 if digest == sha:
                     return rec.path / name
+        known = self._warm_files.get(sha)
+        if known is not None:
+            path, size, mtime = known
+            with contextlib.suppress(OSError):
+                st = path.stat()
+                if (st.st_size, st.st_mtime_ns) == (size, mtime):
+                    return path
+            del self._warm_files[sha]  # dropped or remade since it was described
         raise NotFound(f"this host holds no blob {sha[:16]}")
 
     async def blob_info(self, sha: str) -> tuple[Path, BlobInfo]:
@@ -307,6 +327,143 @@ class TransferService(NodeExtension):
         rec = store.get(req.sha256)
         return ManifestReply(manifest=(rec.path / MANIFEST).read_bytes())
 
+    # --- warm states ---------------------------------------------------------------
+
+    async def _warm_manifest(self, ctx: Context, req: WarmRequest) -> WarmManifest:
+        """This host's warm state of a template or base image, its files named by content
+        (and from then on served as blobs, while they stay as they were)."""
+        mgr = self.vms.mgr
+        warm = mgr.warm_sched.store() if mgr is not None else None
+        state = warm.get(req.key) if warm is not None else None
+        if state is None:
+            raise NotFound(f"this host holds no warm state of {req.key[:16]}")
+        named: list[tuple[str, int]] = []
+        for path in (state.state, state.disk):
+            st = path.stat()
+            info = await self._describe_own(path, st.st_size, st.st_mtime_ns)
+            self._warm_files[info.sha256] = (path, st.st_size, st.st_mtime_ns)
+            named.append((info.sha256, info.size))
+        (state_sha, state_size), (disk_sha, disk_size) = named
+        return WarmManifest(
+            key=req.key,
+            shape=state.shape.to_json(),
+            made_seconds=state.made_seconds,
+            state_sha256=state_sha,
+            state_size=state_size,
+            disk_sha256=disk_sha,
+            disk_size=disk_size,
+        )
+
+    async def _describe_own(self, path: Path, size: int, mtime: int) -> BlobInfo:
+        """The piece table of a file of this host's, named by what it hashes to (kept
+        where ``blob_info`` finds it: the pieces asked next need no second reading)."""
+        key = (str(path), size, mtime)
+        lock = self._describing.setdefault(str(path), trio.Lock())
+        async with lock:
+            info = self._infos.get(key)
+            if info is None:
+                info = await trio.to_thread.run_sync(blobfile.describe, path, None)
+                self._infos[key] = info
+        return info
+
+    def warm_holders(self, key: str) -> list[HostView]:
+        """Peers that may hold a warm state of ``key``: those that gossip one of the
+        template, or (a base image's) every peer holding the image."""
+        held = self.holders_of(key)
+        if held:
+            return [h for h, t in held if t.warm]
+        return [h for h in self._others() if key in h.images]
+
+    async def _warm_instead_of_boot(self, key: str, disk: Path) -> bool:
+        """(the warm scheduler, before a warm boot) fetch a peer's state instead?"""
+        return await self.fetch_warm(key, self.warm_holders(key), disk, None) > 0
+
+    async def fetch_warm(
+        self, key: str, hosts: Sequence[HostView], disk: Path, emit: Emit | None
+    ) -> int:
+        """Fetch a peer's warm state of ``key`` (whose VMs' disks sit on ``disk``) if
+        one fits this host's guests and fetching it beats a warm boot here; the bytes
+        it moved on the wire, 0 if none was fetched (why is logged).  Never fails:
+        without it the warm state is made here as before."""
+        mgr = self.vms.mgr
+        warm = mgr.warm_sched.store() if mgr is not None else None
+        if mgr is None or warm is None or not hosts:
+            return 0
+        if warm.get(key) is not None or warm.making(key):
+            return 0
+        offers: list[tuple[Holder, WarmManifest]] = []
+        for h in hosts:
+            try:
+                m = await self.node.pool.call(
+                    h.node_id, WARM_MANIFEST, WarmRequest(key=key), WARM_ASK_TIMEOUT
+                )
+            except VmmeshError as exc:
+                log.debug("warm state of %s: %s did not describe one: %s", key[:12], h.name, exc)
+                continue
+            offers.append((Holder(h.node_id, h.name), m))
+        policy = mgr.warm_sched.policy
+        spec = warm.spec("warm-fetch", disk, warm.run_root, policy.vm_vcpus, policy.vm_memory_mb)
+        ours = await warm.hv.shape(spec)
+        base = warm.get(mgr.templates.base.image_id)
+        history = mgr.templates.history
+
+        def estimate(size: int) -> float:
+            return fetch_estimate(history.transfers(), size).seconds
+
+        choice = choose_warm(key, offers, ours, estimate, base.made_seconds if base else None)
+        if choice.manifest is None:
+            log.info("warm state of %s not fetched: %s", key[:12], choice.why)
+            return 0
+        if not mgr.warm_sched.trim(-(-choice.size // (1 << 20)), keep=key):
+            log.info("warm state of %s not fetched: no room in the storage quota", key[:12])
+            return 0
+        return await self._fetch_warm_files(key, choice.manifest, choice.holders, disk, emit)
+
+    async def _fetch_warm_files(
+        self,
+        key: str,
+        m: WarmManifest,
+        holders: Sequence[Holder],
+        disk: Path,
+        emit: Emit | None,
+    ) -> int:
+        mgr = self.vms.manager()
+        warm = mgr.warm_sched.store()
+        assert warm is not None
+        log.info("warm state of %s: fetching %.0f MB", key[:12], (m.state_size + m.disk_size) / 1e6)
+        staging = warm.staging(key)  # says "making": no warm boot starts meanwhile
+        results: list[Fetched] = []
+        try:
+            for sha, name in ((m.state_sha256, WARM_STATE), (m.disk_sha256, WARM_DISK)):
+                task = f"warm state of {key[:12]} ({name})"
+                got = await self._fetch(sha, list(holders), task, emit)
+                results.append(got)
+                os.replace(got.path, staging / name)
+            backing = await warm.hv.backing_of(staging / WARM_DISK)
+            expected = _relative(disk, staging)
+            if backing != expected:
+                raise IntegrityError(
+                    f"its overlay backs onto {backing!r:.80}, not {expected!r}: refused"
+                )
+        except (VmmeshError, OSError) as exc:
+            warm.abandon(key)
+            log.warning("warm state of %s not fetched: %s", key[:12], exc)
+            return 0
+        finally:
+            for got in results:
+                got.path.unlink(missing_ok=True)
+        source = ", ".join(h.name for h in holders)
+        if warm.receive(key, Shape.of(m.shape), m.made_seconds, source) is None:
+            return 0
+        seconds = sum(r.seconds for r in results)
+        size = m.state_size + m.disk_size
+        mgr.templates.history.add_transfer(
+            TransferSample(bytes=size, seconds=seconds, holders=len(holders))
+        )
+        mgr.templates.on_change()
+        self.vms.publish_now()
+        return sum(r.wire_bytes for r in results)
+
     # --- templates: fetch or install ------------------------------------------
 
     def holders_of(self, tid: str) -> list[tuple[HostView, TemplateInfo]]:
@@ -365,12 +522,20 @@ class TransferService(NodeExtension):
             f"beats installing ({ie:.0f} s)"
         )
         rec = templates.get(template_id)
+        # its VMs resume a holder's warm state rather than boot (and no warm boot follows)
+        warm_hosts = [h for h, t in holders if t.warm and t.chain == info.chain]
+        warm_bytes = await self.fetch_warm(
+            template_id, warm_hosts, templates.disk_path(rec), _phase_emitter(progress)
+        )
+        if warm_bytes:
+            why += f"; and its warm state ({warm_bytes / 1e6:.0f} MB on the wire)"
         return rec, TemplateSource(
             how="fetched",
             install_estimate=ie,
             fetch_estimate=round(fe, 1),
             why=why,
-            bytes_fetched=moved,
+            bytes_fetched=moved + warm_bytes,
+            warm_bytes=warm_bytes,
         )
 
     async def _wait_for_builder(

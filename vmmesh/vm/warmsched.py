@@ -1,7 +1,8 @@
 """Warm scheduling: which warm states to make, when, in whose slot, and which to drop.
 
 Once a template (or the base image) is here, ``schedule`` makes its warm state
-in the background: one warm boot at a time, in a slot of its own
+in the background (or fetches a peer's, when one fits and comes faster than a
+boot: ``fetch_first``, see ``transfer.warmpick``): one warm boot at a time, in a slot of its own
 (``Admission.hold_for_warm``) that it gives up at once to any request; a boot
 that found no slot or gave way is tried again by ``retry`` (every
 ``WARM_RETRY`` seconds, from ``VmManager.run``) while its template stays.
@@ -13,7 +14,7 @@ is logged and its VMs boot cold; no caller is told.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
@@ -54,6 +55,9 @@ class WarmScheduler:
         self._noted: set[str] = set()  # ... and that was logged once
         # drops the warm spare (``vm.spare``) for room; the MB that gave back
         self.spare_room: Callable[[], int] = lambda: 0
+        # (the transfer service) fetch a peer's state of (key, disk) instead of a warm
+        # boot; True if it did
+        self.fetch_first: Callable[[str, Path], Awaitable[bool]] | None = None
         if warm is not None:
             templates.on_remove.append(lambda tid: warm.discard(tid, "its template went"))
         templates.warm_source = self.for_builds
@@ -149,6 +153,15 @@ class WarmScheduler:
         async with self._limiter:
             if self.warm.get(key) is not None:  # a warm build left one meanwhile
                 return
+            if self.fetch_first is not None:
+                try:
+                    fetched = await self.fetch_first(key, self.disk_of(rec))
+                except (VmmeshError, OSError) as exc:
+                    log.warning("fetching the warm state of %s: %s", key[:12], exc)
+                    fetched = False
+                if fetched:
+                    self.templates.on_change()
+                    return
             if not self.trim(self._estimate_mb(), keep=key):
                 self._note(key, "no room in the storage quota for a warm state of %s: its VMs boot")
                 return
