@@ -10,17 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vmmesh.api.gossip import Ack, Ack2, Delta, Syn, pack_version
 from vmmesh.errors import MalformedMessage, NotFound, Revoked, UsageError
-from vmmesh.gossip.core import (
-    Ack,
-    Ack2,
-    Delta,
-    EventKind,
-    GossipConfig,
-    GossipCore,
-    Syn,
-    pack_version,
-)
+from vmmesh.gossip.core import EventKind, GossipConfig, GossipCore
 
 IDS = [f"{i:02x}" * 8 for i in range(1, 9)]
 A, B, C = IDS[0], IDS[1], IDS[2]
@@ -487,3 +479,39 @@ def test_a_valid_value_replaced_by_garbage_is_dropped_not_kept() -> None:
     x.set_local("vms", "web-1")
     exchange(x, b)
     assert b.state_of(IDS[0]) == {}, "the author meant to replace it"
+
+
+def test_the_host_state_is_one_typed_record_published_and_parsed_with_the_same_specs() -> None:
+    """Every ``HostState`` field is a gossip key: a state with every field set goes out
+    as the changed keys, each passes the arriving check, and parses back equal."""
+    from dataclasses import fields, replace
+
+    from vmmesh.api.host import NO_CAPACITY, Building, KeptVm, TemplateInfo, WorkItem, WorkKind
+    from vmmesh.gossip.hoststate import SCHEMA, HostState, changed_keys, check_value, parse
+
+    full = HostState(
+        name="h1",
+        addresses=("10.0.0.1:7400",),
+        capacity=replace(NO_CAPACITY, cores=4),
+        templates=(TemplateInfo("ab" * 16, "ff" * 32, frozenset({"x"}), ("cd" * 32,), (10,)),),
+        vms=("web-1",),
+        draining=True,
+        crl=b"-----BEGIN X509 CRL-----",
+        images=("ee" * 32,),
+        building=(Building(template_id="ab" * 16, done_at=5.0),),
+        keepalive=(KeptVm(name="web-1"),),
+        vmshape={"qemu": "7.2"},
+        web_port=7402,
+        work=(WorkItem(kind=WorkKind.FETCH, name="template ab"),),
+    )
+    keys = changed_keys(HostState(), full)
+    assert set(keys) == set(SCHEMA) and len(keys) == len(fields(HostState))
+    for key, value in keys.items():
+        check_value(key, value)  # what a peer's check would do on arrival
+    assert parse(keys) == full
+    # only what changed goes out again
+    assert changed_keys(full, replace(full, draining=False, vms=())) == {
+        "draining": False,
+        "vms": [],
+    }
+    assert changed_keys(full, full) == {}

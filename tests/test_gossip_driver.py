@@ -11,9 +11,10 @@ import pytest
 import trio
 
 from vmmesh.api.codec import Method, WireType
+from vmmesh.api.gossip import ACK2, SYN, Ack
 from vmmesh.errors import MalformedMessage, PeerUnavailable, ProtocolError
-from vmmesh.gossip.core import Ack, GossipCore
-from vmmesh.gossip.driver import ACK2, SYN, add_handlers, exchange_with, run_gossip
+from vmmesh.gossip.core import GossipCore
+from vmmesh.gossip.driver import add_handlers, exchange_with, run_gossip
 from vmmesh.net.rpc import Handlers, LocalContext
 
 Req = TypeVar("Req", bound=WireType)

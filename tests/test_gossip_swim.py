@@ -11,8 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vmmesh.api.gossip import Delta, pack_version
 from vmmesh.errors import MalformedMessage, NotFound, Revoked
-from vmmesh.gossip.core import Delta, EventKind, pack_version
+from vmmesh.gossip.core import EventKind
 from vmmesh.gossip.swim import Baseline, Record, SwimConfig, SwimCore
 from vmmesh.gossip.swim_wire import (
     ALIVE,

@@ -37,8 +37,9 @@ import pytest
 import trio
 import trio.testing
 
+from vmmesh.api.gossip import pack_version
 from vmmesh.errors import PeerUnavailable
-from vmmesh.gossip.core import EventKind, GossipEvent, pack_version
+from vmmesh.gossip.core import EventKind, GossipEvent
 from vmmesh.gossip.sim import sample_state
 from vmmesh.gossip.swim import Baseline, Record, SwimCore
 from vmmesh.gossip.swim_driver import MAX_DATAGRAM, Refusal, SwimDriver

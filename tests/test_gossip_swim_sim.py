@@ -13,8 +13,8 @@ import tracemalloc
 
 import pytest
 
+from vmmesh.api.gossip import COUNTER_BITS
 from vmmesh.errors import NotFound
-from vmmesh.gossip.core import COUNTER_BITS
 from vmmesh.gossip.swim_sim import GENERATION, SwimSimConfig, SwimSimulation, run
 
 DOWN_BOUND = 5.0  # seconds, the target at N = 1000

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from vmmesh.api.gossip import Delta, pack_version
 from vmmesh.errors import MalformedMessage
-from vmmesh.gossip.core import Delta, pack_version
 from vmmesh.gossip.swim_wire import (
     Ack,
     Alive,

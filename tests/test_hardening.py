@@ -34,11 +34,11 @@ from tests.nodeutil import (
 from tests.test_images import fake_qcow2
 from vmmesh.api import vm as vm_api
 from vmmesh.api.codec import Empty
+from vmmesh.api.gossip import ACK2, SYN
 from vmmesh.api.node import PEERS, STATUS
 from vmmesh.api.vm import LIST, TEMPLATES
 from vmmesh.config import Config
 from vmmesh.errors import InternalError, RemoteError, VmmeshError
-from vmmesh.gossip.driver import ACK2, SYN
 from vmmesh.gossip.hoststate import SCHEMA
 from vmmesh.host.build import BaseImage
 from vmmesh.host.images import ImageStore

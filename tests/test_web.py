@@ -40,7 +40,7 @@ from vmmesh.api.web import (
 from vmmesh.config import Config
 from vmmesh.errors import AuthError, StateError, UsageError
 from vmmesh.gossip.core import EventKind
-from vmmesh.gossip.hoststate import HostView
+from vmmesh.gossip.hoststate import HostState, HostView
 from vmmesh.mesh import pki
 from vmmesh.net.rpc import Context, Handlers, LocalContext
 from vmmesh.web import certs
@@ -642,13 +642,13 @@ class FakeNode:
         self.pool = pool
         self.data_dir = data_dir
         self._hosts = hosts
-        self.published: dict[str, Any] = {}
+        self.published = HostState()
 
     def hosts(self) -> list[HostView]:
         return self._hosts
 
-    def publish(self, key: str, value: Any) -> None:
-        self.published[key] = value
+    def publish(self, state: HostState) -> None:
+        self.published = state
 
 
 async def _web_service(node: FakeNode, address: str) -> WebService:

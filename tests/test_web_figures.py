@@ -27,10 +27,10 @@ from tests.test_web import (
     _vm,
     _web_service,
 )
-from vmmesh.api.codec import Empty, ListOf, Nested
+from vmmesh.api.codec import Empty
 from vmmesh.api.common import Progress
 from vmmesh.api.figures import Figure, counter, gauge
-from vmmesh.api.host import MAX_WORK, WorkItem, WorkKind
+from vmmesh.api.host import WorkKind
 from vmmesh.api.node import PEERS, STATUS, PeersReply, StatusReply
 from vmmesh.jobs.service import JobService
 from vmmesh.jobs.service import Session as JobSession
@@ -264,7 +264,7 @@ async def test_the_work_under_way_goes_into_gossip_and_every_hosts_row_shows_it(
         {"j": Session("ab" * 8, "job-abababab", {"job-abababab-1": "x"}, 5.0, "running")}
     )
     web.publish(node)  # type: ignore[arg-type]
-    work = ListOf(Nested(WorkItem), MAX_WORK).load(node.published["work"], "work")
+    work = node.published.work
     by_kind = {w.kind: w for w in work}
     assert by_kind[WorkKind.FETCH].name == f"template {odd}"  # as text: the page sets it so
     assert by_kind[WorkKind.FETCH].fraction == 0.25 and by_kind[WorkKind.FETCH].done == 1200000
@@ -277,7 +277,7 @@ async def test_the_work_under_way_goes_into_gossip_and_every_hosts_row_shows_it(
     # a bag said how many tasks it has: those not started yet count in its total
     web.jobs = Jobs({"j": Session("cd" * 8, "bag", {}, 5.0, "running", tasks=20)})
     web.publish(node)  # type: ignore[arg-type]
-    later = ListOf(Nested(WorkItem), MAX_WORK).load(node.published["work"], "work")
+    later = node.published.work
     [bag] = [w for w in later if w.kind is WorkKind.JOB]
     assert (bag.done, bag.total, bag.fraction) == (4, 20, 0.2)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import trio
 
@@ -20,7 +20,7 @@ from vmmesh.api.figures import Figure
 from vmmesh.api.host import Capacity
 from vmmesh.config import Config
 from vmmesh.gossip.core import EventKind
-from vmmesh.gossip.hoststate import HostView
+from vmmesh.gossip.hoststate import HostState, HostView
 from vmmesh.host.store import Store
 from vmmesh.mesh.pki import Identity
 from vmmesh.net.peers import PeerPool
@@ -47,8 +47,14 @@ class NodeContext(Protocol):
         """The mesh as gossip knows it, this host included."""
         ...
 
-    def publish(self, key: str, value: Any) -> None:
-        """Set a gossip key of this host (if its value changed)."""
+    @property
+    def published(self) -> HostState:
+        """What this host last published of its own state."""
+        ...
+
+    def publish(self, state: HostState) -> None:
+        """Gossip ``state`` as this host's (the keys whose values changed); usually
+        ``node.publish(replace(node.published, field=value))``."""
         ...
 
     def publish_capacity(self) -> None:

@@ -58,7 +58,7 @@ from vmmesh.gossip import hoststate
 from vmmesh.gossip.core import EventKind, GossipConfig, GossipCore, GossipEvent
 from vmmesh.gossip.detector import DetectorConfig
 from vmmesh.gossip.driver import add_handlers, run_gossip
-from vmmesh.gossip.hoststate import HostView
+from vmmesh.gossip.hoststate import HostState, HostView, changed_keys
 from vmmesh.gossip.view import MeshView
 from vmmesh.host.capacity import CapacityPolicy, Usage, compute_capacity, probe_host
 from vmmesh.host.store import Store
@@ -142,7 +142,7 @@ class Node:
         self._store: Store | None = None
         self._pool: PeerPool | None = None
         self._inbound: dict[str, set[RpcConnection]] = {}
-        self._published: dict[str, Any] = {}
+        self._published = HostState()
         self.revocations: Revocations | None = None
         self.gossip_traffic = Traffic()
         self.suspicions = 0  # hosts this node's gossip came to suspect
@@ -178,11 +178,15 @@ class Node:
         """The mesh as gossip knows it, this host included (placement input)."""
         return self.view.hosts(self.now())
 
-    def publish(self, key: str, value: Any) -> None:
-        """Set a gossip key of this host if its value changed."""
-        if self._published.get(key, _MISSING) != value:
-            self._published[key] = value
+    @property
+    def published(self) -> HostState:
+        return self._published
+
+    def publish(self, state: HostState) -> None:
+        """Gossip ``state`` as this host's: the keys of the fields that changed."""
+        for key, value in changed_keys(self._published, state).items():
             self.core.set_local(key, value)
+        self._published = state
 
     def capacity(self) -> Capacity:
         for ext in self.extensions:
@@ -194,7 +198,7 @@ class Node:
         return compute_capacity(probe, Usage(), policy, blocked="this host runs no VMs")
 
     def publish_capacity(self) -> None:
-        self.publish("capacity", self.capacity().to_wire())
+        self.publish(dataclasses.replace(self._published, capacity=self.capacity()))
 
     # --- running --------------------------------------------------------------
 
@@ -242,7 +246,7 @@ class Node:
             invites=InviteBook(self.store),
             capacity=self.capacity,
             facts=self._facts,
-            publish_crl=lambda pem: self.publish("crl", pem),
+            publish_crl=lambda pem: self.publish(dataclasses.replace(self._published, crl=pem)),
             started=self.started,
             figures=self._figures,
         )
@@ -350,9 +354,14 @@ class Node:
 
     def _publish_identity(self) -> None:
         assert self.revocations is not None
-        self.publish("name", self.identity.name)
-        self.publish("addr", [f"{a}:{self.cfg.port}" for a in self.addresses])
-        self.publish("crl", self.revocations.current())
+        self.publish(
+            dataclasses.replace(
+                self._published,
+                name=self.identity.name,
+                addresses=tuple(f"{a}:{self.cfg.port}" for a in self.addresses),
+                crl=self.revocations.current(),
+            )
+        )
 
     async def _reload_on_sighup(self) -> None:
         """SIGHUP re-reads the config: capacity settings apply at once (others at restart)."""
@@ -400,7 +409,7 @@ class Node:
                 self._learn_address(ev.node_id, state.addresses)
             crl = state.crl if "crl" in ev.keys else b""
             if crl and self.revocations is not None and self.revocations.consider(crl, name):
-                self.publish("crl", crl)
+                self.publish(dataclasses.replace(self._published, crl=crl))
             if ev.kind is EventKind.JOINED:
                 log.info("host %s joined", name)
         elif ev.kind is EventKind.REFUSED:
@@ -487,9 +496,6 @@ class Node:
                     self.core.learn(nid, self.now())
                     log.info("seed %s:%d is node %s", host, port, nid)
             await trio.sleep(SEED_RETRY)
-
-
-_MISSING = object()
 
 
 class _PoolTransport:

@@ -18,15 +18,13 @@ from typing import Protocol, TypeVar
 import trio
 
 from vmmesh.api.codec import Empty, Method, WireType
+from vmmesh.api.gossip import ACK2, SYN, Ack, Ack2, Syn
 from vmmesh.errors import ProtocolError, VmmeshError
-from vmmesh.gossip.core import Ack, Ack2, GossipCore, Syn
+from vmmesh.gossip.core import GossipCore
 from vmmesh.net.refusals import LogOnce, describe
 from vmmesh.net.rpc import Context, Handlers
 
 log = logging.getLogger(__name__)
-
-SYN = Method("gossip.syn", Syn, Ack)
-ACK2 = Method("gossip.ack2", Ack2, Empty)
 
 Req = TypeVar("Req", bound=WireType)
 Rep = TypeVar("Rep", bound=WireType)

@@ -15,8 +15,14 @@ A key this version does not know is kept and relayed as it is, if it is small
 add a key, and hosts of this version must not cut it off on its way through
 the mesh.  Nothing here ever reads such a value.
 
-``parse`` turns a host's stored keys into a ``HostState`` for placement and
-the CLI; it cannot fail, because every stored value was checked.
+``HostState`` is the one definition: each of its fields names its gossip key
+and the spec its value meets (``gossiped``), and ``SCHEMA`` is read from those
+fields.  ``parse`` turns a host's stored keys into a ``HostState`` for
+placement and the CLI; it cannot fail, because every stored value was
+checked.  A host publishes a whole ``HostState`` (``NodeContext.publish``,
+usually ``replace(node.published, field=value)``: the field names and types
+are checked by mypy), and ``changed_keys`` gives the keys whose values
+changed, dumped with the same specs.
 
 =============  ==========================================================
 key            value
@@ -45,7 +51,7 @@ key            value
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 import msgpack
@@ -69,22 +75,6 @@ MAX_KEYS = 32
 MAX_UNKNOWN_BYTES = 4096
 ADDRESS = Text(80, r"[0-9A-Za-z.:\[\]-]{1,72}:[0-9]{1,5}", "address:port")
 
-SCHEMA: dict[str, Spec[Any]] = {
-    "name": HostName,
-    "addr": ListOf(ADDRESS, 8),
-    "capacity": Nested(Capacity),
-    "templates": ListOf(Nested(TemplateInfo), MAX_TEMPLATES),
-    "vms": ListOf(VmName, MAX_VMS),
-    "draining": Bool(),
-    "crl": Bytes(256 << 10),
-    "images": ListOf(Sha256, 16),
-    "building": ListOf(Nested(Building), 64),
-    "keepalive": ListOf(Nested(KeptVm), MAX_VMS),
-    "vmshape": MapOf(Text(32), Text(300), 16),
-    "web": Int(0, 65535),
-    "work": ListOf(Nested(WorkItem), MAX_WORK),
-}
-
 
 def check_value(key: str, value: object, keys_held: int = 0) -> None:
     """Raise MalformedMessage unless ``value`` is acceptable for gossip ``key``.
@@ -105,23 +95,52 @@ def check_value(key: str, value: object, keys_held: int = 0) -> None:
         raise MalformedMessage(f"gossip {key!r}: {size} bytes is over {MAX_UNKNOWN_BYTES}")
 
 
+def gossiped(
+    key: str, spec: Spec[Any], *, default: Any = MISSING, default_factory: Any = MISSING
+) -> Any:
+    """A ``HostState`` field, gossiped under ``key`` and checked with ``spec`` at both
+    ends: ``publish`` dumps it with the spec, ``check_value`` loads it on arrival."""
+    return field(
+        default=default, default_factory=default_factory, metadata={"key": key, "spec": spec}
+    )
+
+
 @dataclass(frozen=True)
 class HostState:
-    """The keys of one host, typed; a missing key has its neutral value."""
+    """The keys of one host, typed; a missing key has its neutral value (the default).
 
-    name: str = ""
-    addresses: tuple[str, ...] = ()
-    capacity: Capacity = NO_CAPACITY
-    templates: tuple[TemplateInfo, ...] = ()
-    vms: tuple[str, ...] = ()
-    draining: bool = False
-    crl: bytes = b""
-    images: tuple[str, ...] = ()
-    building: tuple[Building, ...] = ()
-    keepalive: tuple[KeptVm, ...] = ()
-    vmshape: Mapping[str, str] = field(default_factory=dict)
-    web_port: int | None = None  # None: not gossiped (an older host); 0: no page
-    work: tuple[WorkItem, ...] = ()
+    One field per key: a new key is one line here, and the schema, the parser and
+    the publisher follow from it.
+    """
+
+    name: str = gossiped("name", HostName, default="")
+    addresses: tuple[str, ...] = gossiped("addr", ListOf(ADDRESS, 8), default=())
+    capacity: Capacity = gossiped("capacity", Nested(Capacity), default=NO_CAPACITY)
+    templates: tuple[TemplateInfo, ...] = gossiped(
+        "templates", ListOf(Nested(TemplateInfo), MAX_TEMPLATES), default=()
+    )
+    vms: tuple[str, ...] = gossiped("vms", ListOf(VmName, MAX_VMS), default=())
+    draining: bool = gossiped("draining", Bool(), default=False)
+    crl: bytes = gossiped("crl", Bytes(256 << 10), default=b"")
+    images: tuple[str, ...] = gossiped("images", ListOf(Sha256, 16), default=())
+    building: tuple[Building, ...] = gossiped("building", ListOf(Nested(Building), 64), default=())
+    keepalive: tuple[KeptVm, ...] = gossiped(
+        "keepalive", ListOf(Nested(KeptVm), MAX_VMS), default=()
+    )
+    vmshape: Mapping[str, str] = gossiped(
+        "vmshape", MapOf(Text(32), Text(300), 16), default_factory=dict
+    )
+    # None: not gossiped (an older host); 0: no page
+    web_port: int | None = gossiped("web", Int(0, 65535), default=None)
+    work: tuple[WorkItem, ...] = gossiped("work", ListOf(Nested(WorkItem), MAX_WORK), default=())
+
+
+#: field name -> (gossip key, spec), in declaration order
+_KEYS: dict[str, tuple[str, Spec[Any]]] = {
+    f.name: (f.metadata["key"], f.metadata["spec"]) for f in fields(HostState)
+}
+SCHEMA: dict[str, Spec[Any]] = dict(_KEYS.values())
+"""Gossip key -> the spec its value must meet (from ``HostState``'s fields)."""
 
 
 def parse(keys: Mapping[str, Any]) -> HostState:
@@ -131,27 +150,23 @@ def parse(keys: Mapping[str, Any]) -> HostState:
     as absent, like a refused one.
     """
     out: dict[str, Any] = {}
-    for key, attr in (
-        ("name", "name"),
-        ("addr", "addresses"),
-        ("capacity", "capacity"),
-        ("templates", "templates"),
-        ("vms", "vms"),
-        ("draining", "draining"),
-        ("crl", "crl"),
-        ("images", "images"),
-        ("building", "building"),
-        ("keepalive", "keepalive"),
-        ("vmshape", "vmshape"),
-        ("web", "web_port"),
-        ("work", "work"),
-    ):
+    for attr, (key, spec) in _KEYS.items():
         if key in keys:
             try:
-                out[attr] = SCHEMA[key].load(keys[key], key)
+                out[attr] = spec.load(keys[key], key)
             except MalformedMessage:
                 continue
     return HostState(**out)
+
+
+def changed_keys(old: HostState, new: HostState) -> dict[str, object]:
+    """The gossip keys (and their wire values) of the fields ``new`` changes."""
+    out: dict[str, object] = {}
+    for attr, (key, spec) in _KEYS.items():
+        value = getattr(new, attr)
+        if value != getattr(old, attr):
+            out[key] = spec.dump(value)
+    return out
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ from typing import Any
 
 import msgpack
 
-from vmmesh.gossip.core import Ack, Ack2, GossipConfig, GossipCore, Syn, pack_version
+from vmmesh.api.gossip import Ack, Ack2, Syn, pack_version
+from vmmesh.gossip.core import GossipConfig, GossipCore
 
 _Message = Syn | Ack | Ack2
 _Envelope = tuple[str, str, _Message]

@@ -84,9 +84,10 @@ from dataclasses import dataclass
 from random import Random
 from typing import Any, NamedTuple
 
+from vmmesh.api.gossip import COUNTER_BITS, KEY_RE, Delta
 from vmmesh.api.names import check_hex_id
 from vmmesh.errors import MalformedMessage, NotFound, Revoked, UsageError
-from vmmesh.gossip.core import COUNTER_BITS, HB, KEY_RE, Delta, EventKind, GossipEvent
+from vmmesh.gossip.core import HB, EventKind, GossipEvent
 from vmmesh.gossip.detector import Status
 from vmmesh.gossip.swim_wire import (
     ALIVE,

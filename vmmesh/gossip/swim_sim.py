@@ -36,8 +36,9 @@ from typing import Any
 
 import msgpack
 
+from vmmesh.api.gossip import pack_version
 from vmmesh.errors import Revoked
-from vmmesh.gossip.core import EventKind, GossipEvent, pack_version
+from vmmesh.gossip.core import EventKind, GossipEvent
 from vmmesh.gossip.sim import node_ids, sample_state
 from vmmesh.gossip.swim import Baseline, Record, SwimConfig, SwimCore
 from vmmesh.gossip.swim_wire import ALIVE, Message

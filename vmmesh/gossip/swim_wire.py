@@ -37,9 +37,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from vmmesh.api.gossip import COUNTER_BITS, KEY_RE, Delta
 from vmmesh.api.names import check_hex_id
 from vmmesh.errors import MalformedMessage
-from vmmesh.gossip.core import COUNTER_BITS, KEY_RE, Delta
 
 WIRE_VERSION = 1
 _MASK = (1 << COUNTER_BITS) - 1

@@ -24,6 +24,7 @@ in gossip and deletes its old copies instead of starting them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import time
@@ -95,7 +96,8 @@ class KeepAliveService(NodeExtension):
         mgr = self.vms.mgr
         if mgr is None:
             return
-        node.publish("keepalive", [k.to_wire() for k in self._kept(mgr.list_vms())])
+        kept = tuple(self._kept(mgr.list_vms()))
+        node.publish(dataclasses.replace(node.published, keepalive=kept))
 
     def facts(self) -> Mapping[str, str]:
         q = {None: "mesh too small to vote", True: "yes", False: "NO: keep-alive VMs fenced"}

@@ -11,6 +11,7 @@ the source (``migrate.run``), streaming its progress back.  The source runs
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import signal
@@ -108,7 +109,7 @@ class MigrateService(NodeExtension):
             nursery.start_soon(self._drain_on_stop)
 
     def publish(self, node: NodeContext) -> None:
-        node.publish("draining", drain.is_draining(node.store))
+        node.publish(dataclasses.replace(node.published, draining=drain.is_draining(node.store)))
 
     def _hold_back_spares(self, mgr: VmManager) -> None:
         """A draining host keeps no warm spare (it takes no new VM), also after a restart."""

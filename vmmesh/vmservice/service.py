@@ -182,11 +182,10 @@ class VmService(NodeExtension):
             images = ImageStore(node.data_dir)
             held = [r.image_id for r in images.list_images()]
             default = next((i for i in held if i == self.image_id), None)
-            node.publish(
-                "images", ([default] if default else []) + [i for i in held if i != default]
-            )
+            ordered = ([default] if default else []) + [i for i in held if i != default]
+            node.publish(dataclasses.replace(node.published, images=tuple(ordered)))
         if self.vm_shape:
-            node.publish("vmshape", self.vm_shape)
+            node.publish(dataclasses.replace(node.published, vmshape=self.vm_shape))
         if self.mgr is None:
             if self._base is None and self._image_changed(node.data_dir):
                 assert self._nursery is not None
@@ -200,15 +199,17 @@ class VmService(NodeExtension):
             dataclasses.replace(t, warm=True) if t.template_id in warm else t
             for t in templates.templates_info()
         ]
-        node.publish("templates", [t.to_wire() for t in inventory])
         live = sorted(
             v.name for v in self.mgr.list_vms() if v.state in (VmState.CREATING, VmState.RUNNING)
         )
-        node.publish("vms", live)
-        building = [
+        building = tuple(
             Building(template_id=t, done_at=d) for t, d in sorted(templates.building.items())
-        ]
-        node.publish("building", [b.to_wire() for b in building])
+        )
+        node.publish(
+            dataclasses.replace(
+                node.published, templates=tuple(inventory), vms=tuple(live), building=building
+            )
+        )
 
     def _image_changed(self, data_dir: Path) -> bool:
         """Did the image store change since we last looked (a cheap stat per tick)?"""

@@ -17,6 +17,7 @@ host with VMs, once per snapshot, not once per browser).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -194,7 +195,7 @@ class WebService(NodeExtension):
     def publish(self, node: NodeContext) -> None:
         # the page's port, so that /sd on any host points at it (0: no page)
         if self._decided:
-            node.publish("web", self.port or 0)
+            node.publish(dataclasses.replace(node.published, web_port=self.port or 0))
         self._publish_work(node)
 
     def _publish_work(self, node: NodeContext) -> None:
@@ -209,7 +210,7 @@ class WebService(NodeExtension):
         )
         value = self.work.update(now, time.time(), trio.current_time())
         if value is not None:
-            node.publish("work", [i.to_wire() for i in value])
+            node.publish(dataclasses.replace(node.published, work=tuple(value)))
             self._notify()  # this host's own page: no gossip event for its own keys
 
     def facts(self) -> Mapping[str, str]:
