@@ -186,6 +186,7 @@ async def mesh(
     storage_quota_mb: int = 20_000,
     hypervisors: Sequence[FakeHypervisor] | None = None,
     pack_level: int = 0,
+    gossip: str = "scuttlebutt",
 ) -> AsyncIterator[list[Host]]:
     """Three running nodes that all see each other up with their free slots (templates
     served as compressed on the fly unless ``pack_level`` is given)."""
@@ -211,6 +212,7 @@ async def mesh(
                 vm_memory_mb=64,
                 vm_disk_allowance_mb=ALLOWANCE,
                 pack_level=pack_level,
+                gossip=gossip,
             )
             base = BaseImage(image_dir, make_base_image(image_dir))
             svc = VmService(hypervisor=hvs[i], base=base)

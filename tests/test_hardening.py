@@ -39,6 +39,7 @@ from vmmesh.api.node import PEERS, STATUS
 from vmmesh.api.vm import LIST, TEMPLATES
 from vmmesh.config import Config
 from vmmesh.errors import InternalError, RemoteError, VmmeshError
+from vmmesh.gossip.core import GossipCore
 from vmmesh.gossip.hoststate import SCHEMA
 from vmmesh.host.build import BaseImage
 from vmmesh.host.images import ImageStore
@@ -94,13 +95,17 @@ async def test_a_bad_gossip_value_is_refused_not_relayed_and_reads_keep_working(
     ``vmmesh peers`` keeps answering everywhere."""
     async with mesh(root, port) as hosts:
         h1, h2, h3 = hosts
-        good = h2.node.core.state_of(h2.node.node_id).get(key)
+        core = h2.node.core
+        assert isinstance(core, GossipCore)
+        good = core.state_of(h2.node.node_id).get(key)
         for bad in BAD_VALUES[key]:
-            h2.node.core.set_local(key, bad)
-            version = h2.node.core.local_version
+            core.set_local(key, bad)
+            version = core.local_version
 
             def arrived(h: Host, version: tuple[int, int] = version) -> bool:
-                held = h.node.core.version_of(h2.node.node_id)
+                seen = h.node.core
+                assert isinstance(seen, GossipCore)
+                held = seen.version_of(h2.node.node_id)
                 return held is not None and held >= version
 
             await eventually(lambda: arrived(h1) and arrived(h3), f"h2's {key} reaches all")

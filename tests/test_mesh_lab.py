@@ -1,5 +1,10 @@
 """The mesh through real node processes: lab hosts in network namespaces,
-real mDNS, mutual TLS between nodes, the CLI over the control socket."""
+real mDNS, mutual TLS between nodes, the CLI over the control socket.
+
+Every test runs twice, once per gossip protocol (``gossip = "scuttlebutt"``, the
+default, and ``"swim"``): discovery, state spreading, refusals, a killed host
+marked down and back, revocation must not depend on which one carries them.
+"""
 
 from __future__ import annotations
 
@@ -22,10 +27,23 @@ from vmmesh.lab import Lab
 pytestmark = pytest.mark.lab
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    with lab_context(tmp_path_factory.mktemp("mesh"), 3, start_nodes=True) as made:
+WINDOW = 20.0  # seconds of a quiet mesh whose bytes on the wire are counted
+
+
+@pytest.fixture(scope="module", params=["scuttlebutt", "swim"])
+def lab(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Lab]:
+    env = {"VMMESH_GOSSIP": request.param}
+    with lab_context(tmp_path_factory.mktemp("mesh"), 3, start_nodes=True, env=env) as made:
         yield made
+
+
+def _tx_bytes(lab: Lab, i: int) -> int:
+    """Bytes host ``i`` has sent on its link (its end of the lab veth)."""
+    out = subprocess.run(
+        ["ip", "-n", lab.host(i).netns, "-j", "-s", "link", "show", "dev", "eth0"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return int(json.loads(out)[0]["stats64"]["tx"]["bytes"])
 
 
 def test_hosts_find_each_other_by_mdns(lab: Lab) -> None:
@@ -37,6 +55,22 @@ def test_hosts_find_each_other_by_mdns(lab: Lab) -> None:
     assert not any("--peer" in a for a in lab.node_args)
     status = cli_json(lab, 2, "status")
     assert status["peers_up"] == 2 and status["mesh_id"] == cli_json(lab, 1, "status")["mesh_id"]
+
+
+def test_a_quiet_mesh_costs_so_many_bytes_per_second_on_the_wire(lab: Lab) -> None:
+    """What each host sends while nothing happens, counted on its real link (TLS,
+    framing, RPC and mDNS included), beside what its node counts as gossip."""
+    for i in (1, 2, 3):
+        eventually(all_up, f"h{i} sees all three hosts up", lab, i)
+    proto = lab.env.get("VMMESH_GOSSIP", "scuttlebutt")
+    before = [_tx_bytes(lab, i) for i in (1, 2, 3)]
+    started = time.monotonic()
+    time.sleep(WINDOW)
+    seconds = time.monotonic() - started
+    rates = [(_tx_bytes(lab, i) - b) / seconds for i, b in zip((1, 2, 3), before, strict=True)]
+    print(f"{proto}, quiet mesh of 3: bytes/s sent per host on the wire:",
+          [round(r) for r in rates])  # fmt: skip
+    assert all(r > 0 for r in rates)
 
 
 def test_capacity_change_spreads_by_gossip(lab: Lab) -> None:

@@ -34,6 +34,9 @@ class Config:
     mdns: bool = True
     gossip_interval: float = 0.5
     gossip_fanout: int = 3
+    # scuttlebutt: every exchange carries every host's heartbeat; swim: probes and
+    # news only (issue 19), as datagrams over the peer links
+    gossip: str = "scuttlebutt"
     storage_quota_mb: int = 20_000
     cpu_overcommit: float = 2.0
     memory_reserve_mb: int = 512
@@ -192,6 +195,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"port must be 1..65534, not {cfg.port}")
     if cfg.accel not in ("auto", "kvm", "tcg"):
         raise ConfigError(f"accel must be auto, kvm or tcg, not {cfg.accel!r}")
+    if cfg.gossip not in ("scuttlebutt", "swim"):
+        raise ConfigError(f"gossip must be scuttlebutt or swim, not {cfg.gossip!r}")
     if cfg.gossip_interval <= 0 or cfg.gossip_fanout < 1:
         raise ConfigError("gossip interval must be > 0 and fanout >= 1")
     if cfg.storage_quota_mb < 0 or cfg.cpu_overcommit <= 0:

@@ -48,8 +48,9 @@ from typing import Any, TypeVar
 
 import trio
 
-from vmmesh.api.codec import Method, WireType
+from vmmesh.api.codec import Empty, Method, WireType
 from vmmesh.api.figures import Figure, Unit, counter
+from vmmesh.api.gossip import SWIM, SwimDatagram
 from vmmesh.api.host import Capacity
 from vmmesh.config import RELOADABLE, Config
 from vmmesh.errors import AuthError, PeerUnavailable, StateError, VmmeshError
@@ -59,6 +60,7 @@ from vmmesh.gossip.core import EventKind, GossipConfig, GossipCore, GossipEvent
 from vmmesh.gossip.detector import DetectorConfig
 from vmmesh.gossip.driver import add_handlers, run_gossip
 from vmmesh.gossip.hoststate import HostState, HostView, changed_keys
+from vmmesh.gossip.swim_node import SwimGossip
 from vmmesh.gossip.view import MeshView
 from vmmesh.host.capacity import CapacityPolicy, Usage, compute_capacity, probe_host
 from vmmesh.host.store import Store
@@ -79,7 +81,7 @@ from vmmesh.net import control
 from vmmesh.net.addresses import local_addresses
 from vmmesh.net.peers import PeerPool
 from vmmesh.net.refusals import Cause, Refusals
-from vmmesh.net.rpc import Handlers, RpcConnection
+from vmmesh.net.rpc import Context, Handlers, RpcConnection
 from vmmesh.net.tls import serve_peers, server_context
 from vmmesh.net.traffic import CountingHandlers, Traffic
 
@@ -125,12 +127,16 @@ class Node:
         self.started = time.time()
         self.generation = int(self.started * 1000)
         self.refusals = Refusals(logging.getLogger("vmmesh.refused"))
-        self.core = GossipCore(
-            self.node_id,
-            self.generation,
-            config=GossipConfig(detector=DetectorConfig(first_interval=cfg.gossip_interval)),
-            check=hoststate.check_value,
-        )
+        self.core: GossipCore | SwimGossip
+        if cfg.gossip == "swim":
+            self.core = SwimGossip(self.node_id, self.generation, check=hoststate.check_value)
+        else:
+            self.core = GossipCore(
+                self.node_id,
+                self.generation,
+                config=GossipConfig(detector=DetectorConfig(first_interval=cfg.gossip_interval)),
+                check=hoststate.check_value,
+            )
         self.view = MeshView(self.core, self.wall)
         self.rng = random.Random()
         self.addresses = list(cfg.advertise) or local_addresses() or ["127.0.0.1"]
@@ -214,7 +220,17 @@ class Node:
         self.revocations = Revocations(self.cfg.pki_dir, self.store, self.node_id, self._cut_off)
         self.revocations.load()
         self._mesh_service().register(self.control_handlers)
-        add_handlers(CountingHandlers(self.peer_handlers, self.gossip_traffic), self.core)
+        counted = CountingHandlers(self.peer_handlers, self.gossip_traffic)
+        if isinstance(self.core, SwimGossip):
+            swim = self.core
+
+            async def on_datagram(ctx: Context, body: SwimDatagram) -> Empty:
+                swim.deliver(ctx.peer_id, body.data)
+                return Empty()
+
+            counted.add(SWIM, on_datagram)
+        else:
+            add_handlers(counted, self.core)
         async with trio.open_nursery() as nursery:
             self._pool = PeerPool(
                 lambda: self.identity,
@@ -342,6 +358,11 @@ class Node:
     # --- gossip -----------------------------------------------------------------
 
     async def _gossip(self) -> None:
+        if isinstance(self.core, SwimGossip):
+            async with trio.open_nursery() as nursery:
+                datagrams = _PoolDatagrams(self.pool, nursery, self.gossip_traffic)
+                await self.core.run(datagrams)
+            return
         timeout = max(5.0, self.cfg.gossip_interval)
         await run_gossip(
             self.core,
@@ -496,6 +517,44 @@ class Node:
                     self.core.learn(nid, self.now())
                     log.info("seed %s:%d is node %s", host, port, nid)
             await trio.sleep(SEED_RETRY)
+
+
+class _PoolDatagrams:
+    """SWIM's datagrams over the peer links (``gossip.swim`` calls), counted in
+    ``traffic``.  A send never waits: each goes in a task of its own, at most
+    ``PER_PEER`` at a time per peer (more are dropped, as a full socket buffer would
+    drop them), so a peer that is slow or unreachable costs its own datagrams only."""
+
+    PER_PEER = 8
+    TIMEOUT = 2.0
+
+    def __init__(self, pool: PeerPool, nursery: trio.Nursery, traffic: Traffic) -> None:
+        self._pool = pool
+        self._nursery = nursery
+        self._traffic = traffic
+        self._in_flight: dict[str, int] = {}
+
+    async def send(self, node_id: str, data: bytes) -> None:
+        if self._in_flight.get(node_id, 0) >= self.PER_PEER:
+            raise PeerUnavailable(f"node {node_id[:12]}: {self.PER_PEER} datagrams in flight")
+        self._in_flight[node_id] = self._in_flight.get(node_id, 0) + 1
+        self._nursery.start_soon(self._send, node_id, SwimDatagram(data=data))
+
+    async def _send(self, node_id: str, datagram: SwimDatagram) -> None:
+        try:
+
+            async def call(m: Method[SwimDatagram, Empty], r: SwimDatagram) -> Empty:
+                return await self._pool.call(node_id, m, r, timeout=self.TIMEOUT)
+
+            await self._traffic.call(call, SWIM, datagram)
+        except (VmmeshError, OSError) as exc:
+            log.debug("gossip datagram to %s lost: %s", node_id[:12], exc)
+        finally:
+            left = self._in_flight.get(node_id, 1) - 1
+            if left > 0:
+                self._in_flight[node_id] = left
+            else:
+                self._in_flight.pop(node_id, None)
 
 
 class _PoolTransport:

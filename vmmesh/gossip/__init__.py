@@ -1,7 +1,8 @@
 """Gossip: what every host knows of every other, and who is alive.
 
 Every host is the only author of a few keys about itself (name, addresses,
-capacity, templates, VMs, CRL; ``hoststate`` is their schema).  Each interval
+capacity, templates, VMs, CRL; ``hoststate`` holds them as one typed record,
+each field with its key and spec).  Each interval
 the trio driver (``driver``) ticks the pure core (``core``): this host's
 heartbeat goes up, and a phi-accrual detector per peer (``detector``) turns
 silence into "suspect", then "down", then "forgotten".  Then the driver opens
@@ -23,7 +24,8 @@ revocation, refusals to the refusal log, all of them to the extensions.
 cores with a seeded RNG to measure spread.  The core does no I/O and reads no
 clock: time is passed in.
 
-Its successor, not yet wired into the node (issue 19): ``swim`` is a pure
+Its successor, which the node runs with ``gossip = "swim"`` (issue 19; the
+default stays Scuttlebutt until SWIM has run in more meshes): ``swim`` is a pure
 SWIM core whose traffic grows with the news, not with the mesh.  Hosts probe
 one member per interval (with indirect probes through others when an ack is
 late); a member no one reaches is suspected, refutes with a higher
@@ -39,7 +41,11 @@ simulated seconds with loss and round trips.  ``swim_driver`` runs one core
 with trio's clock over a datagram transport: it sleeps until the core's next
 deadline, sends what the core returns, and refuses (counts, and logs once
 per peer) bytes that are not a message and messages whose sender is not the
-peer the transport authenticated; the node does not run it yet.
+peer the transport authenticated.  ``swim_node`` gives the node the calls it
+makes of ``core`` (``set_local``, ``learn``, ``remove``, ``drain_events``,
+what ``view`` reads) over a core and its driver; the node's transport is its
+peer links (``gossip.swim`` calls, each send in a task of its own), so SWIM
+adds no port and every datagram is authenticated by TLS.
 
 May import: vmmesh.api, vmmesh.net (from driver), vmmesh.wire (from swim_driver).
 """

@@ -895,6 +895,11 @@ class SwimCore:
             raise NotFound(f"no gossip state for host {node_id}")
         return {k: val for k, (_, val) in rec.keys.items()}
 
+    def since(self, node_id: str) -> float | None:
+        """When this core's record of a host entered its state (None if unknown)."""
+        rec = self._get(node_id)
+        return None if rec is None else rec.since
+
     def status(self, node_id: str) -> Status:
         rec = self._get(node_id)
         if rec is None:

@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, Protocol
 
 from vmmesh.errors import NotFound
-from vmmesh.gossip.core import GossipCore
+from vmmesh.gossip.core import Member
 from vmmesh.gossip.hoststate import HostState, HostView, parse
+
+
+class GossipState(Protocol):
+    """What a view reads of a gossip core (``GossipCore``, or SWIM's ``SwimGossip``)."""
+
+    def version_of(self, node_id: str) -> object: ...
+
+    def state_of(self, node_id: str) -> dict[str, Any]: ...
+
+    def members(self, now: float) -> list[Member]: ...
 
 
 class MeshView:
     """Reads hosts out of a ``GossipCore``; each host's keys are parsed once per version."""
 
-    def __init__(self, core: GossipCore, wall: Callable[[float], float]) -> None:
+    def __init__(self, core: GossipState, wall: Callable[[float], float]) -> None:
         self._core = core
         self._wall = wall
-        self._parsed: dict[str, tuple[tuple[int, int] | None, HostState]] = {}
+        self._parsed: dict[str, tuple[object, HostState]] = {}
 
     def state(self, node_id: str) -> HostState:
         version = self._core.version_of(node_id)
