@@ -186,7 +186,7 @@ async def mesh(
     storage_quota_mb: int = 20_000,
     hypervisors: Sequence[FakeHypervisor] | None = None,
     pack_level: int = 0,
-    gossip: str = "scuttlebutt",
+    gossip: str = Config.gossip,
 ) -> AsyncIterator[list[Host]]:
     """Three running nodes that all see each other up with their free slots (templates
     served as compressed on the fly unless ``pack_level`` is given)."""

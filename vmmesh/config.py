@@ -34,9 +34,10 @@ class Config:
     mdns: bool = True
     gossip_interval: float = 0.5
     gossip_fanout: int = 3
-    # scuttlebutt: every exchange carries every host's heartbeat; swim: probes and
-    # news only (issue 19), as datagrams over the peer links
-    gossip: str = "scuttlebutt"
+    # swim: probes and news only, as datagrams over the peer links (issue 19);
+    # scuttlebutt: the earlier protocol, every exchange carries every host's heartbeat
+    # (gossip_interval and gossip_fanout tune it; SWIM has its own timers)
+    gossip: str = "swim"
     storage_quota_mb: int = 20_000
     cpu_overcommit: float = 2.0
     memory_reserve_mb: int = 512

@@ -24,8 +24,8 @@ revocation, refusals to the refusal log, all of them to the extensions.
 cores with a seeded RNG to measure spread.  The core does no I/O and reads no
 clock: time is passed in.
 
-Its successor, which the node runs with ``gossip = "swim"`` (issue 19; the
-default stays Scuttlebutt until SWIM has run in more meshes): ``swim`` is a pure
+Its successor, which the node runs by default (``gossip = "swim"``; issue 19;
+``gossip = "scuttlebutt"`` keeps the core above): ``swim`` is a pure
 SWIM core whose traffic grows with the news, not with the mesh.  Hosts probe
 one member per interval (with indirect probes through others when an ack is
 late); a member no one reaches is suspected, refutes with a higher

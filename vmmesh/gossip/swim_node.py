@@ -106,6 +106,11 @@ class SwimGossip:
         finally:
             self.driver = None
 
+    @property
+    def local_version(self) -> int:
+        """This host's highest key version (packed)."""
+        return self.core.local_version
+
     # --- what MeshView reads ------------------------------------------------------
 
     def version_of(self, node_id: str) -> int | None:
