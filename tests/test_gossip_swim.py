@@ -263,3 +263,41 @@ def test_a_shared_ring_walk_probes_every_member_once_per_walk() -> None:
                 core.receive(Ack(dst, msg.seq, ()), now)
     assert sorted(targets[:49]) == sorted(ids[1:])
     assert sorted(targets[49:]) == sorted(ids[1:])
+
+
+def _advance(cores: list[SwimCore], start: float, end: float, linked: bool) -> float:
+    """Tick every core every 50 ms from ``start`` to ``end``; deliver what they send
+    while ``linked``, lose all of it while not.  The time reached."""
+    now = start
+    while now < end:
+        out: list[tuple[str, Message]] = []
+        for c in cores:
+            out += c.tick(now)
+        if linked:
+            deliver_all(cores, out, now)
+        now += 0.05
+    return now
+
+
+def test_both_sides_of_a_healed_partition_come_back_to_each_other() -> None:
+    """Nobody probes a dead host: after a partition long enough for each side to mark
+    the other down and forget it, the reconnect Sync brings both back (it used to
+    leave them dead to each other for good)."""
+    rng = random.Random(7)
+    a, b = (SwimCore(n, 1000, now=0.0, rng=rng) for n in (A, B))
+    a.join(B, 0.0)
+    b.join(A, 0.0)
+    now = _advance([a, b], 0.0, 5.0, linked=True)
+    assert a.status(B) == b.status(A) == "up"
+    now = _advance([a, b], now, now + 90.0, linked=False)  # forgotten after 60 s
+    assert B not in a.members() and A not in b.members()
+    healed = now
+    while a.status(B) != "up" or b.status(A) != "up":
+        assert now - healed < 4 * SwimConfig().reconnect_interval, "still apart"
+        now = _advance([a, b], now, now + 0.5, linked=True)
+    # and one seen again (discovery, an inbound link) is asked at once
+    now = _advance([a, b], now, now + 30.0, linked=False)
+    assert a.status(B) == "down"
+    a.join(B, now)
+    _advance([a, b], now, now + 0.2, linked=True)
+    assert a.status(B) == b.status(A) == "up"

@@ -142,6 +142,11 @@ class SwimConfig:
     tombstone_ttl: float = 600.0
     want_retry: float = 1.0  # do not ask for the same author's gap more often
     suspicion_asks: int = 3  # direct pings to a suspect whose timeout ran out, before Dead
+    # every this often, stretched like sync_interval, a host down or forgotten here (its
+    # tombstone kept) is sent a Sync, with the chance down / live others (Serf's
+    # reconnect, every 30 s there): nobody probes a dead host, so without it the two
+    # sides of a healed partition would stay dead to each other
+    reconnect_interval: float = 5.0
 
     def __post_init__(self) -> None:
         if not 0 < self.probe_timeout < self.probe_interval:
@@ -259,6 +264,8 @@ class SwimCore:
         self._gossip_phase = now + rng.random() * cfg.gossip_interval
         self._next_sync = now + rng.random() * self._sync_interval()
         self._joining = False
+        self._next_reconnect = now + cfg.reconnect_interval  # (no draw: seeded runs keep)
+        self._reconnect_soon: list[str] = []  # down hosts seen again (``join``): sync first
         self._out: Outgoing = []
         if mine is None:  # a new life: say so, so that it beats what was said of the last one
             self._enqueue(Alive(node_id, self._inc))
@@ -384,7 +391,14 @@ class SwimCore:
         """A host given as a seed or seen by discovery: probe it and sync with
         it even before any of its state has arrived."""
         check_hex_id(node_id, "node id")
-        if node_id == self.node_id or node_id in self._removed or self._get(node_id) is not None:
+        if node_id == self.node_id or node_id in self._removed:
+            return
+        held = self._get(node_id)
+        if held is not None:
+            if held.state >= DEAD and node_id not in self._reconnect_soon:
+                # down or forgotten here, and found again: ask it at once
+                self._reconnect_soon.append(node_id)
+                self._next_reconnect = min(self._next_reconnect, now)
             return
         self._set(node_id, Record(0, ALIVE, 0, {}, now))
         self._next_sync = min(self._next_sync, now)
@@ -585,7 +599,7 @@ class SwimCore:
 
     def next_deadline(self) -> float:
         """When ``tick`` has work next (it may be called earlier, harmlessly)."""
-        t = min(self._next_probe, self._next_sync)
+        t = min(self._next_probe, self._next_sync, self._next_reconnect)
         probe = self._probe
         if probe is not None and not probe.acked:
             t = min(t, probe.indirect_at, probe.ends_at)
@@ -620,6 +634,11 @@ class SwimCore:
                 self.config.probe_interval if self._joining else self._sync_interval()
             )
             self._start_sync()
+        if self._next_reconnect <= now:
+            self._next_reconnect = now + self.config.reconnect_interval * (
+                self._sync_interval() / self.config.sync_interval
+            )
+            self._reconnect()
         self._timers(now)
         out, self._out = self._out, []
         return out
@@ -743,6 +762,25 @@ class SwimCore:
         peers = self._random_members(1, exclude=self.node_id)
         if peers:
             self._out.append((peers[0], Sync(self.node_id, self._entries())))
+
+    def _reconnect(self) -> None:
+        """Sync with one host that is down or forgotten here: one seen again first, else
+        (by chance, see ``reconnect_interval``) one at random.  If it is alive, it
+        learns that we think it dead and refutes, and its reply brings it back here
+        (and our refutation of what it thought of us brings us back there)."""
+        target = None
+        while self._reconnect_soon and target is None:
+            nid = self._reconnect_soon.pop(0)
+            rec = self._get(nid)
+            if rec is not None and rec.state >= DEAD and nid not in self._removed:
+                target = nid
+        if target is None:
+            down = [n for n in self._down if n not in self._removed]
+            others = max(1, self._alive - 1)
+            if not down or self._rng.random() >= len(down) / others:
+                return  # the mesh as a whole sends about one such Sync per interval
+            target = down[self._rng.randrange(len(down))]
+        self._out.append((target, Sync(self.node_id, self._entries())))
 
     def _merge(self, entries: tuple[Entry, ...], via: str, now: float) -> set[str]:
         """Merge a peer's entries; return the hosts it holds that it lacks nothing of."""
