@@ -110,6 +110,7 @@ class Outgoing:
     stats: MigrationStats | None = None
     disk_bytes: int = 0
     fetched: bool = False
+    paused_at: float | None = None  # when the guest was paused for the RAM copy (TCG)
 
     def phase(self, name: str, since: float) -> float:
         now = time.monotonic()
@@ -265,6 +266,9 @@ class Source:
                     t = out.phase("mirror", t)
                     pipes.put(Channel.RAM, _stream_end(theirs))
                     pumps.start_soon(join, conn, pipes, Channel.RAM)
+                    if not qm.tracks_guest_writes(self.mgr.hv.accel):
+                        await qm.pause_for_copy(qmp)
+                        out.paused_at = time.monotonic()
                     await qm.start_ram(qmp, mine.fileno())
                     mine.close()
                     faults.hit("ram")
@@ -286,6 +290,9 @@ class Source:
                         if stats.failed:
                             raise QMPError(f"migration {stats.status}: {stats.error}")
                         await trio.sleep(0.01)
+                    if out.paused_at is not None:  # QEMU counts only its own stop
+                        paused_ms = round((time.monotonic() - out.paused_at) * 1000)
+                        stats = replace(stats, downtime_ms=max(stats.downtime_ms or 0, paused_ms))
                     out.stats = stats
                     out.disk_bytes = job_bytes
                     out.phase("switchover", t)

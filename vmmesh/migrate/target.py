@@ -212,6 +212,9 @@ class Target:
                 while (status := await guest.query_status()) != "running":
                     if status in ("postmigrate", "shutdown", "internal-error"):
                         raise HypervisorError(f"the arriving guest is {status}")
+                    if status == "paused":  # paused by the source for its RAM copy (TCG)
+                        await guest.qmp("cont")
+                        continue
                     await trio.sleep(0.02)
             async with guest.monitor() as client:
                 await target_done(client)
