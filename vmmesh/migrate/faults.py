@@ -25,7 +25,7 @@ HOLD_POLL = 0.02
 STEPS = (
     "prepare",  # the target is prepared; nothing has streamed yet
     "mirror",  # the disk mirror runs
-    "ram",  # the RAM stream runs (the guest runs too)
+    "ram",  # the RAM stream runs (the guest too, unless paused for the copy: TCG)
     "paused",  # the guest is paused before the switchover; the mirror not completed yet
     "switchover",  # the RAM stream has completed (the target runs the guest); no commit yet
     "resumed",  # the target has committed (runs the VM); this copy is not deleted yet
