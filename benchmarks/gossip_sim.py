@@ -11,7 +11,7 @@ the worst seed).  Bytes per node per second: msgpack of every message sent
 from the warm-up's end to the run's end, divided by hosts and seconds.
 False downs: any host marking a live host down, over all seeds.
 
-Beside it: Serf/memberlist's published figures, and today's Scuttlebutt core
+Beside it: Serf/memberlist's published figures, and the earlier Scuttlebutt core
 (``vmmesh.gossip.sim``, 0.5 s rounds, heartbeats in every digest) at small N.
 A SWIM host gossips at most once per 0.15 s slot of its own (staggered) grid,
 at once when news arrives in a slot that has not gossiped yet, so a change
@@ -42,7 +42,7 @@ SERF = (
 TARGETS = "targets at N = 1000: p99 <= 2 s, <= 20 KB/s per node, down <= 5 s, no false downs"
 SIZES = (10, 100, 1000, 5000, 10_000)
 SEEDS = {10: 10, 100: 10, 1000: 5, 5000: 5}  # above: 1
-OLD_CORE_MAX_N = 100  # today's core costs O(N^2) memory and time: small N only
+OLD_CORE_MAX_N = 100  # the earlier core costs O(N^2) memory and time: small N only
 OLD_INTERVAL = 0.5
 
 
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 old.append(measure_old_core(n, loss))
     if old:
         if not args.json:
-            print("today's core (Scuttlebutt, heartbeats in every digest, 0.5 s rounds):")
+            print("the earlier core (Scuttlebutt; heartbeats in every digest, 0.5 s rounds):")
         for r in old:
             print(json.dumps({"core": "scuttlebutt", **r}) if args.json else _row(r))
     return 0
