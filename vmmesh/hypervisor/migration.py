@@ -52,12 +52,12 @@ def tracks_guest_writes(accel: str) -> bool:
     """Whether a guest may keep running while its RAM is copied under ``accel``.
 
     Live RAM copy relies on QEMU noticing every page the guest writes after it
-    was sent.  KVM does (the kernel's dirty log).  Under TCG, QEMU 7.2 lets a
-    vCPU keep writing through TLB entries made before a dirty-bitmap sync
-    cleared the page (its fast sync path resets no TLB), so some writes made
-    during the copy never reach the target: measured here, a guest kernel
-    panicked (corrupt hrtimer queue, general protection fault) after about one
-    live move in four with the host loaded, and none when paused.  A TCG guest
+    was sent.  KVM does (the kernel's dirty log).  Under TCG on QEMU 7.2 some
+    writes made during the copy never reach the target: measured here, a guest
+    kernel panicked (corrupt hrtimer queue, general protection fault) after
+    about one live move in four with the host loaded, and after none of 75
+    when paused.  (Most likely a vCPU writing through TLB entries made before
+    a dirty-bitmap sync cleared the page; not confirmed in QEMU's source.)  A TCG guest
     is therefore paused for the whole RAM copy (``pause_for_copy``); its disk
     is still mirrored while it runs (the block layer's own dirty bitmap).
     """
