@@ -24,6 +24,7 @@ from vmmesh.api.transfer import (
 )
 from vmmesh.errors import IntegrityError, MalformedMessage
 from vmmesh.host.history import BuildSample, TransferSample, fetch_estimate, install_estimate
+from vmmesh.host.warm import WarmStore
 from vmmesh.hypervisor.savedstate import Shape
 from vmmesh.transfer import blobfile, packs
 from vmmesh.transfer.blobfile import (
@@ -520,6 +521,21 @@ async def test_fetch_by_hand_takes_only_the_holders_named(root: Path, port: int)
         assert h2.mgr.templates.get(rec.template_id).chain == rec.chain
 
 
+async def _warm_holder_and_slow_fetcher(h1: Host, h2: Host) -> tuple[str, WarmStore, WarmStore]:
+    """h1 builds {perl} and saves its warm state; h2 (whose guests boot slowly) has
+    timed its own warm boot of the base image.  The template id and both stores."""
+    got = await h1.mgr.templates.ensure_template(["perl"])
+    assert got.record is not None
+    tid = got.record.template_id
+    h1_warm, h2_warm = h1.mgr.warm_sched.store(), h2.mgr.warm_sched.store()
+    assert h1_warm is not None and h2_warm is not None
+    h1.mgr.schedule_warm(got.record)
+    await eventually(lambda: h1_warm.get(tid) is not None, "h1's warm state")
+    base = h2.mgr.templates.base.image_id
+    await eventually(lambda: h2_warm.get(base) is not None, "h2 timed its own warm boot")
+    return tid, h1_warm, h2_warm
+
+
 async def test_a_fetched_template_brings_its_warm_state_and_its_vm_resumes_it(
     root: Path, port: int
 ) -> None:
@@ -530,15 +546,7 @@ async def test_a_fetched_template_brings_its_warm_state_and_its_vm_resumes_it(
         root, port, (1, 2, 0), hypervisors=[fake(), fake(agent_seconds=3.0), fake()]
     ) as hosts:
         h1, h2, _h3 = hosts
-        got = await h1.mgr.templates.ensure_template(["perl"])
-        assert got.record is not None
-        tid = got.record.template_id
-        h1_warm, h2_warm = h1.mgr.warm_sched.store(), h2.mgr.warm_sched.store()
-        assert h1_warm is not None and h2_warm is not None
-        h1.mgr.schedule_warm(got.record)
-        await eventually(lambda: h1_warm.get(tid) is not None, "h1's warm state")
-        base = h2.mgr.templates.base.image_id
-        await eventually(lambda: h2_warm.get(base) is not None, "h2 timed its own warm boot")
+        tid, h1_warm, h2_warm = await _warm_holder_and_slow_fetcher(h1, h2)
         await eventually(
             lambda: any(t.template_id == tid and t.warm for t in h2.view()["h1"].templates),
             "h2 learns h1 holds it warm",
@@ -575,15 +583,7 @@ async def test_a_warm_state_of_another_shape_or_a_lying_overlay_is_not_kept(
     slow_h2 = [fake(), fake(agent_seconds=3.0), fake()]
     async with mesh(root, port, (1, 2, 0), hypervisors=slow_h2) as hosts:
         h1, h2, _h3 = hosts
-        got = await h1.mgr.templates.ensure_template(["perl"])
-        assert got.record is not None
-        tid = got.record.template_id
-        h1_warm, h2_warm = h1.mgr.warm_sched.store(), h2.mgr.warm_sched.store()
-        assert h1_warm is not None and h2_warm is not None
-        h1.mgr.schedule_warm(got.record)
-        await eventually(lambda: h1_warm.get(tid) is not None, "h1's warm state")
-        base = h2.mgr.templates.base.image_id
-        await eventually(lambda: h2_warm.get(base) is not None, "h2 timed its own warm boot")
+        tid, h1_warm, h2_warm = await _warm_holder_and_slow_fetcher(h1, h2)
         theirs = h1_warm.get(tid)
         assert theirs is not None
         # h1's state says it needs 4 vCPUs: not h2's shape
