@@ -13,6 +13,7 @@ import trio
 
 from tests.nodeutil import Host, eventually, fast_publish, mesh, port, request, root
 from vmmesh.gossip.swim_node import SwimGossip
+from vmmesh.gossip.view import JOINING, MeshView
 
 __all__ = ["fast_publish", "port", "root"]  # fixtures
 
@@ -52,3 +53,16 @@ async def test_a_mesh_on_swim_shares_state_places_vms_and_marks_a_stopped_node_d
             "h3 is down on h1 and h2",
         )
         assert _status(h1, "h2") == "up" and _status(h2, "h1") == "up"
+
+
+def test_a_host_found_before_its_state_arrives_is_joining_not_up() -> None:
+    """Discovery makes a SWIM member at once; until its state arrives, the view calls it
+    joining, so no placement, fetch or test's "all up" counts on what it does not know."""
+    me, other = "a" * 32, "b" * 32
+    gossip = SwimGossip(me, 1)
+    gossip.set_local("name", "h1")
+    gossip.learn(other, 0.0)
+    view = MeshView(gossip, wall=lambda t: t)
+    hosts = {h.node_id: h for h in view.hosts(0.0)}
+    assert hosts[me].status == "up"
+    assert hosts[other].status == JOINING and hosts[other].name == other[:12]

@@ -184,11 +184,13 @@ def test_a_receiver_killed_midway_restarts_clean_and_resumes(lab: Lab) -> None:
 
 
 def _only_room_on(lab: Lab, keep: int) -> None:
-    """Every host but ``keep`` offers no room (a tiny storage quota), as host ``keep``
-    sees it; ``keep`` gets its default settings back."""
+    """Every host but ``keep`` offers no room, as host ``keep`` sees it; ``keep`` gets
+    its default settings back.  No room by memory (a reserve larger than the machine),
+    not by a tiny storage quota: that would drop the warm states the others hold."""
     lab = load_lab(lab.lab_dir)  # a host restarted by an earlier test has a new pid
     for i in (1, 2, 3, 4):
-        text = "image_autofetch = false\n" + ("" if i == keep else "storage_quota_mb = 100\n")
+        full = "" if i == keep else "memory_reserve_mb = 100000000\n"
+        text = "image_autofetch = false\n" + full
         (lab.host_data_dir(i) / "config.toml").write_text(text)
         lab.kill_host(i, signal.SIGHUP)
     others = {f"h{i}" for i in (1, 2, 3, 4) if i != keep}

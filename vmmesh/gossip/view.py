@@ -9,6 +9,8 @@ from vmmesh.errors import NotFound
 from vmmesh.gossip.core import Member
 from vmmesh.gossip.hoststate import HostState, HostView, parse
 
+JOINING = "joining"  # a host's status while its state has not arrived here
+
 
 class GossipState(Protocol):
     """What a view reads of a gossip core (``GossipCore``, or SWIM's ``SwimGossip``)."""
@@ -41,15 +43,21 @@ class MeshView:
         return state
 
     def hosts(self, now: float) -> list[HostView]:
-        """Every host gossip holds, this one included, in node id order."""
+        """Every host gossip holds, this one included, in node id order.
+
+        A host found (by discovery, a seed, a link) whose state has not arrived
+        yet is ``joining``, not ``up``: nothing can be placed on it or fetched
+        from it until its name, capacity and inventory are known here.
+        """
         out = []
         for m in self._core.members(now):
             st = self.state(m.node_id)
+            status = JOINING if m.status == "up" and not m.state else str(m.status)
             out.append(
                 HostView(
                     node_id=m.node_id,
                     name=st.name or m.node_id[:12],
-                    status=str(m.status),
+                    status=status,
                     capacity=st.capacity,
                     templates=st.templates,
                     vms=st.vms,

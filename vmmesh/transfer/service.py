@@ -71,6 +71,7 @@ from vmmesh.errors import (
 )
 from vmmesh.extension import NodeContext, NodeExtension
 from vmmesh.gossip.hoststate import HostView
+from vmmesh.gossip.view import JOINING
 from vmmesh.host.history import TransferSample, fetch_estimate
 from vmmesh.host.images import (
     DISK,
@@ -750,7 +751,9 @@ class TransferService(NodeExtension):
             if h.images:
                 votes[h.images[0]] = votes.get(h.images[0], 0) + 1
         if not votes:
-            raise NotFound("no peer holds a base image")
+            joining = [h.name for h in self.node.hosts() if h.status == JOINING]
+            wait = f" (not known yet of {', '.join(joining)}: joining)" if joining else ""
+            raise NotFound(f"no peer holds a base image{wait}")
         image_id = max(votes, key=lambda i: (votes[i], i))
         return image_id, [h for h in self._others() if image_id in h.images]
 

@@ -39,12 +39,13 @@ from vmmesh.gossip.hoststate import HostView
 from vmmesh.web.vmstats import VmUsage
 
 MB = 1 << 20
-STATES = ("up", "suspect", "down", "draining")
+STATES = ("up", "suspect", "down", "draining", "joining")
 
 
 def member_state(h: HostView) -> str:
-    """One of ``STATES``: gossip's up/suspect/down, and ``draining`` for an up host
-    that takes no new VMs (Prometheus's ``up`` cannot say that)."""
+    """One of ``STATES``: gossip's up/suspect/down, ``draining`` for an up host
+    that takes no new VMs (Prometheus's ``up`` cannot say that), and ``joining``
+    for a host found whose state has not arrived yet."""
     return "draining" if h.status == "up" and h.draining else h.status
 
 
