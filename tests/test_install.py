@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.labutil import skip_unless_lab, unique_tag
+from tests.labutil import skip_unless_lab, suite_warm_seed, unique_tag
 from vmmesh.lab import Lab, lab_down, lab_up
 
 pytestmark = [pytest.mark.lab, pytest.mark.qemu]
@@ -89,7 +89,14 @@ def test_install_mesh_request_group_member_and_uninstall(scratch: Path, users: l
     lab_dir = scratch / "lab"
     lab: Lab | None = None
     try:
-        lab = lab_up(2, lab_dir, tag=unique_tag(), cli_argv=[str(vmmesh)], image=BASE_DIR)
+        lab = lab_up(
+            2,
+            lab_dir,
+            tag=unique_tag(),
+            cli_argv=[str(vmmesh)],
+            image=BASE_DIR,
+            warm_seed=suite_warm_seed(BASE_DIR),  # the request resumes: no cold boot
+        )
         for h in lab.hosts:  # as install.sh leaves /var/lib/vmmesh
             Path(h.data_dir).chmod(0o750)
             shutil.chown(h.data_dir, group="vmmesh")

@@ -2,8 +2,10 @@
 mDNS, mutual TLS between node processes) running real QEMU guests (TCG)
 that install packages from a local apt repository served on the lab bridge.
 
-Each host offers two VM slots (storage quota 2 GB, 1 GB per VM disk), so the
-placement across hosts is visible with a handful of small guests.
+Each host offers two VM slots (a memory reserve that leaves room for two guests of
+512 MB), so the placement across hosts is visible with a handful of small guests.
+Slots are limited by memory, not by a tight storage quota: a quota would also drop
+the hosts' warm states, and their guests would boot cold.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     ]
     with lab_context(base, 3, start_nodes=False, node_args=node_args, image=BASE_DIR) as lab:
         for i in (1, 2, 3):
-            _write_quota(lab, i, SLOT_QUOTA)
+            _write_slots(lab, i, SLOTS_EACH)
         fixed = [a.replace("BRIDGE", lab.bridge_address) for a in node_args]
         running = lab.with_node_args(fixed).start_all()
         repo = AptRepo(base / "aptrepo", host=running.bridge_address, port=port)
@@ -67,8 +69,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         try:
             for i in (1, 2, 3):
                 eventually(all_up, f"h{i} sees three hosts up", running, i)
-            # Builds resume the base image's warm state: have it before the tests
-            # (and before one sets a quota that leaves it no room).
+            # Builds resume the base image's warm state: have it before the tests.
             for i in (1, 2, 3):
                 eventually(base_warm, f"h{i} has its base image's warm state", running, i,
                            patience=PATIENCE)  # fmt: skip
@@ -104,16 +105,28 @@ def _overlays(lab: Lab) -> list[Path]:
     return [p for i in (1, 2, 3) for p in (lab.host_data_dir(i) / "vms").glob("*.qcow2")]
 
 
-SLOT_QUOTA = 2600  # two VM disks of 1 GB each, and room for templates
+SLOTS_EACH = 2
+VM_MEMORY_MB = 512  # the default guest
 
 
-def _write_quota(lab: Lab, i: int, mb: int) -> None:
-    """The storage quota in the host's config file (a flag would win over it)."""
-    (lab.host_data_dir(i) / "config.toml").write_text(f"storage_quota_mb = {mb}\n")
+def _mem_total_mb() -> int:
+    """MemTotal, as the nodes (on this machine) read it."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) // 1024
+    raise AssertionError("/proc/meminfo has no MemTotal")
 
 
-def _set_quota(lab: Lab, i: int, mb: int | None) -> None:
-    _write_quota(lab, i, SLOT_QUOTA if mb is None else mb)
+def _write_slots(lab: Lab, i: int, slots: int) -> None:
+    """Room for ``slots`` guests, by memory, in the host's config file (a flag would
+    win over it)."""
+    reserve = _mem_total_mb() - slots * VM_MEMORY_MB
+    text = f"memory_reserve_mb = {reserve}\nvm_memory_mb = {VM_MEMORY_MB}\n"
+    (lab.host_data_dir(i) / "config.toml").write_text(text)
+
+
+def _set_slots(lab: Lab, i: int, slots: int = SLOTS_EACH) -> None:
+    _write_slots(lab, i, slots)
     lab.kill_host(i, signal.SIGHUP)
 
 
@@ -134,14 +147,14 @@ def test_request_prefers_the_host_with_the_template(mesh: Lab, tmp_path: Path) -
     lab = mesh
     # Make the template {vmm-test-a} exist on h2 only: h1 and h3 take no VMs.
     for i in (1, 3):
-        _set_quota(lab, i, 0)
+        _set_slots(lab, i, 0)
     for i in (1, 3):
         eventually(field_is, f"h2 sees h{i} full", lab, 2, f"h{i}", SLOTS, 0)
     seed = _request(lab, 2, "seed", "1", "vmm-test-a")
     assert [v["host"] for v in seed["vms"]] == ["h2"], seed
     assert lab.cli(2, "shutdown", "seed").returncode == 0
     for i in (1, 3):
-        _set_quota(lab, i, None)
+        _set_slots(lab, i)
     for host in ("h1", "h2", "h3"):
         eventually(field_is, f"h1 sees {host} with two free slots", lab, 1, host, SLOTS, 2)
     eventually(_has_template, "h1 learns h2's template", lab, 1, "h2", ["vmm-test-a"])
@@ -232,7 +245,7 @@ def test_host_killed_during_a_request_has_its_share_replaced(mesh: Lab) -> None:
     lab = mesh
     # Make h3 the first choice (most free slots: it takes all three), then
     # kill its node while it works on its share.
-    _set_quota(lab, 3, SLOT_QUOTA + 2048)
+    _set_slots(lab, 3, 4)
     eventually(field_is, "h1 sees h3 with four free slots", lab, 1, "h3", SLOTS, 4)
     for host in ("h1", "h2"):
         eventually(field_is, f"h1 sees {host} with two free slots", lab, 1, host, SLOTS, 2)
@@ -253,7 +266,7 @@ def test_host_killed_during_a_request_has_its_share_replaced(mesh: Lab) -> None:
     assert len(reply["vms"]) + sum(u["count"] for u in reply["unplaced"]) == 3
     assert len(reply["vms"]) == 3, "h1 and h2 have four slots between them"
     # h3 restarts, reconciles: no half template, no orphan disk.
-    _write_quota(lab, 3, SLOT_QUOTA)
+    _write_slots(lab, 3, SLOTS_EACH)
     lab = lab.start_host(3)
     eventually(all_up, "h3 back up", lab, 1)
     building = [
