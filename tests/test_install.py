@@ -96,6 +96,7 @@ def test_install_mesh_request_group_member_and_uninstall(scratch: Path, users: l
             cli_argv=[str(vmmesh)],
             image=BASE_DIR,
             warm_seed=suite_warm_seed(BASE_DIR),  # the request resumes: no cold boot
+            node_args=["--accel=tcg"],  # as every lab: no 8 s KVM probe per host
         )
         for h in lab.hosts:  # as install.sh leaves /var/lib/vmmesh
             Path(h.data_dir).chmod(0o750)
