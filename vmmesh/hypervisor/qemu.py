@@ -315,7 +315,8 @@ class QemuGuest:
         cpu_start = self.cpu_seconds()
         while True:
             waited = trio.current_time() - start
-            left = timeout - waited if waited < timeout else AGENT_SLICE
+            # until the timeout, then slices up to the wall cap (not past it)
+            left = timeout - waited if waited < timeout else timeout * WALL_CAP - waited
             wait = max(1.0, min(AGENT_SLICE, left))
             try:
                 async with self._agent.use(sync_timeout=wait) as agent:
