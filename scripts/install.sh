@@ -119,6 +119,7 @@ if [ ! -f "$ETC/config.toml" ]; then
 # port = 7400                  # peer port (mutual TLS); the join port is port + 1
 # peers = []                   # static seeds "ADDR:PORT" where multicast does not reach
 # mdns = true                  # find peers on the LAN by mDNS
+# swim_profile = "lan"         # gossip timing: lan, or wan across a VPN (slower probes)
 # storage_quota_mb = 20000     # disk for templates and VM disks
 # cpu_overcommit = 2.0         # vCPUs offered per core
 # memory_reserve_mb = 512      # memory kept for the host itself

@@ -14,7 +14,9 @@ import tracemalloc
 import pytest
 
 from vmmesh.api.gossip import COUNTER_BITS
+from vmmesh.config import SWIM_PROFILES
 from vmmesh.errors import NotFound
+from vmmesh.gossip.swim import PROFILES
 from vmmesh.gossip.swim_sim import GENERATION, SwimSimConfig, SwimSimulation, run
 
 DOWN_BOUND = 5.0  # seconds, the issue's target at N = 1000
@@ -126,3 +128,21 @@ def test_memory_grows_linearly_with_the_mesh() -> None:
 def test_bad_config(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         SwimSimConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_the_wan_profile_sees_a_death_with_no_false_down_on_a_slow_lossy_path() -> None:
+    """Round trips of 0.2-0.6 s, twice the LAN profile's probe timeout, and 5 % loss:
+    the WAN profile still marks a death down everywhere, never a live host, and at a
+    fraction of the LAN profile's bytes (which probe and suspect far more there)."""
+    figures = {}
+    for name in ("lan", "wan"):
+        cfg = SwimSimConfig(nodes=30, seed=3, loss=0.05, rtt=0.4, swim=PROFILES[name])
+        figures[name] = SwimSimulation(cfg).run(changes=1, warmup=30.0, max_wait=120.0)
+    wan = figures["wan"]
+    assert wan.down_seconds is not None and wan.down_seconds <= 60.0
+    assert wan.false_downs == 0 and wan.spread_seconds[0] is not None
+    assert wan.bytes_per_node_second * 5 < figures["lan"].bytes_per_node_second
+
+
+def test_every_profile_is_a_setting_the_config_accepts() -> None:
+    assert tuple(PROFILES) == SWIM_PROFILES

@@ -42,6 +42,13 @@ def test_config_errors(tmp_path: Path) -> None:
         load_config({"data_dir": tmp_path}, env={})
     with pytest.raises(ConfigError, match="bad value"):
         load_config({"port": "x"}, env={})
+    with pytest.raises(ConfigError, match="swim_profile must be lan or wan, not 'lab'"):
+        load_config({"data_dir": tmp_path / "none"}, env={"VMMESH_SWIM_PROFILE": "lab"})
+
+
+def test_the_swim_profile_comes_from_the_file(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text('swim_profile = "wan"\n')
+    assert load_config({"data_dir": tmp_path}, env={}).swim_profile == "wan"
 
 
 def test_a_version_1_database_is_upgraded_step_by_step(tmp_path: Path) -> None:

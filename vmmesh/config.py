@@ -21,6 +21,7 @@ from vmmesh.errors import ConfigError
 DEFAULT_DATA_DIR = Path("/var/lib/vmmesh")
 DEFAULT_PORT = 7400
 SYSTEM_CONFIG = Path("/etc/vmmesh/config.toml")
+SWIM_PROFILES = ("lan", "wan")  # the names of ``gossip.swim.PROFILES``
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Config:
     # scuttlebutt: the earlier protocol, every exchange carries every host's heartbeat
     # (gossip_interval and gossip_fanout tune it; SWIM has its own timers)
     gossip: str = "swim"
+    swim_profile: str = "lan"  # lan | wan: SWIM's timing (probes, suspicion, repair)
     storage_quota_mb: int = 20_000
     cpu_overcommit: float = 2.0
     memory_reserve_mb: int = 512
@@ -198,6 +200,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"accel must be auto, kvm or tcg, not {cfg.accel!r}")
     if cfg.gossip not in ("scuttlebutt", "swim"):
         raise ConfigError(f"gossip must be scuttlebutt or swim, not {cfg.gossip!r}")
+    if cfg.swim_profile not in SWIM_PROFILES:
+        raise ConfigError(f"swim_profile must be lan or wan, not {cfg.swim_profile!r}")
     if cfg.gossip_interval <= 0 or cfg.gossip_fanout < 1:
         raise ConfigError("gossip interval must be > 0 and fanout >= 1")
     if cfg.storage_quota_mb < 0 or cfg.cpu_overcommit <= 0:
@@ -208,4 +212,4 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"pack_level must be 0 (no packs) .. 22, not {cfg.pack_level}")
 
 
-__all__ = ["DEFAULT_PORT", "RELOADABLE", "Config", "load_config"]
+__all__ = ["DEFAULT_PORT", "RELOADABLE", "SWIM_PROFILES", "Config", "load_config"]

@@ -60,6 +60,7 @@ from vmmesh.gossip.core import EventKind, GossipConfig, GossipCore, GossipEvent
 from vmmesh.gossip.detector import DetectorConfig
 from vmmesh.gossip.driver import add_handlers, run_gossip
 from vmmesh.gossip.hoststate import HostState, HostView, changed_keys
+from vmmesh.gossip.swim import PROFILES
 from vmmesh.gossip.swim_node import SwimGossip
 from vmmesh.gossip.view import MeshView
 from vmmesh.host.capacity import CapacityPolicy, Usage, compute_capacity, probe_host
@@ -129,7 +130,12 @@ class Node:
         self.refusals = Refusals(logging.getLogger("vmmesh.refused"))
         self.core: GossipCore | SwimGossip
         if cfg.gossip == "swim":
-            self.core = SwimGossip(self.node_id, self.generation, check=hoststate.check_value)
+            self.core = SwimGossip(
+                self.node_id,
+                self.generation,
+                check=hoststate.check_value,
+                config=PROFILES[cfg.swim_profile],
+            )
         else:
             self.core = GossipCore(
                 self.node_id,

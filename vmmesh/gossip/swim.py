@@ -159,6 +159,29 @@ class SwimConfig:
             raise ValueError("need 0 <= forget_after <= tombstone_ttl")
 
 
+#: Named tunings, as Serf's ``profile`` and memberlist's Default*Config: ``lan`` (the
+#: default: a home network, a probe every half second, a death known in a few
+#: seconds) and ``wan`` (hosts behind a VPN or across homes: memberlist's WAN timing,
+#: a probe every 5 s with 3 s for its ack, slower news and repair; fewer false
+#: suspicions over a slow or lossy path, a death known in tens of seconds).
+PROFILES: Mapping[str, SwimConfig] = {
+    "lan": SwimConfig(),
+    "wan": SwimConfig(
+        probe_interval=5.0,
+        probe_timeout=3.0,
+        gossip_interval=0.5,
+        gossip_fanout=4,
+        suspicion_mult=6.0,
+        suspicion_floor=6.0,
+        sync_interval=60.0,
+        reconnect_interval=30.0,
+        forget_after=300.0,
+        tombstone_ttl=1800.0,
+        want_retry=3.0,
+    ),
+}
+
+
 class Record(NamedTuple):
     """What a core holds of one host; immutable so that cores can share it."""
 
