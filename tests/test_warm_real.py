@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from tests.aptrepo import AptRepo, apt_repo
+from tests.warmseed import link_seed
 from vmmesh.host.build import BaseImage
 from vmmesh.host.capacity import CapacityPolicy, probe_host
 from vmmesh.host.images import read_manifest
@@ -51,7 +52,7 @@ async def mgr(tmp_path: Path, store: Store, apt_repo: AptRepo) -> AsyncIterator[
     hv = RecordingQemu()
     data = tmp_path / "data"
     base = BaseImage(BASE_DIR.resolve(), read_manifest(BASE_DIR).manifest)
-    _link_seed(data, base.image_id)
+    link_seed(data, BASE_DIR, base.image_id)
     templates = TemplateManager(
         store=store,
         hypervisor=hv,
@@ -81,26 +82,6 @@ async def mgr(tmp_path: Path, store: Store, apt_repo: AptRepo) -> AsyncIterator[
         with trio.CancelScope(shield=True):
             for guest in hv.guests:
                 await guest.kill()
-
-
-def _link_seed(data: Path, image_id: str) -> None:
-    """The base image's warm state made once for the suite (``tests.warmseed``), linked
-    in as a lab host gets it, where there is one: its overlay names the image as
-    ``../../images/<id>/disk.qcow2``, so the image is linked there too.  Without a
-    seed the test makes the state itself (one cold boot)."""
-    seed = Path(os.environ.get("VMMESH_WARM_SEED", f"{BASE_DIR}.warm")) / image_id
-    if not (seed / "shape.json").is_file():
-        return
-    (data / "images").mkdir(parents=True)
-    (data / "images" / image_id).symlink_to(BASE_DIR.resolve())
-    shutil.copytree(seed, data / "warm" / image_id, copy_function=_link_or_copy)
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # another file system
-        shutil.copy2(src, dst)
 
 
 async def _warmed(mgr: VmManager, tid: str) -> None:

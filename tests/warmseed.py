@@ -18,6 +18,7 @@ in a lab this way.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -31,6 +32,26 @@ from vmmesh.host.warm import SHAPE, WarmStore
 from vmmesh.hypervisor.qemu import QemuHypervisor
 
 VCPUS, MEMORY_MB = 1, 512  # a lab host's defaults (config vm_vcpus, vm_memory_mb)
+
+
+def link_seed(data: Path, base_dir: Path, image_id: str) -> None:
+    """For a host's managers built by a test (no node, no lab): link the suite's warm
+    state of the base image in ``base_dir`` into ``data/warm``, where there is one.
+    Its overlay names the image as ``../../images/<id>/disk.qcow2``, so the image is
+    linked there too.  Without a seed the host makes the state itself (a cold boot)."""
+    seed = Path(os.environ.get("VMMESH_WARM_SEED", f"{base_dir}.warm")) / image_id
+    if not (seed / SHAPE).is_file():
+        return
+    (data / "images").mkdir(parents=True)
+    (data / "images" / image_id).symlink_to(base_dir.resolve())
+    shutil.copytree(seed, data / "warm" / image_id, copy_function=_link_or_copy)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system
+        shutil.copy2(src, dst)
 
 
 async def make_seed(image_dir: Path, seed_dir: Path) -> str:
