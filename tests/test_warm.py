@@ -328,3 +328,28 @@ async def test_a_parent_state_that_does_not_resume_costs_the_build_only_the_try(
     assert not any(p.name.startswith(SAVING) for p in host.warm.dir.iterdir()) or (
         host.warm.making(first.template)
     ), "no half-kept state of the build"
+
+
+async def test_a_new_vm_size_makes_the_warm_states_again_but_one_a_vm_sits_on(
+    host: Host, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The host's VM size changed (config reload, or a restart with a new config): the
+    warm states of the old size would never resume a default VM again, so they are made
+    again at the new size; one a running VM's disk sits on stays until it is free."""
+    await _base_warmed(host)
+    first = await host.vms.request_local("web", 1, ["a"])
+    tid, base = first.template, host.templates.base.image_id
+    assert host.warm.get(tid) is not None
+    host.vms.policy = dataclasses.replace(POLICY, vm_memory_mb=1024)
+    host.vms.warm_sched.refit()
+    assert host.warm.get(tid) is not None, "web-1's disk sits on it"
+    await host.warmed(base)
+    state = host.warm.get(base)
+    assert state is not None and dict(state.shape.fields)["memory_mb"] == "1024"
+    plain = await host.vms.request_local("plain", 1)
+    assert [v.start for v in plain.vms] == ["warm"], plain
+    await host.vms.shutdown("web")
+    host.vms.warm_sched.refit()
+    await host.warmed(tid)
+    state = host.warm.get(tid)
+    assert state is not None and dict(state.shape.fields)["memory_mb"] == "1024"

@@ -23,6 +23,7 @@ from vmmesh.errors import VmmeshError
 from vmmesh.host.capacity import CapacityPolicy
 from vmmesh.host.templates import TemplateManager, TemplateRecord
 from vmmesh.host.warm import WarmStore
+from vmmesh.hypervisor.savedstate import Shape
 from vmmesh.vm.admission import Admission
 from vmmesh.vm.rows import VmRows
 
@@ -129,6 +130,38 @@ class WarmScheduler:
         if order:
             self.templates.on_change()
         return over <= 0
+
+    def refit(self) -> None:
+        """Warm states made for another VM size than this host's now (its config
+        changed) are dropped and made again at the new size, the base image's first:
+        without that, every VM of the default size would boot cold from then on.  One
+        that a VM's disk sits on stays (it goes when it is free, at the next refit)."""
+        warm = self.store()
+        if warm is None:
+            return
+        base = self.templates.base.image_id
+        in_use = {self.key(v.template_id) for v in self.rows.list()}
+        records = {r.template_id: r for r in self.templates.records()}
+        for key in sorted(warm.held(), key=lambda k: k != base):
+            state = warm.get(key)
+            why = "" if state is None else self._other_size(state.shape)
+            if not why or key in in_use:
+                continue
+            warm.discard(key, why)
+            if key == base:
+                self.schedule(None)
+            elif key in records:
+                self.schedule(records[key])
+
+    def _other_size(self, shape: Shape) -> str:
+        have = dict(shape.fields)
+        want = {"vcpus": str(self.policy.vm_vcpus), "memory_mb": str(self.policy.vm_memory_mb)}
+        if all(have.get(k) == v for k, v in want.items()):
+            return ""
+        return (
+            f"made for {have.get('vcpus', '?')} vCPU / {have.get('memory_mb', '?')} MB guests, "
+            f"this host's are now {want['vcpus']} vCPU / {want['memory_mb']} MB: made again"
+        )
 
     def schedule(self, rec: TemplateRecord | None) -> None:
         """Make the warm state of ``rec`` (None: of the base image) in the background, if

@@ -115,6 +115,7 @@ class VmService(NodeExtension):
         self.vm_shape = {k: v for k, v in shape.items() if k not in PER_VM_SHAPE}
         for what in await mgr.reconcile():
             log.info("reconcile: %s", what)
+        mgr.warm_sched.refit()  # the VM size changed while the node was down
         mgr.schedule_warm(None)  # the base image's: builds and package-less VMs resume it
         for rec in mgr.templates.records():
             mgr.schedule_warm(rec)
@@ -261,6 +262,7 @@ class VmService(NodeExtension):
             self.mgr.policy = CapacityPolicy.from_config(node.cfg)
             self.mgr.warm_enabled = node.cfg.warm_start and self.mgr.warm is not None
             self.mgr.spares.enabled = node.cfg.warm_spare
+            self.mgr.warm_sched.refit()  # states of another VM size are made again
             self.mgr.templates.builder.apt_sources = tuple(node.cfg.apt_sources)
 
     def _on_unexpected_stop(self, ev: VmStopped) -> None:
