@@ -32,6 +32,8 @@ def guest_kind(argv: list[str]) -> str | None:
     binaries = [os.path.basename(a) for a in argv[:4]]
     if not any(b.startswith("qemu-system-") for b in binaries):
         return None
+    if not {"-machine", "-M", "-kernel", "-drive", "-blockdev"} & set(argv):
+        return None  # ``qemu-system-x86_64 --version`` (a node reading QEMU's version)
     return "resume" if "-incoming" in argv else "cold"
 
 
