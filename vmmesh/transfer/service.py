@@ -392,16 +392,22 @@ class TransferService(NodeExtension):
             return 0
         if warm.get(key) is not None or warm.making(key):
             return 0
-        offers: list[tuple[Holder, WarmManifest]] = []
-        for h in hosts:
+        answers: dict[str, WarmManifest] = {}
+
+        async def ask(h: HostView) -> None:
             try:
-                m = await self.node.pool.call(
+                answers[h.node_id] = await self.node.pool.call(
                     h.node_id, WARM_MANIFEST, WarmRequest(key=key), WARM_ASK_TIMEOUT
                 )
             except VmmeshError as exc:
                 log.debug("warm state of %s: %s did not describe one: %s", key[:12], h.name, exc)
-                continue
-            offers.append((Holder(h.node_id, h.name), m))
+
+        async with trio.open_nursery() as nursery:  # all at once: a slow holder delays none
+            for h in hosts:
+                nursery.start_soon(ask, h)
+        offers = [
+            (Holder(h.node_id, h.name), answers[h.node_id]) for h in hosts if h.node_id in answers
+        ]
         policy = mgr.warm_sched.policy
         spec = warm.spec("warm-fetch", disk, warm.run_root, policy.vm_vcpus, policy.vm_memory_mb)
         ours = await warm.hv.shape(spec)
