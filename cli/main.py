@@ -261,11 +261,26 @@ def _config_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
+def parse_argv(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args``, except that a request's packages may follow its options
+    (`request web 2 --keep-alive nginx`): argparse fills a ``*`` positional once,
+    before the first option, and would refuse the rest as unrecognized."""
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        if getattr(args, "target", None) == "cmd_vm:request" and not any(
+            e.startswith("-") for e in extras
+        ):
+            args.packages = [*args.packages, *extras]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parse_argv(parser, argv)
         if not getattr(args, "target", None):
             parser.print_help()
             return 2

@@ -9,7 +9,7 @@ import pytest
 
 from vmmesh.errors import InternalError, StateError, UsageError
 from vmmesh_cli.cmd_vm import _options_then_command, _ssh_identity
-from vmmesh_cli.main import build_parser, main
+from vmmesh_cli.main import build_parser, main, parse_argv
 
 
 def _split(*argv: str) -> tuple[list[str], bool, Path | None]:
@@ -132,3 +132,16 @@ def test_peers_shows_each_hosts_work_in_one_line() -> None:
     )
     job = WorkItem(kind=WorkKind.JOB, name="bag", done=7, total=20, failed=1, vms=2)
     assert work_line(job, 0.0) == "job bag: 7 of 20 commands, 1 failed on 2 VMs"
+
+
+def test_a_requests_packages_may_follow_its_options() -> None:
+    parser = build_parser()
+    args = parse_argv(
+        parser, ["request", "web", "2", "--keep-alive", "nginx", "--memory", "1024", "perl"]
+    )
+    assert (args.packages, args.keep_alive, args.memory) == (["nginx", "perl"], True, 1024)
+    assert parse_argv(parser, ["request", "web", "1"]).packages == []
+    with pytest.raises(UsageError, match="unrecognized arguments: --bogus"):
+        parse_argv(parser, ["request", "web", "1", "nginx", "--bogus"])
+    with pytest.raises(UsageError, match="unrecognized arguments: extra"):
+        parse_argv(parser, ["status", "extra"])
