@@ -226,3 +226,14 @@ async def test_open_qmp_without_a_monitor_is_qmp_error(tmp_path: Path) -> None:
     with pytest.raises(QMPError, match="cannot connect"):
         async with open_qmp(tmp_path / "nothing.sock"):
             pass
+
+
+async def test_a_monitor_that_greets_and_goes_is_qmp_error() -> None:
+    """A QEMU that fails to start can greet and exit before the negotiation is sent:
+    the broken pipe is a QMPError (its caller then reads why QEMU exited)."""
+    client_side, server_side = trio.testing.memory_stream_pair()
+    await server_side.send_all(GREETING)
+    await server_side.aclose()
+    client = QMPClient(client_side, QMPCodec())
+    with pytest.raises(QMPError, match="monitor connection broke"):
+        await client._handshake()

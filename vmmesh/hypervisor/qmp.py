@@ -230,7 +230,10 @@ class QMPClient:
         msg = await self._next()
         if not isinstance(msg, Greeting):
             raise QMPError("monitor did not greet")
-        await self._stream.send_all(self._codec.negotiate())
+        try:  # a QEMU that greets and then exits (a failed start) breaks the pipe here
+            await self._stream.send_all(self._codec.negotiate())
+        except trio.BrokenResourceError as exc:
+            raise QMPError("monitor connection broke") from exc
         while not self._codec.ready:
             msg = await self._next()
             if isinstance(msg, Event):
