@@ -34,7 +34,7 @@ th{font-weight:600;color:#555}
 .bar span{position:absolute;left:4px;top:0;font-size:11px;line-height:14px;white-space:nowrap}
 .bar.long{width:220px}
 .st{padding:1px 6px;border-radius:3px;font-size:12px;color:#fff;background:#888}
-.up{background:#2e8b57}.suspect{background:#d98e04}.down{background:#c0392b}
+.up{background:#2e8b57}.suspect{background:#d98e04}.down{background:#c0392b}.joining{background:#5b7fa6}
 .draining{background:#7d5ba6}.running{background:#2e8b57}
 .dim{color:#888}.warm{color:#d35400}.grid td{text-align:center}
 """
