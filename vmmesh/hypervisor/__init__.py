@@ -3,7 +3,9 @@
 The host layer asks and the backend does: make a disk (a base copy or a
 linked-clone overlay), start a guest from a ``BootSpec``, wait for its guest
 agent, run commands and move files through the agent, save and resume its RAM
-(``savedstate`` says what shape a saved state needs), power it off or kill it.
+(``savedstate`` says what shape a saved state needs), move it to another
+host (``migration``), take crash-consistent increments of its disk for a
+replica elsewhere (``replica``), power it off or kill it.
 QEMU (``qemu``) runs each guest as its own process in its own session, so
 guests outlive a node restart; the next node finds them again from their run
 directory (``adopt``) after checking the pid is still that QEMU.  The monitor
