@@ -139,5 +139,12 @@ async def test_increments_hold_only_new_writes_and_chain_into_the_disk_as_it_was
     assert _holds(first.path, 0, 2 << 20), "the first is the disk as it was then"
     head = third.path
     assert _holds(head, 17, 0) and _holds(head, 68, 1 << 20) and _holds(head, 51, 2 << 20)
+
+    # a replica begun anew (another host): a first increment again, whole
+    async with guest.monitor() as qmp:
+        again = await take_increment(qmp, tmp_path / "again.qcow2", SIZE, first=True)
+        assert await has_bitmap(qmp)
+        await drop_bitmap(qmp)
+    assert _allocated(again.path) == 2 * K64  # the clusters at 1 MiB and 2 MiB
     info = json.loads(_img("info", "--output=json", str(second.path)))
     assert info["backing-filename"] == "0.qcow2", "named beside it: the directory can move"

@@ -72,7 +72,10 @@ async def take_increment(
     client: QMPClient, dest: Path, virtual_size: int, first: bool, qemu_img: str = "qemu-img"
 ) -> Increment:
     """Copy into a new ``dest`` the overlay's clusters (``first``) or those written
-    since the last increment; see the module docstring."""
+    since the last increment; see the module docstring.  A first increment starts
+    the count again (a replica begun anew, on another host): an older bitmap goes."""
+    if first:
+        await drop_bitmap(client)
     await _run([qemu_img, "create", "-q", "-f", "qcow2", str(dest), str(virtual_size)])
     await client.execute(
         "blockdev-add",
