@@ -113,7 +113,7 @@ class WarmScheduler:
             over -= self.spare_room()  # the warm spare goes before any warm state
         if over <= 0:
             return True
-        in_use = {self.key(v.template_id) for v in self.rows.list()}
+        in_use = self._in_use()
         used = {t.template_id: t.last_used for t in self.templates.records()}
         # the base image's state is used by every build and package-less VM: it goes last
         base = self.templates.base.image_id
@@ -140,7 +140,7 @@ class WarmScheduler:
         if warm is None:
             return
         base = self.templates.base.image_id
-        in_use = {self.key(v.template_id) for v in self.rows.list()}
+        in_use = self._in_use()
         records = {r.template_id: r for r in self.templates.records()}
         for key in sorted(warm.held(), key=lambda k: k != base):
             state = warm.get(key)
@@ -152,6 +152,10 @@ class WarmScheduler:
                 self.schedule(None)
             elif key in records:
                 self.schedule(records[key])
+
+    def _in_use(self) -> set[str]:
+        """Warm states a VM's disk sits on (any VM of their template here)."""
+        return {self.key(v.template_id) for v in self.rows.list()}
 
     def _other_size(self, shape: Shape) -> str:
         have = dict(shape.fields)
